@@ -1,0 +1,704 @@
+"""Short-run MCMC learning of an energy-based model (EBM), in one file.
+
+Nijkamp, Hill, Zhu, Wu. "Learning Non-Convergent Non-Persistent Short-Run MCMC Toward
+Energy-Based Model." NeurIPS 2019.  https://arxiv.org/abs/1904.09770
+
+The model is p(x) ~ exp(f(x)) with f a ConvNet (f is the *negative* energy). Every iteration
+(the paper's Algorithm 1 / appendix code):
+    x_data ~ data, smoothed by + sigma * N(0, I)
+    x_q    = K Langevin steps from p_0 = uniform noise on [-1, 1]:
+             x <- x + step_size * grad_x f(x) + noise * N(0, I)
+    Adam step ascending  mean f(x_data) - mean f(x_q)
+The chain is short, non-convergent and non-persistent: the learned K-step sampler itself is
+the generator (x = M_theta(z), z ~ p_0), which interpolates, reconstructs and super-resolves.
+
+Temperature convention. Standard Langevin with step s on a density exp(-U) reads
+x <- x - (s^2 / 2) grad U + s * eps. The appendix update above is that with s = noise and
+-U = f / T, T = noise^2 / (2 step_size): with the defaults (1.0, 1e-2) the chain samples
+exp(f / T) at T = 5e-5, i.e. it is almost pure gradient ascent on f plus a little noise.
+
+Run recipes
+    # the main job: the paper's CIFAR-10 setting (downloads CIFAR-10 into ./data)
+    python shortrun_ebm.py --dataset cifar10 --K 100
+    # a tiny CPU run on any folder of images (a minute)
+    python shortrun_ebm.py --dataset folder:PATH --n_f 16 --K 20 --sigma 0.1 \
+        --batch-size 32 --iters 300 --device cpu --out runs/tiny
+    # resume an interrupted run (Ctrl-C saves a checkpoint first); same numbers as never stopped
+    python shortrun_ebm.py --out runs/tiny --resume
+    # several GPUs: each process runs its own chains on --batch-size images
+    torchrun --nproc_per_node=4 shortrun_ebm.py --dataset cifar10 --K 100
+    # time 20 iterations on random data of the configured shape; writes nothing
+    python shortrun_ebm.py --benchmark 20 --n_f 128 --amp bf16
+    # super-resolution training (supplement): chains start from 8x8 versions of the data
+    python shortrun_ebm.py --dataset celeba --image-size 64 --init lowres --lowres-size 8
+
+Run folder (--out): config.json, log.jsonl, samples_{iteration:06d}.png, data.png,
+last.pt (atomic), final.pt. See README.md for the full description of each flag.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
+CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(suppress_defaults=False):
+    """The hyperparameter block. Defaults are the paper's appendix setting for CIFAR-10."""
+    p = ArgumentParser(prog="shortrun_ebm.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="cifar10",
+                   help=f"one of {', '.join(DATASETS)}, or folder:PATH (any folder of images, recursive)")
+    d.add_argument("--data-root", default="./data", help="where torchvision data sets live / download to")
+    d.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="download torchvision data sets if missing")
+    d.add_argument("--n-data", type=int, default=40000,
+                   help="use the first N training images (paper: 40,000); 0 = all")
+    d.add_argument("--image-size", type=int, default=32, choices=(32, 64, 128),
+                   help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ)")
+    s = p.add_argument_group("short-run sampler")
+    s.add_argument("--K", type=int, default=100, help="Langevin steps per chain (paper: 100)")
+    s.add_argument("--K-max", type=int, default=None,
+                   help="dynamic K: draw K uniformly from [K, K_max] each iteration (off by default)")
+    s.add_argument("--step-size", type=float, default=1.0, help="Langevin step on grad f (paper: 1.0)")
+    s.add_argument("--noise", type=float, default=1e-2,
+                   help="Langevin noise std (paper: 1e-2); T = noise^2 / (2 step_size)")
+    s.add_argument("--init", choices=("uniform", "lowres"), default="uniform",
+                   help="p_0: uniform noise (paper) or the data image at --lowres-size (super-resolution)")
+    s.add_argument("--lowres-size", type=int, default=8, help="side of the low-res init (supplement: 4, 8, 16)")
+    m = p.add_argument_group("model and learning")
+    m.add_argument("--n_f", "--n-f", dest="n_f", type=int, default=64,
+                   help="ConvNet width (paper: 32/64/128); more = sharper samples, slower")
+    m.add_argument("--act", choices=("lrelu", "gelu"), default="lrelu",
+                   help="LeakyReLU 0.2 (paper) or GELU (smooth M_theta, needed for bits/dim)")
+    m.add_argument("--sigma", type=float, default=3e-2,
+                   help="data noise std (paper: 3e-2); raise to 0.1 if the run diverges")
+    m.add_argument("--lr", type=float, default=1e-4, help="Adam lr, betas .9/.999 (paper: 1e-4)")
+    m.add_argument("--batch-size", type=int, default=64, help="m, images per step and process (paper: 64)")
+    m.add_argument("--iters", type=int, default=100000,
+                   help="iterations (appendix code: 1e5; paper sec. 5.1: 2e5 then annealing)")
+    m.add_argument("--anneal-start", type=int, default=0,
+                   help="iteration where lr and sigma start to decay geometrically; 0 = off (appendix)")
+    m.add_argument("--anneal-lr-final", type=float, default=0.1, help="lr factor reached at --iters")
+    m.add_argument("--anneal-sigma-final", type=float, default=0.1, help="sigma factor reached at --iters")
+    g = p.add_argument_group("divergence guard")
+    g.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop when the sampler blows up (NaN, samples far outside [-1, 1], huge steps)")
+    g.add_argument("--guard-every", type=int, default=10, help="check the guard every N iterations")
+    g.add_argument("--guard-max-abs", type=float, default=3.0,
+                   help="stop when a sample pixel leaves [-a, a] (data lives in [-1, 1])")
+    g.add_argument("--guard-max-step", type=float, default=0.5,
+                   help="stop when one Langevin drift step moves pixels by this RMS (healthy: ~0.05)")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    r.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16 autocast (GPUs)")
+    r.add_argument("--out", default=None, help="run folder (default runs/shortrun_<dataset>)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    r.add_argument("--log-every", type=int, default=100, help="log.jsonl + progress line every N its")
+    r.add_argument("--plot-every", type=int, default=1000, help="sample grid every N its (0 = end only)")
+    r.add_argument("--ckpt-every", type=int, default=1000, help="last.pt every N its (0 = end only)")
+    r.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="time N iterations on random data of the configured shape, write nothing")
+    return p
+
+
+def validate(args):
+    """Every check that needs no data and no compute. Raises UsageError."""
+    if args.dataset not in DATASETS and not args.dataset.startswith("folder:"):
+        raise UsageError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(DATASETS)} or folder:PATH")
+    if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):]:
+        raise UsageError("--dataset folder: needs a path, e.g. folder:~/data/images")
+    positive_ints = {"--K": args.K, "--n_f": args.n_f, "--batch-size": args.batch_size, "--iters": args.iters,
+                     "--lowres-size": args.lowres_size, "--guard-every": args.guard_every}
+    for name, v in positive_ints.items():
+        if v < 1:
+            raise UsageError(f"{name} must be >= 1 (got {v})")
+    for name, v in {"--n-data": args.n_data, "--log-every": args.log_every, "--plot-every": args.plot_every,
+                    "--ckpt-every": args.ckpt_every, "--benchmark": args.benchmark,
+                    "--anneal-start": args.anneal_start}.items():
+        if v < 0:
+            raise UsageError(f"{name} must be >= 0 (got {v})")
+    if args.K_max is not None and args.K_max < args.K:
+        raise UsageError(f"--K-max ({args.K_max}) must be >= --K ({args.K})")
+    for name, v in {"--lr": args.lr, "--step-size": args.step_size, "--guard-max-abs": args.guard_max_abs,
+                    "--guard-max-step": args.guard_max_step}.items():
+        if not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{name} must be a positive finite number (got {v})")
+    for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise UsageError(f"{name} must be >= 0 (got {v})")
+    for name, v in {"--anneal-lr-final": args.anneal_lr_final, "--anneal-sigma-final": args.anneal_sigma_final}.items():
+        if not (0 < v <= 1):
+            raise UsageError(f"{name} must be in (0, 1] (got {v})")
+    if args.anneal_start and args.anneal_start >= args.iters:
+        raise UsageError(f"--anneal-start ({args.anneal_start}) must be below --iters ({args.iters})")
+    if args.lowres_size > args.image_size:
+        raise UsageError(f"--lowres-size ({args.lowres_size}) must be <= --image-size ({args.image_size})")
+
+
+# ---- model ----
+
+class EBM(nn.Module):
+    """f(x): the paper's ConvNet (Tables 4-6). Returns the negative energy, shape (B,)."""
+
+    def __init__(self, n_c=3, n_f=64, im_sz=32, act="lrelu"):
+        super().__init__()
+        if im_sz not in (32, 64, 128):
+            raise ValueError(f"im_sz must be 32, 64 or 128, got {im_sz}")
+        act_fn = {"lrelu": lambda: nn.LeakyReLU(0.2), "gelu": nn.GELU}[act]
+        layers = [nn.Conv2d(n_c, n_f, 3, 1, 1), act_fn(),                       # (B, n_f, S, S)
+                  nn.Conv2d(n_f, 2 * n_f, 4, 2, 1), act_fn(),                   # (B, 2n_f, S/2, S/2)
+                  nn.Conv2d(2 * n_f, 4 * n_f, 4, 2, 1), act_fn(),               # (B, 4n_f, S/4, S/4)
+                  nn.Conv2d(4 * n_f, 8 * n_f, 4, 2, 1), act_fn()]               # (B, 8n_f, S/8, S/8)
+        for _ in range({32: 0, 64: 1, 128: 2}[im_sz]):                          # down to (B, 8n_f, 4, 4)
+            layers += [nn.Conv2d(8 * n_f, 8 * n_f, 4, 2, 1), act_fn()]
+        layers.append(nn.Conv2d(8 * n_f, 1, 4, 1, 0))                            # (B, 1, 1, 1)
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.f(x).view(-1)                                               # (B,)
+
+
+# ---- sampler ----
+
+def sample_p_0(n, n_c, im_sz, device):
+    """p_0: uniform noise on [-1, 1], shape (n, n_c, im_sz, im_sz)."""
+    return torch.rand(n, n_c, im_sz, im_sz, device=device) * 2 - 1
+
+
+def lowres(x, size):
+    """The informative init: x averaged down to size x size, then blown back up (nearest), so that
+    averaging the result down again gives exactly the low-res image."""
+    return F.interpolate(F.interpolate(x, size=(size, size), mode="area"), size=x.shape[-2:], mode="nearest")
+
+
+def langevin(f, x, K, step_size=1.0, noise=1e-2, create_graph=False):
+    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K.
+
+    create_graph=False (training, sampling): each step starts from a detached x, so no autograd
+    graph grows across steps, and only grad w.r.t. x is taken, so parameter .grad is untouched.
+    create_graph=True: the whole chain stays differentiable w.r.t. the input x and f's parameters
+    (reconstruction, interpolation and log-likelihood treat x_K = M_theta(x_0) as a generator).
+    """
+    if not create_graph or not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        for _ in range(K):
+            grad = torch.autograd.grad(f(x).sum(), x, create_graph=create_graph)[0]
+            x = x + step_size * grad
+            if noise > 0:
+                x = x + noise * torch.randn_like(x)
+            if not create_graph:
+                x = x.detach().requires_grad_(True)
+    return x if create_graph else x.detach()
+
+
+def langevin_step_rms(f, x, step_size):
+    """Diagnostic: RMS per pixel of one drift step, step_size * |grad_x f(x)| / sqrt(D), mean over x."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        grad = torch.autograd.grad(f(x).sum(), x)[0]
+    return step_size * grad.flatten(1).norm(dim=1).mean() / math.sqrt(x[0].numel())
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Parameters need no gradient while sampling: autograd then saves nothing for them."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+# ---- data ----
+
+def _torchvision_set(name, root, split, download, tf):
+    tv = torchvision.datasets
+    train = split == "train"
+    if name == "cifar10":
+        return tv.CIFAR10(root, train=train, download=download, transform=tf)
+    if name == "mnist":
+        return tv.MNIST(root, train=train, download=download, transform=tf)
+    if name == "fashion_mnist":
+        return tv.FashionMNIST(root, train=train, download=download, transform=tf)
+    if name == "svhn":
+        return tv.SVHN(os.path.join(root, "svhn"), split=split, download=download, transform=tf)
+    if name == "celeba":
+        return tv.CelebA(root, split="train" if train else "test", download=download, transform=tf)
+    try:  # lsun_bedroom: torchvision cannot download LSUN; it reads the lmdb folders
+        return tv.LSUN(root, classes=["bedroom_train" if train else "bedroom_val"], transform=tf)
+    except ImportError:
+        raise UsageError("lsun_bedroom needs the lmdb package: pip install lmdb") from None
+
+
+WHERE = {"cifar10": "{root}/cifar-10-batches-py/", "mnist": "{root}/MNIST/raw/",
+         "fashion_mnist": "{root}/FashionMNIST/raw/", "svhn": "{root}/svhn/{split}_32x32.mat",
+         "celeba": "{root}/celeba/ (img_align_celeba/ + list_eval_partition.txt)",
+         "lsun_bedroom": "{root}/bedroom_train_lmdb/ (from the LSUN download scripts)"}
+
+
+def _folder_images(path):
+    if not os.path.isdir(path):
+        raise UsageError(f"data folder {path} does not exist: pass folder:PATH with a folder of images")
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
+                   for n in names if n.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise UsageError(f"data folder {path} holds no images ({', '.join(IMAGE_EXTS)}), searched recursively")
+    return files
+
+
+def load_images(dataset, data_root, image_size, n_data=0, download=False, split="train"):
+    """A whole data set as one float tensor (N, C, S, S) in [-1, 1] on the CPU.
+
+    Resized (shorter side) and centre-cropped to image_size, the first n_data images (0 = all).
+    A missing or unreadable data set raises UsageError saying where the files should go."""
+    from PIL import Image
+    n_c = CHANNELS.get(dataset, 3)
+    tf = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(image_size), torchvision.transforms.CenterCrop(image_size),
+        torchvision.transforms.ToTensor(), torchvision.transforms.Normalize([0.5] * n_c, [0.5] * n_c)])
+    if dataset.startswith("folder:"):
+        files = _folder_images(os.path.expanduser(dataset[len("folder:"):]))
+        files = files[:n_data] if n_data else files
+        images = []
+        for path in files:
+            try:
+                with Image.open(path) as im:
+                    images.append(tf(im.convert("RGB")))
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read image {path}: {e}") from None
+        return torch.stack(images)
+    root = os.path.expanduser(data_root)
+    try:
+        ds = _torchvision_set(dataset, root, split, download, tf)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        where = WHERE[dataset].format(root=root, split=split)
+        how = "run without --no-download, or put" if not download else "download failed; put"
+        raise UsageError(f"{dataset} not found under {root} ({str(e).splitlines()[0]}): "
+                         f"{how} the files in {where}, or use --dataset folder:PATH") from None
+    n = min(len(ds), n_data) if n_data else len(ds)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=500)
+    return torch.cat([x for x, _ in loader])
+
+
+def place_data(data, device):
+    """Keep the data on the device when it fits (as the appendix does), else in pinned CPU memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if data.numel() * data.element_size() < 0.4 * free:
+            return data.to(device)
+        return data.pin_memory()
+    return data
+
+
+# ---- run folder, checkpoints, logging ----
+
+def resolve_device(name, local_rank=0):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        index = int(name.split(":")[1]) if ":" in name else local_rank
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", index)
+    if name != "cpu":
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """All RNG states as types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device="cpu"):
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: any unpickling error means unreadable
+        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}): it may be truncated; "
+                         f"delete it or resume from another copy") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "shortrun_ebm":
+        raise UsageError(f"{path} is not a shortrun_ebm.py checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """(f in eval mode on device, config dict) from a checkpoint written by this script."""
+    ckpt = read_checkpoint(path, device)
+    config = ckpt["config"]
+    f = EBM(config["n_c"], config["n_f"], config["image_size"], config["act"]).to(device)
+    f.load_state_dict(ckpt["models"]["ebm"])
+    return f.eval(), config
+
+
+def make_checkpoint(f, optim, args, it, rng_states):
+    return {"script": "shortrun_ebm", "config": vars(args), "iteration": it,
+            "models": {"ebm": f.state_dict()}, "optimizers": {"ebm": optim.state_dict()},
+            "rng": rng_states[0], "rng_per_rank": rng_states}
+
+
+def prepare_run_folder(args):
+    """Refuse to clobber a run; on --resume return the checkpoint to continue from."""
+    occupied = any(os.path.exists(os.path.join(args.out, n)) for n in ("config.json", "last.pt", "log.jsonl"))
+    if not args.resume:
+        if occupied:
+            raise UsageError(f"run folder {args.out} already holds a run: pass --resume to continue it, "
+                             f"or choose another --out")
+        return None
+    return read_checkpoint(os.path.join(args.out, "last.pt"))
+
+
+def merge_resume_args(args, given, ckpt):
+    """On --resume the checkpoint's config wins; only run-control flags may change."""
+    may_change = {"iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
+                  "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step"}
+    config = dict(ckpt["config"])
+    for key, value in given.items():
+        if key not in may_change and config.get(key) != value:
+            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
+                             f"{config.get(key)!r}); start a new run in another --out instead")
+    config.update({k: v for k, v in given.items() if k in may_change})
+    config["resume"] = True
+    if config["iters"] <= ckpt["iteration"]:
+        raise UsageError(f"the run in {args.out} already reached iteration {ckpt['iteration']}: "
+                         f"pass a larger --iters to train further")
+    return argparse.Namespace(**config)
+
+
+def truncate_log(path, iteration):
+    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+def save_grid(x, path):
+    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to save and stop at the end of the iteration; a second one kills."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: saving a checkpoint at the end of this iteration (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+# ---- training ----
+
+def schedule(args, it):
+    """lr and sigma at iteration it: constant (appendix), then, from --anneal-start, a geometric decay
+    reaching the final fractions at --iters (the paper's 'gradually decrease lr and sigma')."""
+    if not args.anneal_start or it < args.anneal_start:
+        return args.lr, args.sigma
+    progress = (it - args.anneal_start) / (args.iters - args.anneal_start)
+    return args.lr * args.anneal_lr_final ** progress, args.sigma * args.anneal_sigma_final ** progress
+
+
+def train_step(f, f_ddp, optim, data, args, it, amp, device):
+    """One iteration of Algorithm 1. Returns (x_q, stats) with stats a tensor on the device."""
+    lr, sigma = schedule(args, it)
+    for group in optim.param_groups:
+        group["lr"] = lr
+    x_data = data[torch.randint(0, data.shape[0], (args.batch_size,))].to(device, non_blocking=True)
+    x_plus = x_data + sigma * torch.randn_like(x_data)                          # (m, C, S, S)
+    if args.init == "lowres":
+        x_0 = lowres(x_data, args.lowres_size)
+    else:
+        x_0 = sample_p_0(args.batch_size, x_data.shape[1], x_data.shape[2], x_data.device)
+    K = args.K if args.K_max is None else int(torch.randint(args.K, args.K_max + 1, ()))
+    with frozen(f), amp():
+        x_q = langevin(f, x_0, K, args.step_size, args.noise)                   # (m, C, S, S)
+    with amp():
+        f_all = f_ddp(torch.cat([x_plus, x_q])).float()                         # (2m,)
+    f_data, f_q = f_all[:args.batch_size].mean(), f_all[args.batch_size:].mean()
+    loss = f_q - f_data                               # descend = ascend f(data) - f(x_q)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    stats = torch.stack([f_data.detach(), f_q.detach(), x_q.abs().amax(), x_q.std(), x_data.std()])
+    return x_q, stats
+
+
+def check_guard(f, x_q, stats, args, it):
+    """None if healthy, else a message saying what blew up and what to change."""
+    f_data, f_q, max_abs, _, _ = stats
+    step_rms = float(langevin_step_rms(f, x_q, args.step_size))
+    fix = "raise --sigma (e.g. 0.1), lower --lr, or raise --K; resume from last.pt with a new --out"
+    if not all(map(math.isfinite, (f_data, f_q, max_abs, step_rms))):
+        return f"iteration {it}: f or the samples became NaN/inf. {fix}"
+    if max_abs > args.guard_max_abs:
+        return (f"iteration {it}: samples left [-{args.guard_max_abs:g}, {args.guard_max_abs:g}] "
+                f"(max |x_q| = {max_abs:.3g}, f(x_q) = {f_q:.3g}): the sampler is diverging. {fix}")
+    if step_rms > args.guard_max_step:
+        return (f"iteration {it}: one Langevin drift step moves pixels by RMS {step_rms:.3g} "
+                f"(> {args.guard_max_step:g}; |grad f| is exploding): the sampler is diverging. {fix}")
+    return None
+
+
+def plot(f, args, it, data_fixed, amp, device):
+    """Samples from a fixed p_0 draw; fork_rng keeps the training trajectory untouched."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.seed)
+        n_c, s = data_fixed.shape[1], data_fixed.shape[2]
+        x_0 = lowres(data_fixed, args.lowres_size) if args.init == "lowres" else \
+            sample_p_0(len(data_fixed), n_c, s, device)
+        with frozen(f), amp():
+            x_q = langevin(f, x_0, args.K, args.step_size, args.noise)
+    save_grid(x_q, os.path.join(args.out, f"samples_{it:06d}.png"))
+
+
+def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
+    """Algorithm 1 with three gated side jobs: log, plot, checkpoint. Returns the exit code."""
+    writer = rank == 0
+    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
+    data_fixed = data[:64].to(device)
+    if writer and start_it == 0:
+        save_grid(data_fixed, os.path.join(args.out, "data.png"))
+    log_path, t_start, it_start = os.path.join(args.out, "log.jsonl"), time.time(), start_it
+    with StopFlag() as stop:
+        for it in range(start_it + 1, args.iters + 1):
+            x_q, stats = train_step(f, f_ddp, optim, data, args, it - 1, amp, device)
+            is_last = it == args.iters
+            due = lambda every: (every and it % every == 0) or is_last
+            if args.guard and (it % args.guard_every == 0 or due(args.log_every) or due(args.ckpt_every)):
+                msg = check_guard(f, x_q, stats.tolist(), args, it)
+                if any_rank(msg is not None, world, device):
+                    print(f"shortrun_ebm.py: diverged at {msg or f'iteration {it} on another rank'}; "
+                          f"last.pt keeps the last good state", file=sys.stderr)
+                    return EXIT_DIVERGED
+            if due(args.log_every) and writer:
+                f_data, f_q, max_abs, x_std, data_std = stats.tolist()
+                elapsed = time.time() - t_start
+                rate = elapsed / (it - it_start)
+                row = {"iteration": it, "f_data": f_data, "f_sample": f_q, "f_gap": f_data - f_q,
+                       "grad_norm": float(langevin_step_rms(f, x_q, 1.0)) * math.sqrt(x_q[0].numel()),
+                       "sample_max_abs": max_abs, "sample_std": x_std, "data_std": data_std,
+                       "lr": optim.param_groups[0]["lr"], "sigma": schedule(args, it - 1)[1],
+                       "seconds": elapsed, "s_per_iter": rate}
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                print(f"it {it}/{args.iters} | f(x) {f_data:+.4g} f(x_q) {f_q:+.4g} | |grad f| "
+                      f"{row['grad_norm']:.3g} | max|x_q| {max_abs:.2f} | {rate:.3f} s/it | "
+                      f"ETA {format_eta(rate * (args.iters - it))}", file=sys.stderr, flush=True)
+            if due(args.plot_every) and writer:
+                plot(f, args, it, data_fixed, amp, device)
+            interrupted = any_rank(stop.requested, world, device)
+            if due(args.ckpt_every) or interrupted:
+                rng_now = gather_rng(world)
+                if writer:
+                    ckpt = make_checkpoint(f, optim, args, it, rng_now)
+                    atomic_save(ckpt, os.path.join(args.out, "last.pt"))
+                    if is_last:
+                        atomic_save(ckpt, os.path.join(args.out, "final.pt"))
+            if interrupted:
+                if writer:
+                    print(f"stopped at iteration {it}; continue with: python shortrun_ebm.py "
+                          f"--out {args.out} --resume", file=sys.stderr)
+                return EXIT_INTERRUPTED
+    return 0
+
+
+def any_rank(flag, world, device):
+    """True if flag is set on any rank: all ranks must stop on the same iteration, or the others
+    would wait forever in the next all-reduce."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_rng(world):
+    states = [None] * world
+    if world == 1:
+        states[0] = get_rng_state()
+    else:
+        torch.distributed.all_gather_object(states, get_rng_state())
+    return states
+
+
+def benchmark(args, n_c, device):
+    """Time args.benchmark iterations of train_step on random data of the configured shape."""
+    f = EBM(n_c, args.n_f, args.image_size, args.act).to(device)
+    optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    data = sample_p_0(1000, n_c, args.image_size, device)
+    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for i in range(args.benchmark + 2):                   # two warm-up iterations are not timed
+        t0 = time.perf_counter()
+        train_step(f, f, optim, data, args, i, amp, device)
+        sync()
+        times.append(time.perf_counter() - t0)
+    per_iter = sorted(times[2:])[len(times[2:]) // 2]     # median, like seed_appendix.py
+    k_mean = args.K if args.K_max is None else (args.K + args.K_max) / 2
+    print(f"device={device} m={args.batch_size} K={args.K} n_f={args.n_f} amp={args.amp}")
+    print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * k_mean / per_iter:.0f} images*steps/s")
+
+
+# ---- main ----
+
+def load_data(args, rank, world, device):
+    """Rank 0 loads (and downloads) first, the others then read what it left: no two downloads."""
+    data, error = None, None
+    for turn in ("rank 0", "the others"):
+        if (rank == 0) == (turn == "rank 0"):
+            try:
+                data = load_images(args.dataset, args.data_root, args.image_size, args.n_data,
+                                   args.download and rank == 0)
+            except UsageError as e:
+                error = e
+        if any_rank(error is not None, world, device):
+            raise error or UsageError("loading the data failed on rank 0")
+    return data
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        validate(args)
+        args.out = args.out or os.path.join("runs", "shortrun_" + args.dataset.replace(":", "_").replace("/", "_"))
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.benchmark:
+            seed_everything(args.seed)
+            benchmark(args, CHANNELS.get(args.dataset, 3), device)
+            return 0
+        ckpt = prepare_run_folder(args)
+        if ckpt is not None:
+            args = merge_resume_args(args, vars(build_parser(suppress_defaults=True).parse_args(argv)), ckpt)
+    except UsageError as e:
+        print(f"shortrun_ebm.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        data = load_data(args, rank, world, device)
+    except UsageError as e:
+        if rank == 0:
+            print(f"shortrun_ebm.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run(args, ckpt, data, device, rank, world, argv)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run(args, ckpt, data, device, rank, world, argv):
+    """Build f and Adam (or restore them), write config.json, train."""
+    args.n_c = data.shape[1]
+    seed_everything(args.seed + rank)                  # each rank its own chains
+    f = EBM(args.n_c, args.n_f, args.image_size, args.act).to(device)
+    optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    start_it = 0
+    if ckpt is not None:
+        f.load_state_dict(ckpt["models"]["ebm"])
+        optim.load_state_dict(ckpt["optimizers"]["ebm"])
+        set_rng_state(ckpt["rng_per_rank"][rank] if len(ckpt["rng_per_rank"]) == world else ckpt["rng"])
+        start_it = ckpt["iteration"]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            config = dict(vars(args), argv=argv, world_size=world, torch=torch.__version__,
+                          torchvision=torchvision.__version__, python=sys.version.split()[0])
+            with open(os.path.join(args.out, "config.json"), "w") as fh:
+                json.dump(config, fh, indent=2)
+        else:
+            truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
+        print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
+              f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "
+              f"run folder {args.out}", file=sys.stderr)
+    return train(args, f, f_ddp, optim, place_data(data, device), start_it, rank, world, device)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
