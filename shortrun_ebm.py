@@ -62,16 +62,14 @@ class UsageError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # one line, not argparse's 20-line usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(suppress_defaults=False):
     """The hyperparameter block. Defaults are the paper's appendix setting for CIFAR-10."""
     p = ArgumentParser(prog="shortrun_ebm.py", description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       argument_default=argparse.SUPPRESS if suppress_defaults else None)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="cifar10",
                    help=f"one of {', '.join(DATASETS)}, or folder:PATH (any folder of images, recursive)")
@@ -114,7 +112,9 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--guard-max-abs", type=float, default=3.0,
                    help="stop when a sample pixel leaves [-a, a] (data lives in [-1, 1])")
     g.add_argument("--guard-max-step", type=float, default=0.5,
-                   help="stop when one Langevin drift step moves pixels by this RMS (healthy: ~0.05)")
+                   help="stop when one Langevin drift step moves pixels by this RMS (healthy: ~0.05-0.2)")
+    g.add_argument("--guard-max-gap", type=float, default=1e4,
+                   help="stop when |f(data) - f(samples)| exceeds this (healthy: ~1-100)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
@@ -126,6 +126,9 @@ def build_parser(suppress_defaults=False):
     r.add_argument("--ckpt-every", type=int, default=1000, help="last.pt every N its (0 = end only)")
     r.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="time N iterations on random data of the configured shape, write nothing")
+    if suppress_defaults:  # parse_args then returns only the flags the user typed (see --resume)
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
     return p
 
 
@@ -148,7 +151,7 @@ def validate(args):
     if args.K_max is not None and args.K_max < args.K:
         raise UsageError(f"--K-max ({args.K_max}) must be >= --K ({args.K})")
     for name, v in {"--lr": args.lr, "--step-size": args.step_size, "--guard-max-abs": args.guard_max_abs,
-                    "--guard-max-step": args.guard_max_step}.items():
+                    "--guard-max-step": args.guard_max_step, "--guard-max-gap": args.guard_max_gap}.items():
         if not (math.isfinite(v) and v > 0):
             raise UsageError(f"{name} must be a positive finite number (got {v})")
     for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
@@ -410,7 +413,7 @@ def prepare_run_folder(args):
 def merge_resume_args(args, given, ckpt):
     """On --resume the checkpoint's config wins; only run-control flags may change."""
     may_change = {"iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
-                  "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step"}
+                  "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step", "guard_max_gap"}
     config = dict(ckpt["config"])
     for key, value in given.items():
         if key not in may_change and config.get(key) != value:
@@ -513,6 +516,9 @@ def check_guard(f, x_q, stats, args, it):
     if step_rms > args.guard_max_step:
         return (f"iteration {it}: one Langevin drift step moves pixels by RMS {step_rms:.3g} "
                 f"(> {args.guard_max_step:g}; |grad f| is exploding): the sampler is diverging. {fix}")
+    if abs(f_data - f_q) > args.guard_max_gap:
+        return (f"iteration {it}: |f(data) - f(x_q)| = {abs(f_data - f_q):.3g} > {args.guard_max_gap:g} "
+                f"(f(x_q) = {f_q:.3g}): f no longer sees its own samples as data-like. {fix}")
     return None
 
 
