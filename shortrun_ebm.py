@@ -507,7 +507,7 @@ def check_guard(f, x_q, stats, args, it):
     """None if healthy, else a message saying what blew up and what to change."""
     f_data, f_q, max_abs, _, _ = stats
     step_rms = float(langevin_step_rms(f, x_q, args.step_size))
-    fix = "raise --sigma (e.g. 0.1), lower --lr, or raise --K; resume from last.pt with a new --out"
+    fix = "start a new run with a larger --sigma (e.g. 0.1), a lower --lr or a larger --K"
     if not all(map(math.isfinite, (f_data, f_q, max_abs, step_rms))):
         return f"iteration {it}: f or the samples became NaN/inf. {fix}"
     if max_abs > args.guard_max_abs:
@@ -543,18 +543,17 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
     if writer and start_it == 0:
         save_grid(data_fixed, os.path.join(args.out, "data.png"))
     log_path, t_start, it_start = os.path.join(args.out, "log.jsonl"), time.time(), start_it
+    last_saved = start_it if start_it else "none yet"
     with StopFlag() as stop:
         for it in range(start_it + 1, args.iters + 1):
             x_q, stats = train_step(f, f_ddp, optim, data, args, it - 1, amp, device)
             is_last = it == args.iters
             due = lambda every: (every and it % every == 0) or is_last
+            diverged, msg = False, None
             if args.guard and (it % args.guard_every == 0 or due(args.log_every) or due(args.ckpt_every)):
                 msg = check_guard(f, x_q, stats.tolist(), args, it)
-                if any_rank(msg is not None, world, device):
-                    print(f"shortrun_ebm.py: diverged at {msg or f'iteration {it} on another rank'}; "
-                          f"last.pt keeps the last good state", file=sys.stderr)
-                    return EXIT_DIVERGED
-            if due(args.log_every) and writer:
+                diverged = any_rank(msg is not None, world, device)
+            if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
                 f_data, f_q, max_abs, x_std, data_std = stats.tolist()
                 elapsed = time.time() - t_start
                 rate = elapsed / (it - it_start)
@@ -568,6 +567,11 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
                 print(f"it {it}/{args.iters} | f(x) {f_data:+.4g} f(x_q) {f_q:+.4g} | |grad f| "
                       f"{row['grad_norm']:.3g} | max|x_q| {max_abs:.2f} | {rate:.3f} s/it | "
                       f"ETA {format_eta(rate * (args.iters - it))}", file=sys.stderr, flush=True)
+            if diverged:
+                if writer:
+                    print(f"shortrun_ebm.py: diverged at {msg or f'iteration {it} on another rank'}; "
+                          f"{args.out}/last.pt keeps the last good state (iteration {last_saved})", file=sys.stderr)
+                return EXIT_DIVERGED
             if due(args.plot_every) and writer:
                 plot(f, args, it, data_fixed, amp, device)
             interrupted = any_rank(stop.requested, world, device)
@@ -578,6 +582,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
                     atomic_save(ckpt, os.path.join(args.out, "last.pt"))
                     if is_last:
                         atomic_save(ckpt, os.path.join(args.out, "final.pt"))
+                last_saved = it
             if interrupted:
                 if writer:
                     print(f"stopped at iteration {it}; continue with: python shortrun_ebm.py "
