@@ -191,6 +191,13 @@ class EBM(nn.Module):
 
 # ---- sampler ----
 
+def build_ebm(n_c, n_f, im_sz, act, device):
+    """EBM on device. On the CPU the weights go channels_last: oneDNN's convolutions then run ~15%
+    faster (measured); on CUDA the default layout measured faster (TF32 cuDNN, H100)."""
+    f = EBM(n_c, n_f, im_sz, act).to(device)
+    return f.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else f
+
+
 def sample_p_0(n, n_c, im_sz, device):
     """p_0: uniform noise on [-1, 1], shape (n, n_c, im_sz, im_sz)."""
     return torch.rand(n, n_c, im_sz, im_sz, device=device) * 2 - 1
@@ -388,7 +395,7 @@ def load_checkpoint(path, device="cpu"):
     """(f in eval mode on device, config dict) from a checkpoint written by this script."""
     ckpt = read_checkpoint(path, device)
     config = ckpt["config"]
-    f = EBM(config["n_c"], config["n_f"], config["image_size"], config["act"]).to(device)
+    f = build_ebm(config["n_c"], config["n_f"], config["image_size"], config["act"], device)
     f.load_state_dict(ckpt["models"]["ebm"])
     return f.eval(), config
 
@@ -612,7 +619,7 @@ def gather_rng(world):
 
 def benchmark(args, n_c, device):
     """Time args.benchmark iterations of train_step on random data of the configured shape."""
-    f = EBM(n_c, args.n_f, args.image_size, args.act).to(device)
+    f = build_ebm(n_c, args.n_f, args.image_size, args.act, device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
     data = sample_p_0(1000, n_c, args.image_size, device)
     amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
@@ -685,7 +692,7 @@ def run(args, ckpt, data, device, rank, world, argv):
     """Build f and Adam (or restore them), write config.json, train."""
     args.n_c = data.shape[1]
     seed_everything(args.seed + rank)                  # each rank its own chains
-    f = EBM(args.n_c, args.n_f, args.image_size, args.act).to(device)
+    f = build_ebm(args.n_c, args.n_f, args.image_size, args.act, device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
     start_it = 0
     if ckpt is not None:
