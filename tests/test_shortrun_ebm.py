@@ -199,6 +199,21 @@ def test_a_few_hundred_iterations_move_samples_toward_the_data(squares, tmp_path
     assert config["n_f"] == 8 and config["n_c"] == 3 and not f.training
 
 
+@pytest.mark.parametrize("flags", [["--init", "lowres", "--lowres-size", "4"], ["--amp", "bf16"],
+                                   ["--act", "gelu", "--anneal-start", "2", "--K-max", "6"]])
+def test_optional_training_modes_run_and_log(flags, squares, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
+                          "--plot-every", "4", "--out", out, *flags], capsys)
+    assert code == 0, err
+    rows = log_rows(out)
+    assert len(rows) == 4 and all(np.isfinite(r["f_gap"]) for r in rows)
+    if "--anneal-start" in flags:                      # lr decays from iteration 2 towards 0.1 lr at 4
+        assert rows[1]["lr"] == pytest.approx(1e-4) and rows[3]["lr"] == pytest.approx(1e-4 * 0.1 ** 0.5)
+    f, config = sr.load_checkpoint(str(out / "final.pt"))
+    assert config["act"] == ("gelu" if "gelu" in flags else "lrelu")
+
+
 # ---- resume ----
 
 def test_resume_continues_bit_exactly(squares, tmp_path, capsys):
