@@ -1,0 +1,802 @@
+"""Dual-MCMC teaching: an EBM, a generator and an inference model learned together.
+
+Jiali Cui and Tian Han, "Learning Energy-based Model via Dual-MCMC Teaching", NeurIPS 2023
+(https://arxiv.org/abs/2312.02469; authors' code: github.com/jcui1224/dual-MCMC).
+
+Three models: the EBM f(x) (negative energy, pi(x) ~ exp f(x)), the generator
+x = g(z) + sigma_g * eps with p(z) = N(0, I), and the inference model
+q(z|x) = N(mu(x), diag exp(logvar(x))). Each iteration, on a data batch x and a prior draw z:
+  1. MCMC sampling:  x0 = g(z); k_x Langevin steps on f revise x0 into x~.
+  2. MCMC inference: z^ ~ q(z|x); k_z Langevin steps on log p(z|x) revise z^ into z~.
+  3. EBM:       ascend mean f(x) - mean f(x~)                        (scaled by 1/T, see below)
+  4. generator: ascend log p(x, z~) + log p(x~, z)   (data teaches g through z~, the EBM through x~)
+  5. inference: ascend log q(z~|x) + log q(z|x~)     (q learns to start the z-chain where it ends)
+
+Paper vs. authors' code (where they differ, and what this file does):
+  * z-chain posterior: the paper's log p(z|x) = -||x - g(z)||^2 / (2 sigma_g^2) - ||z||^2 / 2;
+    the authors' code uses ||x - g(z)||^2 / sigma_g^2 (twice the likelihood term). We implement
+    the paper's posterior, because that is the distribution the method's derivation samples.
+  * x-chain: the authors write x + (s^2 / 2) grad f + n eps with s = 0.5 (CelebA 0.3), n = 1e-3,
+    and divide the EBM loss by T = (n / s)^2. We expose the step directly (--x-step-size = s^2 / 2
+    = 0.125) and compute T = x_noise^2 / (2 x_step_size) from the flags (T = 1 when x_noise = 0):
+    the chain samples exp(f / T), so dividing the loss by T is maximum likelihood for that density.
+  * the EBM update reuses x~ from step 1 (the paper's algorithm); the authors' CIFAR-10 config
+    re-runs the x-chain from the just-updated generator (`fine_tune`), twice the compute.
+  * generator/inference losses follow the issue's form with weights as flags; the authors' values
+    are the defaults (sample term 50, CelebA 70; inference-on-generated term 0.1; weight decay 5e-4).
+  * the chains never move BatchNorm running statistics (see `_bn_stats_frozen`).
+
+Flag names other scripts read (evaluate.py): --arch {resnet,simple}, --nz, --nef, --ngf, --nif,
+--k-x, --k-z, --x-step-size, --x-noise, --z-step-size, --z-noise, --sigma-g, --sample-k-x,
+--sample-step-size (config.json keys: the same with underscores: k_x, k_z, x_step_size, x_noise,
+z_step_size, z_noise, sigma_g, nz, nef, ngf, nif, arch, sample_k_x, sample_step_size, n_c,
+image_size). Importable: EBM, Generator, Encoder, langevin_x, langevin_z, sample,
+load_checkpoint(path, device) -> ({"ebm", "generator", "encoder"} -> model, config), main.
+
+Run recipes
+  main job (CIFAR-10, authors' ResNet setting; 150k iterations = ~300 epochs at batch 100):
+      python dual_mcmc.py --dataset cifar10
+  CelebA 64 px (authors: widths 1024, x-chain s = 0.3, sample term 70):
+      python dual_mcmc.py --dataset celeba --image-size 64 --nef 1024 --ngf 1024 \\
+          --x-step-size 0.045 --w-sample 70
+  paper's small DCGAN-style nets (Appendix A.1, ~2M / 8M / 5M parameters):
+      python dual_mcmc.py --dataset cifar10 --arch simple
+  tiny CPU run on your own images (a minute):
+      python dual_mcmc.py --dataset folder:./my_images --arch simple --nef 16 --ngf 16 --nif 16 \\
+          --nz 16 --batch-size 16 --k-x 10 --k-z 5 --iters 300 --device cpu --out runs/tiny
+  resume (continues bit-exactly from runs/tiny/last.pt; --iters may be raised):
+      python dual_mcmc.py --out runs/tiny --resume --iters 600
+  ablations: --no-inference (z-chain from noise), --gen-only-init (cooperative learning:
+      the generator learns only from x~), --k-x N, --k-z N
+  multi-GPU (data parallel; gloo on CPU, nccl on CUDA):
+      torchrun --nproc_per_node=4 dual_mcmc.py --dataset cifar10
+  benchmark (writes nothing; last line "benchmark: S s/iter, R images*steps/s"):
+      python dual_mcmc.py --benchmark 20
+  sampling after training:
+      models, cfg = load_checkpoint("runs/dual_cifar10/final.pt", "cuda")
+      x0, x_tilde = sample(models, 64)         # 70 x-steps with s = 0.4, as the authors test
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.utils.parametrizations import spectral_norm
+
+PROG = "dual_mcmc.py"
+DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+ARCH_WIDTHS = {"resnet": dict(nef=512, ngf=512, nif=128), "simple": dict(nef=64, ngf=64, nif=64)}
+
+
+class UsageError(Exception):
+    """A bad flag value or missing input: main prints one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def build_parser():
+    p = _Parser(prog=PROG, description="Dual-MCMC teaching (Cui & Han, NeurIPS 2023).")
+    a = p.add_argument
+    # data
+    a("--dataset", default="cifar10", help="cifar10 | celeba | lsun_bedroom | mnist | fashion_mnist | svhn | folder:PATH (paper: cifar10, celeba 64px)")
+    a("--data-root", default="./data", help="where torchvision data sets live / are downloaded")
+    a("--download", action=argparse.BooleanOptionalAction, default=True, help="download the data set if missing")
+    a("--n-data", type=int, default=0, help="use the first N training images (0 = all; paper: all 50k CIFAR-10)")
+    a("--image-size", type=int, default=32, help="32 or 64 px (paper: 32 CIFAR-10, 64 CelebA)")
+    # models
+    a("--arch", default="resnet", choices=("resnet", "simple"), help="resnet: paper's main nets (authors' code); simple: Appendix A.1 DCGAN-style nets")
+    a("--nz", type=int, default=128, help="latent size (paper 128); smaller trains faster, reconstructs worse")
+    a("--nef", type=int, default=None, help="EBM width (resnet 512, CelebA 1024; simple 64)")
+    a("--ngf", type=int, default=None, help="generator width (resnet 512, CelebA 1024; simple 64)")
+    a("--nif", type=int, default=None, help="inference-model width (resnet 128; simple 64)")
+    a("--spectral-norm", action=argparse.BooleanOptionalAction, default=True, help="spectral norm on every EBM layer (authors: on); off lets f grow sharper and diverge sooner")
+    # MCMC
+    a("--k-x", dest="k_x", type=int, default=30, help="x-Langevin steps on f from x0 = g(z) (paper 30); more steps revise g's samples further")
+    a("--k-z", dest="k_z", type=int, default=10, help="z-Langevin steps on log p(z|x) from z^ ~ q (paper 10)")
+    a("--x-step-size", type=float, default=0.125, help="x-chain step on grad f: s^2/2 with s = 0.5 (CelebA s = 0.3 -> 0.045); lower if f(x~) explodes")
+    a("--x-noise", type=float, default=1e-3, help="x-chain noise std n (paper 1e-3); the EBM loss is divided by T = n^2 / (2 step)")
+    a("--z-step-size", type=float, default=0.005, help="z-chain step on grad log p(z|x): s^2/2 with s = 0.1 (paper)")
+    a("--z-noise", type=float, default=0.1, help="z-chain noise std (paper 0.1)")
+    a("--sigma-g", dest="sigma_g", type=float, default=0.3, help="generator noise std sigma_g in p(x|z) (paper 0.3); smaller weights reconstruction more")
+    a("--sample-k-x", type=int, default=70, help="x-steps used by sample() after training (authors' test preset 70)")
+    a("--sample-step-size", type=float, default=0.08, help="x-step used by sample(): s^2/2 with s = 0.4 (authors' test preset)")
+    # losses and optimisation
+    a("--w-recon", type=float, default=1.0, help="generator weight of the data term ||x - g(z~)||^2 / (2 sigma_g^2) (paper 1)")
+    a("--w-sample", type=float, default=50.0, help="generator weight of the EBM term ||x~ - g(z)||^2 / (2 sigma_g^2) (authors 50, CelebA 70)")
+    a("--w-inf-data", type=float, default=1.0, help="inference weight of -log q(z~|x) (paper 1)")
+    a("--w-inf-sample", type=float, default=0.1, help="inference weight of -log q(z|x~) (authors 0.1)")
+    a("--batch-size", type=int, default=100, help="m, images per iteration (paper 100)")
+    a("--lr-e", type=float, default=1e-4, help="EBM Adam lr (paper 1e-4); lower first if training diverges")
+    a("--lr-g", type=float, default=3e-4, help="generator Adam lr (paper 3e-4)")
+    a("--lr-i", type=float, default=1e-4, help="inference-model Adam lr (paper 1e-4)")
+    a("--beta1", type=float, default=0.0, help="Adam beta1 for all three models (authors 0)")
+    a("--beta2", type=float, default=0.9, help="Adam beta2 for all three models (authors 0.9)")
+    a("--wd-g", type=float, default=5e-4, help="generator weight decay (authors 5e-4)")
+    a("--wd-i", type=float, default=5e-4, help="inference-model weight decay (authors 5e-4)")
+    a("--lr-decay", type=float, default=0.998, help="exponential lr decay per epoch = n_data/batch iterations (authors 0.998)")
+    a("--gap-limit", type=float, default=1e4, help="stop when |f(x) - f(x~)| exceeds this (authors 1e4)")
+    # ablations
+    a("--no-inference", action="store_true", help="ablation: start the z-chain from N(0, I) instead of q(z|x); q is not trained")
+    a("--gen-only-init", action="store_true", help="ablation (cooperative learning): the generator learns only from x~, not from data")
+    # run
+    a("--iters", type=int, default=150000, help="training iterations (authors ~300 epochs = 150k at batch 100)")
+    a("--seed", type=int, default=1234, help="random seed (authors 1234)")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--out", default=None, help="run folder (default runs/dual_<dataset>)")
+    a("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    a("--log-every", type=int, default=100, help="iterations between log.jsonl lines and progress lines")
+    a("--plot-every", type=int, default=1000, help="iterations between sample grids (0 = only at the end)")
+    a("--ckpt-every", type=int, default=1000, help="iterations between last.pt writes (0 = only at the end)")
+    a("--amp", default="off", choices=("off", "bf16"), help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
+    a("--benchmark", type=int, default=0, metavar="N", help="time N iterations on random data, print s/iter, write nothing")
+    return p
+
+
+# Flags a resumed run may change; everything else is taken from the checkpoint's config.
+RESUME_OVERRIDES = ("iters", "device", "out", "resume", "log_every", "plot_every", "ckpt_every",
+                    "data_root", "download", "benchmark", "gap_limit")
+
+# ---- model ----
+
+
+def _conv(n_in, n_out, k, s, p, sn=False, bias=True):
+    c = nn.Conv2d(n_in, n_out, k, s, p, bias=bias)
+    nn.init.xavier_normal_(c.weight)  # authors' init for every conv
+    return spectral_norm(c) if sn else c
+
+
+class _EBMBlock(nn.Module):
+    """Residual block of the authors' EBM: relu-conv-relu-conv (+ 1x1 shortcut), avg-pool down."""
+
+    def __init__(self, n_in, n_out, down, first, sn):
+        super().__init__()
+        self.down, self.first = down, first
+        self.conv1 = _conv(n_in, n_out, 3, 1, 1, sn, bias=False)
+        self.conv2 = _conv(n_out, n_out, 3, 1, 1, sn, bias=False)
+        self.sc = _conv(n_in, n_out, 1, 1, 0, sn, bias=False) if (n_in != n_out or down) else None
+
+    def forward(self, x):
+        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
+        h = F.avg_pool2d(h, 2) if self.down else h
+        y = x
+        if self.first:  # pool then project (cheaper on the 3-channel input)
+            y = F.avg_pool2d(y, 2) if self.down else y
+            y = self.sc(y) if self.sc is not None else y
+        else:
+            y = self.sc(y) if self.sc is not None else y
+            y = F.avg_pool2d(y, 2) if self.down else y
+        return h + y
+
+
+class EBM(nn.Module):
+    """f(x): image (B, n_c, S, S) -> negative energy (B,). resnet: authors' net; simple: DCGAN-style."""
+
+    def __init__(self, n_c=3, nef=512, im_sz=32, arch="resnet", sn=True):
+        super().__init__()
+        n_down = int(math.log2(im_sz)) - 3  # 32 px -> 2, 64 px -> 3 halvings down to 8x8 / 4x4
+        if arch == "resnet":
+            blocks = [_EBMBlock(n_c, nef, True, True, sn)]
+            blocks += [_EBMBlock(nef, nef, True, False, sn) for _ in range(n_down - 1)]
+            blocks += [_EBMBlock(nef, nef, False, False, sn) for _ in range(2)]
+            self.body = nn.Sequential(*blocks, nn.ReLU())
+            lin = nn.Linear(nef, 1, bias=False)
+            self.head = spectral_norm(lin) if sn else lin
+        else:  # 3x3 conv s1; 4x4 s2 convs to 4x4 maps; 4x4 valid conv -> 1
+            layers = [_conv(n_c, nef, 3, 1, 1, sn), nn.LeakyReLU(0.2)]
+            chans = [nef, 2 * nef] + [4 * nef] * n_down
+            for c_in, c_out in zip(chans[:-1], chans[1:]):
+                layers += [_conv(c_in, c_out, 4, 2, 1, sn), nn.LeakyReLU(0.2)]
+            self.body = nn.Sequential(*layers)
+            self.head = _conv(chans[-1], 1, 4, 1, 0, sn)
+        self.arch = arch
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.arch == "resnet":
+            h = h.mean(dim=(2, 3))  # global average pool: (B, nef)
+        return self.head(h).view(x.shape[0])  # (B,)
+
+
+class _GenBlock(nn.Module):
+    """Residual block of the authors' generator: BN-relu-up-conv-BN-relu-conv (+ 1x1 shortcut)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(ch), nn.BatchNorm2d(ch)
+        self.conv1, self.conv2 = _conv(ch, ch, 3, 1, 1), _conv(ch, ch, 3, 1, 1)
+        self.sc = _conv(ch, ch, 1, 1, 0)
+
+    def forward(self, x):
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
+        h = self.conv2(F.relu(self.bn2(self.conv1(up(F.relu(self.bn1(x)))))))
+        return h + self.sc(up(x))
+
+
+class Generator(nn.Module):
+    """g(z): latent (B, nz) -> image (B, n_c, S, S) in [-1, 1] (tanh)."""
+
+    def __init__(self, nz=128, ngf=512, n_c=3, im_sz=32, arch="resnet"):
+        super().__init__()
+        self.nz, self.ngf, self.arch = nz, ngf, arch
+        n_up = int(math.log2(im_sz)) - 2  # 4x4 -> S
+        if arch == "resnet":
+            self.lin = nn.Linear(nz, 16 * ngf)
+            self.body = nn.Sequential(*[_GenBlock(ngf) for _ in range(n_up)], nn.BatchNorm2d(ngf),
+                                      nn.ReLU(), _conv(ngf, n_c, 3, 1, 1), nn.Tanh())
+        else:  # DCGAN: 4x4 convT from 1x1, then 4x4 s2 convTs, each BN + ReLU; 3x3 conv to pixels
+            chans = [8 * ngf, 8 * ngf, 4 * ngf, 2 * ngf, ngf][: n_up + 1]
+            layers = [nn.ConvTranspose2d(nz, chans[0], 4, 1, 0, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU()]
+            for c_in, c_out in zip(chans[:-1], chans[1:]):
+                layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            self.body = nn.Sequential(*layers, _conv(chans[-1], n_c, 3, 1, 1), nn.Tanh())
+
+    def forward(self, z):
+        if self.arch == "resnet":
+            return self.body(self.lin(z).view(z.shape[0], self.ngf, 4, 4))
+        return self.body(z.view(z.shape[0], self.nz, 1, 1))
+
+
+class Encoder(nn.Module):
+    """q(z|x): image -> (mu, logvar), each (B, nz). The authors' conv encoder for both archs."""
+
+    def __init__(self, nz=128, nif=128, n_c=3, im_sz=32):
+        super().__init__()
+        n_down = int(math.log2(im_sz)) - 2  # to 4x4 maps
+        chans = [nif, 2 * nif, 4 * nif] + [8 * nif] * (n_down - 2)
+        layers = [_conv(n_c, nif, 3, 1, 1, bias=False), nn.LeakyReLU(0.2)]
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [_conv(c_in, c_out, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
+        self.mu, self.logvar = _conv(chans[-1], nz, 4, 1, 0), _conv(chans[-1], nz, 4, 1, 0)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.mu(h).flatten(1), self.logvar(h).flatten(1)  # (B, nz), (B, nz)
+
+
+def build_models(cfg, device):
+    n_c, s = cfg["n_c"], cfg["image_size"]
+    models = {"ebm": EBM(n_c, cfg["nef"], s, cfg["arch"], cfg["spectral_norm"]),
+              "generator": Generator(cfg["nz"], cfg["ngf"], n_c, s, cfg["arch"]),
+              "encoder": Encoder(cfg["nz"], cfg["nif"], n_c, s)}
+    return {k: m.to(device) for k, m in models.items()}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- samplers ----
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module):
+    """Keep BatchNorm running statistics fixed during chain passes, but keep train-mode behaviour.
+
+    We set momentum to 0 rather than switching to eval(): eval would normalise with the running
+    averages, a different function from the batch-statistics g that the generator loss fits (and
+    early in training a very different one), so the z-chain would infer latents for the wrong
+    generator. With momentum 0 the chain sees exactly the train-mode g, and the running averages
+    only see the passes of the loss (x0 = g(z), g(z~)), so eval-mode samples stay faithful.
+    """
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved):
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def langevin_x(f, x, K, step_size, noise):
+    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I). Returns detached x_K."""
+    x = x.detach().clone().float()
+    with _bn_stats_frozen(f), torch.enable_grad():
+        for _ in range(K):
+            x.requires_grad_(True)
+            grad = torch.autograd.grad(f(x).float().sum(), x)[0]  # w.r.t. x only: param .grad untouched
+            x = (x + step_size * grad + noise * torch.randn_like(x)).detach()
+    return x
+
+
+def log_posterior(g, x, z, sigma):
+    """log p(z|x) + const = -||x - g(z)||^2 / (2 sigma^2) - ||z||^2 / 2, per example (B,)."""
+    err = (x - g(z).float()).flatten(1).pow(2).sum(1)
+    return -err / (2 * sigma ** 2) - z.flatten(1).pow(2).sum(1) / 2
+
+
+def langevin_z(g, x, z, K, step_size, noise, sigma):
+    """K steps of z <- z + step_size * grad_z log p(z|x) + noise * N(0, I). Returns detached z_K."""
+    z, x = z.detach().clone().float(), x.detach()
+    with _bn_stats_frozen(g), torch.enable_grad():
+        for _ in range(K):
+            z.requires_grad_(True)
+            grad = torch.autograd.grad(log_posterior(g, x, z, sigma).sum(), z)[0]
+            z = (z + step_size * grad + noise * torch.randn_like(z)).detach()
+    return z
+
+
+def neg_log_q(z, mu, logvar):
+    """-log q(z|x) + const for a diagonal Gaussian, per example (B,)."""
+    return 0.5 * (logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(1)
+
+
+@torch.no_grad()
+def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
+    """Draw n images as a user would: x0 = g(z), z ~ N(0, I), then k_x x-Langevin steps on f.
+
+    Defaults come from the checkpoint (attached by load_checkpoint): the authors' test-time
+    preset of 70 steps with s = 0.4 (step 0.08) and the training x-noise. Models keep their mode
+    (load_checkpoint returns them in eval mode, so BatchNorm uses its running statistics).
+    """
+    ebm, gen = models["ebm"], models["generator"]
+    d = getattr(ebm, "sample_defaults", {"k_x": 70, "step_size": 0.08, "noise": 1e-3})
+    k_x = d["k_x"] if k_x is None else k_x
+    step_size = d["step_size"] if step_size is None else step_size
+    noise = d["noise"] if noise is None else noise
+    device = next(gen.parameters()).device
+    x0s, xts = [], []
+    for i in range(0, n, batch_size):
+        z = torch.randn(min(batch_size, n - i), gen.nz, device=device)  # (b, nz)
+        x0 = gen(z).float()
+        x0s.append(x0)
+        xts.append(langevin_x(ebm, x0, k_x, step_size, noise))
+    return torch.cat(x0s), torch.cat(xts)
+
+
+# ---- data ----
+
+
+def _torchvision_set(name, root, size, download):
+    T = torchvision.transforms
+    tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+    D = torchvision.datasets
+    where = {"cifar10": "cifar-10-batches-py", "celeba": "celeba/", "lsun_bedroom": "bedroom_train_lmdb",
+             "mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "svhn": "train_32x32.mat"}[name]
+    try:
+        if name == "cifar10":
+            return D.CIFAR10(root, train=True, transform=tf, download=download)
+        if name == "celeba":
+            return D.CelebA(root, split="train", transform=tf, download=download)
+        if name == "lsun_bedroom":  # no download in torchvision: see github.com/fyu/lsun
+            return D.LSUN(root, classes=["bedroom_train"], transform=tf)
+        if name == "mnist":
+            return D.MNIST(root, train=True, transform=tf, download=download)
+        if name == "fashion_mnist":
+            return D.FashionMNIST(root, train=True, transform=tf, download=download)
+        return D.SVHN(root, split="train", transform=tf, download=download)
+    except Exception as e:  # torchvision raises RuntimeError / OSError / ImportError here
+        hint = "" if download else "; pass --download or put the files there"
+        raise UsageError(f"cannot load {name}: expected {os.path.join(root, where)} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}")
+
+
+class _Folder(torch.utils.data.Dataset):
+    def __init__(self, files, size):
+        T = torchvision.transforms
+        self.files, self.tf = files, T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.tf(im.convert("RGB")), 0
+
+
+def folder_files(path):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS)]
+    return sorted(files)
+
+
+def load_data(args):
+    """All training images as one uint8 tensor (N, n_c, S, S); batches are converted on the fly."""
+    if args.dataset.startswith("folder:"):
+        files = folder_files(args.dataset[len("folder:"):])
+        if args.n_data:
+            files = files[: args.n_data]
+        ds = _Folder(files, args.image_size)
+    else:
+        ds = _torchvision_set(args.dataset, args.data_root, args.image_size, args.download)
+        if args.n_data:
+            ds = torch.utils.data.Subset(ds, range(min(args.n_data, len(ds))))
+    loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1))
+    try:
+        data = torch.cat([xb for xb, _ in loader])  # (N, n_c, S, S) uint8
+    except Exception as e:
+        raise UsageError(f"cannot read images of {args.dataset}: {type(e).__name__}: {e}")
+    return data
+
+
+def place_data(data, device):
+    """Keep the uint8 set on the GPU when it takes under a quarter of free memory (the appendix keeps
+    the whole set on the device); otherwise batches are copied from (pinned) host memory."""
+    if device.type == "cuda" and data.numel() < torch.cuda.mem_get_info(device)[0] // 4:
+        return data.to(device)
+    return data.pin_memory() if device.type == "cuda" else data
+
+
+def get_batch(data, m, device):
+    idx = torch.randint(len(data), (m,))  # CPU RNG: part of the checkpointed state
+    return data[idx.to(data.device)].to(device, non_blocking=True).float() / 127.5 - 1  # (m, n_c, S, S)
+
+
+# ---- run folder, checkpoints, logging ----
+
+
+def validate(args):
+    """Check every flag before anything is loaded or written; fill per-arch width defaults."""
+    if not (args.dataset in DATASETS or args.dataset.startswith("folder:")):
+        raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} or folder:PATH)")
+    if args.dataset.startswith("folder:"):
+        path = args.dataset[len("folder:"):]
+        if not os.path.isdir(path):
+            raise UsageError(f"--dataset folder: {path!r} is not a directory")
+        if not folder_files(path) and not args.benchmark:
+            raise UsageError(f"--dataset folder: no images ({' '.join(IMAGE_EXTS)}) under {path!r}")
+    if args.image_size not in (32, 64):
+        raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} (use 32 or 64)")
+    for k, v in ARCH_WIDTHS[args.arch].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    checks = [("nz", 1), ("nef", 1), ("ngf", 1), ("nif", 1), ("k_x", 0), ("k_z", 0), ("sample_k_x", 0),
+              ("batch_size", 2), ("iters", 1), ("log_every", 1), ("plot_every", 0), ("ckpt_every", 0),
+              ("n_data", 0), ("benchmark", 0)]
+    for name, lo in checks:
+        if getattr(args, name) < lo:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    for name in ("sigma_g", "lr_e", "lr_g", "lr_i", "gap_limit"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_recon", "w_sample",
+                 "w_inf_data", "w_inf_sample", "wd_g", "wd_i"):
+        v = getattr(args, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        raise UsageError("--beta1 and --beta2 must lie in [0, 1)")
+    if not 0 < args.lr_decay <= 1:
+        raise UsageError(f"--lr-decay must lie in (0, 1], got {args.lr_decay}")
+    if args.out is None:
+        args.out = os.path.join("runs", "dual_" + args.dataset.replace("folder:", "").strip("/").replace("/", "_"))
+    return args
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device (auto | cpu | cuda | cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {name!r} is not supported (auto | cpu | cuda | cuda:N)")
+    return dev
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def save_checkpoint(path, cfg, it, models, opts, scheds, seconds):
+    ckpt = {"script": "dual_mcmc", "config": cfg, "iteration": it, "seconds": seconds,
+            "models": {k: m.state_dict() for k, m in models.items()},
+            "optimizers": {k: o.state_dict() for k, o in opts.items()},
+            "schedulers": {k: s.state_dict() for k, s in scheds.items()}, "rng": rng_state()}
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def read_checkpoint(path, device="cpu"):
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}")
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "dual_mcmc":
+        raise UsageError(f"{path} is not a dual_mcmc.py checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> ({"ebm", "generator", "encoder"} -> model in eval mode, config dict)."""
+    device = torch.device(device)
+    ckpt = read_checkpoint(path, device)
+    cfg = ckpt["config"]
+    models = build_models(cfg, device)
+    for k, m in models.items():
+        m.load_state_dict(ckpt["models"][k])
+        m.eval()
+    models["ebm"].sample_defaults = {"k_x": cfg["sample_k_x"], "step_size": cfg["sample_step_size"],
+                                     "noise": cfg["x_noise"]}
+    return models, cfg
+
+
+def make_optimizers(cfg, models):
+    betas = (cfg["beta1"], cfg["beta2"])
+    opts = {"ebm": torch.optim.Adam(models["ebm"].parameters(), cfg["lr_e"], betas),
+            "generator": torch.optim.Adam(models["generator"].parameters(), cfg["lr_g"], betas, weight_decay=cfg["wd_g"]),
+            "encoder": torch.optim.Adam(models["encoder"].parameters(), cfg["lr_i"], betas, weight_decay=cfg["wd_i"])}
+    scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, cfg["lr_decay"]) for k, o in opts.items()}
+    return opts, scheds
+
+
+@contextlib.contextmanager
+def eval_mode(models):
+    modes = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        yield
+    finally:
+        for k, m in models.items():
+            m.train(modes[k])
+
+
+def save_grids(models, fixed_x, fixed_z, cfg, out, it):
+    """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
+    from torchvision.utils import save_image
+    E, G, I = models["ebm"], models["generator"], models["encoder"]
+    devices = [fixed_x.device] if fixed_x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), eval_mode(models), torch.no_grad():
+        torch.manual_seed(cfg["seed"] + 1)
+        mu, _ = I(fixed_x)
+        z_t = langevin_z(G, fixed_x, mu, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"])
+        x0 = G(fixed_z)
+        grids = {"recon": G(mu), "posterior": G(z_t), "gen": x0,
+                 "ebm": langevin_x(E, x0, cfg["k_x"], cfg["x_step_size"], cfg["x_noise"])}
+    for name, img in grids.items():
+        save_image(img.float(), os.path.join(out, f"{name}_{it:06d}.png"), nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def allreduce_grads(models, world):
+    """Average gradients over ranks: one flat all-reduce per model. We do not wrap in DDP because the
+    chains run many forward passes whose backward never reaches the parameters, which DDP's reducer
+    would wait for; a plain all-reduce after the single backward is simpler and exact."""
+    for m in models.values():
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= world
+            i = 0
+            for g in grads:
+                g.copy_(flat[i:i + g.numel()].view_as(g))
+                i += g.numel()
+
+
+# ---- training ----
+
+
+def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds0=0.0, rank=0, world=1):
+    """Algorithm 1 of the paper. Returns (exit code, seconds per iteration after the first)."""
+    E, G, I = models["ebm"], models["generator"], models["encoder"]
+    m, nz = cfg["batch_size"], cfg["nz"]
+    T = cfg["x_noise"] ** 2 / (2 * cfg["x_step_size"]) if cfg["x_noise"] > 0 and cfg["x_step_size"] > 0 else 1.0
+    iters_per_epoch = max(1, cfg["n_data_used"] // (m * world))
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16")
+    writer = out is not None and rank == 0
+    if writer:  # fixed grid inputs: first 64 images, z from its own generator
+        fixed_x = data[:64].to(device).float() / 127.5 - 1
+        fixed_z = torch.randn(64, nz, generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
+        log_file = open(os.path.join(out, "log.jsonl"), "a")
+    t_start, t_first, it = time.time(), None, start_it
+    try:
+        for it in range(start_it, cfg["iters"]):
+            x = get_batch(data, m, device)                                     # (m, n_c, S, S)
+            z = torch.randn(m, nz, device=device)                             # (m, nz) ~ p(z)
+            with amp:
+                # 1. MCMC sampling: generator proposes x0, k_x Langevin steps on f revise it to x~
+                x0 = G(z).float()                                              # graph kept for step 4
+                x_t = langevin_x(E, x0, cfg["k_x"], cfg["x_step_size"], cfg["x_noise"])
+                # 2. MCMC inference: q proposes z^, k_z Langevin steps on log p(z|x) revise it to z~
+                mu, logvar = (t.float() for t in I(x))                        # (m, nz) each
+                z_hat = torch.randn_like(mu) if cfg["no_inference"] else mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+                z_t = langevin_z(G, x, z_hat, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"])
+                # 3. EBM: maximum likelihood, data up and x~ down (divided by the chain temperature T)
+                f_data, f_samp = E(x).float().mean(), E(x_t).float().mean()
+                loss_e = -(f_data - f_samp) / T
+                # 4. generator: -log p(x, z~) (data through inferred z~) - log p(x~, z) (EBM teaches x0 -> x~)
+                rec = G(z_t).float()
+                loss_rec = (x - rec).flatten(1).pow(2).sum(1).mean() / (2 * cfg["sigma_g"] ** 2)
+                loss_samp = (x_t - x0).flatten(1).pow(2).sum(1).mean() / (2 * cfg["sigma_g"] ** 2)
+                loss_g = (0.0 if cfg["gen_only_init"] else cfg["w_recon"]) * loss_rec + cfg["w_sample"] * loss_samp
+                # 5. inference model: -log q(z~|x) - log q(z|x~) (q learns where both chains end)
+                if cfg["no_inference"]:
+                    loss_i = torch.zeros((), device=device)
+                else:
+                    mu_t, logvar_t = (t.float() for t in I(x_t))
+                    loss_i = (cfg["w_inf_data"] * neg_log_q(z_t, mu, logvar).mean()
+                              + cfg["w_inf_sample"] * neg_log_q(z, mu_t, logvar_t).mean())
+            # divergence guard (authors: |gap| > 1e4 or NaN), checked before any parameter moves
+            gap = (f_data - f_samp).detach()
+            bad = ~torch.isfinite(torch.stack([loss_e, loss_g, loss_i]).detach()).all() | (gap.abs() > cfg["gap_limit"])
+            if bad.item():
+                if rank == 0:
+                    print(f"{PROG}: diverged at iteration {it + 1}: f(x) - f(x~) = {gap.item():.3g}, losses E {loss_e.item():.3g} "
+                          f"G {loss_g.item():.3g} I {loss_i.item():.3g}; last good checkpoint kept"
+                          f"{' in ' + out if out else ''}; lower --lr-e or --x-step-size", file=sys.stderr)
+                return 3, None
+            # the three losses touch disjoint parameters (x~, z~ are detached): one backward serves all
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            (loss_e + loss_g + loss_i).backward()
+            if world > 1:
+                allreduce_grads(models, world)
+            for o in opts.values():
+                o.step()
+            if (it + 1) % iters_per_epoch == 0:
+                for s in scheds.values():
+                    s.step()
+            if it == start_it:
+                t_first = time.time()
+            done = it + 1
+            # side jobs: log, plot, checkpoint
+            if writer and (done % cfg["log_every"] == 0 or done == cfg["iters"]):
+                row = {"iteration": done, "loss_ebm": loss_e.item(), "loss_gen": loss_g.item(), "loss_inf": loss_i.item(),
+                       "loss_recon": loss_rec.item(), "loss_sample": loss_samp.item(), "f_data": f_data.item(),
+                       "f_sample": f_samp.item(), "mse_recon": F.mse_loss(rec, x).item(),
+                       "lr_e": opts["ebm"].param_groups[0]["lr"], "seconds": seconds0 + time.time() - t_start}
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                rate = (time.time() - t_start) / (done - start_it)
+                print(f"it {done}/{cfg['iters']} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} I {row['loss_inf']:.4g} | "
+                      f"f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | mse {row['mse_recon']:.4f} | "
+                      f"{rate:.3g} s/it | ETA {fmt_time(rate * (cfg['iters'] - done))}", file=sys.stderr)
+            if writer and ((cfg["plot_every"] and done % cfg["plot_every"] == 0) or done == cfg["iters"]):
+                save_grids(models, fixed_x, fixed_z, cfg, out, done)
+            if writer and ((cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0) or done == cfg["iters"]):
+                save_checkpoint(os.path.join(out, "last.pt"), cfg, done, models, opts, scheds, seconds0 + time.time() - t_start)
+    except KeyboardInterrupt:
+        if writer and it > start_it:
+            save_checkpoint(os.path.join(out, "last.pt"), cfg, it, models, opts, scheds, seconds0 + time.time() - t_start)
+            print(f"{PROG}: interrupted; saved {os.path.join(out, 'last.pt')} at iteration {it}", file=sys.stderr)
+        return 130, None
+    if writer:
+        log_file.close()
+        save_checkpoint(os.path.join(out, "final.pt"), cfg, cfg["iters"], models, opts, scheds, seconds0 + time.time() - t_start)
+    n_timed = cfg["iters"] - start_it - 1
+    return 0, ((time.time() - t_first) / n_timed if n_timed > 0 else None)
+
+
+# ---- main ----
+
+
+def _versions():
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": sys.version.split()[0]}
+
+
+def _setup_distributed(device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt = None
+        if args.resume:  # training-defining flags come from the run being resumed
+            out = args.out or validate(argparse.Namespace(**vars(args))).out
+            ckpt = read_checkpoint(os.path.join(out, "last.pt"))
+            given = {k: getattr(args, k) for k in RESUME_OVERRIDES}
+            saved = {k: v for k, v in ckpt["config"].items() if k in vars(args)}
+            args = argparse.Namespace(**{**vars(args), **saved, **given, "out": out})
+        validate(args)
+        device = resolve_device(args.device)
+        if not args.resume and not args.benchmark and any(
+                os.path.exists(os.path.join(args.out, f)) for f in ("config.json", "last.pt")):
+            raise UsageError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
+        rank, world, device = _setup_distributed(device)
+        if args.benchmark:
+            n_c = 1 if args.dataset in ("mnist", "fashion_mnist") else 3
+            data = torch.randint(0, 256, (max(256, 2 * args.batch_size), n_c, args.image_size, args.image_size), dtype=torch.uint8)
+        else:
+            data = load_data(args)
+            if len(data) == 0:
+                raise UsageError(f"no training images in {args.dataset}")
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    data = place_data(data, device)
+    cfg = {**vars(args), "n_c": int(data.shape[1]), "n_data_used": int(len(data)), "argv": sys.argv[1:] if argv is None else list(argv),
+           **_versions()}
+    seed_everything(args.seed)  # same initial weights on every rank
+    models = build_models(cfg, device)
+    for mdl in models.values():
+        mdl.train()
+    opts, scheds = make_optimizers(cfg, models)
+    start_it, seconds0 = 0, 0.0
+    if args.benchmark:
+        cfg.update(iters=args.benchmark + 1)
+        torch.manual_seed(args.seed + rank)
+        rc, spi = train(cfg, models, opts, scheds, data, device, None, rank=rank, world=world)
+        if rank == 0 and spi is not None:
+            print(f"benchmark: {spi:.4g} s/iter, {args.batch_size * (args.k_x + args.k_z) / spi:.4g} images*steps/s")
+        return rc
+    if ckpt is not None:
+        for k in models:
+            models[k].load_state_dict(ckpt["models"][k])
+            opts[k].load_state_dict(ckpt["optimizers"][k])
+            scheds[k].load_state_dict(ckpt["schedulers"][k])
+        set_rng_state(ckpt["rng"])
+        start_it, seconds0 = ckpt["iteration"], ckpt.get("seconds", 0.0)
+        if rank > 0:  # rank 0's stream was saved; give other ranks their own (not bit-exact across ranks)
+            torch.manual_seed(args.seed + rank + 1000 * start_it)
+    else:
+        torch.manual_seed(args.seed + rank)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            with open(os.path.join(args.out, "config.json"), "w") as fh:
+                json.dump(cfg, fh, indent=1)
+            from torchvision.utils import save_image
+            save_image(data[:64].float() / 127.5 - 1, os.path.join(args.out, "data.png"), nrow=8, normalize=True, value_range=(-1, 1))
+            print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
+                  f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; {len(data)} images; "
+                  f"writing {args.out}", file=sys.stderr)
+    rc, _ = train(cfg, models, opts, scheds, data, device, args.out, start_it, seconds0, rank, world)
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,299 @@
+"""Tests for dual_mcmc.py: CPU, tiny widths, images made here. Default run stays well under 2 minutes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dual_mcmc as dm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--arch", "simple", "--nef", "8", "--ngf", "8", "--nif", "8", "--nz", "8", "--batch-size", "8",
+        "--k-x", "4", "--k-z", "4", "--device", "cpu", "--log-every", "1", "--plot-every", "0", "--ckpt-every", "0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The test machine's 2 cores are shared; two OpenMP threads fighting other jobs made tiny convs ~50x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """64 structured 32x32 PNGs: reddish background with a vertical green ramp and a yellow disk."""
+    from PIL import Image
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    for i in range(64):
+        img = np.zeros((32, 32, 3))
+        img[..., 0], img[..., 1], img[..., 2] = 200, 60 + 3 * yy, 40
+        cy, cx, r = *rng.integers(8, 24, 2), rng.integers(4, 8)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = [250, 250, 80]
+        Image.fromarray(img.astype(np.uint8)).save(d / f"{i:03d}.png")
+    return str(d)
+
+
+def run(images, out, *extra):
+    return dm.main(["--dataset", f"folder:{images}", *TINY, "--out", str(out), *extra])
+
+
+def fresh_models(cfg):
+    """The models as main() initialises them (same seed, same construction order)."""
+    dm.seed_everything(cfg["seed"])
+    return dm.build_models(cfg, torch.device("cpu"))
+
+
+def load_images(images):
+    args = dm.build_parser().parse_args(["--dataset", f"folder:{images}", "--image-size", "32"])
+    return dm.load_data(args).float() / 127.5 - 1  # (64, 3, 32, 32)
+
+
+# ---- models ----
+
+
+def test_simple_arch_parameter_counts_match_appendix():
+    E, G, I = dm.EBM(3, 64, 32, "simple"), dm.Generator(128, 64, 3, 32, "simple"), dm.Encoder(128, 64, 3, 32)
+    counts = [dm.n_params(m) for m in (E, G, I)]
+    assert counts == [1_710_465, 7_870_595, 4_851_648]  # ~2M / 8M / 5M (paper Appendix A.1)
+    assert 1.5e6 < counts[0] < 2.5e6 and 7e6 < counts[1] < 9e6 and 4.5e6 < counts[2] < 5.5e6
+
+
+@pytest.mark.parametrize("arch", ["resnet", "simple"])
+@pytest.mark.parametrize("size", [32, 64])
+def test_shapes_at_batch_one(arch, size):
+    E, G, I = dm.EBM(1, 4, size, arch), dm.Generator(5, 4, 1, size, arch), dm.Encoder(5, 4, 1, size)
+    G.eval()  # BatchNorm in train mode cannot normalise a single 1x1 map
+    x = G(torch.randn(1, 5))
+    assert x.shape == (1, 1, size, size) and x.abs().max() <= 1
+    assert E(x).shape == (1,)
+    mu, logvar = I(x)
+    assert mu.shape == logvar.shape == (1, 5)
+
+
+# ---- samplers ----
+
+
+def test_langevin_z_noise_free_reaches_linear_gaussian_posterior_mode():
+    torch.manual_seed(0)
+    D, nz, sigma = 6, 3, 0.5
+    g = nn.Linear(nz, D, bias=False)  # g(z) = W z
+    W = g.weight.detach()  # (D, nz)
+    x = torch.randn(4, D)
+    g.weight.grad = torch.full_like(g.weight, 7.0)
+    z = dm.langevin_z(g, x, torch.randn(4, nz), K=3000, step_size=0.02, noise=0.0, sigma=sigma)
+    A = W.T @ W / sigma ** 2 + torch.eye(nz)
+    mode = torch.linalg.solve(A, (W.T @ x.T) / sigma ** 2).T  # (4, nz)
+    assert torch.allclose(z, mode, atol=1e-4), (z - mode).abs().max()
+    assert torch.equal(g.weight.grad, torch.full_like(g.weight, 7.0))  # parameter gradients untouched
+    assert not z.requires_grad
+
+
+class Quadratic(nn.Module):
+    """f(x) = -0.5 * ||x - m||^2 per example, so grad f = m - x."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = nn.Parameter(m)
+
+    def forward(self, x):
+        return -0.5 * (x - self.m).flatten(1).pow(2).sum(1)
+
+
+def test_langevin_x_matches_hand_computation():
+    m, x0 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    f = Quadratic(m)
+    torch.manual_seed(1)
+    out = dm.langevin_x(f, x0, K=2, step_size=0.1, noise=0.05)
+    torch.manual_seed(1)
+    e1, e2 = torch.randn_like(x0), torch.randn_like(x0)
+    x1 = x0 + 0.1 * (m - x0) + 0.05 * e1
+    x2 = x1 + 0.1 * (m - x1) + 0.05 * e2
+    assert torch.allclose(out, x2, atol=1e-6)
+    assert f.m.grad is None and not out.requires_grad and not x0.requires_grad
+    assert torch.equal(dm.langevin_x(f, x0, 0, 0.1, 0.05), x0)  # K = 0 returns the start
+
+
+def test_chains_leave_batchnorm_statistics_untouched():
+    torch.manual_seed(0)
+    G, E = dm.Generator(8, 8, 3, 32, "simple"), dm.EBM(3, 8, 32, "simple")
+    G.train()
+    G(torch.randn(8, 8))  # move the running stats away from their init first
+    before = {k: v.clone() for k, v in G.state_dict().items()}
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    dm.langevin_z(G, x, torch.randn(8, 8), K=5, step_size=0.005, noise=0.1, sigma=0.3)
+    after = G.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    f = nn.Sequential(nn.BatchNorm2d(3), E).train()  # an EBM with BatchNorm: the x-chain must not move it either
+    dm.langevin_x(f, x, K=3, step_size=0.01, noise=0.01)
+    assert torch.equal(f[0].running_mean, torch.zeros(3)) and f[0].num_batches_tracked.item() == 0
+    assert G.training and all(m.momentum == 0.1 for m in G.modules() if isinstance(m, nn.BatchNorm2d))
+    G(torch.randn(8, 8))  # an ordinary train-mode pass still updates them
+    assert not torch.equal(before["body.1.running_mean"], G.state_dict()["body.1.running_mean"])
+
+
+# ---- training ----
+
+
+def test_one_iteration_changes_all_three_models(images, tmp_path):
+    assert run(images, tmp_path, "--iters", "1") == 0
+    ckpt = torch.load(tmp_path / "final.pt", weights_only=True)
+    init = fresh_models(ckpt["config"])
+    for name, model in init.items():
+        trained = ckpt["models"][name]
+        changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, trained[k])]
+        assert any("weight" in k for k in changed), name
+    row = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    for k in ("loss_ebm", "loss_gen", "loss_inf", "f_data", "f_sample", "mse_recon", "seconds"):
+        assert np.isfinite(row[k]), k
+    assert row["iteration"] == 1
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["n_c"] == 3 and cfg["k_x"] == 4 and "torch" in cfg and "argv" in cfg
+
+
+def _recon_mse_and_colour_gap(models, x):
+    E, G, I = models["ebm"], models["generator"], models["encoder"]
+    for m in models.values():
+        m.eval()
+    with torch.no_grad():
+        mse = (G(I(x)[0]) - x).pow(2).mean().item()
+        torch.manual_seed(5)
+        gen = G(torch.randn(256, G.nz))
+        gap = (gen.mean(dim=(0, 2, 3)) - x.mean(dim=(0, 2, 3))).abs().max().item()  # mean-colour distance
+    return mse, gap
+
+
+def test_short_run_improves_reconstruction_and_eval_mode_samples(images, tmp_path):
+    rc = run(images, tmp_path, "--iters", "150", "--lr-g", "1e-3", "--lr-i", "1e-3", "--log-every", "50")
+    assert rc == 0
+    x = load_images(images)
+    ckpt = torch.load(tmp_path / "final.pt", weights_only=True)
+    mse0, gap0 = _recon_mse_and_colour_gap(fresh_models(ckpt["config"]), x)
+    models, _ = dm.load_checkpoint(str(tmp_path / "final.pt"))
+    mse1, gap1 = _recon_mse_and_colour_gap(models, x)
+    assert mse1 < 0.5 * mse0, (mse0, mse1)
+    assert gap1 < 0.5 * gap0, (gap0, gap1)
+    grids = {f for f in os.listdir(tmp_path) if f.endswith(".png")}
+    assert {"data.png", "recon_000150.png", "posterior_000150.png", "gen_000150.png", "ebm_000150.png"} <= grids
+
+
+def test_resume_is_bit_exact(images, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(images, a, "--iters", "6", "--plot-every", "2") == 0
+    assert run(images, b, "--iters", "3", "--plot-every", "2") == 0
+    assert run(images, b, "--iters", "6", "--plot-every", "2", "--resume") == 0  # resume reads b/last.pt
+    ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
+    assert cb["iteration"] == 6
+    for name in ca["models"]:
+        for k, v in ca["models"][name].items():
+            assert torch.equal(v, cb["models"][name][k]), (name, k)
+    sa, sb = ca["optimizers"]["generator"]["state"], cb["optimizers"]["generator"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert len((b / "log.jsonl").read_text().splitlines()) == 6
+
+
+def test_sample_after_load_checkpoint(images, tmp_path):
+    assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
+    models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
+    assert set(models) == {"ebm", "generator", "encoder"} and cfg["nz"] == 8
+    assert models["ebm"].sample_defaults == {"k_x": 3, "step_size": 0.08, "noise": 1e-3}
+    bn_before = {k: v.clone() for k, v in models["generator"].state_dict().items()}
+    x0, xt = dm.sample(models, 5)
+    assert x0.shape == xt.shape == (5, 3, 32, 32)
+    assert not torch.equal(x0, xt) and torch.isfinite(xt).all()
+    assert not any(m.training for m in models.values())
+    assert all(torch.equal(v, models["generator"].state_dict()[k]) for k, v in bn_before.items())
+    x0, xt = dm.sample(models, 3, k_x=0)
+    assert torch.equal(x0, xt)
+
+
+def test_ablations_run(images, tmp_path):
+    assert run(images, tmp_path / "noinf", "--iters", "2", "--no-inference") == 0
+    ck = torch.load(tmp_path / "noinf" / "final.pt", weights_only=True)
+    init = fresh_models(ck["config"])["encoder"].state_dict()
+    assert all(torch.equal(v, ck["models"]["encoder"][k]) for k, v in init.items())  # q is not trained
+    assert run(images, tmp_path / "coop", "--iters", "2", "--gen-only-init", "--k-z", "0") == 0
+    row = json.loads((tmp_path / "coop" / "log.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["loss_gen"]) and abs(row["loss_gen"] - 50 * row["loss_sample"]) < 1e-3 * abs(row["loss_gen"])
+
+
+def test_divergence_guard_stops_and_keeps_last_good_checkpoint(images, tmp_path, capsys):
+    assert run(images, tmp_path, "--iters", "2", "--ckpt-every", "1") == 0
+    good = (tmp_path / "last.pt").read_bytes()
+    os.remove(tmp_path / "final.pt")
+    rc = run(images, tmp_path, "--iters", "4", "--ckpt-every", "1", "--resume", "--gap-limit", "1e-12")
+    assert rc == 3
+    assert "diverged at iteration 3" in capsys.readouterr().err
+    assert (tmp_path / "last.pt").read_bytes() == good and not (tmp_path / "final.pt").exists()
+
+
+def test_benchmark_prints_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert dm.main([*TINY, "--benchmark", "2", "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"benchmark: [0-9.e+-]+ s/iter, [0-9.e+-]+ images\*steps/s", last), last
+    assert not out.exists()
+
+
+# ---- bad input ----
+
+
+@pytest.mark.parametrize("flags, msg", [
+    (["--k-x", "-1"], "--k-x"), (["--k-z", "-1"], "--k-z"), (["--sigma-g", "0"], "--sigma-g"),
+    (["--nef", "0"], "--nef"), (["--ngf", "0"], "--ngf"), (["--nif", "0"], "--nif"), (["--nz", "0"], "--nz"),
+    (["--image-size", "48"], "image-size 48"), (["--batch-size", "1"], "--batch-size"), (["--lr-e", "0"], "--lr-e"),
+    (["--x-noise", "-1"], "--x-noise"), (["--lr-decay", "1.5"], "--lr-decay"), (["--iters", "0"], "--iters"),
+    (["--dataset", "imagenet"], "unknown --dataset"), (["--dataset", "folder:/nonexistent/dir"], "not a directory"),
+    (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"),
+])
+def test_bad_values_exit_2_and_write_nothing(images, tmp_path, capsys, flags, msg):
+    out = tmp_path / "run"
+    argv = ["--dataset", f"folder:{images}", *TINY, "--out", str(out), *flags]
+    assert dm.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dual_mcmc.py: error:") and msg in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--arch", "vgg"], ["--k-x", "ten"]])
+def test_argparse_errors_exit_2(tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as e:
+        dm.main([*TINY, "--out", str(tmp_path / "run"), *flags])
+    assert e.value.code == 2 and "dual_mcmc.py: error:" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_and_missing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert dm.main([*TINY, "--dataset", "cifar10", "--no-download", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "--download" in err and not out.exists()
+    assert dm.main([*TINY, "--out", str(out), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+    assert dm.main([*TINY, "--out", str(out), "--resume"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_cli_refuses_existing_run_folder(images, tmp_path):
+    """Real CLI: exit code, one stderr line, the existing run untouched."""
+    (tmp_path / "config.json").write_text("{}")
+    cmd = [sys.executable, os.path.join(ROOT, "dual_mcmc.py"), "--dataset", f"folder:{images}", *TINY, "--iters", "1",
+           "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"dual_mcmc.py: error: {tmp_path} already holds a run; pass --resume to continue it or choose another --out"]
+    assert (tmp_path / "config.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["config.json"]
+    r = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "x"), "--sigma-g", "-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("dual_mcmc.py: error: --sigma-g") and "Traceback" not in r.stderr
