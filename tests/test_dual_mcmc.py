@@ -180,6 +180,7 @@ def test_short_run_improves_reconstruction_and_eval_mode_samples(images, tmp_pat
     mse0, gap0 = _recon_mse_and_colour_gap(fresh_models(ckpt["config"]), x)
     models, _ = dm.load_checkpoint(str(tmp_path / "final.pt"))
     mse1, gap1 = _recon_mse_and_colour_gap(models, x)
+    print(f"recon MSE {mse0:.4f} -> {mse1:.4f}, colour gap {gap0:.4f} -> {gap1:.4f}")
     assert mse1 < 0.5 * mse0, (mse0, mse1)
     assert gap1 < 0.5 * gap0, (gap0, gap1)
     grids = {f for f in os.listdir(tmp_path) if f.endswith(".png")}
