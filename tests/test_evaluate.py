@@ -1,0 +1,374 @@
+"""evaluate.py: metric functions against hand / closed-form values, and every subcommand end to end
+on tiny checkpoints the tests make themselves. CPU only, no network."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+import dual_mcmc as dm
+import evaluate as ev
+import shortrun_ebm as sr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # the machine's 2 cores are shared: one thread avoids OpenMP contention on tiny convs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def draw_squares(folder, n, seed):
+    """Dark background, one bright square of a random hue (as in test_shortrun_ebm.py)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        im = np.full((32, 32, 3), 20, np.uint8)
+        s = int(rng.integers(8, 16))
+        x, y = rng.integers(0, 32 - s, 2)
+        im[y:y + s, x:x + s] = (np.array([1.0, 0.3, 0.2])[rng.permutation(3)] * 230).astype(np.uint8)
+        Image.fromarray(im).save(os.path.join(folder, f"{i:04d}.png"))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    noise = root / "noise"
+    os.makedirs(noise)
+    rng = np.random.default_rng(5)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"{i:03d}.png")
+    return {"train": draw_squares(root / "train", 64, 0), "test": draw_squares(root / "test", 16, 1),
+            "noise": str(noise)}
+
+
+@pytest.fixture(scope="module")
+def sr_ckpt(data, tmp_path_factory):
+    """A short-run EBM trained briefly on the squares (n_f 8, K 10)."""
+    out = tmp_path_factory.mktemp("sr") / "run"
+    rc = sr.main(["--dataset", f"folder:{data['train']}", "--n_f", "8", "--K", "10", "--sigma", "0.1",
+                  "--batch-size", "16", "--iters", "40", "--lr", "5e-4", "--device", "cpu", "--log-every", "20",
+                  "--plot-every", "0", "--ckpt-every", "0", "--no-guard", "--out", str(out)])
+    assert rc == 0
+    return str(out / "final.pt")
+
+
+@pytest.fixture(scope="module")
+def dual_ckpt(data, tmp_path_factory):
+    """A dual-MCMC run, tiny simple nets, trained briefly on the squares."""
+    out = tmp_path_factory.mktemp("dual") / "run"
+    rc = dm.main(["--dataset", f"folder:{data['train']}", "--arch", "simple", "--nef", "8", "--ngf", "8",
+                  "--nif", "8", "--nz", "8", "--batch-size", "16", "--k-x", "4", "--k-z", "4", "--iters", "60",
+                  "--lr-g", "1e-3", "--lr-i", "1e-3", "--device", "cpu", "--log-every", "30", "--plot-every", "0",
+                  "--ckpt-every", "0", "--out", str(out)])
+    assert rc == 0
+    return str(out / "final.pt")
+
+
+def run_eval(argv, capsys):
+    try:
+        code = ev.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.json")) as fh:
+        return json.load(fh)
+
+
+# ---- metric functions ----
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    d = 16
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    # diagonal: tr(S1 + S2 - 2 sqrt(S1 S2)) = sum (sqrt v1 - sqrt v2)^2
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert ev.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
+    assert ev.frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0, abs=1e-9)
+    # one dimension by hand: (1 - 3)^2 + 4 + 9 - 2 * sqrt(36) = 5
+    assert ev.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5)
+
+
+def test_frechet_distance_matches_direct_scipy_and_survives_singular_covariances():
+    rng = np.random.default_rng(1)
+    d = 32
+    a, b = rng.normal(size=(200, d)), rng.normal(size=(200, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.5
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-8)
+    # fewer samples than dimensions: rank-deficient covariances, sqrtm of a singular product
+    a, b = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.1
+    fd = ev.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert math.isfinite(fd) and fd > 0
+    # the eps-offset answer of an exactly singular case is the limit value
+    s = np.diag([1.0, 0.0])
+    assert ev.frechet_distance(np.zeros(2), s, np.zeros(2), s) == pytest.approx(0, abs=1e-5)
+
+
+def test_auroc_matches_a_hand_computed_case_with_ties():
+    # pairs (in, out): 3>2, 3>0, 2=2 (1/2), 2>0, 1<2, 1>0 -> 4.5 / 6
+    assert ev.auroc([3, 2, 1], [2, 0]) == pytest.approx(0.75)
+    assert ev.auroc([5, 6], [1, 2, 3]) == 1.0 and ev.auroc([1], [2]) == 0.0
+    assert ev.auroc([1, 1], [1]) == 0.5
+
+
+def test_psnr_and_ssim_on_known_images():
+    x = torch.zeros(2, 3, 32, 32)
+    y = x + 0.2                                   # 0.1 on the [0, 1] scale: PSNR = 10 log10(1 / 0.01) = 20 dB
+    assert ev.psnr(y, x) == pytest.approx(torch.tensor([20.0, 20.0]), abs=1e-4)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert ev.ssim(img, img) == pytest.approx(torch.ones(2), abs=1e-5)
+    assert (ev.ssim(img, -img) < 0.5).all()
+
+
+# ---- fid ----
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's Inception with random weights, saved as a state dict: plumbing only."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    torch.manual_seed(0)
+    net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def fid_flags(random_inception, stats):
+    return ["--inception-weights", random_inception, "--n", "12", "--n-ref", "16", "--batch-size", "8",
+            "--isc-splits", "2", "--kid-subsets", "5", "--kid-subset-size", "8", "--stats", stats,
+            "--device", "cpu", "--no-download"]
+
+
+def test_fid_end_to_end_with_local_inception_weights(sr_ckpt, random_inception, tmp_path, capsys):
+    # one 2048-d sqrtm (~15-40 s on the 2-core CPU) dominates this test
+    stats = tmp_path / "stats.npz"
+    common = fid_flags(random_inception, stats)
+    code, err = run_eval(["fid", "--ckpt", sr_ckpt, *common, "--K", "3", "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "a")
+    assert m["n"] == 12 and m["sampler"]["K"] == 3 and m["reference"]["n"] == 16
+    assert all(math.isfinite(m[k]) for k in ("fid", "inception_score", "kid"))
+    assert m["fid"] >= -1e-3 and m["inception_score"] >= 1 - 1e-6
+    assert "inception" in m["feature_extractor"]["name"] and m["feature_extractor"]["weights"] == random_inception
+    z = np.load(stats)
+    assert z["mu"].shape == (2048,) and z["sigma"].shape == (2048, 2048) and int(z["n"]) == 16
+    assert z["feats_kid"].shape == (16, 2048)
+    assert os.path.isfile(tmp_path / "a" / "samples_x.png")
+    # an --out holding results is refused without --overwrite, before any work
+    code, err = run_eval(["fid", "--ckpt", sr_ckpt, *common, "--out", tmp_path / "a"], capsys)
+    assert code == 2 and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_fid_of_a_dual_checkpoint_reports_x0_and_x_tilde_and_reuses_the_cache(sr_ckpt, dual_ckpt, random_inception,
+                                                                              tmp_path, capsys):
+    stats = tmp_path / "stats.npz"
+    common = fid_flags(random_inception, stats)
+    assert run_eval(["fid", "--ckpt", sr_ckpt, *common, "--K", "3", "--out", tmp_path / "a"], capsys)[0] == 0
+    mtime = os.path.getmtime(stats)
+    code, err = run_eval(["fid", "--ckpt", dual_ckpt, *common, "--k-x", "3", "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert os.path.getmtime(stats) == mtime                                  # cached statistics reused
+    m = metrics(tmp_path / "b")
+    assert m["fid"] == m["ebm_x_tilde"]["fid"] and math.isfinite(m["generator_x0"]["fid"])
+    assert m["sampler"]["k_x"] == 3 and m["sampler"]["x_step_size"] == 0.08   # the authors' test preset
+
+
+def test_fid_without_weights_and_download_says_which_file_to_get(sr_ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    code, err = run_eval(["fid", "--ckpt", sr_ckpt, "--no-download", "--n", "10", "--device", "cpu",
+                          "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    line = err.strip()
+    assert "\n" not in line and "Traceback" not in err
+    assert ev.INCEPTION_URL in line
+    assert os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints", "weights-inception-2015-12-05-6726825d.pth") in line
+    assert "--inception-weights" in line and not os.path.exists(tmp_path / "out")
+
+
+# ---- recon, interp, bpd ----
+
+def test_recon_lowers_mse_well_below_the_start(sr_ckpt, data, tmp_path, capsys):
+    code, err = run_eval(["recon", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
+                          "--steps", "40", "--lr", "0.05", "--device", "cpu", "--out", tmp_path], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path)
+    assert m["n"] == 8 and m["pixel_scale"] == "[-1, 1]" and m["sampler"]["K"] == 10
+    assert m["mse"] < 0.25 * m["mse_init"], (m["mse"], m["mse_init"])
+    assert m["mse_curve"][0] == pytest.approx(m["mse_init"], rel=1e-4)
+    assert len(m["mse_curve"]) == 41 and m["mse_curve"][-1] == pytest.approx(m["mse"], rel=1e-4)
+    assert os.path.isfile(tmp_path / "recon_trajectory.png") and os.path.isfile(tmp_path / "recon_curve.png")
+
+
+def test_dual_recon_reports_inf_and_inf_plus_langevin(dual_ckpt, data, tmp_path, capsys):
+    code, err = run_eval(["recon", "--ckpt", dual_ckpt, "--dataset", f"folder:{data['test']}", "--n", "16",
+                          "--k-z", "20", "--z-noise", "0", "--device", "cpu", "--out", tmp_path], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path)
+    assert set(m["methods"]) == {"inf", "inf+l"}
+    assert set(m["methods"]["inf"]) == {"mse", "mse_01", "psnr", "ssim"}
+    # noise-free z-Langevin ascends log p(z|x), whose data term is the reconstruction error
+    assert m["methods"]["inf+l"]["mse"] < m["methods"]["inf"]["mse"]
+    assert m["mse"] == m["methods"]["inf+l"]["mse"] and m["mse_init"] == m["methods"]["inf"]["mse"]
+
+
+def test_interp_endpoints_are_M_of_z1_and_z2(sr_ckpt, tmp_path, capsys):
+    m = ev.load_model(sr_ckpt, "cpu")
+    s = {"K": 5, "step_size": 1.0, "noise": 0.0}
+    z1, z2 = ev.draw_p0(m, 3), ev.draw_p0(m, 3)
+    x = ev.interpolate(m, s, z1, z2, torch.linspace(1, 0, 5), batch_size=4)
+    assert x.shape == (3, 5, 3, 32, 32)
+    torch.testing.assert_close(x[:, 0], ev.M_theta(m, s, z1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[:, -1], ev.M_theta(m, s, z2), atol=1e-5, rtol=0)
+    assert not torch.allclose(x[:, 2], x[:, 0])
+    code, err = run_eval(["interp", "--ckpt", sr_ckpt, "--n", "2", "--n-rho", "4", "--device", "cpu", "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert metrics(tmp_path)["endpoint_max_abs_diff"] < 1e-5 and os.path.isfile(tmp_path / "interp.png")
+
+
+def _gelu_checkpoint(path, n_c=1, n_f=2, K=2, seed=0):
+    """A shortrun_ebm.py checkpoint in the script's own format, built without training."""
+    torch.manual_seed(seed)
+    f = sr.EBM(n_c, n_f, 32, "gelu")
+    config = {"n_c": n_c, "n_f": n_f, "image_size": 32, "act": "gelu", "K": K, "step_size": 1.0, "noise": 0.01,
+              "dataset": "cifar10", "data_root": "./data", "init": "uniform", "lowres_size": 8}
+    torch.save({"script": "shortrun_ebm", "config": config, "iteration": 0, "models": {"ebm": f.state_dict()},
+                "optimizers": {}, "rng": {}}, path)
+    return str(path)
+
+
+def test_bpd_log_determinant_matches_finite_differences(tmp_path):
+    m = ev.load_model(_gelu_checkpoint(tmp_path / "g.pt", n_f=3, K=3), "cpu")
+    m.f.double()
+    for p in m.f.parameters():       # sharpen f so that M_theta is far from a translation
+        p.mul_(3.0)
+    s = {"K": 3, "step_size": 1.0, "noise": 0.0}
+    fn = lambda v: ev.M_theta(m, s, v, create_graph=True)
+    z = torch.rand(1, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    jac = ev.jacobian(fn, z, chunk=256)                                      # (1024, 1024)
+    h, d = 1e-5, z.numel()
+    eye = torch.eye(d, dtype=torch.float64).view(d, 1, 32, 32)
+    with torch.no_grad():
+        cols = [(ev.M_theta(m, s, z + h * e) - ev.M_theta(m, s, z - h * e)).flatten(1) / (2 * h)
+                for e in eye.split(256)]
+    jac_fd = torch.cat(cols).T                                               # column j = dM / dz_j
+    torch.testing.assert_close(jac, jac_fd, atol=1e-6, rtol=1e-5)
+    logdet, logdet_fd = ev.log_abs_det(jac), ev.log_abs_det(jac_fd)
+    assert abs(logdet) > 1e-2                                                # not the identity
+    assert logdet == pytest.approx(logdet_fd, abs=1e-5)
+
+
+def test_bpd_cli_on_a_gelu_checkpoint(data, tmp_path, capsys):
+    ckpt = _gelu_checkpoint(tmp_path / "g.pt")
+    code, err = run_eval(["bpd", "--ckpt", ckpt, "--dataset", f"folder:{data['test']}", "--n", "2", "--steps", "5",
+                          "--jac-batch", "512", "--device", "cpu", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "out")
+    assert m["n"] == 2 and m["dim"] == 1024 and math.isfinite(m["bits_per_dim"])
+    r = m["per_image"][0]
+    # log p(x) = log p0(z) - log|det|, p0 uniform on [-1, 1]^D; bits = -(log p(x) - D log 127.5) / (D log 2)
+    assert r["log_p0"] == pytest.approx(-1024 * math.log(2))
+    assert r["bits_per_dim"] == pytest.approx(-(r["log_p0"] - r["log_det"] - 1024 * math.log(127.5)) / (1024 * math.log(2)))
+
+
+# ---- inpaint, ood, transition, superres ----
+
+def test_inpaint_keeps_observed_pixels_and_beats_the_occluded_input(dual_ckpt, data, tmp_path, capsys):
+    code, err = run_eval(["inpaint", "--ckpt", dual_ckpt, "--dataset", f"folder:{data['test']}", "--n", "16",
+                          "--masks", "M30", "R40", "--device", "cpu", "--out", tmp_path], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path)
+    assert m["observed_pixels_kept_exactly"] is True
+    assert m["methods"] == ["occluded", "Inf+Gen", "Inf+T_z+Gen", "Inf+T_z+Gen+T_x"]
+    assert m["masks"]["M30"]["block_side_px"] == 15 and m["masks"]["R40"]["missing_fraction"] == 0.4
+    for mask in ("M30", "R40"):
+        for method in m["methods"][1:]:
+            assert m["psnr"][mask][method] > m["psnr"][mask]["occluded"], (mask, method, m["psnr"][mask])
+        assert set(m["ssim"][mask]) == set(m["methods"])
+    assert os.path.isfile(tmp_path / "inpaint_M30.png")
+
+
+def test_masked_chains_never_touch_observed_pixels():
+    f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    keep, _ = ev.make_masks("R40", 2, 8, torch.Generator().manual_seed(0))
+    out = ev.langevin_x_masked(f, torch.zeros_like(x), keep, x, 5, 0.1, 0.05)
+    assert torch.equal(out * keep.expand_as(x), x * keep.expand_as(x))
+    assert not torch.equal(out * (1 - keep), torch.zeros_like(out))
+
+
+def test_shortrun_inpaint_ood_transition_superres(sr_ckpt, data, tmp_path, capsys):
+    test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
+    code, err = run_eval(["inpaint", "--ckpt", sr_ckpt, *test, "--n", "4", "--masks", "M40", "--steps", "10",
+                          "--K", "4", "--out", tmp_path / "inpaint"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "inpaint")
+    assert m["observed_pixels_kept_exactly"] and m["methods"] == ["occluded", "Rec", "T_x"]
+    code, err = run_eval(["ood", "--ckpt", sr_ckpt, *test, "--ood", f"folder:{data['noise']}",
+                          "--out", tmp_path / "ood"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "ood")
+    f_in, f_out = m["in_distribution"]["f_mean"], m["ood_sets"][f"folder:{data['noise']}"]["f_mean"]
+    assert 0 <= m["auroc"][f"folder:{data['noise']}"] <= 1 and math.isfinite(f_in) and math.isfinite(f_out)
+    code, err = run_eval(["transition", "--ckpt", sr_ckpt, "--device", "cpu", "--n", "2", "--k2-max", "20",
+                          "--k2-every", "10", "--out", tmp_path / "tr"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "tr")
+    assert m["K2"] == [0, 10, 20] and len(m["per_K2"]) == 3 and m["trained_K"] == 10
+    code, err = run_eval(["superres", "--ckpt", sr_ckpt, *test, "--n", "4", "--seeds", "2", "--K", "4",
+                          "--out", tmp_path / "sup"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "sup")
+    assert set(m["per_size"]) == {"4x4", "8x8", "16x16"} and m["seeds"] == 2
+    assert all(os.path.isfile(tmp_path / d / n) for d, n in [("tr", "transition.png"), ("sup", "superres.png"),
+                                                               ("ood", "ood_scores.png")])
+
+
+def test_dual_transition_superres_interp_ood(dual_ckpt, data, tmp_path, capsys):
+    test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
+    for argv in (["transition", "--n", "2", "--k2-max", "4", "--k2-every", "2"],
+                 ["superres", *test, "--n", "4", "--seeds", "2", "--sizes", "8"],
+                 ["interp", *test, "--n", "2", "--n-rho", "3"],
+                 ["ood", *test, "--ood", f"folder:{data['noise']}"]):
+        code, err = run_eval([*argv, "--ckpt", dual_ckpt, "--out", tmp_path / argv[0]], capsys)
+        assert code == 0, (argv, err)
+    assert os.path.isfile(tmp_path / "interp" / "interp_recon.png")
+    assert metrics(tmp_path / "transition")["K2"] == [0, 2, 4]
+
+
+# ---- bad input ----
+
+@pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
+                                  "bad_mask", "no_subcommand"])
+def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    out = ["--out", tmp_path / "out", "--device", "cpu"]
+    argv = {"missing": ["recon", "--ckpt", tmp_path / "nope.pt", *out],
+            "not_a_ckpt": ["recon", "--ckpt", junk, *out],
+            "lrelu_bpd": ["bpd", "--ckpt", sr_ckpt, *out],
+            "dual_bpd": ["bpd", "--ckpt", dual_ckpt, *out],
+            "bad_dataset": ["recon", "--ckpt", sr_ckpt, "--dataset", "imagenet", *out],
+            "bad_flag": ["recon", "--ckpt", sr_ckpt, "--n", "0", *out],
+            "bad_mask": ["inpaint", "--ckpt", dual_ckpt, "--masks", "X10", *out],
+            "no_subcommand": ["--ckpt", sr_ckpt]}[case]
+    code, err = run_eval(argv, capsys)
+    assert code == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "out")
