@@ -510,10 +510,9 @@ def train_step(f, f_ddp, optim, data, args, it, amp, device):
     return x_q, stats
 
 
-def check_guard(f, x_q, stats, args, it):
+def check_guard(stats, step_rms, args, it):
     """None if healthy, else a message saying what blew up and what to change."""
     f_data, f_q, max_abs, _, _ = stats
-    step_rms = float(langevin_step_rms(f, x_q, args.step_size))
     fix = "start a new run with a larger --sigma (e.g. 0.1), a lower --lr or a larger --K"
     if not all(map(math.isfinite, (f_data, f_q, max_abs, step_rms))):
         return f"iteration {it}: f or the samples became NaN/inf. {fix}"
@@ -557,15 +556,18 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
             is_last = it == args.iters
             due = lambda every: (every and it % every == 0) or is_last
             diverged, msg = False, None
-            if args.guard and (it % args.guard_every == 0 or due(args.log_every) or due(args.ckpt_every)):
-                msg = check_guard(f, x_q, stats.tolist(), args, it)
+            guard_due = args.guard and (it % args.guard_every == 0 or due(args.log_every) or due(args.ckpt_every))
+            if guard_due or due(args.log_every):
+                step_rms = float(langevin_step_rms(f, x_q, args.step_size))
+            if guard_due:
+                msg = check_guard(stats.tolist(), step_rms, args, it)
                 diverged = any_rank(msg is not None, world, device)
             if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
                 f_data, f_q, max_abs, x_std, data_std = stats.tolist()
                 elapsed = time.time() - t_start
                 rate = elapsed / (it - it_start)
                 row = {"iteration": it, "f_data": f_data, "f_sample": f_q, "f_gap": f_data - f_q,
-                       "grad_norm": float(langevin_step_rms(f, x_q, 1.0)) * math.sqrt(x_q[0].numel()),
+                       "grad_norm": step_rms / args.step_size * math.sqrt(x_q[0].numel()),
                        "sample_max_abs": max_abs, "sample_std": x_std, "data_std": data_std,
                        "lr": optim.param_groups[0]["lr"], "sigma": schedule(args, it - 1)[1],
                        "seconds": elapsed, "s_per_iter": rate}
