@@ -20,11 +20,25 @@ Paper vs. authors' code (where they differ, and what this file does):
     and divide the EBM loss by T = (n / s)^2. We expose the step directly (--x-step-size = s^2 / 2
     = 0.125) and compute T = x_noise^2 / (2 x_step_size) from the flags (T = 1 when x_noise = 0):
     the chain samples exp(f / T), so dividing the loss by T is maximum likelihood for that density.
-  * the EBM update reuses x~ from step 1 (the paper's algorithm); the authors' CIFAR-10 config
-    re-runs the x-chain from the just-updated generator (`fine_tune`), twice the compute.
-  * generator/inference losses follow the issue's form with weights as flags; the authors' values
-    are the defaults (sample term 50, CelebA 70; inference-on-generated term 0.1; weight decay 5e-4).
-  * the chains never move BatchNorm running statistics (see `_bn_stats_frozen`).
+  * the EBM update reuses x~ from step 1 and one backward updates all three models (the paper's
+    algorithm); the authors update g, then q, then f, and their CIFAR-10 config re-runs the
+    x-chain from the just-updated generator for f's update (`fine_tune`), twice the x-chain work.
+  * generator/inference losses: the paper's log-likelihoods, -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2)
+    summed over pixels, averaged over the batch, with the authors' weights as flag defaults (sample
+    term 50, CelebA 70; inference-on-generated term 0.1; weight decay 5e-4 on g and q). The authors
+    drop the 1 / (2 sigma_g^2) factor (plain summed squared error); with Adam only the balance
+    against weight decay changes.
+  * initialisation: xavier-normal convs as the authors; BatchNorm keeps PyTorch's (1, 0) init
+    (the authors draw BatchNorm scales from N(0, 1)).
+  * the chains never move BatchNorm running statistics (see `_bn_stats_frozen`); the authors'
+    z-chain passes do, which leaves eval-mode samples off-colour.
+
+Run folder (--out): config.json, log.jsonl, data.png, {recon,posterior,gen,ebm}_{iteration:06d}.png
+(g(mu(x)), g(z~), x0 = g(z), x~ on a fixed batch / fixed z), last.pt (every --ckpt-every, atomic),
+final.pt. Ctrl-C finishes the iteration, writes last.pt and exits 130; --resume then continues
+bit-exactly (per-rank RNG streams included). Exit 3: the divergence guard stopped the run.
+Multi-GPU: gradients are all-reduced after the single backward (no DDP wrapper); each rank keeps
+its own BatchNorm running statistics and rank 0's are saved.
 
 Flag names other scripts read (evaluate.py): --arch {resnet,simple}, --nz, --nef, --ngf, --nif,
 --k-x, --k-z, --x-step-size, --x-noise, --z-step-size, --z-noise, --sigma-g, --sample-k-x,
@@ -41,7 +55,7 @@ Run recipes
           --x-step-size 0.045 --w-sample 70
   paper's small DCGAN-style nets (Appendix A.1, ~2M / 8M / 5M parameters):
       python dual_mcmc.py --dataset cifar10 --arch simple
-  tiny CPU run on your own images (a minute):
+  tiny CPU run on your own images (~0.6 s/iter on one busy core; a few minutes):
       python dual_mcmc.py --dataset folder:./my_images --arch simple --nef 16 --ngf 16 --nif 16 \\
           --nz 16 --batch-size 16 --k-x 10 --k-z 5 --iters 300 --device cpu --out runs/tiny
   resume (continues bit-exactly from runs/tiny/last.pt; --iters may be raised):
@@ -63,6 +77,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -90,7 +105,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}\n")
 
 
-def build_parser():
+def build_parser(suppress_defaults=False):
     p = _Parser(prog=PROG, description="Dual-MCMC teaching (Cui & Han, NeurIPS 2023).")
     a = p.add_argument
     # data
@@ -145,12 +160,15 @@ def build_parser():
     a("--ckpt-every", type=int, default=1000, help="iterations between last.pt writes (0 = only at the end)")
     a("--amp", default="off", choices=("off", "bf16"), help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
     a("--benchmark", type=int, default=0, metavar="N", help="time N iterations on random data, print s/iter, write nothing")
+    if suppress_defaults:  # parse_args then returns only the flags the user typed (see --resume)
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
     return p
 
 
 # Flags a resumed run may change; everything else is taken from the checkpoint's config.
 RESUME_OVERRIDES = ("iters", "device", "out", "resume", "log_every", "plot_every", "ckpt_every",
-                    "data_root", "download", "benchmark", "gap_limit")
+                    "data_root", "download", "gap_limit")
 
 # ---- model ----
 
@@ -341,13 +359,13 @@ def neg_log_q(z, mu, logvar):
     return 0.5 * (logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(1)
 
 
-@torch.no_grad()
 def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
     """Draw n images as a user would: x0 = g(z), z ~ N(0, I), then k_x x-Langevin steps on f.
 
-    Defaults come from the checkpoint (attached by load_checkpoint): the authors' test-time
-    preset of 70 steps with s = 0.4 (step 0.08) and the training x-noise. Models keep their mode
-    (load_checkpoint returns them in eval mode, so BatchNorm uses its running statistics).
+    Returns (x0, x_tilde), each (n, n_c, S, S). Defaults come from the checkpoint (attached by
+    load_checkpoint): the authors' test-time preset of 70 steps with s = 0.4 (step 0.08) and the
+    training x-noise. Models keep their mode (load_checkpoint returns them in eval mode, so
+    BatchNorm uses its running statistics and nothing here changes them).
     """
     ebm, gen = models["ebm"], models["generator"]
     d = getattr(ebm, "sample_defaults", {"k_x": 70, "step_size": 0.08, "noise": 1e-3})
@@ -357,10 +375,11 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
     device = next(gen.parameters()).device
     x0s, xts = [], []
     for i in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - i), gen.nz, device=device)  # (b, nz)
-        x0 = gen(z).float()
+        z = torch.randn(min(batch_size, n - i), gen.nz, device=device)  # (b, nz) ~ p(z)
+        with torch.no_grad():
+            x0 = gen(z).float()                                          # (b, n_c, S, S)
         x0s.append(x0)
-        xts.append(langevin_x(ebm, x0, k_x, step_size, noise))
+        xts.append(langevin_x(ebm, x0, k_x, step_size, noise))           # the chain takes its own grads
     return torch.cat(x0s), torch.cat(xts)
 
 
@@ -504,31 +523,77 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
+def rng_state(device):
+    """Every random stream a run draws from; numpy's state as plain types (weights_only loading)."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
 
 
-def set_rng_state(s):
+def set_rng_state(s, device):
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"][0], device)
     n = s["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
 
-def save_checkpoint(path, cfg, it, models, opts, scheds, seconds):
+def gather_rng(device, world):
+    """RNG states of all ranks (a collective: every rank calls it), so resume is exact per rank."""
+    if world == 1:
+        return [rng_state(device)]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+def save_checkpoint(path, cfg, it, models, opts, scheds, seconds, rng_states):
     ckpt = {"script": "dual_mcmc", "config": cfg, "iteration": it, "seconds": seconds,
             "models": {k: m.state_dict() for k, m in models.items()},
             "optimizers": {k: o.state_dict() for k, o in opts.items()},
-            "schedulers": {k: s.state_dict() for k, s in scheds.items()}, "rng": rng_state()}
+            "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+            "rng": rng_states[0], "rng_per_rank": rng_states}
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def check_run_folder(out):
+    """Refuse to clobber a run and fail early on a folder we could not write."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    if any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "last.pt", "final.pt", "log.jsonl")):
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UsageError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+
+
+def merge_resume_args(ckpt, given, out):
+    """On --resume the checkpoint's config wins; only run-control flags may change."""
+    saved = {k: v for k, v in ckpt["config"].items() if k in vars(build_parser().parse_args([]))}
+    for key, value in given.items():
+        if key not in RESUME_OVERRIDES and saved.get(key) != value:
+            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has {saved.get(key)!r}); "
+                             f"drop it, or start a new run in another --out")
+    args = argparse.Namespace(**{**saved, **given, "out": out, "resume": True})
+    if args.iters <= ckpt["iteration"]:
+        raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}; pass a larger --iters to train further")
+    return args
+
+
+def truncate_log(path, iteration):
+    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
+    if os.path.exists(path):
+        with open(path) as fh:
+            keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
+        with open(path, "w") as fh:
+            fh.writelines(keep)
 
 
 def read_checkpoint(path, device="cpu"):
@@ -599,6 +664,17 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def write_log(log_file, cfg, done, losses, opts, seconds, rate):
+    """One log.jsonl line and one progress line (.item() only here and in the divergence guard)."""
+    row = {"iteration": done, **{k: v.item() for k, v in losses.items()},
+           "lr_e": opts["ebm"].param_groups[0]["lr"], "seconds": seconds}
+    log_file.write(json.dumps(row) + "\n")
+    log_file.flush()
+    print(f"it {done}/{cfg['iters']} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} I {row['loss_inf']:.4g} | "
+          f"f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | mse {row['mse_recon']:.4f} | "
+          f"{rate:.3g} s/it | ETA {fmt_time(rate * (cfg['iters'] - done))}", file=sys.stderr)
+
+
 def allreduce_grads(models, world):
     """Average gradients over ranks: one flat all-reduce per model. We do not wrap in DDP because the
     chains run many forward passes whose backward never reaches the parameters, which DDP's reducer
@@ -615,6 +691,40 @@ def allreduce_grads(models, world):
                 i += g.numel()
 
 
+def any_rank(flags, world):
+    """Element-wise OR of boolean flags over ranks: all ranks must stop on the same iteration, or
+    the others would wait forever in the next all-reduce. One sync per iteration."""
+    flags = flags.float()
+    if world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in flags.tolist()]
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
+    exact); a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        except ValueError:  # not the main thread: keep the default handler
+            pass
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 # ---- training ----
 
 
@@ -629,9 +739,10 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
     if writer:  # fixed grid inputs: first 64 images, z from its own generator
         fixed_x = data[:64].to(device).float() / 127.5 - 1
         fixed_z = torch.randn(64, nz, generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
-        log_file = open(os.path.join(out, "log.jsonl"), "a")
-    t_start, t_first, it = time.time(), None, start_it
-    try:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t_start, t_first = time.time(), None
+    with StopFlag() as stop, contextlib.ExitStack() as files:
+        log_file = files.enter_context(open(os.path.join(out, "log.jsonl"), "a")) if writer else None
         for it in range(start_it, cfg["iters"]):
             x = get_batch(data, m, device)                                     # (m, n_c, S, S)
             z = torch.randn(m, nz, device=device)                             # (m, nz) ~ p(z)
@@ -647,7 +758,7 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
                 f_data, f_samp = E(x).float().mean(), E(x_t).float().mean()
                 loss_e = -(f_data - f_samp) / T
                 # 4. generator: -log p(x, z~) (data through inferred z~) - log p(x~, z) (EBM teaches x0 -> x~)
-                rec = G(z_t).float()
+                rec = G(z_t).float()                                           # (m, n_c, S, S)
                 loss_rec = (x - rec).flatten(1).pow(2).sum(1).mean() / (2 * cfg["sigma_g"] ** 2)
                 loss_samp = (x_t - x0).flatten(1).pow(2).sum(1).mean() / (2 * cfg["sigma_g"] ** 2)
                 loss_g = (0.0 if cfg["gen_only_init"] else cfg["w_recon"]) * loss_rec + cfg["w_sample"] * loss_samp
@@ -661,7 +772,8 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
             # divergence guard (authors: |gap| > 1e4 or NaN), checked before any parameter moves
             gap = (f_data - f_samp).detach()
             bad = ~torch.isfinite(torch.stack([loss_e, loss_g, loss_i]).detach()).all() | (gap.abs() > cfg["gap_limit"])
-            if bad.item():
+            bad, stopping = any_rank(torch.stack([bad, torch.tensor(stop.requested, device=device)]), world)
+            if bad:
                 if rank == 0:
                     print(f"{PROG}: diverged at iteration {it + 1}: f(x) - f(x~) = {gap.item():.3g}, losses E {loss_e.item():.3g} "
                           f"G {loss_g.item():.3g} I {loss_i.item():.3g}; last good checkpoint kept"
@@ -679,32 +791,27 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
                 for s in scheds.values():
                     s.step()
             if it == start_it:
+                sync()
                 t_first = time.time()
             done = it + 1
-            # side jobs: log, plot, checkpoint
+            # side jobs: log, plot, checkpoint (plots use their own RNG: the trajectory never depends on them)
             if writer and (done % cfg["log_every"] == 0 or done == cfg["iters"]):
-                row = {"iteration": done, "loss_ebm": loss_e.item(), "loss_gen": loss_g.item(), "loss_inf": loss_i.item(),
-                       "loss_recon": loss_rec.item(), "loss_sample": loss_samp.item(), "f_data": f_data.item(),
-                       "f_sample": f_samp.item(), "mse_recon": F.mse_loss(rec, x).item(),
-                       "lr_e": opts["ebm"].param_groups[0]["lr"], "seconds": seconds0 + time.time() - t_start}
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
-                rate = (time.time() - t_start) / (done - start_it)
-                print(f"it {done}/{cfg['iters']} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} I {row['loss_inf']:.4g} | "
-                      f"f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | mse {row['mse_recon']:.4f} | "
-                      f"{rate:.3g} s/it | ETA {fmt_time(rate * (cfg['iters'] - done))}", file=sys.stderr)
+                losses = dict(loss_ebm=loss_e, loss_gen=loss_g, loss_inf=loss_i, loss_recon=loss_rec, loss_sample=loss_samp,
+                              f_data=f_data, f_sample=f_samp, mse_recon=F.mse_loss(rec.detach(), x))
+                write_log(log_file, cfg, done, losses, opts, seconds0 + time.time() - t_start, (time.time() - t_start) / (done - start_it))
             if writer and ((cfg["plot_every"] and done % cfg["plot_every"] == 0) or done == cfg["iters"]):
                 save_grids(models, fixed_x, fixed_z, cfg, out, done)
-            if writer and ((cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0) or done == cfg["iters"]):
-                save_checkpoint(os.path.join(out, "last.pt"), cfg, done, models, opts, scheds, seconds0 + time.time() - t_start)
-    except KeyboardInterrupt:
-        if writer and it > start_it:
-            save_checkpoint(os.path.join(out, "last.pt"), cfg, it, models, opts, scheds, seconds0 + time.time() - t_start)
-            print(f"{PROG}: interrupted; saved {os.path.join(out, 'last.pt')} at iteration {it}", file=sys.stderr)
-        return 130, None
-    if writer:
-        log_file.close()
-        save_checkpoint(os.path.join(out, "final.pt"), cfg, cfg["iters"], models, opts, scheds, seconds0 + time.time() - t_start)
+            if out is not None and ((cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0) or done == cfg["iters"] or stopping):
+                states = gather_rng(device, world)  # collective: every rank takes part
+                if writer:
+                    save_checkpoint(os.path.join(out, "last.pt"), cfg, done, models, opts, scheds, seconds0 + time.time() - t_start, states)
+                    if done == cfg["iters"]:
+                        save_checkpoint(os.path.join(out, "final.pt"), cfg, done, models, opts, scheds, seconds0 + time.time() - t_start, states)
+            if stopping and done < cfg["iters"]:
+                if writer:
+                    print(f"{PROG}: stopped at iteration {done}; continue with: python {PROG} --out {out} --resume", file=sys.stderr)
+                return 130, None
+    sync()
     n_timed = cfg["iters"] - start_it - 1
     return 0, ((time.time() - t_first) / n_timed if n_timed > 0 else None)
 
@@ -730,40 +837,65 @@ def _setup_distributed(device):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         ckpt = None
         if args.resume:  # training-defining flags come from the run being resumed
             out = args.out or validate(argparse.Namespace(**vars(args))).out
             ckpt = read_checkpoint(os.path.join(out, "last.pt"))
-            given = {k: getattr(args, k) for k in RESUME_OVERRIDES}
-            saved = {k: v for k, v in ckpt["config"].items() if k in vars(args)}
-            args = argparse.Namespace(**{**vars(args), **saved, **given, "out": out})
+            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)), out)
         validate(args)
         device = resolve_device(args.device)
-        if not args.resume and not args.benchmark and any(
-                os.path.exists(os.path.join(args.out, f)) for f in ("config.json", "last.pt")):
-            raise UsageError(f"{args.out} already holds a run; pass --resume to continue it or choose another --out")
-        rank, world, device = _setup_distributed(device)
-        if args.benchmark:
-            n_c = 1 if args.dataset in ("mnist", "fashion_mnist") else 3
-            data = torch.randint(0, 256, (max(256, 2 * args.batch_size), n_c, args.image_size, args.image_size), dtype=torch.uint8)
-        else:
-            data = load_data(args)
-            if len(data) == 0:
-                raise UsageError(f"no training images in {args.dataset}")
+        if not args.resume and not args.benchmark:
+            check_run_folder(args.out)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    rank, world, device = _setup_distributed(device)
+    try:
+        return run(args, ckpt, device, rank, world, argv)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_data_once(args, device, rank, world):
+    """Rank 0 loads (and downloads) first, the others follow; a usage error stops every rank."""
+    if args.benchmark:  # random images of the configured shape
+        n_c = 1 if args.dataset in ("mnist", "fashion_mnist") else 3
+        return torch.randint(0, 256, (max(256, 2 * args.batch_size), n_c, args.image_size, args.image_size), dtype=torch.uint8)
+    data, err = None, None
+    if rank == 0:
+        try:
+            data = load_data(args)
+            if len(data) == 0:
+                raise UsageError(f"no training images in {args.dataset}")
+        except UsageError as e:
+            err = e
+    if any_rank(torch.tensor([err is not None], device=device), world)[0]:
+        raise err or UsageError("rank 0 could not load the data")
+    return data if rank == 0 else load_data(args)
+
+
+def run(args, ckpt, device, rank, world, argv):
+    """Load data, build (or restore) the three models, write config.json, train."""
+    try:
+        data = load_data_once(args, device, rank, world)
+    except UsageError as e:
+        if rank == 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     data = place_data(data, device)
-    cfg = {**vars(args), "n_c": int(data.shape[1]), "n_data_used": int(len(data)), "argv": sys.argv[1:] if argv is None else list(argv),
-           **_versions()}
+    cfg = {**vars(args), "n_c": int(data.shape[1]), "n_data_used": int(len(data)), "argv": argv,
+           "world_size": world, **_versions()}
     seed_everything(args.seed)  # same initial weights on every rank
     models = build_models(cfg, device)
     for mdl in models.values():
         mdl.train()
     opts, scheds = make_optimizers(cfg, models)
-    start_it, seconds0 = 0, 0.0
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if args.benchmark:
         cfg.update(iters=args.benchmark + 1)
         torch.manual_seed(args.seed + rank)
@@ -771,17 +903,20 @@ def main(argv=None):
         if rank == 0 and spi is not None:
             print(f"benchmark: {spi:.4g} s/iter, {args.batch_size * (args.k_x + args.k_z) / spi:.4g} images*steps/s")
         return rc
+    start_it, seconds0 = 0, 0.0
     if ckpt is not None:
         for k in models:
             models[k].load_state_dict(ckpt["models"][k])
             opts[k].load_state_dict(ckpt["optimizers"][k])
             scheds[k].load_state_dict(ckpt["schedulers"][k])
-        set_rng_state(ckpt["rng"])
         start_it, seconds0 = ckpt["iteration"], ckpt.get("seconds", 0.0)
-        if rank > 0:  # rank 0's stream was saved; give other ranks their own (not bit-exact across ranks)
-            torch.manual_seed(args.seed + rank + 1000 * start_it)
+        per_rank = ckpt.get("rng_per_rank", [ckpt["rng"]])
+        if len(per_rank) == world:
+            set_rng_state(per_rank[rank], device)  # exact: every rank continues its own streams
+        else:  # resumed on another number of ranks: fresh streams per rank (not bit-exact)
+            seed_everything(args.seed + rank + 1000 * start_it)
     else:
-        torch.manual_seed(args.seed + rank)
+        seed_everything(args.seed + rank)  # each rank its own batches and chains
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None:
@@ -789,12 +924,12 @@ def main(argv=None):
                 json.dump(cfg, fh, indent=1)
             from torchvision.utils import save_image
             save_image(data[:64].float() / 127.5 - 1, os.path.join(args.out, "data.png"), nrow=8, normalize=True, value_range=(-1, 1))
-            print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
-                  f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; {len(data)} images; "
-                  f"writing {args.out}", file=sys.stderr)
+        else:
+            truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
+        print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
+              f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; {len(data)} images; "
+              f"{device}, world {world}; {'resuming at ' + str(start_it) + ', ' if ckpt else ''}writing {args.out}", file=sys.stderr)
     rc, _ = train(cfg, models, opts, scheds, data, device, args.out, start_it, seconds0, rank, world)
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
     return rc
 
 

@@ -1,8 +1,10 @@
 """Tests for dual_mcmc.py: CPU, tiny widths, images made here. Default run stays well under 2 minutes."""
 
+import copy
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -66,6 +68,13 @@ def test_simple_arch_parameter_counts_match_appendix():
     counts = [dm.n_params(m) for m in (E, G, I)]
     assert counts == [1_710_465, 7_870_595, 4_851_648]  # ~2M / 8M / 5M (paper Appendix A.1)
     assert 1.5e6 < counts[0] < 2.5e6 and 7e6 < counts[1] < 9e6 and 4.5e6 < counts[2] < 5.5e6
+
+
+def test_resnet_arch_parameter_counts_match_the_authors_cifar10_nets():
+    # authors' _Cifar10_netE / netG / netI at ndf = ngf = 512, nif = 128, nz = 128 (spectral norm adds no parameters)
+    E, G, I = dm.EBM(3, 512, 32, "resnet"), dm.Generator(128, 512, 3, 32, "resnet"), dm.Encoder(128, 128, 3, 32)
+    assert [dm.n_params(m) for m in (E, G, I)] == [16_793_088, 16_024_579, 15_208_064]
+    assert sum(1 for m in E.modules() if hasattr(m, "parametrizations")) == 11  # 10 convs + the linear head
 
 
 @pytest.mark.parametrize("arch", ["resnet", "simple"])
@@ -160,10 +169,14 @@ def test_one_iteration_changes_all_three_models(images, tmp_path):
     assert cfg["n_c"] == 3 and cfg["k_x"] == 4 and "torch" in cfg and "argv" in cfg
 
 
-def _recon_mse_and_colour_gap(models, x):
+def _recon_mse_and_colour_gap(models, x, mode="eval"):
+    """Reconstruction MSE of g(mu(x)) and the largest per-channel gap between the mean colour of 256
+    generator samples and of the data, with the generator in eval (running BatchNorm statistics)
+    or train mode (batch statistics; run on a copy so its running statistics stay as they were)."""
     E, G, I = models["ebm"], models["generator"], models["encoder"]
     for m in models.values():
         m.eval()
+    G = copy.deepcopy(G).train(mode == "train")
     with torch.no_grad():
         mse = (G(I(x)[0]) - x).pow(2).mean().item()
         torch.manual_seed(5)
@@ -180,26 +193,67 @@ def test_short_run_improves_reconstruction_and_eval_mode_samples(images, tmp_pat
     mse0, gap0 = _recon_mse_and_colour_gap(fresh_models(ckpt["config"]), x)
     models, _ = dm.load_checkpoint(str(tmp_path / "final.pt"))
     mse1, gap1 = _recon_mse_and_colour_gap(models, x)
-    print(f"recon MSE {mse0:.4f} -> {mse1:.4f}, colour gap {gap0:.4f} -> {gap1:.4f}")
+    _, gap_train = _recon_mse_and_colour_gap(models, x, "train")
+    print(f"recon MSE {mse0:.4f} -> {mse1:.4f}, colour gap {gap0:.4f} -> {gap1:.4f} (train mode {gap_train:.4f})")
     assert mse1 < 0.5 * mse0, (mse0, mse1)
     assert gap1 < 0.5 * gap0, (gap0, gap1)
+    # the chains' forward passes did not bend the running statistics: eval mode as good as train mode
+    assert gap1 < gap_train + 0.05, (gap1, gap_train)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [50, 100, 150] and rows[-1]["mse_recon"] < rows[0]["mse_recon"]
     grids = {f for f in os.listdir(tmp_path) if f.endswith(".png")}
     assert {"data.png", "recon_000150.png", "posterior_000150.png", "gen_000150.png", "ebm_000150.png"} <= grids
 
 
-def test_resume_is_bit_exact(images, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+def _log_rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in path.read_text().splitlines()]
+
+
+def test_ctrl_c_then_resume_is_bit_exact_and_plotting_does_not_change_the_run(images, tmp_path, monkeypatch, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     assert run(images, a, "--iters", "6", "--plot-every", "2") == 0
-    assert run(images, b, "--iters", "3", "--plot-every", "2") == 0
-    assert run(images, b, "--iters", "6", "--plot-every", "2", "--resume") == 0  # resume reads b/last.pt
-    ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
-    assert cb["iteration"] == 6
-    for name in ca["models"]:
-        for k, v in ca["models"][name].items():
-            assert torch.equal(v, cb["models"][name][k]), (name, k)
-    sa, sb = ca["optimizers"]["generator"]["state"], cb["optimizers"]["generator"]["state"]
-    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
-    assert len((b / "log.jsonl").read_text().splitlines()) == 6
+    assert run(images, c, "--iters", "6", "--plot-every", "0") == 0  # grids only at the end
+    # b: a real SIGINT arrives while iteration 3 draws its batch; the loop finishes it, saves, exits 130
+    real_get_batch, calls = dm.get_batch, []
+
+    def get_batch_then_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(*a, **k)
+
+    monkeypatch.setattr(dm, "get_batch", get_batch_then_ctrl_c)
+    assert run(images, b, "--iters", "6", "--plot-every", "2") == 130
+    monkeypatch.setattr(dm, "get_batch", real_get_batch)
+    assert "stopped at iteration 3" in capsys.readouterr().err
+    assert torch.load(b / "last.pt", weights_only=True)["iteration"] == 3 and not (b / "final.pt").exists()
+    with open(b / "log.jsonl", "a") as fh:  # a line the checkpoint does not cover (as after a crash)
+        fh.write(json.dumps({"iteration": 4, "loss_ebm": 0.0}) + "\n")
+    # resume with only --out, --resume, --iters: every training flag comes from the checkpoint
+    assert dm.main(["--out", str(b), "--resume", "--iters", "6"]) == 0
+    ca, cb, cc = (torch.load(p / "final.pt", weights_only=True) for p in (a, b, c))
+    assert cb["iteration"] == 6 and cb["config"]["k_x"] == 4 and cb["config"]["nz"] == 8
+    for other in (cb, cc):
+        for name in ca["models"]:
+            for k, v in ca["models"][name].items():
+                assert torch.equal(v, other["models"][name][k]), (name, k)
+        sa, so = ca["optimizers"]["generator"]["state"], other["optimizers"]["generator"]["state"]
+        assert all(torch.equal(sa[i]["exp_avg_sq"], so[i]["exp_avg_sq"]) for i in sa)
+    assert _log_rows(b / "log.jsonl") == _log_rows(a / "log.jsonl")  # truncated to 3, then the same 4..6
+    assert [r["iteration"] for r in _log_rows(b / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_keeps_the_run_and_refuses_changes(images, tmp_path, capsys):
+    assert run(images, tmp_path, "--iters", "2") == 0
+    final, _ = (tmp_path / "final.pt").read_bytes(), capsys.readouterr()
+    cases = [(["--iters", "5", "--k-x", "5"], "--k-x cannot change on --resume (the run has 4)"),
+             (["--iters", "5", "--arch", "resnet"], "--arch cannot change"),
+             ([], "already reached iteration 2"), (["--iters", "2"], "already reached iteration 2")]
+    for extra, msg in cases:
+        assert dm.main(["--out", str(tmp_path), "--resume", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert (tmp_path / "final.pt").read_bytes() == final and len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
 
 
 def test_sample_after_load_checkpoint(images, tmp_path):
@@ -225,6 +279,14 @@ def test_ablations_run(images, tmp_path):
     assert run(images, tmp_path / "coop", "--iters", "2", "--gen-only-init", "--k-z", "0") == 0
     row = json.loads((tmp_path / "coop" / "log.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(row["loss_gen"]) and abs(row["loss_gen"] - 50 * row["loss_sample"]) < 1e-3 * abs(row["loss_gen"])
+
+
+def test_bf16_autocast_runs_and_stays_close_to_float32(images, tmp_path):
+    assert run(images, tmp_path / "fp32", "--iters", "1") == 0
+    assert run(images, tmp_path / "bf16", "--iters", "1", "--amp", "bf16") == 0
+    r32, r16 = (json.loads((tmp_path / d / "log.jsonl").read_text()) for d in ("fp32", "bf16"))
+    for k in ("loss_recon", "loss_inf", "mse_recon"):  # same batch and draws; bf16 model passes only
+        assert np.isfinite(r16[k]) and abs(r16[k] - r32[k]) < 0.05 * abs(r32[k]), (k, r16[k], r32[k])
 
 
 def test_divergence_guard_stops_and_keeps_last_good_checkpoint(images, tmp_path, capsys):
@@ -254,7 +316,9 @@ def test_benchmark_prints_line_and_writes_nothing(tmp_path, capsys):
     (["--image-size", "48"], "image-size 48"), (["--batch-size", "1"], "--batch-size"), (["--lr-e", "0"], "--lr-e"),
     (["--x-noise", "-1"], "--x-noise"), (["--lr-decay", "1.5"], "--lr-decay"), (["--iters", "0"], "--iters"),
     (["--dataset", "imagenet"], "unknown --dataset"), (["--dataset", "folder:/nonexistent/dir"], "not a directory"),
-    (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"),
+    (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"), (["--beta2", "1"], "--beta2"),
+    (["--sample-step-size", "nan"], "--sample-step-size"), (["--log-every", "0"], "--log-every"),
+    (["--n-data", "-1"], "--n-data"), (["--gap-limit", "0"], "--gap-limit"),
 ])
 def test_bad_values_exit_2_and_write_nothing(images, tmp_path, capsys, flags, msg):
     out = tmp_path / "run"
@@ -292,9 +356,53 @@ def test_cli_refuses_existing_run_folder(images, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     cmd = [sys.executable, os.path.join(ROOT, "dual_mcmc.py"), "--dataset", f"folder:{images}", *TINY, "--iters", "1",
            "--out", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"dual_mcmc.py: error: {tmp_path} already holds a run; pass --resume to continue it or choose another --out"]
     assert (tmp_path / "config.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["config.json"]
-    r = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "x"), "--sigma-g", "-1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "x"), "--sigma-g", "-1"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.startswith("dual_mcmc.py: error: --sigma-g") and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_out_that_is_a_file_or_under_a_file_exits_2(images, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for out in (tmp_path / "f", tmp_path / "f" / "run"):
+        assert run(images, out, "--iters", "1") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and "choose" in err[0], err
+    assert (tmp_path / "f").read_text() == "x"
+
+
+# ---- multi-process (slow: two processes start torch twice; `pytest -m slow`) ----
+
+
+def _torchrun(images, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           os.path.join(ROOT, "dual_mcmc.py"), "--dataset", f"folder:{images}", *TINY, "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_resume_exactly(images, tmp_path):
+    """gloo on CPU: gradients averaged over ranks, one writer, per-rank RNG streams resumed exactly."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = _torchrun(images, a, "--iters", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _torchrun(images, b, "--iters", "2").returncode == 0
+    r = _torchrun(images, b, "--iters", "4", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
+    assert ca["config"]["world_size"] == 2 and len(ca["rng_per_rank"]) == 2
+    assert ca["config"]["n_data_used"] == 64 and len((a / "log.jsonl").read_text().splitlines()) == 4
+    for name in ca["models"]:
+        for k, v in ca["models"][name].items():
+            assert torch.equal(v, cb["models"][name][k]), (name, k)
+    # a 2-rank run is not the 1-rank run: each rank drew its own batch and chains
+    single = tmp_path / "single"
+    assert run(images, single, "--iters", "4") == 0
+    cs = torch.load(single / "final.pt", weights_only=True)
+    assert not all(torch.equal(v, ca["models"]["generator"][k]) for k, v in cs["models"]["generator"].items())
