@@ -86,7 +86,8 @@ def build_parser():
     s = common.add_argument_group("sampler (default: the checkpoint's training values)")
     s.add_argument("--K", type=int, default=None, help="short-run: Langevin steps of M_theta (paper 100)")
     s.add_argument("--step-size", type=float, default=None, help="short-run: step on grad f (paper 1.0)")
-    s.add_argument("--noise", type=float, default=None, help="short-run: noise std (paper 1e-2; generator view: 0)")
+    s.add_argument("--noise", type=float, default=None, help="short-run: noise std of fid / transition / superres / inpaint chains (paper 1e-2); "
+                   "recon, interp and bpd always run M_theta with noise off")
     s.add_argument("--k-x", type=int, default=None, help="dual: x-Langevin steps on f (paper 30; fid: sample preset 70)")
     s.add_argument("--x-step-size", type=float, default=None, help="dual: x-chain step (fid: sample preset 0.08)")
     s.add_argument("--x-noise", type=float, default=None, help="dual: x-chain noise std (paper 1e-3)")
@@ -357,7 +358,7 @@ def reconstruct_z(m, s, x, steps, lr, keep=None, z0=None, snapshots=0, desc="rec
     z0 ~ p_0; z is projected onto [-1, 1], the support of p_0. Returns (z, mse curve per step (mean
     over the batch), frames: list of (t, M(z_t)) at `snapshots` evenly spaced steps)."""
     z = (draw_p0(m, len(x)) if z0 is None else z0).clone().requires_grad_(True)
-    keep = torch.ones_like(x) if keep is None else keep
+    keep = torch.ones_like(x) if keep is None else keep.expand_as(x)
     opt = torch.optim.Adam([z], lr=lr)
     frame_at = set(np.linspace(0, steps, snapshots + 1).round().astype(int).tolist()) if snapshots else set()
     curve, frames = [], []
