@@ -1,0 +1,676 @@
+"""Short-run MCMC EBMs on 1D and 2D toy densities: truth vs learned EBM vs KDE of the samples.
+
+Nijkamp, Hill, Zhu, Wu. "Learning Non-Convergent Non-Persistent Short-Run MCMC Toward
+Energy-Based Model." NeurIPS 2019.  https://arxiv.org/abs/1904.09770  (appendix 7.7, Figure 8)
+
+The paper's toy finding, which this script lets you see and measure: after learning, the kernel
+density estimate (KDE) of the K-step short-run samples matches the true density closely, while
+the learned EBM exp(f) itself has the right modes but a much lower temperature (lower entropy,
+mass piled on the global minimum of the energy -f). The short-run chain, not exp(f), is the model.
+
+Learning is exactly shortrun_ebm.py's, with an MLP f(x) on x in [-1, 1]^d, d in {1, 2}:
+    x_data ~ data, smoothed by + sigma * N(0, I)
+    x_q    = K Langevin steps from p_0 = uniform noise on [-1, 1]^d:
+             x <- x + step_size * grad_x f(x) + noise * N(0, I)
+    Adam step ascending  mean f(x_data) - mean f(x_q)
+The chain samples exp(f / T_L), T_L = noise^2 / (2 step_size), only if run to convergence:
+short-run it never gets there, which is the point.
+
+Run recipes
+    python toy_1d_2d.py --density mog1d                       # 1D Gaussian mixture (like Figure 8)
+    python toy_1d_2d.py --density mog2d                       # 2D Gaussian mixture, 2 x 3 panel
+    python toy_1d_2d.py --density rings                       # two concentric rings
+    python toy_1d_2d.py --density file:points.npy             # your own (N, d) points in [-1, 1]^d
+    python toy_1d_2d.py --density mog2d --iters 300 --out runs/quick   # a quick look
+    python toy_1d_2d.py --density mog1d --force               # replace the earlier run in runs/toy_mog1d
+    python toy_1d_2d.py --density mog2d --anneal-start 2000   # paper sec. 5.1: decay lr at the end
+
+Run folder (--out, default runs/toy_<density>): samples.npy (N >= 10,000 fresh K-step samples,
+(N, d)), metrics.json (numbers + every setting), density.png (the figure), samples.png (the
+samples), log.jsonl (training), model.pt (f's state_dict and settings). An --out that already
+holds a run is refused (exit 2); --force replaces that run's files (and only those).
+
+Metrics (on a grid of --grid cells per axis over [-1, 1]^d; densities as cell masses):
+    tv, kl            TV(truth, KDE) and KL(truth || KDE)
+    tv_hist           TV between a 24-bins-per-axis histogram of the samples and the truth's bin
+                      masses (samples outside [-1, 1]^d count as mass in no bin)
+    entropy_*         differential entropies (nats) of truth, exp(f)/Z and the KDE on the grid
+    temperature       the T minimising KL(truth || exp(f/T)/Z). T > 1: exp(f) is colder (sharper)
+                      than the truth; ebm_temperature = 1/T, i.e. exp(f) ~ truth^(1/ebm_temperature)
+    *_exact           the same numbers for exact samples of the truth (built-in densities): the
+                      floor set by the sample size and the KDE bandwidth
+For file:PATH.npy there is no true density: "truth" is a KDE of the file's points (same rule).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+HIST_BINS = 24  # bins per axis of the sample-histogram TV (the issue's yardstick)
+RUN_FILES = ("metrics.json", "samples.npy", "log.jsonl", "model.pt", "density.png", "samples.png")
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's 20-line usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    """The hyperparameter block. Sampler and learning rule as the paper; sizes tuned for toys on a CPU."""
+    p = ArgumentParser(prog="toy_1d_2d.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data")
+    d.add_argument("--density", default="mog2d",
+                   help="mog1d, mog2d, rings, or file:PATH.npy ((N, d) points in [-1, 1]^d, d = 1 or 2)")
+    d.add_argument("--n-data", type=int, default=50000,
+                   help="training points drawn once from a built-in density (files use all their points)")
+    s = p.add_argument_group("short-run sampler")
+    s.add_argument("--K", type=int, default=50,
+                   help="Langevin steps per chain (paper images: 100); fewer = faster but cruder samples")
+    s.add_argument("--step-size", type=float, default=5e-4,
+                   help="Langevin step on grad f (paper images: 1.0). f's scale grows as 1/step_size: "
+                        "1e-2 leaves exp(f) nearly flat, 5e-4 makes it much colder than the truth (measured)")
+    s.add_argument("--noise", type=float, default=2e-2,
+                   help="Langevin noise std (paper: 1e-2); T_L = noise^2 / (2 step_size). Less than 1e-2 "
+                        "leaves streaks of slow chains between 2D modes (measured)")
+    m = p.add_argument_group("model and learning")
+    m.add_argument("--hidden", type=int, default=64, help="MLP width (3 hidden layers)")
+    m.add_argument("--act", choices=("lrelu", "silu"), default="silu",
+                   help="LeakyReLU 0.2 (paper's ConvNet) or SiLU (smooth f: smooth density plots)")
+    m.add_argument("--sigma", type=float, default=3e-2, help="data noise std (paper: 3e-2)")
+    m.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam lr, betas .9/.999 (paper images: 1e-4; a small MLP takes 1e-3)")
+    m.add_argument("--batch-size", type=int, default=128, help="m, points per step (paper images: 64)")
+    m.add_argument("--iters", type=int, default=6000,
+                   help="iterations; mog1d is done by 3000, mog2d needs ~6000 (~2.5 min on one CPU core)")
+    m.add_argument("--anneal-start", type=int, default=0,
+                   help="iteration where lr (and sigma) start to decay geometrically (paper sec. 5.1: "
+                        "'gradually decrease lr and sigma'); it settles f, whose last state is the model; 0 = off")
+    m.add_argument("--anneal-lr-final", type=float, default=0.1, help="lr factor reached at --iters")
+    m.add_argument("--anneal-sigma-final", type=float, default=1.0, help="sigma factor reached at --iters")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--n-samples", type=int, default=10000,
+                   help="fresh K-step samples for samples.npy, the KDE and the metrics (>= 10,000)")
+    e.add_argument("--grid", type=int, default=0,
+                   help="grid cells per axis over [-1, 1]^d; 0 = 480 (1D) or 192 (2D)")
+    e.add_argument("--bandwidth", default="cv",
+                   help="KDE bandwidth per axis: cv (Scott's rule times a factor chosen by held-out "
+                        "likelihood), scott (std * N^(-1/(d+4)); over-smooths narrow modes), silverman, or a number")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    r.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch; a small MLP gains nothing from more (measured), "
+                        "and one thread leaves the other cores free")
+    r.add_argument("--out", default=None, help="run folder (default runs/toy_<density>)")
+    r.add_argument("--force", action="store_true", help="replace the run already in --out")
+    r.add_argument("--log-every", type=int, default=100, help="log.jsonl + progress line every N its")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    return p
+
+
+def validate(args):
+    """Every check that needs no compute. Raises UsageError. Returns the density object."""
+    for name, v in {"--K": args.K, "--hidden": args.hidden, "--batch-size": args.batch_size,
+                    "--iters": args.iters, "--n-data": args.n_data, "--log-every": args.log_every,
+                    "--threads": args.threads}.items():
+        if v < 1:
+            raise UsageError(f"{name} must be >= 1 (got {v})")
+    if args.n_samples < 10000:
+        raise UsageError(f"--n-samples must be >= 10000 (got {args.n_samples}): the KDE needs them")
+    if args.grid != 0 and not 16 <= args.grid <= 4096:
+        raise UsageError(f"--grid must be 0 (auto) or in [16, 4096] (got {args.grid})")
+    for name, v in {"--lr": args.lr, "--step-size": args.step_size}.items():
+        if not (math.isfinite(v) and v > 0):
+            raise UsageError(f"{name} must be a positive finite number (got {v})")
+    for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise UsageError(f"{name} must be >= 0 (got {v})")
+    for name, v in {"--anneal-lr-final": args.anneal_lr_final, "--anneal-sigma-final": args.anneal_sigma_final}.items():
+        if not (0 < v <= 1):
+            raise UsageError(f"{name} must be in (0, 1] (got {v})")
+    if args.anneal_start < 0:
+        raise UsageError(f"--anneal-start must be >= 0 (got {args.anneal_start})")
+    if args.bandwidth not in ("scott", "silverman", "cv"):
+        try:
+            h = float(args.bandwidth)
+        except ValueError:
+            h = float("nan")
+        if not (math.isfinite(h) and h > 0):
+            raise UsageError(f"--bandwidth must be cv, scott, silverman or a positive number (got {args.bandwidth!r})")
+    return make_density(args.density)
+
+
+# ---- densities ----
+
+def logsumexp(a, axis):
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(a - m), axis=axis))
+
+
+class Mixture:
+    """Gaussian mixture (isotropic components) restricted to [-1, 1]^d."""
+
+    def __init__(self, means, stds, weights):
+        self.means, self.stds = np.asarray(means, float), np.asarray(stds, float)   # (k, d), (k,)
+        self.weights = np.asarray(weights, float) / np.sum(weights)                  # (k,)
+        self.d = self.means.shape[1]
+
+    def log_prob(self, x):
+        """Log density at x (n, d) of the unrestricted mixture; the [-1, 1]^d normaliser comes from the grid."""
+        z2 = (((x[:, None, :] - self.means[None]) / self.stds[None, :, None]) ** 2).sum(-1)   # (n, k)
+        log_c = np.log(self.weights) - self.d * np.log(self.stds * math.sqrt(2 * math.pi))   # (k,)
+        return logsumexp(log_c - 0.5 * z2, axis=1)
+
+    def draw(self, n, rng):
+        k = rng.choice(len(self.weights), size=n, p=self.weights)
+        return self.means[k] + self.stds[k, None] * rng.standard_normal((n, self.d))
+
+
+class Rings:
+    """Concentric rings: radius ~ N(r_k, width^2), angle uniform; restricted to [-1, 1]^2.
+    Density of a point at radius r: sum_k w_k N(r; r_k, width^2) / (2 pi r)."""
+
+    def __init__(self, radii, width, weights):
+        self.radii, self.width = np.asarray(radii, float), float(width)
+        self.weights = np.asarray(weights, float) / np.sum(weights)
+        self.d = 2
+
+    def log_prob(self, x):
+        r = np.maximum(np.linalg.norm(x, axis=1), 1e-12)[:, None]                     # (n, 1)
+        log_c = np.log(self.weights) - np.log(self.width * math.sqrt(2 * math.pi))      # (k,)
+        return logsumexp(log_c - 0.5 * ((r - self.radii) / self.width) ** 2, axis=1) - np.log(2 * math.pi * r[:, 0])
+
+    def draw(self, n, rng):
+        k = rng.choice(len(self.weights), size=n, p=self.weights)
+        r = np.abs(self.radii[k] + self.width * rng.standard_normal(n))  # r_k >= 6 widths: |.| never bites
+        theta = rng.uniform(0, 2 * math.pi, n)
+        return np.stack([r * np.cos(theta), r * np.sin(theta)], 1)
+
+
+def sample_truth(density, n, rng):
+    """n exact samples of a built-in density restricted to [-1, 1]^d (rejection), shape (n, d)."""
+    out, have = [], 0
+    while have < n:
+        x = density.draw(2 * (n - have) + 100, rng)
+        x = x[np.all(np.abs(x) <= 1, axis=1)]
+        out.append(x)
+        have += len(x)
+    return np.concatenate(out)[:n]
+
+
+class FilePoints:
+    """A user's (N, d) points. No true density exists: log_prob is a KDE of the points."""
+
+    def __init__(self, points, path):
+        self.points, self.path, self.d = points, path, points.shape[1]
+        self.bandwidth = None  # set by main() from --bandwidth
+
+    def log_prob(self, x):
+        return np.log(np.maximum(kde(self.points, x, self.bandwidth), 1e-300))
+
+
+BUILTIN = {
+    # Figure 8-like: three unequal modes, so a cold exp(f) visibly piles mass on the biggest one.
+    "mog1d": lambda: Mixture(means=[[-0.6], [0.0], [0.55]], stds=[0.08, 0.06, 0.12], weights=[0.3, 0.2, 0.5]),
+    "mog2d": lambda: Mixture(means=[[0.0, 0.0], [0.55, 0.55], [-0.55, 0.55], [-0.55, -0.55], [0.55, -0.55]],
+                             stds=[0.1, 0.08, 0.08, 0.1, 0.12], weights=[0.3, 0.15, 0.15, 0.15, 0.25]),
+    "rings": lambda: Rings(radii=[0.3, 0.7], width=0.05, weights=[0.35, 0.65]),
+}
+
+
+def make_density(name):
+    if name in BUILTIN:
+        return BUILTIN[name]()
+    if not name.startswith("file:"):
+        raise UsageError(f"unknown --density {name!r}: use one of {', '.join(BUILTIN)} or file:PATH.npy")
+    path = os.path.expanduser(name[len("file:"):])
+    if not path:
+        raise UsageError("--density file: needs a path, e.g. file:points.npy")
+    if not os.path.isfile(path):
+        raise UsageError(f"--density {name}: no such file")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UsageError(f"--density {name}: not a readable .npy array ({type(e).__name__})") from None
+    if x.ndim == 1:
+        x = x[:, None]                                   # (N,) is N points in 1D
+    if x.ndim != 2 or x.shape[1] not in (1, 2):
+        raise UsageError(f"--density {name}: need points of shape (N, d) with d = 1 or 2, got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise UsageError(f"--density {name}: need real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float64)
+    if len(x) < 2:
+        raise UsageError(f"--density {name}: need at least 2 points, got {len(x)}")
+    if not np.all(np.isfinite(x)):
+        raise UsageError(f"--density {name}: holds NaN or inf values")
+    if np.abs(x).max() > 1:
+        raise UsageError(f"--density {name}: points must lie in [-1, 1] (found values in "
+                         f"[{x.min():.3g}, {x.max():.3g}]); rescale them first")
+    if np.any(x.std(0) == 0):
+        raise UsageError(f"--density {name}: an axis has all points equal, no density to learn")
+    return FilePoints(x, path)
+
+
+# ---- model ----
+
+class EBM(nn.Module):
+    """f(x): an MLP d -> hidden -> hidden -> hidden -> 1. Returns the negative energy, shape (B,)."""
+
+    def __init__(self, d=2, hidden=64, act="silu"):
+        super().__init__()
+        act_fn = {"lrelu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}[act]
+        self.f = nn.Sequential(nn.Linear(d, hidden), act_fn(),                  # (B, hidden)
+                               nn.Linear(hidden, hidden), act_fn(),
+                               nn.Linear(hidden, hidden), act_fn(),
+                               nn.Linear(hidden, 1))                            # (B, 1)
+
+    def forward(self, x):
+        return self.f(x).view(-1)                                               # (B,)
+
+
+# ---- sampler ----
+
+def sample_p_0(n, d, device):
+    """p_0: uniform noise on [-1, 1]^d, shape (n, d)."""
+    return torch.rand(n, d, device=device) * 2 - 1
+
+
+def langevin(f, x, K, step_size, noise):
+    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K (detached).
+    Only grad w.r.t. x is taken, so f's parameter .grad is untouched."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        for _ in range(K):
+            grad = torch.autograd.grad(f(x).sum(), x)[0]                        # (n, d)
+            x = x + step_size * grad
+            if noise > 0:
+                x = x + noise * torch.randn_like(x)
+            x = x.detach().requires_grad_(True)
+    return x.detach()
+
+
+def short_run_samples(f, n, d, args, device, chunk=20000):
+    """n fresh K-step samples, shape (n, d), as float64 numpy."""
+    f.requires_grad_(False)
+    out = []
+    for i in range(0, n, chunk):
+        x_0 = sample_p_0(min(chunk, n - i), d, device)
+        out.append(langevin(f, x_0, args.K, args.step_size, args.noise).cpu().double().numpy())
+    f.requires_grad_(True)
+    return np.concatenate(out)
+
+
+# ---- evaluation: grid, KDE, metrics ----
+
+def make_grid(d, cells):
+    """Cell centres of a regular grid over [-1, 1]^d: (axis (cells,), points (cells^d, d), cell volume).
+    2D points are in row-major (y, x) order, so values reshape to an image with y as rows."""
+    axis = -1 + (np.arange(cells) + 0.5) * (2.0 / cells)
+    if d == 1:
+        return axis, axis[:, None], 2.0 / cells
+    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    return axis, np.stack([xx.ravel(), yy.ravel()], 1), (2.0 / cells) ** 2
+
+
+def kde(x, at, h):
+    """Gaussian KDE of points x (n, d) with per-axis bandwidths h (d,), evaluated at `at` (g, d).
+    Integrates to 1 over R^d. The product kernel factorises per axis, so 2D evaluation on a full
+    grid is one matrix product; scattered points are summed in chunks."""
+    def k1(u, c, hj):                                                           # (len(u), len(c))
+        return np.exp(-0.5 * ((u[:, None] - c[None, :]) / hj) ** 2) / (hj * math.sqrt(2 * math.pi))
+    n, step = len(x), 4096
+    if x.shape[1] == 1:
+        return sum(k1(at[:, 0], x[i:i + step, 0], h[0]).sum(1) for i in range(0, n, step)) / n
+    ux, uy = np.unique(at[:, 0]), np.unique(at[:, 1])
+    if len(ux) * len(uy) == len(at) and len(at) > 1024:                         # a full grid
+        dens = (k1(uy, x[:, 1], h[1]) @ k1(ux, x[:, 0], h[0]).T) / n            # (len(uy), len(ux))
+        return dens[np.searchsorted(uy, at[:, 1]), np.searchsorted(ux, at[:, 0])]
+    return sum((k1(at[:, 0], x[i:i + step, 0], h[0]) * k1(at[:, 1], x[i:i + step, 1], h[1])).sum(1)
+               for i in range(0, n, step)) / n
+
+
+def bandwidth(x, rule):
+    """Per-axis Gaussian KDE bandwidth h (d,).
+    scott:     std * N^(-1/(d+4))  (Scott 1992; right for one Gaussian, over-smooths narrow modes)
+    silverman: std * (4 / (d+2))^(1/(d+4)) * N^(-1/(d+4))
+    cv:        Scott's h times the factor c in 0.05..1.5 (20 values, geometric) that maximises the
+               log-likelihood of a held-out fifth of the points (at most 1,000) under a KDE of the
+               other four fifths (likelihood cross-validation), rescaled by (N_fit / N)^(1/(d+4))
+    a number:  that, on every axis."""
+    n, d = x.shape
+    if rule not in ("scott", "silverman", "cv"):
+        return np.full(d, float(rule))
+    scott = np.maximum(x.std(0, ddof=1), 1e-6) * n ** (-1.0 / (d + 4))
+    if rule == "scott":
+        return scott
+    if rule == "silverman":
+        return scott * (4.0 / (d + 2)) ** (1.0 / (d + 4))
+    n_fit = n - n // 5
+    x = x[np.random.default_rng(0).permutation(n)]      # a file's points may come sorted
+    fit, held = x[:n_fit] / scott, x[n_fit:][:1000] / scott                     # in units of Scott's h
+    z2 = sum((held[:, None, j] - fit[None, :, j]) ** 2 for j in range(d)).astype(np.float32)  # (n_held, n_fit)
+
+    def held_out_loglik(c):    # mean log KDE(held; fit, c * scott), up to a constant in c
+        return float(np.mean(logsumexp(-0.5 * z2 / c ** 2, axis=1))) - d * math.log(c)
+    best = max(np.geomspace(0.05, 1.5, 20), key=held_out_loglik)
+    return best * scott * (n_fit / n) ** (1.0 / (d + 4))
+
+
+def normalise_log(log_q):
+    """Cell masses from unnormalised log values on the grid (a softmax)."""
+    q = np.exp(log_q - log_q.max())
+    return q / q.sum()
+
+
+def tv(p, q):
+    return 0.5 * float(np.abs(p - q).sum())
+
+
+def kl(p, q):
+    mask = p > 0
+    return float(np.sum(p[mask] * (np.log(p[mask]) - np.log(np.maximum(q[mask], 1e-300)))))
+
+
+def entropy(p, cell_volume):
+    """Differential entropy (nats) of the piecewise-constant density with cell masses p."""
+    mask = p > 0
+    return float(-np.sum(p[mask] * np.log(p[mask] / cell_volume)))
+
+
+def fit_temperature(p, f_grid):
+    """argmin_T KL(p || exp(f/T)/Z) on the grid. In beta = 1/T the KL is convex (a log-partition
+    minus a linear term) with derivative E_{q_beta}[f] - E_p[f], increasing in beta: bisect on
+    log beta over [1e-4, 1e4]."""
+    f_grid = f_grid - f_grid.max()
+    target = float(np.sum(p * f_grid))
+    lo, hi = math.log(1e-4), math.log(1e4)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if float(np.sum(normalise_log(math.exp(mid) * f_grid) * f_grid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 1.0 / math.exp(0.5 * (lo + hi))
+
+
+def hist_masses(x, d, bins=HIST_BINS):
+    """Fraction of the points x (n, d) in each of bins^d equal cells of [-1, 1]^d; points outside the
+    box are in no cell, so the masses sum to the fraction inside. 2D in (y, x) row-major order."""
+    edges = np.linspace(-1, 1, bins + 1)
+    if d == 1:
+        h = np.histogram(x[:, 0], bins=edges)[0]
+    else:
+        h = np.histogram2d(x[:, 1], x[:, 0], bins=[edges, edges])[0].ravel()
+    return h / len(x)
+
+
+def truth_bin_masses(density, d, bins=HIST_BINS, sub=None):
+    """The truth's mass in each histogram cell, integrated on a sub-grid of `sub` points per bin and axis."""
+    sub = sub or (40 if d == 1 else 8)
+    _, pts, _ = make_grid(d, bins * sub)
+    mass = normalise_log(density.log_prob(pts))
+    if d == 1:
+        return mass.reshape(bins, sub).sum(1)
+    return mass.reshape(bins, sub, bins, sub).sum((1, 3)).ravel()
+
+
+def hist_tv(samples, truth_bins, d):
+    """The issue's yardstick: TV(24-bin histogram of the samples, truth's bin masses); samples outside
+    [-1, 1]^d are mass the truth does not have, so each adds 1/(2N) through the missing histogram mass."""
+    h = hist_masses(samples, d)
+    return tv(truth_bins, h) + 0.5 * (1.0 - float(h.sum()))
+
+
+def evaluate(f, density, samples, args, device, exact=None):
+    """Everything metrics.json reports, plus the grids the figures draw."""
+    d = density.d
+    cells = args.grid or (480 if d == 1 else 192)
+    axis, pts, vol = make_grid(d, cells)
+    with torch.no_grad():
+        f_grid = torch.cat([f(torch.as_tensor(c, dtype=torch.float32, device=device))
+                            for c in np.array_split(pts, max(1, len(pts) // 8192))]).double().cpu().numpy()
+    h = bandwidth(samples, args.bandwidth)
+    p_truth = normalise_log(density.log_prob(pts))
+    p_ebm = normalise_log(f_grid)
+    kde_raw = kde(samples, pts, h)
+    p_kde = kde_raw / kde_raw.sum()
+    T = fit_temperature(p_truth, f_grid)
+    truth_bins = truth_bin_masses(density, d)
+    m = {"tv": tv(p_truth, p_kde), "kl": kl(p_truth, p_kde), "tv_hist": hist_tv(samples, truth_bins, d),
+         "entropy_truth": entropy(p_truth, vol), "entropy_ebm": entropy(p_ebm, vol),
+         "entropy_kde": entropy(p_kde, vol),
+         "temperature": T, "ebm_temperature": 1.0 / T,
+         "tv_truth_ebm": tv(p_truth, p_ebm), "kl_truth_ebm": kl(p_truth, p_ebm),
+         "kl_truth_ebm_at_temperature": kl(p_truth, normalise_log(f_grid / T)),
+         "kde_bandwidth": h.tolist(), "kde_bandwidth_rule": args.bandwidth,
+         "kde_mass_in_box": float(kde_raw.sum() * vol),
+         "frac_outside_box": float(np.mean(np.any(np.abs(samples) > 1, 1))),
+         "n_samples": len(samples), "grid_cells_per_axis": cells, "hist_bins_per_axis": HIST_BINS,
+         "langevin_temperature": args.noise ** 2 / (2 * args.step_size),
+         "truth": ("exact density" if exact is not None else
+                   f"KDE of the {len(density.points)} points in {density.path} (no true density for a file)")}
+    if exact is not None:   # the floor: the same numbers for exact samples of the truth
+        k_ex = kde(exact, pts, bandwidth(exact, args.bandwidth))
+        k_ex = k_ex / k_ex.sum()
+        m.update(tv_exact=tv(p_truth, k_ex), kl_exact=kl(p_truth, k_ex), entropy_kde_exact=entropy(k_ex, vol),
+                 tv_hist_exact=hist_tv(exact, truth_bins, d))
+    grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
+    return m, grids
+
+
+# ---- figures ----
+
+def plot_figures(grids, samples, metrics, args, d, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("toy_1d_2d.py: matplotlib is missing (pip install matplotlib); no figures written "
+              "(pass --no-plots to silence this)", file=sys.stderr)
+        return
+    title = (f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, {args.iters} its | "
+             f"TV(truth, KDE) {metrics['tv']:.3f}, hist TV {metrics['tv_hist']:.3f} | "
+             f"entropy truth {metrics['entropy_truth']:.2f}, EBM {metrics['entropy_ebm']:.2f}, "
+             f"KDE {metrics['entropy_kde']:.2f} | T {metrics['temperature']:.2f}")
+    names = [("truth", "truth", "k"), ("ebm", "EBM exp(f)/Z", "tab:red"), ("kde", "KDE of K-step samples", "tab:blue")]
+    if d == 1:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        for key, label, color in names:
+            axes[0].plot(grids["axis"], grids[key], color=color, label=label, lw=1.6)
+            axes[1].plot(grids["axis"], np.log(np.maximum(grids[key], 1e-300)), color=color, label=label, lw=1.6)
+        axes[0].set_title("density")
+        axes[1].set_title("log-density")
+        top = np.log(max(grids[k].max() for k, _, _ in names))
+        axes[1].set_ylim(top - 15, top + 1)
+        for ax in axes:
+            ax.set_xlim(-1, 1)
+            ax.legend(fontsize=8)
+    else:
+        fig, axes = plt.subplots(2, 3, figsize=(12, 8.2))
+        c = grids["cells"]
+        for j, (key, label, _) in enumerate(names):
+            img = grids[key].reshape(c, c)                                      # rows = y
+            axes[0, j].imshow(img, origin="lower", extent=(-1, 1, -1, 1), cmap="viridis")
+            axes[0, j].set_title(f"{label}: density", fontsize=9)
+            log_img = np.log(np.maximum(img, 1e-300))
+            axes[1, j].imshow(np.maximum(log_img, log_img.max() - 12), origin="lower", extent=(-1, 1, -1, 1),
+                              cmap="viridis")
+            axes[1, j].set_title(f"{label}: log-density (top 12 nats)", fontsize=9)
+        for ax in axes.ravel():
+            ax.set_xticks([-1, 0, 1])
+            ax.set_yticks([-1, 0, 1])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "density.png"), dpi=80)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 5) if d == 2 else (6, 3.5))
+    if d == 1:
+        ax.hist(samples[:, 0], bins=120, range=(-1, 1), density=True, color="tab:blue", alpha=0.6, label="samples")
+        ax.plot(grids["axis"], grids["truth"], "k", lw=1.2, label="truth")
+        ax.legend(fontsize=8)
+    else:
+        ax.scatter(samples[:5000, 0], samples[:5000, 1], s=1, alpha=0.4)
+        ax.set_ylim(-1, 1)
+        ax.set_aspect("equal")
+    ax.set_xlim(-1, 1)
+    ax.set_title(f"{len(samples) if d == 1 else min(5000, len(samples))} K-step samples ({args.density})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "samples.png"), dpi=80)
+    plt.close(fig)
+
+
+# ---- run folder, logging ----
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        try:
+            index = int(name.split(":")[1]) if ":" in name else 0
+        except ValueError:
+            raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device("cuda", index)
+    if name != "cpu":
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def check_run_folder(out, force):
+    """Refuse to clobber a run unless --force. Returns the old run's files to remove."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a folder")
+    old = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+    if old and not force:
+        raise UsageError(f"run folder {out} already holds a run ({old[0]}): pass --force to replace it, "
+                         f"or choose another --out")
+    return old
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---- training ----
+
+def schedule(args, it):
+    """lr and sigma at iteration it (0-based): constant, then from --anneal-start a geometric decay
+    reaching the final fractions at --iters. Off (constant) when --anneal-start is 0 or >= --iters."""
+    if not args.anneal_start or it < args.anneal_start or args.anneal_start >= args.iters:
+        return args.lr, args.sigma
+    progress = (it - args.anneal_start) / (args.iters - args.anneal_start)
+    return args.lr * args.anneal_lr_final ** progress, args.sigma * args.anneal_sigma_final ** progress
+
+
+def train(f, optim, data, args, device):
+    """Algorithm 1: batch + sigma noise, p_0, K Langevin steps, loss, Adam step; log on log steps.
+    Returns False if f or the samples became NaN/inf."""
+    log_path, t_start, d = os.path.join(args.out, "log.jsonl"), time.time(), data.shape[1]
+    for it in range(1, args.iters + 1):
+        lr, sigma = schedule(args, it - 1)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        x_data = data[torch.randint(0, len(data), (args.batch_size,), device=device)]   # (m, d)
+        x_plus = x_data + sigma * torch.randn_like(x_data)
+        f.requires_grad_(False)                    # the sampler needs no parameter gradients
+        x_q = langevin(f, sample_p_0(args.batch_size, d, device), args.K, args.step_size, args.noise)  # (m, d)
+        f.requires_grad_(True)
+        f_all = f(torch.cat([x_plus, x_q]))                                     # (2m,)
+        f_data, f_q = f_all[:args.batch_size].mean(), f_all[args.batch_size:].mean()
+        loss = f_q - f_data                            # descend = ascend f(data) - f(x_q)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        if it % args.log_every == 0 or it == args.iters:
+            x = x_q.clone().requires_grad_(True)
+            grad = torch.autograd.grad(f(x).sum(), x)[0]                        # (m, d)
+            elapsed = time.time() - t_start
+            row = {"iteration": it, "f_data": f_data.item(), "f_sample": f_q.item(),
+                   "f_gap": f_data.item() - f_q.item(), "grad_norm": grad.norm(dim=1).mean().item(),
+                   "sample_max_abs": x_q.abs().max().item(), "sample_std": x_q.std(0).mean().item(),
+                   "data_std": x_plus.std(0).mean().item(), "lr": lr, "sigma": sigma,
+                   "seconds": elapsed, "s_per_iter": elapsed / it}
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(f"it {it}/{args.iters} | f(x) {row['f_data']:+.4g} f(x_q) {row['f_sample']:+.4g} | |grad f| "
+                  f"{row['grad_norm']:.3g} | max|x_q| {row['sample_max_abs']:.2f} | "
+                  f"{row['s_per_iter'] * 1e3:.1f} ms/it | ETA {format_eta(row['s_per_iter'] * (args.iters - it))}",
+                  file=sys.stderr, flush=True)
+            if not all(map(math.isfinite, (row["f_data"], row["f_sample"], row["sample_max_abs"]))):
+                return False
+    return True
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        density = validate(args)
+        args.out = args.out or os.path.join("runs", "toy_" + os.path.splitext(os.path.basename(args.density))[0]
+                                            .replace("file:", ""))
+        device = resolve_device(args.device)
+        old_files = check_run_folder(args.out, args.force)
+    except UsageError as e:
+        print(f"toy_1d_2d.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    os.makedirs(args.out, exist_ok=True)
+    for name in old_files:                         # --force: the old run goes, nothing else in --out
+        os.remove(os.path.join(args.out, name))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    d, is_file = density.d, isinstance(density, FilePoints)
+    points = density.points if is_file else sample_truth(density, args.n_data, rng)     # (N, d)
+    if is_file:
+        density.bandwidth = bandwidth(points, args.bandwidth)
+    data = torch.as_tensor(points, dtype=torch.float32, device=device)
+    f = EBM(d, args.hidden, args.act).to(device)
+    optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    print(f"{args.density}: {len(points)} points in [-1, 1]^{d}, f has {sum(p.numel() for p in f.parameters()):,} "
+          f"parameters, {device}, K {args.K}, run folder {args.out}", file=sys.stderr)
+    t0 = time.time()
+    if not train(f, optim, data, args, device):
+        print("toy_1d_2d.py: f or the samples became NaN/inf; start again with a lower --lr or --step-size",
+              file=sys.stderr)
+        return EXIT_DIVERGED
+    train_seconds = time.time() - t0
+    samples = short_run_samples(f, args.n_samples, d, args, device)             # (N, d)
+    exact = None if is_file else sample_truth(density, args.n_samples, np.random.default_rng(args.seed + 1))
+    metrics, grids = evaluate(f, density, samples, args, device, exact)
+    metrics.update(train_seconds=train_seconds, eval_seconds=time.time() - t0 - train_seconds, d=d,
+                   config=dict(vars(args), argv=argv, torch=torch.__version__, numpy=np.__version__,
+                               python=sys.version.split()[0], device_used=str(device)))
+    np.save(os.path.join(args.out, "samples.npy"), samples.astype(np.float32))
+    torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
+               os.path.join(args.out, "model.pt"))
+    with open(os.path.join(args.out, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=2)
+    if not args.no_plots:
+        plot_figures(grids, samples, metrics, args, d, args.out)
+    print(f"{args.density}: TV(truth, KDE) {metrics['tv']:.3f}, KL {metrics['kl']:.3f}, hist TV "
+          f"{metrics['tv_hist']:.3f} | entropy truth {metrics['entropy_truth']:.3f}, EBM {metrics['entropy_ebm']:.3f}, "
+          f"KDE {metrics['entropy_kde']:.3f} | temperature {metrics['temperature']:.3g} | "
+          f"trained in {train_seconds:.0f} s | {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
