@@ -28,7 +28,8 @@ Run recipes
 Run folder (--out, default runs/toy_<density>): samples.npy (N >= 10,000 fresh K-step samples,
 (N, d)), metrics.json (numbers + every setting), density.png (the figure), samples.png (the
 samples), log.jsonl (training), model.pt (f's state_dict and settings). An --out that already
-holds a run is refused (exit 2); --force replaces that run's files (and only those).
+holds a run is refused (exit 2); --force replaces that run's files (and only those). Ctrl-C saves
+f to model.pt (no samples or metrics) and exits 130; a run is minutes long, so there is no --resume.
 
 Metrics (on a grid of --grid cells per axis over [-1, 1]^d; densities as cell masses):
     tv, kl            TV(truth, KDE) and KL(truth || KDE)
@@ -619,6 +620,11 @@ def train(f, optim, data, args, device):
     return True
 
 
+def save_model(f, args, d):
+    torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
+               os.path.join(args.out, "model.pt"))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -647,7 +653,14 @@ def main(argv=None):
     print(f"{args.density}: {len(points)} points in [-1, 1]^{d}, f has {sum(p.numel() for p in f.parameters()):,} "
           f"parameters, {device}, K {args.K}, run folder {args.out}", file=sys.stderr)
     t0 = time.time()
-    if not train(f, optim, data, args, device):
+    try:
+        ok = train(f, optim, data, args, device)
+    except KeyboardInterrupt:                      # keep what was learned: f and the log so far
+        save_model(f, args, d)
+        print(f"toy_1d_2d.py: interrupted; f saved to {os.path.join(args.out, 'model.pt')}, no samples or "
+              f"metrics written (rerun with --force to start again)", file=sys.stderr)
+        return 130
+    if not ok:
         print("toy_1d_2d.py: f or the samples became NaN/inf; start again with a lower --lr or --step-size",
               file=sys.stderr)
         return EXIT_DIVERGED
@@ -659,8 +672,7 @@ def main(argv=None):
                    config=dict(vars(args), argv=argv, torch=torch.__version__, numpy=np.__version__,
                                python=sys.version.split()[0], device_used=str(device)))
     np.save(os.path.join(args.out, "samples.npy"), samples.astype(np.float32))
-    torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
-               os.path.join(args.out, "model.pt"))
+    save_model(f, args, d)
     with open(os.path.join(args.out, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2)
     if not args.no_plots:

@@ -6,6 +6,10 @@ than the truth, for mog1d and mog2d) is marked slow: `pytest -m slow tests/test_
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -221,6 +225,26 @@ def bad_files(tmp_path):
     np.save(tmp_path / "nan.npy", np.array([[0.0], [np.nan], [0.3]]))
     (tmp_path / "junk.npy").write_text("not an array")
     return tmp_path
+
+
+def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy_1d_2d.py"),
+           "--density", "mog1d", "--iters", "1000000", "--log-every", "1", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    saved = torch.load(out / "model.pt", weights_only=True)
+    f = toy.EBM(1, saved["config"]["hidden"], saved["config"]["act"])
+    f.load_state_dict(saved["model"])                       # a usable f, not an empty file
+    assert torch.isfinite(f(torch.zeros(4, 1))).all()
+    assert not (out / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("flags,message", [
