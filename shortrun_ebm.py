@@ -336,16 +336,20 @@ def place_data(data, device):
 def resolve_device(name, local_rank=0):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
-        index = int(name.split(":")[1]) if ":" in name else local_rank
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return torch.device("cuda", index)
-    if name != "cpu":
+    try:
+        dev = torch.device(name)                       # rejects "cudafoo", "cuda:abc", "cuda:-1"
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
         raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    index = local_rank if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device("cuda", index)
 
 
 def seed_everything(seed):
@@ -400,8 +404,8 @@ def load_checkpoint(path, device="cpu"):
     return f.eval(), config
 
 
-def make_checkpoint(f, optim, args, it, rng_states):
-    return {"script": "shortrun_ebm", "config": vars(args), "iteration": it,
+def make_checkpoint(f, optim, args, it, rng_states, seconds):
+    return {"script": "shortrun_ebm", "config": vars(args), "iteration": it, "seconds": seconds,
             "models": {"ebm": f.state_dict()}, "optimizers": {"ebm": optim.state_dict()},
             "rng": rng_states[0], "rng_per_rank": rng_states}
 
@@ -410,9 +414,16 @@ def prepare_run_folder(args):
     """Refuse to clobber a run; on --resume return the checkpoint to continue from."""
     occupied = any(os.path.exists(os.path.join(args.out, n)) for n in ("config.json", "last.pt", "log.jsonl"))
     if not args.resume:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a file; choose a folder")
         if occupied:
             raise UsageError(f"run folder {args.out} already holds a run: pass --resume to continue it, "
                              f"or choose another --out")
+        parent = os.path.abspath(args.out)
+        while not os.path.exists(parent):              # the nearest folder that exists must be writable
+            parent = os.path.dirname(parent)
+        if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+            raise UsageError(f"--out {args.out}: {parent} is not a writable folder; choose another --out")
         return None
     return read_checkpoint(os.path.join(args.out, "last.pt"))
 
@@ -541,7 +552,7 @@ def plot(f, args, it, data_fixed, amp, device):
     save_grid(x_q, os.path.join(args.out, f"samples_{it:06d}.png"))
 
 
-def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
+def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0.0):
     """Algorithm 1 with three gated side jobs: log, plot, checkpoint. Returns the exit code."""
     writer = rank == 0
     amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
@@ -570,7 +581,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
                        "grad_norm": step_rms / args.step_size * math.sqrt(x_q[0].numel()),
                        "sample_max_abs": max_abs, "sample_std": x_std, "data_std": data_std,
                        "lr": optim.param_groups[0]["lr"], "sigma": schedule(args, it - 1)[1],
-                       "seconds": elapsed, "s_per_iter": rate}
+                       "seconds": seconds0 + elapsed, "s_per_iter": rate}
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 print(f"it {it}/{args.iters} | f(x) {f_data:+.4g} f(x_q) {f_q:+.4g} | |grad f| "
@@ -587,7 +598,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device):
             if due(args.ckpt_every) or interrupted:
                 rng_now = gather_rng(world)
                 if writer:
-                    ckpt = make_checkpoint(f, optim, args, it, rng_now)
+                    ckpt = make_checkpoint(f, optim, args, it, rng_now, seconds0 + time.time() - t_start)
                     atomic_save(ckpt, os.path.join(args.out, "last.pt"))
                     if is_last:
                         atomic_save(ckpt, os.path.join(args.out, "final.pt"))
@@ -696,12 +707,15 @@ def run(args, ckpt, data, device, rank, world, argv):
     seed_everything(args.seed + rank)                  # each rank its own chains
     f = build_ebm(args.n_c, args.n_f, args.image_size, args.act, device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    start_it = 0
+    start_it, seconds0 = 0, 0.0
     if ckpt is not None:
         f.load_state_dict(ckpt["models"]["ebm"])
         optim.load_state_dict(ckpt["optimizers"]["ebm"])
-        set_rng_state(ckpt["rng_per_rank"][rank] if len(ckpt["rng_per_rank"]) == world else ckpt["rng"])
-        start_it = ckpt["iteration"]
+        start_it, seconds0 = ckpt["iteration"], ckpt.get("seconds", 0.0)   # log seconds run on
+        if len(ckpt["rng_per_rank"]) == world:
+            set_rng_state(ckpt["rng_per_rank"][rank])  # exact: every rank continues its own streams
+        else:                                          # another number of ranks: fresh streams per rank
+            seed_everything(args.seed + rank + 1000 * start_it)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
@@ -717,7 +731,7 @@ def run(args, ckpt, data, device, rank, world, argv):
         print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
               f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "
               f"run folder {args.out}", file=sys.stderr)
-    return train(args, f, f_ddp, optim, place_data(data, device), start_it, rank, world, device)
+    return train(args, f, f_ddp, optim, place_data(data, device), start_it, rank, world, device, seconds0)
 
 
 if __name__ == "__main__":

@@ -233,6 +233,8 @@ def test_resume_continues_bit_exactly(squares, tmp_path, capsys):
             assert torch.equal(v[name], b["optimizers"]["ebm"]["state"][k][name])
     drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "s_per_iter")} for r in rows]
     assert drop(log_rows(tmp_path / "whole")) == drop(log_rows(tmp_path / "split"))
+    seconds = [r["seconds"] for r in log_rows(tmp_path / "split")]
+    assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1]   # the clock runs on across the resume
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(squares, tmp_path):
@@ -271,6 +273,8 @@ BAD = [
     (["--lr", "fast"], "invalid float value"),
     (["--image-size", "48"], "invalid choice"),
     (["--device", "cuda:7"], "--device cuda:7"),
+    (["--device", "cudafoo"], "use auto, cpu, cuda or cuda:N"),
+    (["--device", "cuda:-1"], "use auto, cpu, cuda or cuda:N"),
     (["--dataset", "folder:/no/such/folder"], "does not exist"),
     (["--dataset", "cifar10", "--no-download"], "cifar-10-batches-py"),
 ]
@@ -288,6 +292,13 @@ def test_bad_input_exits_2_and_writes_nothing(flags, message, squares, tmp_path,
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_is_a_file_is_refused(squares, tmp_path, capsys):
+    (tmp_path / "run").write_text("my notes")
+    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "is a file" in err and "Traceback" not in err
+    assert (tmp_path / "run").read_text() == "my notes"
 
 
 def test_empty_data_folder_says_so(tmp_path, capsys):
