@@ -279,7 +279,7 @@ def load_model(path, device):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # a cheap peek at "script"
     except Exception as e:
         raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint") from None
     script = ckpt.get("script") if isinstance(ckpt, dict) else None
@@ -355,8 +355,9 @@ def langevin_z_masked(g, x, keep, z, K, step_size, noise, sigma):
 
 def reconstruct_z(m, s, x, steps, lr, keep=None, z0=None, snapshots=0, desc="recon", clamp=True):
     """argmin_z ||keep * (x - M_theta(z))||^2 by Adam through the K-step sampler (noise off), from
-    z0 ~ p_0; z is projected onto [-1, 1], the support of p_0. Returns (z, mse curve per step (mean
-    over the batch), frames: list of (t, M(z_t)) at `snapshots` evenly spaced steps)."""
+    z0 ~ p_0; z is projected onto [-1, 1], the support of p_0. Returns a namespace: z, x_init =
+    M(z0), x_final = M(z), curve = mse per step (mean over the batch), frames = list of (t, M(z_t))
+    at `snapshots` evenly spaced steps."""
     z = (draw_p0(m, len(x)) if z0 is None else z0).clone().requires_grad_(True)
     keep = torch.ones_like(x) if keep is None else keep.expand_as(x)
     opt = torch.optim.Adam([z], lr=lr)
@@ -368,6 +369,8 @@ def reconstruct_z(m, s, x, steps, lr, keep=None, z0=None, snapshots=0, desc="rec
         curve.append(err.mean().item())
         if t in frame_at:
             frames.append((t, x_hat.detach()))
+        if t == 0:
+            x_init = x_hat.detach()
         if t == steps:
             break
         opt.zero_grad(set_to_none=True)
@@ -376,7 +379,7 @@ def reconstruct_z(m, s, x, steps, lr, keep=None, z0=None, snapshots=0, desc="rec
         if clamp:
             with torch.no_grad():
                 z.clamp_(-1, 1)
-    return z.detach(), curve, frames
+    return argparse.Namespace(z=z.detach(), x_init=x_init, x_final=x_hat.detach(), curve=curve, frames=frames)
 
 
 # ---- data ----
@@ -587,16 +590,15 @@ def cmd_recon(args, m, s):
     for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
         x = x_all[i:i + b].to(m.device)
         z0 = draw_p0(m, b)
-        z, curve, frames = reconstruct_z(m, s, x, n_steps, args.lr, z0=z0, snapshots=args.snapshots if i == 0 else 0)
-        x_hat = M_theta(m, s, z)
-        mse.append(mse_per_image(x_hat, x).cpu())
-        mse_init.append(mse_per_image(M_theta(m, s, z0), x).cpu())
+        r = reconstruct_z(m, s, x, n_steps, args.lr, z0=z0, snapshots=args.snapshots if i == 0 else 0)
+        mse.append(mse_per_image(r.x_final, x).cpu())
+        mse_init.append(mse_per_image(r.x_init, x).cpu())
         mse_z0.append(mse_per_image(z0, x).cpu())
-        curve_sum = np.array(curve) * b + (0 if curve_sum is None else curve_sum)
+        curve_sum = np.array(r.curve) * b + (0 if curve_sum is None else curve_sum)
         if i == 0:
             k = min(8, b)
-            rows = [x[:k].cpu()] + [fr[:k].cpu() for _, fr in frames]
-            frame_steps = [t for t, _ in frames]
+            rows = [x[:k].cpu()] + [fr[:k].cpu() for _, fr in r.frames]
+            frame_steps = [t for t, _ in r.frames]
     mse, mse_init, mse_z0 = torch.cat(mse), torch.cat(mse_init), torch.cat(mse_z0)
     curve = (curve_sum / len(x_all)).tolist()
     # figure: one row per image: the target, then M_theta(z_t) for t = 0 .. T (paper Figure 4)
@@ -792,8 +794,7 @@ def cmd_bpd(args, m, s):
     rows, z_all = [], []
     for i, b in progress(batches(len(x_all), args.batch_size), "bpd: recon z"):
         x = x_all[i:i + b].to(m.device, dtype)
-        z, _, _ = reconstruct_z(m, s, x, args.steps, args.lr, z0=draw_p0(m, b).to(dtype))
-        z_all.append(z)
+        z_all.append(reconstruct_z(m, s, x, args.steps, args.lr, z0=draw_p0(m, b).to(dtype)).z)
     z_all = torch.cat(z_all)
     fn = lambda v: M_theta(m, s, v, create_graph=True)
     for j in progress(range(len(x_all)), "bpd: Jacobians"):
@@ -855,8 +856,7 @@ def cmd_inpaint(args, m, s):
                 results["Inf+T_z+Gen+T_x"] = langevin_x_masked(m.f, start, keep, x, s["k_x"], s["x_step_size"], s["x_noise"])
             else:
                 z0 = keep * x + (1 - keep) * draw_p0(m, b)
-                z, _, _ = reconstruct_z(m, s, x, args.steps, args.lr, keep=keep, z0=z0)
-                results["Rec"] = M_theta(m, s, z)
+                results["Rec"] = reconstruct_z(m, s, x, args.steps, args.lr, keep=keep, z0=z0).x_final
                 start = keep * x + (1 - keep) * draw_p0(m, b)
                 results["T_x"] = langevin_x_masked(m.f, start, keep, x, s["K"], s["step_size"], s["noise"])
             for key, v in results.items():
