@@ -1,7 +1,7 @@
 """toy_1d_2d.py: densities, KDE and metrics against hand computations, short runs, bad input.
 
 CPU only, no network. The full-length check (default flags: histogram TV <= 0.15 and an EBM colder
-than the truth, for mog1d and mog2d) is marked slow: `pytest -m slow tests/test_toy_1d_2d.py`.
+than the truth, for mog1d, mog2d and rings) is marked slow: `pytest -m slow tests/test_toy_1d_2d.py`.
 """
 import json
 import math
@@ -137,6 +137,15 @@ def test_annealing_is_geometric_from_anneal_start_and_off_when_it_is_zero():
     assert toy.schedule(args, 299) == (1e-3, 0.03)
 
 
+def test_per_density_defaults_fill_only_the_flags_left_out():
+    parse = lambda argv: (lambda a: (toy.apply_presets(a), a)[1])(toy.build_parser().parse_args(argv))
+    rings, mog1d = parse(["--density", "rings"]), parse(["--density", "mog1d"])
+    assert (rings.step_size, rings.noise, rings.iters) == (1e-3, 3e-2, 6000)
+    assert (mog1d.step_size, mog1d.noise, mog1d.iters) == (5e-4, 2e-2, 3000)
+    mine = parse(["--density", "rings", "--step-size", "2e-4", "--iters", "10"])
+    assert (mine.step_size, mine.noise, mine.iters) == (2e-4, 3e-2, 10)
+
+
 def test_langevin_without_noise_is_gradient_ascent_in_closed_form():
     """f(x) = -|x|^2 / 2: each step multiplies x by (1 - step_size)."""
     class Quadratic(torch.nn.Module):
@@ -146,6 +155,17 @@ def test_langevin_without_noise_is_gradient_ascent_in_closed_form():
     x = toy.langevin(Quadratic(), x0, K=7, step_size=0.1, noise=0.0)
     assert torch.allclose(x, x0 * 0.9 ** 7)
     assert not x.requires_grad
+
+
+@pytest.mark.parametrize("act", ["silu", "lrelu"])
+@pytest.mark.parametrize("d", [1, 2])
+def test_hand_written_gradient_equals_autograd(act, d):
+    torch.manual_seed(0)
+    f = toy.EBM(d, 16, act).double()
+    x = (torch.rand(64, d, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    auto = torch.autograd.grad(f(x).sum(), x)[0]
+    assert torch.allclose(f.grad_x(x.detach()), auto, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(toy.grad_x(f, x.detach()), auto, rtol=1e-10, atol=1e-12)
 
 
 def test_ebm_returns_one_number_per_point_and_sampler_leaves_parameter_grads_alone():
@@ -291,7 +311,7 @@ def test_an_existing_run_is_refused_and_force_replaces_it(tmp_path, capsys):
 # ---- the paper's finding at default flags (minutes) ----
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mog1d", "mog2d"])
+@pytest.mark.parametrize("name", ["mog1d", "mog2d", "rings"])
 def test_default_flags_samples_match_truth_while_the_ebm_is_colder(name, tmp_path, capsys):
     out = tmp_path / name
     code, err = run_main(["--density", name, "--out", out, "--device", "cpu", "--no-plots"], capsys)
