@@ -667,7 +667,7 @@ def fmt_time(s):
 def write_log(log_file, cfg, done, losses, opts, seconds, rate):
     """One log.jsonl line and one progress line (.item() only here and in the divergence guard)."""
     row = {"iteration": done, **{k: v.item() for k, v in losses.items()},
-           "lr_e": opts["ebm"].param_groups[0]["lr"], "seconds": seconds}
+           "lr": opts["ebm"].param_groups[0]["lr"], "seconds": seconds}
     log_file.write(json.dumps(row) + "\n")
     log_file.flush()
     print(f"it {done}/{cfg['iters']} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} I {row['loss_inf']:.4g} | "

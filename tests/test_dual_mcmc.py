@@ -162,7 +162,7 @@ def test_one_iteration_changes_all_three_models(images, tmp_path):
         changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, trained[k])]
         assert any("weight" in k for k in changed), name
     row = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
-    for k in ("loss_ebm", "loss_gen", "loss_inf", "f_data", "f_sample", "mse_recon", "seconds"):
+    for k in ("loss_ebm", "loss_gen", "loss_inf", "f_data", "f_sample", "mse_recon", "lr", "seconds"):
         assert np.isfinite(row[k]), k
     assert row["iteration"] == 1
     cfg = json.loads((tmp_path / "config.json").read_text())
