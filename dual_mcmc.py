@@ -386,9 +386,24 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
 # ---- data ----
 
 
-def _torchvision_set(name, root, size, download):
+def _image_transform(size):
+    """PIL image -> uint8 tensor (n_c, size, size): resize the short side, centre-crop."""
     T = torchvision.transforms
-    tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+
+
+def to_pixels(u8):
+    """uint8 images -> float in [-1, 1]."""
+    return u8.float() / 127.5 - 1
+
+
+def save_grid(x, path):
+    """An 8-wide PNG grid of images in [-1, 1]."""
+    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def _torchvision_set(name, root, size, download):
+    tf = _image_transform(size)
     D = torchvision.datasets
     where = {"cifar10": "cifar-10-batches-py", "celeba": "celeba/", "lsun_bedroom": "bedroom_train_lmdb",
              "mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "svhn": "train_32x32.mat"}[name]
@@ -411,8 +426,7 @@ def _torchvision_set(name, root, size, download):
 
 class _Folder(torch.utils.data.Dataset):
     def __init__(self, files, size):
-        T = torchvision.transforms
-        self.files, self.tf = files, T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+        self.files, self.tf = files, _image_transform(size)
 
     def __len__(self):
         return len(self.files)
@@ -457,7 +471,7 @@ def place_data(data, device):
 
 def get_batch(data, m, device):
     idx = torch.randint(len(data), (m,))  # CPU RNG: part of the checkpointed state
-    return data[idx.to(data.device)].to(device, non_blocking=True).float() / 127.5 - 1  # (m, n_c, S, S)
+    return to_pixels(data[idx.to(data.device)].to(device, non_blocking=True))  # (m, n_c, S, S)
 
 
 # ---- run folder, checkpoints, logging ----
@@ -645,7 +659,6 @@ def eval_mode(models):
 
 def save_grids(models, fixed_x, fixed_z, cfg, out, it):
     """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
-    from torchvision.utils import save_image
     E, G, I = models["ebm"], models["generator"], models["encoder"]
     devices = [fixed_x.device] if fixed_x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), eval_mode(models), torch.no_grad():
@@ -656,7 +669,7 @@ def save_grids(models, fixed_x, fixed_z, cfg, out, it):
         grids = {"recon": G(mu), "posterior": G(z_t), "gen": x0,
                  "ebm": langevin_x(E, x0, cfg["k_x"], cfg["x_step_size"], cfg["x_noise"])}
     for name, img in grids.items():
-        save_image(img.float(), os.path.join(out, f"{name}_{it:06d}.png"), nrow=8, normalize=True, value_range=(-1, 1))
+        save_grid(img, os.path.join(out, f"{name}_{it:06d}.png"))
 
 
 def fmt_time(s):
@@ -737,7 +750,7 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16")
     writer = out is not None and rank == 0
     if writer:  # fixed grid inputs: first 64 images, z from its own generator
-        fixed_x = data[:64].to(device).float() / 127.5 - 1
+        fixed_x = to_pixels(data[:64].to(device))
         fixed_z = torch.randn(64, nz, generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_start, t_first = time.time(), None
@@ -922,8 +935,7 @@ def run(args, ckpt, device, rank, world, argv):
         if ckpt is None:
             with open(os.path.join(args.out, "config.json"), "w") as fh:
                 json.dump(cfg, fh, indent=1)
-            from torchvision.utils import save_image
-            save_image(data[:64].float() / 127.5 - 1, os.path.join(args.out, "data.png"), nrow=8, normalize=True, value_range=(-1, 1))
+            save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
         else:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "

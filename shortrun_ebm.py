@@ -209,6 +209,13 @@ def lowres(x, size):
     return F.interpolate(F.interpolate(x, size=(size, size), mode="area"), size=x.shape[-2:], mode="nearest")
 
 
+def init_chain(x_data, args):
+    """x_0 for chains shaped like the batch x_data: p_0 noise, or with --init lowres its low-res version."""
+    if args.init == "lowres":
+        return lowres(x_data, args.lowres_size)
+    return sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
+
+
 def langevin(f, x, K, step_size=1.0, noise=1e-2, create_graph=False):
     """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K.
 
@@ -503,10 +510,7 @@ def train_step(f, f_ddp, optim, data, args, it, amp, device):
         group["lr"] = lr
     x_data = data[torch.randint(0, data.shape[0], (args.batch_size,))].to(device, non_blocking=True)
     x_plus = x_data + sigma * torch.randn_like(x_data)                          # (m, C, S, S)
-    if args.init == "lowres":
-        x_0 = lowres(x_data, args.lowres_size)
-    else:
-        x_0 = sample_p_0(args.batch_size, x_data.shape[1], x_data.shape[2], x_data.device)
+    x_0 = init_chain(x_data, args)                                              # (m, C, S, S)
     K = args.K if args.K_max is None else int(torch.randint(args.K, args.K_max + 1, ()))
     with frozen(f), amp():
         x_q = langevin(f, x_0, K, args.step_size, args.noise)                   # (m, C, S, S)
@@ -544,11 +548,8 @@ def plot(f, args, it, data_fixed, amp, device):
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(args.seed)
-        n_c, s = data_fixed.shape[1], data_fixed.shape[2]
-        x_0 = lowres(data_fixed, args.lowres_size) if args.init == "lowres" else \
-            sample_p_0(len(data_fixed), n_c, s, device)
         with frozen(f), amp():
-            x_q = langevin(f, x_0, args.K, args.step_size, args.noise)
+            x_q = langevin(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
     save_grid(x_q, os.path.join(args.out, f"samples_{it:06d}.png"))
 
 
