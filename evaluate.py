@@ -330,6 +330,13 @@ def draw_p0(m, n, gen=None):
     return torch.randn(n, m.g.nz, generator=gen).to(m.device)
 
 
+def x_chain(m, s):
+    """The checkpoint's x-chain, noise on: (run(x, k) -> x after k steps on f, the trained K)."""
+    if m.script == "shortrun_ebm":
+        return (lambda v, k: sr.langevin(m.f, v, k, s["step_size"], s["noise"])), s["K"]
+    return (lambda v, k: dm.langevin_x(m.f, v, k, s["x_step_size"], s["x_noise"])), s["k_x"]
+
+
 def langevin_x_masked(f, x, keep, x_obs, K, step_size, noise):
     """x-Langevin on f that holds the observed pixels (keep = 1) at x_obs: only holes move."""
     for _ in range(K):
@@ -698,15 +705,12 @@ def cmd_interp(args, m, s):
 def cmd_transition(args, m, s):
     gen = torch.Generator().manual_seed(args.seed)
     k2s = list(range(0, args.k2_max + 1, args.k2_every))
+    step, trained = x_chain(m, s)
     if m.script == "shortrun_ebm":
         x = draw_p0(m, args.n, gen)
-        step = lambda v, k: sr.langevin(m.f, v, k, s["step_size"], s["noise"])
-        trained = s["K"]
     else:
         with torch.no_grad():
             x = m.g(draw_p0(m, args.n, gen)).float()
-        step = lambda v, k: dm.langevin_x(m.f, v, k, s["x_step_size"], s["x_noise"])
-        trained = s["k_x"]
     torch.manual_seed(args.seed)
     frames, stats, done = [], [], 0
     for k2 in progress(k2s, "transition"):
@@ -734,17 +738,11 @@ def cmd_superres(args, m, s):
     x = x.to(m.device)
     torch.manual_seed(args.seed)
     res, rows = {}, []
-    k = min(8, len(x))
+    k, (chain, k_chain) = min(8, len(x)), x_chain(m, s)
     for size in progress(args.sizes, "superres"):
         x_low = sr.lowres(x, size)                                                    # (n, C, S, S), blocky
-        outs = []
-        for _ in range(args.seeds):
-            if m.script == "shortrun_ebm":
-                outs.append(torch.cat([sr.langevin(m.f, x_low[i:i + b], s["K"], s["step_size"], s["noise"])
-                                       for i, b in batches(len(x), args.batch_size)]))
-            else:
-                outs.append(torch.cat([dm.langevin_x(m.f, x_low[i:i + b], s["k_x"], s["x_step_size"], s["x_noise"])
-                                       for i, b in batches(len(x), args.batch_size)]))
+        outs = [torch.cat([chain(x_low[i:i + b], k_chain) for i, b in batches(len(x), args.batch_size)])
+                for _ in range(args.seeds)]
         per_seed = [quality(o, x) for o in outs]
         res[f"{size}x{size}"] = {"mse": float(np.mean([q["mse"] for q in per_seed])),
                                  "psnr": float(np.mean([q["psnr"] for q in per_seed])),
