@@ -310,7 +310,7 @@ class EBM(nn.Module):
                 h = z * s
                 slopes.append(s * (1 + z * (1 - s)))                            # silu'(z)
             else:                                                               # LeakyReLU 0.2
-                slopes.append(torch.where(z > 0, 1.0, 0.2))
+                slopes.append(torch.full_like(z, 0.2).masked_fill_(z > 0, 1.0))     # in z's dtype
                 h = z * slopes[-1]
         g = W[-1]                                                               # (1, hidden) = df/dh_last
         for W_l, slope in zip(reversed(W[:-1]), reversed(slopes)):
