@@ -18,8 +18,14 @@ x <- x - (s^2 / 2) grad U + s * eps. The appendix update above is that with s = 
 exp(f / T) at T = 5e-5, i.e. it is almost pure gradient ascent on f plus a little noise.
 
 Run recipes
-    # the main job: the paper's CIFAR-10 setting (downloads CIFAR-10 into ./data)
+    # the main job: the paper's sec. 5.1 CIFAR-10 setting (downloads CIFAR-10 into ./data):
+    # n_f 128, 40,000 images, 200,000 iterations, then 50,000 more with lr and sigma decaying
+    # geometrically to 0.1x (the decay's length and shape are our choice; the paper gives none)
     python shortrun_ebm.py --dataset cifar10 --K 100
+    # the appendix code's setting: n_f 64, 100,000 iterations, all 50,000 images, no decay
+    python shortrun_ebm.py --dataset cifar10 --K 100 --preset appendix
+    # see what a command will run (every default resolved) without running it
+    python shortrun_ebm.py --dataset celeba --print-config
     # a tiny CPU run on any folder of images (a minute)
     python shortrun_ebm.py --dataset folder:PATH --n_f 16 --K 20 --sigma 0.1 \
         --batch-size 32 --iters 300 --device cpu --out runs/tiny
@@ -29,8 +35,8 @@ Run recipes
     torchrun --nproc_per_node=4 shortrun_ebm.py --dataset cifar10 --K 100
     # time 20 iterations on random data of the configured shape; writes nothing
     python shortrun_ebm.py --benchmark 20 --n_f 128 --amp bf16
-    # super-resolution training (supplement): chains start from 8x8 versions of the data
-    python shortrun_ebm.py --dataset celeba --image-size 64 --init lowres --lowres-size 8
+    # super-resolution training (supplement, n_f 32): chains start from 8x8 versions of the data
+    python shortrun_ebm.py --dataset celeba --n_f 32 --init lowres --lowres-size 8
 
 Run folder (--out): config.json, log.jsonl, samples_{iteration:06d}.png, data.png,
 last.pt (atomic), final.pt. See README.md for the full description of each flag.
@@ -55,6 +61,19 @@ DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn
 CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+# Defaults that depend on --dataset (the parser holds None; resolve_defaults fills them in). CIFAR-10,
+# CelebA, LSUN: the paper's sec. 5.1 (n_f 128 / 64 / 64, 40,000 images, 200,000 iterations, then a
+# decrease of lr and sigma). Its length and shape are unpublished: ours is 50,000 more iterations of
+# geometric decay to --anneal-lr-final / --anneal-sigma-final. Other sets keep the appendix code's
+# 100,000 iterations without decay. --preset appendix: the appendix code itself (all images).
+PAPER_51 = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 250000, "anneal_start": 200000}
+DATASET_DEFAULTS = {"cifar10": dict(PAPER_51, n_f=128),
+                    "celeba": dict(PAPER_51, image_size=64), "lsun_bedroom": dict(PAPER_51, image_size=64)}
+OTHER_DEFAULTS = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 100000, "anneal_start": 0}
+PRESETS = {"appendix": {"n_f": 64, "n_data": 0, "image_size": 32, "iters": 100000, "anneal_start": 0}}
+# Keys a run folder written by an older version lacks, with the value that reproduces what that version did
+OLD_RUN_DEFAULTS = {"preset": None, "print_config": False, "cuda_graph": True,
+                    "data_seed": None}                 # None: the first n_data images in sorted order
 
 
 class UsageError(Exception):
@@ -66,20 +85,35 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def per_dataset(key):
+    """Help text for a default that depends on --dataset."""
+    paper = ", ".join(f"{name} {DATASET_DEFAULTS[name][key]:,}" for name in DATASET_DEFAULTS)
+    return f"default depends on --dataset: {paper}, others {OTHER_DEFAULTS[key]:,}"
+
+
 def build_parser(suppress_defaults=False):
     """The hyperparameter block. Defaults are the paper's appendix setting for CIFAR-10."""
     p = ArgumentParser(prog="shortrun_ebm.py", description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter,
+                       epilog="--n_f, --n-data, --image-size, --iters and --anneal-start default per "
+                              "data set: cifar10, celeba and lsun_bedroom follow the paper's sec. 5.1, "
+                              "the others the appendix code; --print-config shows the resolved values.")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="cifar10",
                    help=f"one of {', '.join(DATASETS)}, or folder:PATH (any folder of images, recursive)")
     d.add_argument("--data-root", default="./data", help="where torchvision data sets live / download to")
     d.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download torchvision data sets if missing")
-    d.add_argument("--n-data", type=int, default=40000,
-                   help="use the first N training images (paper: 40,000); 0 = all")
-    d.add_argument("--image-size", type=int, default=32, choices=(32, 64, 128),
-                   help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ)")
+    d.add_argument("--n-data", type=int, default=None,
+                   help="use N training images, a random subset drawn with --data-seed (paper: 40,000); "
+                        "0 = all; " + per_dataset("n_data"))
+    d.add_argument("--image-size", type=int, default=None, choices=(32, 64, 128),
+                   help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ); " + per_dataset("image_size"))
     s = p.add_argument_group("short-run sampler")
     s.add_argument("--K", type=int, default=100, help="Langevin steps per chain (paper: 100)")
     s.add_argument("--K-max", type=int, default=None,
@@ -91,20 +125,25 @@ def build_parser(suppress_defaults=False):
                    help="p_0: uniform noise (paper) or the data image at --lowres-size (super-resolution)")
     s.add_argument("--lowres-size", type=int, default=8, help="side of the low-res init (supplement: 4, 8, 16)")
     m = p.add_argument_group("model and learning")
-    m.add_argument("--n_f", "--n-f", dest="n_f", type=int, default=64,
-                   help="ConvNet width (paper: 32/64/128); more = sharper samples, slower")
+    m.add_argument("--n_f", "--n-f", dest="n_f", type=int, default=None,
+                   help="ConvNet width (paper: 32/64/128); more = sharper samples, slower; " + per_dataset("n_f"))
     m.add_argument("--act", choices=("lrelu", "gelu"), default="lrelu",
                    help="LeakyReLU 0.2 (paper) or GELU (smooth M_theta, needed for bits/dim)")
     m.add_argument("--sigma", type=float, default=3e-2,
                    help="data noise std (paper: 3e-2); raise to 0.1 if the run diverges")
     m.add_argument("--lr", type=float, default=1e-4, help="Adam lr, betas .9/.999 (paper: 1e-4)")
     m.add_argument("--batch-size", type=int, default=64, help="m, images per step and process (paper: 64)")
-    m.add_argument("--iters", type=int, default=100000,
-                   help="iterations (appendix code: 1e5; paper sec. 5.1: 2e5 then annealing)")
-    m.add_argument("--anneal-start", type=int, default=0,
-                   help="iteration where lr and sigma start to decay geometrically; 0 = off (appendix)")
+    m.add_argument("--iters", type=int, default=None,
+                   help="iterations (appendix code: 1e5; paper sec. 5.1: 2e5, then a decrease of lr and sigma); "
+                        + per_dataset("iters"))
+    m.add_argument("--anneal-start", type=int, default=None,
+                   help="iteration where lr and sigma start to decay geometrically; 0 = off (appendix); "
+                        + per_dataset("anneal_start") + "; with only --iters given, the same share of the run")
     m.add_argument("--anneal-lr-final", type=float, default=0.1, help="lr factor reached at --iters")
     m.add_argument("--anneal-sigma-final", type=float, default=0.1, help="sigma factor reached at --iters")
+    m.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="appendix: the appendix code's setting (n_f 64, 100,000 iterations, all images, no "
+                        "decay, 32 px); flags given explicitly still win")
     g = p.add_argument_group("divergence guard")
     g.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
                    help="stop when the sampler blows up (NaN, samples far outside [-1, 1], huge steps)")
@@ -126,10 +165,24 @@ def build_parser(suppress_defaults=False):
     r.add_argument("--ckpt-every", type=int, default=1000, help="last.pt every N its (0 = end only)")
     r.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="time N iterations on random data of the configured shape, write nothing")
+    r.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (with --resume: the run's own) as JSON and exit")
     if suppress_defaults:  # parse_args then returns only the flags the user typed (see --resume)
         for action in p._actions:
             action.default = argparse.SUPPRESS
     return p
+
+
+def resolve_defaults(args):
+    """Fill the defaults that depend on --dataset (or --preset) into the flags the user left unset."""
+    base = PRESETS[args.preset] if args.preset else DATASET_DEFAULTS.get(args.dataset, OTHER_DEFAULTS)
+    if args.anneal_start is None and args.iters is not None and args.iters >= 1 and base["anneal_start"]:
+        # an explicit --iters keeps the default's decay share (--dataset cifar10 --iters 5000: from 4000)
+        args.anneal_start = min(round(args.iters * base["anneal_start"] / base["iters"]), args.iters - 1)
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def validate(args):
@@ -389,6 +442,13 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def atomic_write_text(text, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def read_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
@@ -432,14 +492,25 @@ def prepare_run_folder(args):
         if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
             raise UsageError(f"--out {args.out}: {parent} is not a writable folder; choose another --out")
         return None
-    return read_checkpoint(os.path.join(args.out, "last.pt"))
+    last, config_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "config.json")
+    if os.path.exists(last) or not os.path.isfile(config_path):
+        return read_checkpoint(last)
+    try:                                               # killed before its first last.pt: start at 0
+        with open(config_path) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
+                         f"delete the folder or choose another --out") from None
+    dests = {a.dest for a in build_parser()._actions}
+    return {"config": {k: v for k, v in config.items() if k in dests}, "iteration": 0}
 
 
 def merge_resume_args(args, given, ckpt):
     """On --resume the checkpoint's config wins; only run-control flags may change."""
     may_change = {"iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
-                  "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step", "guard_max_gap"}
-    config = dict(ckpt["config"])
+                  "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step", "guard_max_gap",
+                  "print_config", "cuda_graph"}
+    config = dict(OLD_RUN_DEFAULTS, **ckpt["config"])      # runs written before a key existed
     for key, value in given.items():
         if key not in may_change and config.get(key) != value:
             raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
@@ -672,16 +743,20 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
-        validate(args)
+        validate(resolve_defaults(args))
         args.out = args.out or os.path.join("runs", "shortrun_" + args.dataset.replace(":", "_").replace("/", "_"))
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-        if args.benchmark:
+        if args.benchmark and not args.print_config:
             seed_everything(args.seed)
             benchmark(args, CHANNELS.get(args.dataset, 3), device)
             return 0
         ckpt = prepare_run_folder(args)
         if ckpt is not None:
             args = merge_resume_args(args, vars(build_parser(suppress_defaults=True).parse_args(argv)), ckpt)
+            validate(args)
+        if args.print_config:                          # reads no data, writes nothing
+            print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
+            return 0
     except UsageError as e:
         print(f"shortrun_ebm.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -709,7 +784,7 @@ def run(args, ckpt, data, device, rank, world, argv):
     f = build_ebm(args.n_c, args.n_f, args.image_size, args.act, device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
     start_it, seconds0 = 0, 0.0
-    if ckpt is not None:
+    if ckpt is not None and "models" in ckpt:          # (a run killed before its first last.pt has none)
         f.load_state_dict(ckpt["models"]["ebm"])
         optim.load_state_dict(ckpt["optimizers"]["ebm"])
         start_it, seconds0 = ckpt["iteration"], ckpt.get("seconds", 0.0)   # log seconds run on
@@ -722,12 +797,11 @@ def run(args, ckpt, data, device, rank, world, argv):
     f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
+        if ckpt is None or "models" not in ckpt:
             config = dict(vars(args), argv=argv, world_size=world, torch=torch.__version__,
                           torchvision=torchvision.__version__, python=sys.version.split()[0])
-            with open(os.path.join(args.out, "config.json"), "w") as fh:
-                json.dump(config, fh, indent=2)
-        else:
+            atomic_write_text(json.dumps(config, indent=2), os.path.join(args.out, "config.json"))
+        if ckpt is not None:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
               f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "

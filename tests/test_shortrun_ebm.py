@@ -387,3 +387,64 @@ def test_benchmark_prints_its_line_and_writes_nothing(tmp_path, capsys, monkeypa
     assert m and float(m.group(1)) > 0
     assert int(m.group(2)) == pytest.approx(8 * 3 / float(m.group(1)), rel=0.01, abs=1)
     assert os.listdir(tmp_path) == []
+
+
+# ---- per-data-set defaults and --print-config ----
+
+def print_config(argv, capsys, monkeypatch, tmp_path):
+    """--print-config's JSON for argv, run in an empty folder that must stay empty."""
+    os.makedirs(tmp_path, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = sr.main([str(a) for a in [*argv, "--print-config"]])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert os.listdir(tmp_path) == []                       # no run folder, nothing written
+    return json.loads(captured.out)
+
+
+def test_print_config_gives_the_papers_sec_5_1_settings(capsys, monkeypatch, tmp_path):
+    c = print_config(["--dataset", "cifar10", "--K", "100"], capsys, monkeypatch, tmp_path)
+    assert (c["n_f"], c["n_data"], c["image_size"], c["K"]) == (128, 40000, 32, 100)
+    assert (c["iters"], c["anneal_start"]) == (250000, 200000)   # 200,000 its, then the decay phase
+    assert c["lr"] == 1e-4 and c["sigma"] == 3e-2 and c["batch_size"] == 64
+    c = print_config(["--dataset", "celeba"], capsys, monkeypatch, tmp_path)
+    assert (c["n_f"], c["image_size"], c["n_data"], c["anneal_start"]) == (64, 64, 40000, 200000)
+    c = print_config(["--dataset", "lsun_bedroom"], capsys, monkeypatch, tmp_path)
+    assert (c["n_f"], c["image_size"]) == (64, 64)
+    c = print_config(["--dataset", "mnist"], capsys, monkeypatch, tmp_path)
+    assert (c["n_f"], c["image_size"], c["iters"], c["anneal_start"]) == (64, 32, 100000, 0)
+
+
+def test_print_config_appendix_preset_and_explicit_flags(capsys, monkeypatch, tmp_path):
+    c = print_config(["--dataset", "cifar10", "--preset", "appendix"], capsys, monkeypatch, tmp_path)
+    assert (c["n_f"], c["n_data"], c["image_size"], c["iters"], c["anneal_start"]) == (64, 0, 32, 100000, 0)
+    c = print_config(["--preset", "appendix", "--n_f", "32"], capsys, monkeypatch, tmp_path)
+    assert c["n_f"] == 32 and c["iters"] == 100000               # an explicit flag beats the preset
+    c = print_config(["--dataset", "cifar10", "--iters", "5000"], capsys, monkeypatch, tmp_path)
+    assert c["iters"] == 5000 and 0 < c["anneal_start"] < 5000 and c["anneal_start"] == 4000
+    c = print_config(["--dataset", "cifar10", "--iters", "1"], capsys, monkeypatch, tmp_path)
+    assert c["anneal_start"] == 0                                # no room for a decay: off, not refused
+    c = print_config(["--dataset", "cifar10", "--iters", "5000", "--anneal-start", "0"], capsys, monkeypatch,
+                     tmp_path)
+    assert c["anneal_start"] == 0
+
+
+def test_print_config_bad_value_exits_2(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["--dataset", "cifar10", "--iters", "100", "--anneal-start", "100", "--print-config"],
+                         capsys)
+    assert code == 2 and "--anneal-start (100) must be below --iters (100)" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_print_config_on_resume_shows_the_runs_own_config(squares, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", out], capsys)[0] == 0
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    c = print_config(["--out", out, "--resume", "--iters", "5"], capsys, monkeypatch, tmp_path / "cwd")
+    assert (c["n_f"], c["K"], c["iters"], c["batch_size"]) == (4, 3, 5, 8)
+    assert c["dataset"] == f"folder:{squares}" and c["resume"] is True
+    assert before == {n: (out / n).read_bytes() for n in os.listdir(out)}
