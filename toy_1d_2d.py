@@ -13,8 +13,12 @@ Learning is exactly shortrun_ebm.py's, with an MLP f(x) on x in [-1, 1]^d, d in 
     x_q    = K Langevin steps from p_0 = uniform noise on [-1, 1]^d:
              x <- x + step_size * grad_x f(x) + noise * N(0, I)
     Adam step ascending  mean f(x_data) - mean f(x_q)
-The chain samples exp(f / T_L), T_L = noise^2 / (2 step_size), only if run to convergence:
-short-run it never gets there, which is the point.
+The chain samples exp(f / T), T = noise^2 / (2 step_size), only if run to convergence:
+short-run it never gets there, which is the point. Why this T: Langevin on a density exp(g) with
+noise std s moves x by (s^2 / 2) grad g + s N(0, I); s = noise and (s^2 / 2) grad g = step_size grad f
+give g = f / T. Sec. 7.3 of the paper writes the energy as -f/T ("for an a priori chosen small
+temperature T") and the update as x + f'/2 + N(0, T), but its code adds the whole f' (step 1, noise
+1e-2): the note's drift is half the code's. T above is our derivation from the code, not the note's.
 
 Run recipes
     python toy_1d_2d.py --density mog1d                       # 1D Gaussian mixture (like Figure 8)
@@ -36,8 +40,11 @@ Metrics (on a grid of --grid cells per axis over [-1, 1]^d; densities as cell ma
     tv_hist           TV between a 24-bins-per-axis histogram of the samples and the truth's bin
                       masses (samples outside [-1, 1]^d count as mass in no bin)
     entropy_*         differential entropies (nats) of truth, exp(f)/Z and the KDE on the grid
-    temperature       the T minimising KL(truth || exp(f/T)/Z). T > 1: exp(f) is colder (sharper)
-                      than the truth; ebm_temperature = 1/T, i.e. exp(f) ~ truth^(1/ebm_temperature)
+    temperature       the t minimising KL(truth || exp(f/t)/Z). t > 1: exp(f) is colder (sharper)
+                      than the truth; ebm_temperature = 1/t, i.e. exp(f) ~ truth^(1/ebm_temperature)
+    *_T               entropy_ebm_T, temperature_T, ebm_temperature_T, tv_truth_ebm_T, kl_truth_ebm_T:
+                      the same against exp(f/T)/Z, T = noise^2 / (2 step_size) (langevin_temperature),
+                      the density sec. 7.3 calls the model; temperature_T = temperature / T. null if noise 0
     *_exact           the same numbers for exact samples of the truth (built-in densities): the
                       floor set by the sample size and the KDE bandwidth
 For file:PATH.npy there is no true density: "truth" is a KDE of the file's points (same rule).
@@ -489,6 +496,9 @@ def evaluate(f, density, samples, args, device, exact=None):
     kde_raw = kde(samples, pts, h)
     p_kde = kde_raw / kde_raw.sum()
     T = fit_temperature(p_truth, f_grid)
+    T_L = args.noise ** 2 / (2 * args.step_size)      # the chain's temperature: it samples exp(f / T_L)
+    p_ebm_T = normalise_log(f_grid / T_L) if T_L > 0 else None     # noise 0: no temperature, no density
+    T_T = fit_temperature(p_truth, f_grid / T_L) if T_L > 0 else None
     truth_bins = truth_bin_masses(density, d)
     m = {"tv": tv(p_truth, p_kde), "kl": kl(p_truth, p_kde), "tv_hist": hist_tv(samples, truth_bins, d),
          "entropy_truth": entropy(p_truth, vol), "entropy_ebm": entropy(p_ebm, vol),
@@ -496,11 +506,15 @@ def evaluate(f, density, samples, args, device, exact=None):
          "temperature": T, "ebm_temperature": 1.0 / T,
          "tv_truth_ebm": tv(p_truth, p_ebm), "kl_truth_ebm": kl(p_truth, p_ebm),
          "kl_truth_ebm_at_temperature": kl(p_truth, normalise_log(f_grid / T)),
+         "entropy_ebm_T": None if T_T is None else entropy(p_ebm_T, vol),
+         "temperature_T": T_T, "ebm_temperature_T": None if T_T is None else 1.0 / T_T,
+         "tv_truth_ebm_T": None if T_T is None else tv(p_truth, p_ebm_T),
+         "kl_truth_ebm_T": None if T_T is None else kl(p_truth, p_ebm_T),
          "kde_bandwidth": h.tolist(), "kde_bandwidth_rule": args.bandwidth,
          "kde_mass_in_box": float(kde_raw.sum() * vol),
          "frac_outside_box": float(np.mean(np.any(np.abs(samples) > 1, 1))),
          "n_samples": len(samples), "grid_cells_per_axis": cells, "hist_bins_per_axis": HIST_BINS,
-         "langevin_temperature": args.noise ** 2 / (2 * args.step_size),
+         "langevin_temperature": T_L,
          "truth": ("exact density" if exact is not None else
                    f"KDE of the {len(density.points)} points in {density.path} (no true density for a file)")}
     if exact is not None:   # the floor: the same numbers for exact samples of the truth
@@ -509,6 +523,8 @@ def evaluate(f, density, samples, args, device, exact=None):
         m.update(tv_exact=tv(p_truth, k_ex), kl_exact=kl(p_truth, k_ex), entropy_kde_exact=entropy(k_ex, vol),
                  tv_hist_exact=hist_tv(exact, truth_bins, d))
     grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
+    if p_ebm_T is not None:
+        grids["ebm_T"] = p_ebm_T / vol
     return m, grids
 
 
@@ -526,8 +542,13 @@ def plot_figures(grids, samples, metrics, args, d, out):
     title = (f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, {args.iters} its | "
              f"TV(truth, KDE) {metrics['tv']:.3f}, hist TV {metrics['tv_hist']:.3f} | "
              f"entropy truth {metrics['entropy_truth']:.2f}, EBM {metrics['entropy_ebm']:.2f}, "
-             f"KDE {metrics['entropy_kde']:.2f} | T {metrics['temperature']:.2f}")
-    names = [("truth", "truth", "k"), ("ebm", "EBM exp(f)/Z", "tab:red"), ("kde", "KDE of K-step samples", "tab:blue")]
+             f"KDE {metrics['entropy_kde']:.2f} | temperature {metrics['temperature']:.2f}")
+    names = [("truth", "truth", "k"), ("ebm", "EBM exp(f)/Z", "tab:red")]
+    if "ebm_T" in grids:                      # the density the chain targets: exp(f / T), T = noise^2 / (2 step)
+        title += (f"\nexp(f/T), T = {metrics['langevin_temperature']:.3g}: entropy "
+                  f"{metrics['entropy_ebm_T']:.2f}, temperature_T {metrics['temperature_T']:.2f}")
+        names.append(("ebm_T", f"EBM exp(f/T)/Z, T={metrics['langevin_temperature']:.3g}", "tab:orange"))
+    names.append(("kde", "KDE of K-step samples", "tab:blue"))
     if d == 1:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for key, label, color in names:
@@ -541,7 +562,7 @@ def plot_figures(grids, samples, metrics, args, d, out):
             ax.set_xlim(-1, 1)
             ax.legend(fontsize=8)
     else:
-        fig, axes = plt.subplots(2, 3, figsize=(12, 8.2))
+        fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 8.2))
         c = grids["cells"]
         for j, (key, label, _) in enumerate(names):
             img = grids[key].reshape(c, c)                                      # rows = y
@@ -714,10 +735,13 @@ def main(argv=None):
         json.dump(metrics, fh, indent=2)
     if not args.no_plots:
         plot_figures(grids, samples, metrics, args, d, args.out)
-    print(f"{args.density}: TV(truth, KDE) {metrics['tv']:.3f}, KL {metrics['kl']:.3f}, hist TV "
-          f"{metrics['tv_hist']:.3f} | entropy truth {metrics['entropy_truth']:.3f}, EBM {metrics['entropy_ebm']:.3f}, "
-          f"KDE {metrics['entropy_kde']:.3f} | temperature {metrics['temperature']:.3g} | "
-          f"trained in {train_seconds:.0f} s | {args.out}", file=sys.stderr)
+    at_T = ("" if metrics["temperature_T"] is None else
+            f" | exp(f/T): entropy {metrics['entropy_ebm_T']:.3f}, temperature_T {metrics['temperature_T']:.3g}")
+    print(f"{args.density}: TV(truth, KDE) {metrics['tv']:.3f}, KL {metrics['kl']:.3f}, "
+          f"hist TV {metrics['tv_hist']:.3f} | entropy truth {metrics['entropy_truth']:.3f}, "
+          f"EBM {metrics['entropy_ebm']:.3f}, KDE {metrics['entropy_kde']:.3f} | "
+          f"temperature {metrics['temperature']:.3g}{at_T} | trained in {train_seconds:.0f} s | {args.out}",
+          file=sys.stderr)
     return 0
 
 

@@ -127,6 +127,53 @@ def test_fit_temperature_recovers_a_known_temperature():
         assert 1 / toy.fit_temperature(p, log_p / T0 + 7.0) == pytest.approx(T0, rel=1e-4)
 
 
+class ScaledLogDensity(torch.nn.Module):
+    """f(x) = scale * log N(x; 0, s^2) on 1D points, shape (B,)."""
+
+    def __init__(self, scale, s):
+        super().__init__()
+        self.scale, self.s = scale, s
+
+    def forward(self, x):
+        return self.scale * (-0.5 * (x[:, 0] / self.s) ** 2 - math.log(self.s * math.sqrt(2 * math.pi)))
+
+
+@pytest.mark.parametrize("T0", [0.5, 1.0, 2.0])
+def test_metrics_against_exp_f_over_T_match_a_known_gaussian(T0):
+    """Truth N(0, s^2); f = T log p / T0 with T = noise^2 / (2 step_size) = 0.4, so exp(f/T) is
+    N(0, T0 s^2) (the truth at temperature T0) and exp(f) is N(0, T0 s^2 / T). Closed forms:
+    entropy_ebm_T = log(2 pi e T0 s^2) / 2, temperature_T = 1/T0, ebm_temperature_T = T0, and the
+    exp(f) numbers keep their own meaning: entropy_ebm = log(2 pi e T0 s^2 / T) / 2, temperature = T/T0."""
+    s = 0.1
+    args = toy.build_parser().parse_args(["--step-size", "5e-4", "--noise", "2e-2", "--bandwidth", "scott",
+                                          "--grid", "2000"])
+    toy.apply_presets(args)
+    T = 0.4
+    assert args.noise ** 2 / (2 * args.step_size) == pytest.approx(T)
+    density = toy.Mixture(means=[[0.0]], stds=[s], weights=[1.0])
+    exact = toy.sample_truth(density, 10000, np.random.default_rng(0))
+    m, grids = toy.evaluate(ScaledLogDensity(T / T0, s), density, exact, args, "cpu", exact)
+    assert m["langevin_temperature"] == pytest.approx(T)
+    assert m["entropy_ebm_T"] == pytest.approx(0.5 * math.log(2 * math.pi * math.e * T0 * s ** 2), abs=2e-3)
+    assert m["temperature_T"] == pytest.approx(1 / T0, rel=1e-6)
+    assert m["ebm_temperature_T"] == pytest.approx(T0, rel=1e-6)
+    assert m["entropy_ebm"] == pytest.approx(0.5 * math.log(2 * math.pi * math.e * T0 * s ** 2 / T), abs=2e-3)
+    assert m["temperature"] == pytest.approx(T / T0, rel=1e-6)
+    assert (m["kl_truth_ebm_T"] < 1e-6) == (T0 == 1.0)          # exp(f/T) is the truth only at T0 = 1
+    assert grids["ebm_T"].sum() * 2 / 2000 == pytest.approx(1.0)
+    assert grids["ebm_T"].max() == pytest.approx((2 * math.pi * T0 * s ** 2) ** -0.5, rel=1e-3)
+
+
+def test_without_noise_the_chain_has_no_temperature_and_the_T_metrics_are_null():
+    args = toy.build_parser().parse_args(["--noise", "0", "--bandwidth", "scott", "--grid", "200"])
+    toy.apply_presets(args)
+    density = toy.Mixture(means=[[0.0]], stds=[0.1], weights=[1.0])
+    exact = toy.sample_truth(density, 10000, np.random.default_rng(0))
+    m, grids = toy.evaluate(ScaledLogDensity(1.0, 0.1), density, exact, args, "cpu", exact)
+    assert m["temperature_T"] is None and m["entropy_ebm_T"] is None and "ebm_T" not in grids
+    assert m["temperature"] == pytest.approx(1.0, rel=1e-6)
+
+
 def test_annealing_is_geometric_from_anneal_start_and_off_when_it_is_zero():
     args = toy.build_parser().parse_args(["--iters", "300", "--anneal-start", "100", "--lr", "1e-3",
                                           "--anneal-lr-final", "0.01", "--anneal-sigma-final", "0.5"])
@@ -187,8 +234,11 @@ def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, c
     d = 1 if name == "mog1d" else 2
     assert samples.shape == (10000, d) and np.all(np.isfinite(samples))
     m = metrics_of(out)
-    for key in ("tv", "kl", "tv_hist", "entropy_truth", "entropy_ebm", "entropy_kde", "temperature"):
+    for key in ("tv", "kl", "tv_hist", "entropy_truth", "entropy_ebm", "entropy_kde", "temperature",
+                "entropy_ebm_T", "temperature_T"):
         assert math.isfinite(m[key]), key
+    # the fitted temperature is invariant to rescaling f, so against exp(f/T) it is divided by T
+    assert m["temperature_T"] == pytest.approx(m["temperature"] / m["langevin_temperature"], rel=1e-6)
     assert m["config"]["K"] == 50 and m["config"]["iters"] == 150 and m["config"]["density"] == name
     # measured, not assumed: 150 iterations already pull the chains away from uniform noise
     density = toy.make_density(name)
