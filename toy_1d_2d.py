@@ -126,6 +126,9 @@ def build_parser():
     r.add_argument("--force", action="store_true", help="replace the run already in --out")
     r.add_argument("--log-every", type=int, default=100, help="log.jsonl + progress line every N its")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
+    r.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (per-density defaults filled in) as one JSON object "
+                        "and exit; reads no data (a file: density is only checked to exist), writes nothing")
     return p
 
 
@@ -142,7 +145,8 @@ def apply_presets(args):
 
 
 def validate(args):
-    """Every check that needs no compute. Raises UsageError. Returns the density object."""
+    """Every check that needs no compute. Raises UsageError. Returns the density object
+    (with --print-config: nothing, as no data is read)."""
     for name, v in {"--K": args.K, "--hidden": args.hidden, "--batch-size": args.batch_size,
                     "--iters": args.iters, "--n-data": args.n_data, "--log-every": args.log_every,
                     "--threads": args.threads}.items():
@@ -170,6 +174,8 @@ def validate(args):
             h = float("nan")
         if not (math.isfinite(h) and h > 0):
             raise UsageError(f"--bandwidth must be cv, scott, silverman or a positive number (got {args.bandwidth!r})")
+    if args.print_config:       # reads no data: a file: density is checked to exist, not loaded
+        return density_file(args.density)
     return make_density(args.density)
 
 
@@ -252,9 +258,10 @@ BUILTIN = {
 }
 
 
-def make_density(name):
+def density_file(name):
+    """The path of a file: density (None for a built-in one), checked to exist but not read."""
     if name in BUILTIN:
-        return BUILTIN[name]()
+        return None
     if not name.startswith("file:"):
         raise UsageError(f"unknown --density {name!r}: use one of {', '.join(BUILTIN)} or file:PATH.npy")
     path = os.path.expanduser(name[len("file:"):])
@@ -262,6 +269,13 @@ def make_density(name):
         raise UsageError("--density file: needs a path, e.g. file:points.npy")
     if not os.path.isfile(path):
         raise UsageError(f"--density {name}: no such file")
+    return path
+
+
+def make_density(name):
+    path = density_file(name)
+    if path is None:
+        return BUILTIN[name]()
     try:
         x = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -692,6 +706,9 @@ def main(argv=None):
         args.out = args.out or os.path.join("runs", "toy_" + os.path.splitext(os.path.basename(args.density))[0]
                                             .replace("file:", ""))
         device = resolve_device(args.device)
+        if args.print_config:
+            print(json.dumps(vars(args), indent=2))
+            return 0
         old_files = check_run_folder(args.out, args.force)
     except UsageError as e:
         print(f"toy_1d_2d.py: error: {e}", file=sys.stderr)

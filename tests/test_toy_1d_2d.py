@@ -193,6 +193,46 @@ def test_per_density_defaults_fill_only_the_flags_left_out():
     assert (mine.step_size, mine.noise, mine.iters) == (2e-4, 3e-2, 10)
 
 
+def print_config(argv, capsys, cwd):
+    """main(argv + --print-config) run in cwd -> (exit code, stdout, stderr)."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code, _ = run_main(list(argv) + ["--print-config"])
+    finally:
+        os.chdir(here)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, capsys):
+    code, out, err = print_config(["--density", "rings"], capsys, tmp_path)
+    assert code == 0, err
+    config = json.loads(out)                                            # one JSON object, nothing else
+    assert set(config) == set(vars(toy.build_parser().parse_args([])))  # keys = argparse dests
+    assert (config["step_size"], config["noise"], config["iters"], config["K"]) == (1e-3, 3e-2, 6000, 50)
+    assert config["out"] == os.path.join("runs", "toy_rings") and config["print_config"] is True
+    code, out, err = print_config(["--density", "mog1d", "--noise", "0.05", "--out", tmp_path / "x"],
+                                  capsys, tmp_path)
+    config = json.loads(out)
+    assert code == 0 and (config["step_size"], config["noise"], config["iters"]) == (5e-4, 0.05, 3000)
+    # a file: density is checked to exist but not read: junk in it is a run's problem, not print-config's
+    (tmp_path / "junk.npy").write_text("not an array")
+    code, out, err = print_config(["--density", f"file:{tmp_path / 'junk.npy'}"], capsys, tmp_path)
+    assert code == 0 and json.loads(out)["iters"] == 6000
+    assert sorted(os.listdir(tmp_path)) == ["junk.npy"]                 # no run folder, no default runs/
+
+
+@pytest.mark.parametrize("flags,message", [(["--K", "0"], "--K must be >= 1"),
+                                           (["--density", "file:nowhere.npy"], "no such file"),
+                                           (["--bandwidth", "wide"], "--bandwidth"),
+                                           (["--lr", "fast"], "invalid float value")])
+def test_print_config_with_a_bad_value_exits_2_like_a_run(flags, message, tmp_path, capsys):
+    code, out, err = print_config(flags, capsys, tmp_path)
+    assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
 def test_langevin_without_noise_is_gradient_ascent_in_closed_form():
     """f(x) = -|x|^2 / 2: each step multiplies x by (1 - step_size)."""
     class Quadratic(torch.nn.Module):
