@@ -166,6 +166,11 @@ def build_parser(suppress_defaults=False):
     return p
 
 
+# Version of the nets in checkpoints (config key net_version). 2: at 64 px, --arch resnet builds the
+# authors' CelebA-64 nets. Checkpoints without the key hold version 1 nets, whose 64 px resnet layout
+# (the 32 px nets with more blocks) no longer exists; their 32 px and simple nets are unchanged.
+NET_VERSION = 2
+
 # Flags a resumed run may change; everything else is taken from the checkpoint's config.
 RESUME_OVERRIDES = ("iters", "device", "out", "resume", "log_every", "plot_every", "ckpt_every",
                     "data_root", "download", "gap_limit")
@@ -203,19 +208,29 @@ class _EBMBlock(nn.Module):
 
 
 class EBM(nn.Module):
-    """f(x): image (B, n_c, S, S) -> negative energy (B,). resnet: authors' net; simple: DCGAN-style."""
+    """f(x): image (B, n_c, S, S) -> negative energy (B,). resnet: authors' nets; simple: DCGAN-style.
+
+    resnet, 32 px (authors' _Cifar10_netE): start block 3 -> nef (down), one down block, two plain blocks
+    at 8x8, all nef wide. resnet, 64 px (authors' _CelebA64_netE): start block 3 -> nef/16 (down), four
+    down blocks doubling the width up to nef (64 -> 2 px). Both end in ReLU, global average pooling and
+    a bias-free linear layer; spectral norm on every conv and the linear layer (authors' add_sn).
+    """
 
     def __init__(self, n_c=3, nef=512, im_sz=32, arch="resnet", sn=True):
         super().__init__()
-        n_down = int(math.log2(im_sz)) - 3  # 32 px -> 2, 64 px -> 3 halvings down to 8x8 / 4x4
-        if arch == "resnet":
-            blocks = [_EBMBlock(n_c, nef, True, True, sn)]
-            blocks += [_EBMBlock(nef, nef, True, False, sn) for _ in range(n_down - 1)]
+        if arch == "resnet" and im_sz == 64:
+            chans = [max(1, nef >> k) for k in (4, 3, 2, 1, 0)]                  # nef/16 ... nef
+            blocks = [_EBMBlock(n_c, chans[0], True, True, sn)]
+            blocks += [_EBMBlock(c_in, c_out, True, False, sn) for c_in, c_out in zip(chans[:-1], chans[1:])]
+        elif arch == "resnet":
+            blocks = [_EBMBlock(n_c, nef, True, True, sn), _EBMBlock(nef, nef, True, False, sn)]
             blocks += [_EBMBlock(nef, nef, False, False, sn) for _ in range(2)]
+        if arch == "resnet":
             self.body = nn.Sequential(*blocks, nn.ReLU())
             lin = nn.Linear(nef, 1, bias=False)
             self.head = spectral_norm(lin) if sn else lin
         else:  # 3x3 conv s1; 4x4 s2 convs to 4x4 maps; 4x4 valid conv -> 1
+            n_down = int(math.log2(im_sz)) - 3
             layers = [_conv(n_c, nef, 3, 1, 1, sn), nn.LeakyReLU(0.2)]
             chans = [nef, 2 * nef] + [4 * nef] * n_down
             for c_in, c_out in zip(chans[:-1], chans[1:]):
@@ -234,11 +249,11 @@ class EBM(nn.Module):
 class _GenBlock(nn.Module):
     """Residual block of the authors' generator: BN-relu-up-conv-BN-relu-conv (+ 1x1 shortcut)."""
 
-    def __init__(self, ch):
+    def __init__(self, n_in, n_out):
         super().__init__()
-        self.bn1, self.bn2 = nn.BatchNorm2d(ch), nn.BatchNorm2d(ch)
-        self.conv1, self.conv2 = _conv(ch, ch, 3, 1, 1), _conv(ch, ch, 3, 1, 1)
-        self.sc = _conv(ch, ch, 1, 1, 0)
+        self.bn1, self.bn2 = nn.BatchNorm2d(n_in), nn.BatchNorm2d(n_out)
+        self.conv1, self.conv2 = _conv(n_in, n_out, 3, 1, 1), _conv(n_out, n_out, 3, 1, 1)
+        self.sc = _conv(n_in, n_out, 1, 1, 0)
 
     def forward(self, x):
         up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
@@ -247,16 +262,22 @@ class _GenBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """g(z): latent (B, nz) -> image (B, n_c, S, S) in [-1, 1] (tanh)."""
+    """g(z): latent (B, nz) -> image (B, n_c, S, S) in [-1, 1] (tanh).
+
+    resnet: a linear layer to 4x4 x ngf maps, then upsampling blocks: at 32 px three, all ngf wide
+    (authors' _Cifar10_netG); at 64 px four, halving the width to ngf/16 (authors' _CelebA64_netG).
+    """
 
     def __init__(self, nz=128, ngf=512, n_c=3, im_sz=32, arch="resnet"):
         super().__init__()
         self.nz, self.ngf, self.arch = nz, ngf, arch
         n_up = int(math.log2(im_sz)) - 2  # 4x4 -> S
         if arch == "resnet":
+            chans = [max(1, ngf >> k) for k in range(5)] if im_sz == 64 else [ngf] * (n_up + 1)
             self.lin = nn.Linear(nz, 16 * ngf)
-            self.body = nn.Sequential(*[_GenBlock(ngf) for _ in range(n_up)], nn.BatchNorm2d(ngf),
-                                      nn.ReLU(), _conv(ngf, n_c, 3, 1, 1), nn.Tanh())
+            blocks = [_GenBlock(c_in, c_out) for c_in, c_out in zip(chans[:-1], chans[1:])]
+            self.body = nn.Sequential(*blocks, nn.BatchNorm2d(chans[-1]), nn.ReLU(),
+                                      _conv(chans[-1], n_c, 3, 1, 1), nn.Tanh())
         else:  # DCGAN: 4x4 convT from 1x1, then 4x4 s2 convTs, each BN + ReLU; 3x3 conv to pixels
             chans = [8 * ngf, 8 * ngf, 4 * ngf, 2 * ngf, ngf][: n_up + 1]
             layers = [nn.ConvTranspose2d(nz, chans[0], 4, 1, 0, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU()]
@@ -271,13 +292,20 @@ class Generator(nn.Module):
 
 
 class Encoder(nn.Module):
-    """q(z|x): image -> (mu, logvar), each (B, nz). The authors' conv encoder for both archs."""
+    """q(z|x): image -> (mu, logvar), each (B, nz). Bias-free convs with LeakyReLU 0.2 down to 4x4 maps
+    (nif, 2 nif, 4 nif, 8 nif), then two 4x4 valid convs for mu and log-variance. The first conv is
+    3x3 stride 1 (authors' _Cifar10_netI; also simple at every size) or, for resnet at 64 px,
+    4x4 stride 2 (authors' _CelebA64_netI)."""
 
-    def __init__(self, nz=128, nif=128, n_c=3, im_sz=32):
+    def __init__(self, nz=128, nif=128, n_c=3, im_sz=32, arch="resnet"):
         super().__init__()
-        n_down = int(math.log2(im_sz)) - 2  # to 4x4 maps
-        chans = [nif, 2 * nif, 4 * nif] + [8 * nif] * (n_down - 2)
-        layers = [_conv(n_c, nif, 3, 1, 1, bias=False), nn.LeakyReLU(0.2)]
+        if arch == "resnet" and im_sz == 64:
+            chans = [nif, 2 * nif, 4 * nif, 8 * nif]
+            layers = [_conv(n_c, nif, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
+        else:
+            n_down = int(math.log2(im_sz)) - 2  # to 4x4 maps
+            chans = [nif, 2 * nif, 4 * nif] + [8 * nif] * (n_down - 2)
+            layers = [_conv(n_c, nif, 3, 1, 1, bias=False), nn.LeakyReLU(0.2)]
         for c_in, c_out in zip(chans[:-1], chans[1:]):
             layers += [_conv(c_in, c_out, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
@@ -292,7 +320,7 @@ def build_models(cfg, device):
     n_c, s = cfg["n_c"], cfg["image_size"]
     models = {"ebm": EBM(n_c, cfg["nef"], s, cfg["arch"], cfg["spectral_norm"]),
               "generator": Generator(cfg["nz"], cfg["ngf"], n_c, s, cfg["arch"]),
-              "encoder": Encoder(cfg["nz"], cfg["nif"], n_c, s)}
+              "encoder": Encoder(cfg["nz"], cfg["nif"], n_c, s, cfg["arch"])}
     return {k: m.to(device) for k, m in models.items()}
 
 
@@ -491,6 +519,11 @@ def validate(args):
         raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} (use 32 or 64)")
     for k, v in ARCH_WIDTHS[args.arch].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    if args.arch == "resnet" and args.image_size == 64:
+        for name in ("nef", "ngf"):
+            if getattr(args, name) < 16:
+                raise UsageError(f"--{name} must be >= 16 for --arch resnet at 64 px (its nets run "
+                                 f"{name}/16 channels at 64 px), got {getattr(args, name)}")
     checks = [("nz", 1), ("nef", 1), ("ngf", 1), ("nif", 1), ("k_x", 0), ("k_z", 0), ("sample_k_x", 0),
               ("batch_size", 2), ("iters", 1), ("log_every", 1), ("plot_every", 0), ("ckpt_every", 0),
               ("n_data", 0), ("benchmark", 0)]
@@ -619,6 +652,10 @@ def read_checkpoint(path, device="cpu"):
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}")
     if not isinstance(ckpt, dict) or ckpt.get("script") != "dual_mcmc":
         raise UsageError(f"{path} is not a dual_mcmc.py checkpoint")
+    cfg = ckpt.get("config", {})
+    if cfg.get("arch") == "resnet" and cfg.get("image_size") == 64 and cfg.get("net_version", 1) < 2:
+        raise UsageError(f"{path} was trained with the pre-fix 64 px resnet nets (not the authors' CelebA-64 "
+                         f"nets), which this dual_mcmc.py no longer builds; train a new run")
     return ckpt
 
 
@@ -901,7 +938,7 @@ def run(args, ckpt, device, rank, world, argv):
         return 2
     data = place_data(data, device)
     cfg = {**vars(args), "n_c": int(data.shape[1]), "n_data_used": int(len(data)), "argv": argv,
-           "world_size": world, **_versions()}
+           "world_size": world, "net_version": NET_VERSION, **_versions()}
     seed_everything(args.seed)  # same initial weights on every rank
     models = build_models(cfg, device)
     for mdl in models.values():

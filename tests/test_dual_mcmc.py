@@ -77,6 +77,21 @@ def test_resnet_arch_parameter_counts_match_the_authors_cifar10_nets():
     assert sum(1 for m in E.modules() if hasattr(m, "parametrizations")) == 11  # 10 convs + the linear head
 
 
+def test_resnet_arch_at_64px_is_the_authors_celeba64_nets():
+    # authors' _CelebA64_netE / netG / netI at ndf = ngf = 1024, nif = 128, nz = 128
+    E, G, I = dm.EBM(3, 1024, 64, "resnet"), dm.Generator(128, 1024, 3, 64, "resnet"), dm.Encoder(128, 128, 3, 64)
+    assert [dm.n_params(m) for m in (E, G, I)] == [19_536_768, 12_220_675, 15_210_752]
+    assert sum(1 for m in E.modules() if hasattr(m, "parametrizations")) == 16  # 5 blocks x 3 convs + linear
+    widths = [m.out_channels for m in E.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert widths == [64, 128, 256, 512, 1024]  # shortcuts: nef/16 doubling to nef
+    assert [m.num_features for m in G.modules() if isinstance(m, nn.BatchNorm2d)][-1] == 64  # ngf/16 at 64 px
+    convs = [m for m in I.body if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride, c.bias) for c in convs] == [
+        (128 * 2 ** i, (4, 4), (2, 2), None) for i in range(4)]
+    # the simple arch keeps its encoder (3x3 first conv) at 64 px
+    assert dm.Encoder(8, 4, 3, 64, "simple").body[0].kernel_size == (3, 3)
+
+
 @pytest.mark.parametrize("arch", ["resnet", "simple"])
 @pytest.mark.parametrize("size", [32, 64])
 def test_shapes_at_batch_one(arch, size):
@@ -256,6 +271,25 @@ def test_resume_keeps_the_run_and_refuses_changes(images, tmp_path, capsys):
     assert (tmp_path / "final.pt").read_bytes() == final and len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
 
 
+def test_pre_fix_64px_resnet_checkpoint_is_refused_in_one_line_32px_still_loads(images, tmp_path, capsys):
+    assert run(images, tmp_path / "a", "--iters", "1") == 0
+    ckpt = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    assert ckpt["config"]["net_version"] == dm.NET_VERSION
+    del ckpt["config"]["net_version"]  # as written before the CelebA-64 nets
+    torch.save(ckpt, tmp_path / "a" / "final.pt")
+    assert dm.load_checkpoint(str(tmp_path / "a" / "final.pt"))[1]["nz"] == 8  # 32 px: unchanged nets, loads
+    old = tmp_path / "old64"
+    old.mkdir()
+    ckpt["config"].update(arch="resnet", image_size=64)
+    torch.save(ckpt, old / "last.pt")
+    with pytest.raises(dm.UsageError, match="pre-fix 64 px"):
+        dm.load_checkpoint(str(old / "last.pt"))
+    capsys.readouterr()
+    assert dm.main(["--out", str(old), "--resume", "--iters", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pre-fix 64 px resnet nets" in err[0], err
+
+
 def test_sample_after_load_checkpoint(images, tmp_path):
     assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
     models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
@@ -319,6 +353,7 @@ def test_benchmark_prints_line_and_writes_nothing(tmp_path, capsys):
     (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"), (["--beta2", "1"], "--beta2"),
     (["--sample-step-size", "nan"], "--sample-step-size"), (["--log-every", "0"], "--log-every"),
     (["--n-data", "-1"], "--n-data"), (["--gap-limit", "0"], "--gap-limit"),
+    (["--arch", "resnet", "--image-size", "64", "--nef", "8"], "--nef must be >= 16"),
 ])
 def test_bad_values_exit_2_and_write_nothing(images, tmp_path, capsys, flags, msg):
     out = tmp_path / "run"
