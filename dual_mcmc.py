@@ -91,7 +91,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 PROG = "dual_mcmc.py"
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ARCH_WIDTHS = {"resnet": dict(nef=512, ngf=512, nif=128), "simple": dict(nef=64, ngf=64, nif=64)}
 
 
@@ -465,6 +465,11 @@ class _Folder(torch.utils.data.Dataset):
             return self.tf(im.convert("RGB")), 0
 
 
+def folder_path(dataset):
+    """folder:PATH -> PATH with ~ expanded."""
+    return os.path.expanduser(dataset[len("folder:"):])
+
+
 def folder_files(path):
     files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS)]
     return sorted(files)
@@ -473,12 +478,12 @@ def folder_files(path):
 def load_data(args):
     """All training images as one uint8 tensor (N, n_c, S, S); batches are converted on the fly."""
     if args.dataset.startswith("folder:"):
-        files = folder_files(args.dataset[len("folder:"):])
+        files = folder_files(folder_path(args.dataset))
         if args.n_data:
             files = files[: args.n_data]
         ds = _Folder(files, args.image_size)
     else:
-        ds = _torchvision_set(args.dataset, args.data_root, args.image_size, args.download)
+        ds = _torchvision_set(args.dataset, os.path.expanduser(args.data_root), args.image_size, args.download)
         if args.n_data:
             ds = torch.utils.data.Subset(ds, range(min(args.n_data, len(ds))))
     loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1))
@@ -510,7 +515,7 @@ def validate(args):
     if not (args.dataset in DATASETS or args.dataset.startswith("folder:")):
         raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} or folder:PATH)")
     if args.dataset.startswith("folder:"):
-        path = args.dataset[len("folder:"):]
+        path = folder_path(args.dataset)
         if not os.path.isdir(path):
             raise UsageError(f"--dataset folder: {path!r} is not a directory")
         if not folder_files(path) and not args.benchmark:
@@ -543,7 +548,8 @@ def validate(args):
     if not 0 < args.lr_decay <= 1:
         raise UsageError(f"--lr-decay must lie in (0, 1], got {args.lr_decay}")
     if args.out is None:
-        args.out = os.path.join("runs", "dual_" + args.dataset.replace("folder:", "").strip("/").replace("/", "_"))
+        name = folder_path(args.dataset) if args.dataset.startswith("folder:") else args.dataset
+        args.out = os.path.join("runs", "dual_" + name.strip("/").replace("/", "_"))
     return args
 
 

@@ -411,6 +411,27 @@ def test_out_that_is_a_file_or_under_a_file_exits_2(images, tmp_path, capsys):
     assert (tmp_path / "f").read_text() == "x"
 
 
+def test_folder_dataset_expands_home_and_takes_every_image_extension(tmp_path, monkeypatch):
+    from PIL import Image
+    home = tmp_path / "home"
+    (home / "imgs" / "sub").mkdir(parents=True)
+    exts = [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"]
+    for i, ext in enumerate(exts):  # a uniform colour per file: the order of the loaded set is checkable
+        Image.new("RGB", (40, 36), (20 * i, 100, 200)).save(home / "imgs" / "sub" / f"{i}{ext.upper()}")
+    (home / "imgs" / "notes.txt").write_text("not an image")
+    monkeypatch.setenv("HOME", str(home))
+    assert tuple(dm.IMAGE_EXTS) == tuple(exts)
+    args = dm.validate(dm.build_parser().parse_args(["--dataset", "folder:~/imgs", "--out", str(tmp_path / "r")]))
+    data = dm.load_data(args)
+    assert data.shape == (8, 3, 32, 32)
+    reds = sorted(data[:, 0, 0, 0].tolist())  # one file of each kind (JPEG / GIF may shift a level or two)
+    assert all(abs(r - 20 * i) <= 3 for i, r in enumerate(reds)), reds
+    out = tmp_path / "run"
+    assert dm.main(["--dataset", "folder:~/imgs", *TINY, "--iters", "1", "--out", str(out)]) == 0
+    assert dm.validate(dm.build_parser().parse_args(["--dataset", "folder:~/imgs"])).out == os.path.join(
+        "runs", "dual_" + str(home / "imgs").strip("/").replace("/", "_"))
+
+
 # ---- multi-process (slow: two processes start torch twice; `pytest -m slow`) ----
 
 
