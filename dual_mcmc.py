@@ -100,8 +100,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.print_usage(sys.stderr)
+    def error(self, message):  # one line, no usage block (--help shows it)
         self.exit(2, f"{PROG}: error: {message}\n")
 
 
@@ -113,27 +112,38 @@ def build_parser(suppress_defaults=False):
     a("--data-root", default="./data", help="where torchvision data sets live / are downloaded")
     a("--download", action=argparse.BooleanOptionalAction, default=True, help="download the data set if missing")
     a("--n-data", type=int, default=0, help="use the first N training images (0 = all; paper: all 50k CIFAR-10)")
-    a("--image-size", type=int, default=32, help="32 or 64 px (paper: 32 CIFAR-10, 64 CelebA)")
+    a("--image-size", type=int, default=None, help="32 or 64 px (default: celeba 64, else 32; paper: 32 CIFAR-10, 64 CelebA)")
+    a("--celeba-crop", action=argparse.BooleanOptionalAction, default=None,
+      help="authors' CelebA pipeline: crop box (15, 40, 163, 188) of the aligned 178x218 images, then resize "
+           "(default: on for celeba; on a folder: it also takes the celeba defaults); off: resize + centre crop")
+    a("--hflip", action=argparse.BooleanOptionalAction, default=None,
+      help="random horizontal flip of each training image, drawn per batch (default: with --celeba-crop; authors: CelebA)")
+    a("--data-order", default="epochs", choices=("epochs", "replacement"),
+      help="epochs: shuffled epochs without replacement, as the authors' DataLoader; replacement: uniform draws "
+           "(runs written before this flag)")
     # models
     a("--arch", default="resnet", choices=("resnet", "simple"), help="resnet: paper's main nets (authors' code); simple: Appendix A.1 DCGAN-style nets")
     a("--nz", type=int, default=128, help="latent size (paper 128); smaller trains faster, reconstructs worse")
-    a("--nef", type=int, default=None, help="EBM width (resnet 512, CelebA 1024; simple 64)")
-    a("--ngf", type=int, default=None, help="generator width (resnet 512, CelebA 1024; simple 64)")
+    a("--nef", type=int, default=None, help="EBM width (resnet 512, celeba 1024; simple 64); at 64 px the EBM runs nef/16 .. nef")
+    a("--ngf", type=int, default=None, help="generator width (resnet 512, celeba 1024; simple 64); at 64 px ngf .. ngf/16")
     a("--nif", type=int, default=None, help="inference-model width (resnet 128; simple 64)")
     a("--spectral-norm", action=argparse.BooleanOptionalAction, default=True, help="spectral norm on every EBM layer (authors: on); off lets f grow sharper and diverge sooner")
     # MCMC
     a("--k-x", dest="k_x", type=int, default=30, help="x-Langevin steps on f from x0 = g(z) (paper 30); more steps revise g's samples further")
     a("--k-z", dest="k_z", type=int, default=10, help="z-Langevin steps on log p(z|x) from z^ ~ q (paper 10)")
-    a("--x-step-size", type=float, default=0.125, help="x-chain step on grad f: s^2/2 with s = 0.5 (CelebA s = 0.3 -> 0.045); lower if f(x~) explodes")
+    a("--x-step-size", type=float, default=None, help="x-chain step on grad f: s^2/2 with s = 0.5 -> 0.125 (default; celeba s = 0.3 -> 0.045); lower if f(x~) explodes")
     a("--x-noise", type=float, default=1e-3, help="x-chain noise std n (paper 1e-3); the EBM loss is divided by T = n^2 / (2 step)")
     a("--z-step-size", type=float, default=0.005, help="z-chain step on grad log p(z|x): s^2/2 with s = 0.1 (paper)")
     a("--z-noise", type=float, default=0.1, help="z-chain noise std (paper 0.1)")
     a("--sigma-g", dest="sigma_g", type=float, default=0.3, help="generator noise std sigma_g in p(x|z) (paper 0.3); smaller weights reconstruction more")
+    a("--posterior", default="paper", choices=("paper", "authors"),
+      help="z-chain target: paper: -||x - g(z)||^2 / (2 sigma_g^2) - ||z||^2 / 2; authors: their code's "
+           "||x - g(z)||^2 / sigma_g^2 (likelihood drift doubled; behind the paper's Table 3 numbers)")
     a("--sample-k-x", type=int, default=70, help="x-steps used by sample() after training (authors' test preset 70)")
     a("--sample-step-size", type=float, default=0.08, help="x-step used by sample(): s^2/2 with s = 0.4 (authors' test preset)")
     # losses and optimisation
     a("--w-recon", type=float, default=1.0, help="generator weight of the data term ||x - g(z~)||^2 / (2 sigma_g^2) (paper 1)")
-    a("--w-sample", type=float, default=50.0, help="generator weight of the EBM term ||x~ - g(z)||^2 / (2 sigma_g^2) (authors 50, CelebA 70)")
+    a("--w-sample", type=float, default=None, help="generator weight of the EBM term ||x~ - g(z)||^2 / (2 sigma_g^2) (authors 50; celeba 70)")
     a("--w-inf-data", type=float, default=1.0, help="inference weight of -log q(z~|x) (paper 1)")
     a("--w-inf-sample", type=float, default=0.1, help="inference weight of -log q(z|x~) (authors 0.1)")
     a("--batch-size", type=int, default=100, help="m, images per iteration (paper 100)")
@@ -150,7 +160,8 @@ def build_parser(suppress_defaults=False):
     a("--no-inference", action="store_true", help="ablation: start the z-chain from N(0, I) instead of q(z|x); q is not trained")
     a("--gen-only-init", action="store_true", help="ablation (cooperative learning): the generator learns only from x~, not from data")
     # run
-    a("--iters", type=int, default=150000, help="training iterations (authors ~300 epochs = 150k at batch 100)")
+    a("--iters", type=int, default=None, help="training iterations (default 150,000 = ~300 epochs of CIFAR-10 at batch 100; "
+      "celeba: the authors' 301 epochs of 162,770 images, 489,727 at batch 100 on one process)")
     a("--seed", type=int, default=1234, help="random seed (authors 1234)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default=None, help="run folder (default runs/dual_<dataset>)")
@@ -159,7 +170,11 @@ def build_parser(suppress_defaults=False):
     a("--plot-every", type=int, default=1000, help="iterations between sample grids (0 = only at the end)")
     a("--ckpt-every", type=int, default=1000, help="iterations between last.pt writes (0 = only at the end)")
     a("--amp", default="off", choices=("off", "bf16"), help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
+    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+      help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     a("--benchmark", type=int, default=0, metavar="N", help="time N iterations on random data, print s/iter, write nothing")
+    a("--print-config", action="store_true",
+      help="print the resolved configuration (with --resume: the run's own) as JSON and exit; reads no data, writes nothing")
     if suppress_defaults:  # parse_args then returns only the flags the user typed (see --resume)
         for action in p._actions:
             action.default = argparse.SUPPRESS
@@ -173,7 +188,15 @@ NET_VERSION = 2
 
 # Flags a resumed run may change; everything else is taken from the checkpoint's config.
 RESUME_OVERRIDES = ("iters", "device", "out", "resume", "log_every", "plot_every", "ckpt_every",
-                    "data_root", "download", "gap_limit")
+                    "data_root", "download", "gap_limit", "print_config", "cuda_graph")
+# Keys a run written by an older version lacks, with the value that reproduces what that version did.
+OLD_RUN_DEFAULTS = {"celeba_crop": False, "hflip": False, "data_order": "replacement", "posterior": "paper",
+                    "cuda_graph": True, "print_config": False}
+# Defaults that depend on the data set (authors' config.py: celeba64_config); None in the parser.
+CELEBA_N_TRAIN, CELEBA_EPOCHS = 162770, 301
+DATASET_DEFAULTS = {"celeba": dict(image_size=64, x_step_size=0.045, w_sample=70.0, celeba_crop=True)}
+OTHER_DEFAULTS = dict(image_size=32, x_step_size=0.125, w_sample=50.0, celeba_crop=False, iters=150000)
+ARCH_WIDTHS_CELEBA = {"resnet": dict(nef=1024, ngf=1024, nif=128), "simple": ARCH_WIDTHS["simple"]}
 
 # ---- model ----
 
@@ -365,19 +388,24 @@ def langevin_x(f, x, K, step_size, noise):
     return x
 
 
-def log_posterior(g, x, z, sigma):
-    """log p(z|x) + const = -||x - g(z)||^2 / (2 sigma^2) - ||z||^2 / 2, per example (B,)."""
+def log_posterior(g, x, z, sigma, posterior="paper"):
+    """log p(z|x) + const = -||x - g(z)||^2 / (2 sigma^2) - ||z||^2 / 2, per example (B,).
+    posterior="authors": their code's -||x - g(z)||^2 / sigma^2 - ||z||^2 / 2 (likelihood term doubled)."""
     err = (x - g(z).float()).flatten(1).pow(2).sum(1)
-    return -err / (2 * sigma ** 2) - z.flatten(1).pow(2).sum(1) / 2
+    lik_scale = 2.0 if posterior == "authors" else 1.0
+    return -lik_scale * err / (2 * sigma ** 2) - z.flatten(1).pow(2).sum(1) / 2
 
 
-def langevin_z(g, x, z, K, step_size, noise, sigma):
-    """K steps of z <- z + step_size * grad_z log p(z|x) + noise * N(0, I). Returns detached z_K."""
+def langevin_z(g, x, z, K, step_size, noise, sigma, posterior="paper"):
+    """K steps of z <- z + step_size * grad_z log p(z|x) + noise * N(0, I). Returns detached z_K.
+    posterior: "paper" (default) or "authors" (see log_posterior)."""
+    if posterior not in ("paper", "authors"):
+        raise ValueError(f"posterior must be 'paper' or 'authors', got {posterior!r}")
     z, x = z.detach().clone().float(), x.detach()
     with _bn_stats_frozen(g), torch.enable_grad():
         for _ in range(K):
             z.requires_grad_(True)
-            grad = torch.autograd.grad(log_posterior(g, x, z, sigma).sum(), z)[0]
+            grad = torch.autograd.grad(log_posterior(g, x, z, sigma, posterior).sum(), z)[0]
             z = (z + step_size * grad + noise * torch.randn_like(z)).detach()
     return z
 
@@ -414,10 +442,25 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
 # ---- data ----
 
 
-def _image_transform(size):
-    """PIL image -> uint8 tensor (n_c, size, size): resize the short side, centre-crop."""
+CELEBA_BOX = (15, 40, 178 - 15, 218 - 30)  # authors' dataset.py: 148x148 face box of the aligned 178x218 images
+
+
+class _CelebACrop:
+    """The authors' CelebA crop: PIL box CELEBA_BOX of an aligned 178x218 image (then resized)."""
+
+    def __call__(self, im):
+        if im.size != (178, 218):
+            raise ValueError(f"--celeba-crop needs the aligned 178x218 CelebA images, got one of {im.size[0]}x"
+                             f"{im.size[1]}; drop --celeba-crop for other images")
+        return im.crop(CELEBA_BOX)
+
+
+def _image_transform(size, celeba_crop=False):
+    """PIL image -> uint8 tensor (n_c, size, size): resize the short side, centre-crop; or the authors'
+    CelebA crop box, then resize. Flips are drawn per batch at training time (see get_batch)."""
     T = torchvision.transforms
-    return T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+    first = [_CelebACrop()] if celeba_crop else []
+    return T.Compose([*first, T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
 
 
 def to_pixels(u8):
@@ -430,8 +473,8 @@ def save_grid(x, path):
     torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
 
 
-def _torchvision_set(name, root, size, download):
-    tf = _image_transform(size)
+def _torchvision_set(name, root, size, download, celeba_crop=False):
+    tf = _image_transform(size, celeba_crop)
     D = torchvision.datasets
     where = {"cifar10": "cifar-10-batches-py", "celeba": "celeba/", "lsun_bedroom": "bedroom_train_lmdb",
              "mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "svhn": "train_32x32.mat"}[name]
@@ -453,8 +496,8 @@ def _torchvision_set(name, root, size, download):
 
 
 class _Folder(torch.utils.data.Dataset):
-    def __init__(self, files, size):
-        self.files, self.tf = files, _image_transform(size)
+    def __init__(self, files, size, celeba_crop=False):
+        self.files, self.tf = files, _image_transform(size, celeba_crop)
 
     def __len__(self):
         return len(self.files)
@@ -481,16 +524,18 @@ def load_data(args):
         files = folder_files(folder_path(args.dataset))
         if args.n_data:
             files = files[: args.n_data]
-        ds = _Folder(files, args.image_size)
+        ds = _Folder(files, args.image_size, args.celeba_crop)
     else:
-        ds = _torchvision_set(args.dataset, os.path.expanduser(args.data_root), args.image_size, args.download)
+        ds = _torchvision_set(args.dataset, os.path.expanduser(args.data_root), args.image_size, args.download,
+                              args.celeba_crop)
         if args.n_data:
             ds = torch.utils.data.Subset(ds, range(min(args.n_data, len(ds))))
     loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1))
     try:
         data = torch.cat([xb for xb, _ in loader])  # (N, n_c, S, S) uint8
-    except Exception as e:
-        raise UsageError(f"cannot read images of {args.dataset}: {type(e).__name__}: {e}")
+    except Exception as e:  # a worker's error arrives with its traceback: keep its last line
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        raise UsageError(f"cannot read images of {args.dataset}: {lines[-1] if lines else type(e).__name__}")
     return data
 
 
@@ -502,28 +547,90 @@ def place_data(data, device):
     return data.pin_memory() if device.type == "cuda" else data
 
 
-def get_batch(data, m, device):
-    idx = torch.randint(len(data), (m,))  # CPU RNG: part of the checkpointed state
-    return to_pixels(data[idx.to(data.device)].to(device, non_blocking=True))  # (m, n_c, S, S)
+class DataOrder:
+    """Which images each batch takes. "epochs" (the authors' DataLoader(shuffle=True, drop_last=True)):
+    shuffled epochs without replacement; epoch e's permutation comes from its own generator seeded by
+    (seed, e), the same on every rank, and rank r takes the r-th of every `world` consecutive batches,
+    so the ranks' shards of an epoch are disjoint. "replacement": m uniform draws from the global RNG.
+    The state (epoch, position, permutation) goes into checkpoints, so --resume continues exactly."""
+
+    def __init__(self, n, m, seed, rank=0, world=1, mode="epochs"):
+        self.n, self.m, self.seed, self.rank, self.world, self.mode = n, m, seed, rank, world, mode
+        self.per_epoch = max(1, n // (m * world))  # iterations per epoch; the last partial batch is dropped
+        self.epoch, self.position = 0, 0
+        self.perm = self._permutation(0) if mode == "epochs" else None
+
+    def _permutation(self, epoch):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def next(self):
+        """Indices of this rank's next batch, (m,) int64 on the CPU."""
+        if self.mode == "replacement":
+            return torch.randint(self.n, (self.m,))  # CPU RNG: part of the checkpointed state
+        if self.position >= self.per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.perm = self._permutation(self.epoch)
+        start = (self.position * self.world + self.rank) * self.m
+        self.position += 1
+        return self.perm[start:start + self.m]
+
+    def state_dict(self):
+        return {"mode": self.mode, "epoch": self.epoch, "position": self.position, "perm": self.perm}
+
+    def load_state_dict(self, state):
+        if state["mode"] == self.mode == "epochs" and len(state["perm"]) == self.n:
+            self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"].clone()
+
+
+def get_batch(data, order, device, hflip=False):
+    """The next batch as float pixels (m, n_c, S, S); hflip: each image mirrored with probability 1/2
+    (the authors' RandomHorizontalFlip on CelebA, drawn here from the checkpointed CPU RNG)."""
+    idx = order.next()
+    x = to_pixels(data[idx.to(data.device)].to(device, non_blocking=True))  # (m, n_c, S, S)
+    if hflip:
+        flip = (torch.rand(len(idx)) < 0.5).to(device).view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(3), x)
+    return x
 
 
 # ---- run folder, checkpoints, logging ----
 
 
+def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
+    """Fill the flags left unset (None) whose default depends on the data set or the arch. A folder: of
+    aligned CelebA images with --celeba-crop takes the celeba defaults; n_images: the folder's count."""
+    celeba = args.dataset == "celeba" or (args.dataset.startswith("folder:") and args.celeba_crop)
+    base = DATASET_DEFAULTS["celeba"] if celeba else OTHER_DEFAULTS
+    for key, value in {**base, **(ARCH_WIDTHS_CELEBA if celeba else ARCH_WIDTHS)[args.arch]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.hflip is None:
+        args.hflip = bool(args.celeba_crop)
+    if args.iters is None:  # celeba: the authors' 301 epochs of the images used (last partial batch dropped)
+        n = min(args.n_data, n_images) if args.n_data > 0 else n_images
+        per_epoch = n // max(1, args.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
+        args.iters = CELEBA_EPOCHS * max(1, per_epoch)
+    return args
+
+
 def validate(args):
-    """Check every flag before anything is loaded or written; fill per-arch width defaults."""
+    """Check every flag before anything is loaded or written; fill the data-set and arch defaults."""
     if not (args.dataset in DATASETS or args.dataset.startswith("folder:")):
         raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} or folder:PATH)")
+    n_images = CELEBA_N_TRAIN
     if args.dataset.startswith("folder:"):
         path = folder_path(args.dataset)
         if not os.path.isdir(path):
             raise UsageError(f"--dataset folder: {path!r} is not a directory")
-        if not folder_files(path) and not args.benchmark:
+        n_images = len(folder_files(path))
+        if not n_images and not args.benchmark:
             raise UsageError(f"--dataset folder: no images ({' '.join(IMAGE_EXTS)}) under {path!r}")
+    elif args.celeba_crop and args.dataset != "celeba":
+        raise UsageError(f"--celeba-crop is for celeba or a folder: of aligned 178x218 CelebA images, "
+                         f"not {args.dataset}; drop it")
+    resolve_defaults(args, n_images)
     if args.image_size not in (32, 64):
         raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} (use 32 or 64)")
-    for k, v in ARCH_WIDTHS[args.arch].items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.arch == "resnet" and args.image_size == 64:
         for name in ("nef", "ngf"):
             if getattr(args, name) < 16:
@@ -603,8 +710,8 @@ def gather_rng(device, world):
     return states
 
 
-def save_checkpoint(path, cfg, it, models, opts, scheds, seconds, rng_states):
-    ckpt = {"script": "dual_mcmc", "config": cfg, "iteration": it, "seconds": seconds,
+def save_checkpoint(path, cfg, it, models, opts, scheds, seconds, rng_states, data_order=None):
+    ckpt = {"script": "dual_mcmc", "config": cfg, "iteration": it, "seconds": seconds, "data_order": data_order,
             "models": {k: m.state_dict() for k, m in models.items()},
             "optimizers": {k: o.state_dict() for k, o in opts.items()},
             "schedulers": {k: s.state_dict() for k, s in scheds.items()},
@@ -649,6 +756,31 @@ def truncate_log(path, iteration):
             fh.writelines(keep)
 
 
+def write_json_atomic(path, obj):
+    """Temp file + rename: a kill at any moment leaves the file whole or absent."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def read_run(out):
+    """What --resume continues: last.pt, or, for a run stopped before its first checkpoint, the
+    folder's config.json (the run then starts again at iteration 0 with that config)."""
+    path, config_path = os.path.join(out, "last.pt"), os.path.join(out, "config.json")
+    if os.path.isfile(path) or not os.path.isfile(config_path):
+        return read_checkpoint(path)
+    try:
+        with open(config_path) as fh:
+            config = json.load(fh)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
+                         f"delete the folder or choose another --out") from None
+    return {"config": {**OLD_RUN_DEFAULTS, **config}, "iteration": 0}
+
+
 def read_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
@@ -658,7 +790,7 @@ def read_checkpoint(path, device="cpu"):
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}")
     if not isinstance(ckpt, dict) or ckpt.get("script") != "dual_mcmc":
         raise UsageError(f"{path} is not a dual_mcmc.py checkpoint")
-    cfg = ckpt.get("config", {})
+    cfg = ckpt["config"] = {**OLD_RUN_DEFAULTS, **ckpt.get("config", {})}  # keys older runs lack
     if cfg.get("arch") == "resnet" and cfg.get("image_size") == 64 and cfg.get("net_version", 1) < 2:
         raise UsageError(f"{path} was trained with the pre-fix 64 px resnet nets (not the authors' CelebA-64 "
                          f"nets), which this dual_mcmc.py no longer builds; train a new run")
@@ -707,7 +839,8 @@ def save_grids(models, fixed_x, fixed_z, cfg, out, it):
     with torch.random.fork_rng(devices=devices), eval_mode(models), torch.no_grad():
         torch.manual_seed(cfg["seed"] + 1)
         mu, _ = I(fixed_x)
-        z_t = langevin_z(G, fixed_x, mu, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"])
+        z_t = langevin_z(G, fixed_x, mu, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"],
+                         cfg["posterior"])
         x0 = G(fixed_z)
         grids = {"recon": G(mu), "posterior": G(z_t), "gen": x0,
                  "ebm": langevin_x(E, x0, cfg["k_x"], cfg["x_step_size"], cfg["x_noise"])}
@@ -784,8 +917,10 @@ class StopFlag:
 # ---- training ----
 
 
-def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds0=0.0, rank=0, world=1):
+def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds0=0.0, rank=0, world=1,
+          order=None):
     """Algorithm 1 of the paper. Returns (exit code, seconds per iteration after the first)."""
+    order = order or DataOrder(len(data), cfg["batch_size"], cfg["seed"], rank, world, cfg["data_order"])
     E, G, I = models["ebm"], models["generator"], models["encoder"]
     m, nz = cfg["batch_size"], cfg["nz"]
     T = cfg["x_noise"] ** 2 / (2 * cfg["x_step_size"]) if cfg["x_noise"] > 0 and cfg["x_step_size"] > 0 else 1.0
@@ -800,7 +935,7 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
     with StopFlag() as stop, contextlib.ExitStack() as files:
         log_file = files.enter_context(open(os.path.join(out, "log.jsonl"), "a")) if writer else None
         for it in range(start_it, cfg["iters"]):
-            x = get_batch(data, m, device)                                     # (m, n_c, S, S)
+            x = get_batch(data, order, device, cfg["hflip"])                  # (m, n_c, S, S)
             z = torch.randn(m, nz, device=device)                             # (m, nz) ~ p(z)
             with amp:
                 # 1. MCMC sampling: generator proposes x0, k_x Langevin steps on f revise it to x~
@@ -809,7 +944,8 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
                 # 2. MCMC inference: q proposes z^, k_z Langevin steps on log p(z|x) revise it to z~
                 mu, logvar = (t.float() for t in I(x))                        # (m, nz) each
                 z_hat = torch.randn_like(mu) if cfg["no_inference"] else mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-                z_t = langevin_z(G, x, z_hat, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"])
+                z_t = langevin_z(G, x, z_hat, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"],
+                                 cfg["posterior"])
                 # 3. EBM: maximum likelihood, data up and x~ down (divided by the chain temperature T)
                 f_data, f_samp = E(x).float().mean(), E(x_t).float().mean()
                 loss_e = -(f_data - f_samp) / T
@@ -860,9 +996,9 @@ def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds
             if out is not None and ((cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0) or done == cfg["iters"] or stopping):
                 states = gather_rng(device, world)  # collective: every rank takes part
                 if writer:
-                    save_checkpoint(os.path.join(out, "last.pt"), cfg, done, models, opts, scheds, seconds0 + time.time() - t_start, states)
-                    if done == cfg["iters"]:
-                        save_checkpoint(os.path.join(out, "final.pt"), cfg, done, models, opts, scheds, seconds0 + time.time() - t_start, states)
+                    for name in ("last.pt", "final.pt") if done == cfg["iters"] else ("last.pt",):
+                        save_checkpoint(os.path.join(out, name), cfg, done, models, opts, scheds,
+                                        seconds0 + time.time() - t_start, states, order.state_dict())
             if stopping and done < cfg["iters"]:
                 if writer:
                     print(f"{PROG}: stopped at iteration {done}; continue with: python {PROG} --out {out} --resume", file=sys.stderr)
@@ -899,7 +1035,7 @@ def main(argv=None):
         ckpt = None
         if args.resume:  # training-defining flags come from the run being resumed
             out = args.out or validate(argparse.Namespace(**vars(args))).out
-            ckpt = read_checkpoint(os.path.join(out, "last.pt"))
+            ckpt = read_run(out)
             args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)), out)
         validate(args)
         device = resolve_device(args.device)
@@ -908,6 +1044,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:  # the resolved flags (argparse dests); reads no data, writes nothing
+        print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+        return 0
     rank, world, device = _setup_distributed(device)
     try:
         return run(args, ckpt, device, rank, world, argv)
@@ -942,6 +1081,12 @@ def run(args, ckpt, device, rank, world, argv):
         if rank == 0:
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    if args.data_order == "epochs" and len(data) < args.batch_size * world:
+        if rank == 0:
+            print(f"{PROG}: error: an epoch of {len(data)} images holds no full batch of --batch-size "
+                  f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size "
+                  f"or pass --data-order replacement", file=sys.stderr)
+        return 2
     data = place_data(data, device)
     cfg = {**vars(args), "n_c": int(data.shape[1]), "n_data_used": int(len(data)), "argv": argv,
            "world_size": world, "net_version": NET_VERSION, **_versions()}
@@ -960,7 +1105,12 @@ def run(args, ckpt, device, rank, world, argv):
             print(f"benchmark: {spi:.4g} s/iter, {args.batch_size * (args.k_x + args.k_z) / spi:.4g} images*steps/s")
         return rc
     start_it, seconds0 = 0, 0.0
+    order = DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
+    restart = ckpt is not None and "models" not in ckpt  # stopped before its first last.pt: begin again
+    ckpt = None if restart else ckpt
     if ckpt is not None:
+        if ckpt.get("data_order"):
+            order.load_state_dict(ckpt["data_order"])
         for k in models:
             models[k].load_state_dict(ckpt["models"][k])
             opts[k].load_state_dict(ckpt["optimizers"][k])
@@ -976,15 +1126,14 @@ def run(args, ckpt, device, rank, world, argv):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None:
-            with open(os.path.join(args.out, "config.json"), "w") as fh:
-                json.dump(cfg, fh, indent=1)
+            write_json_atomic(os.path.join(args.out, "config.json"), cfg)
             save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
-        else:
+        if ckpt is not None or restart:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
               f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; {len(data)} images; "
               f"{device}, world {world}; {'resuming at ' + str(start_it) + ', ' if ckpt else ''}writing {args.out}", file=sys.stderr)
-    rc, _ = train(cfg, models, opts, scheds, data, device, args.out, start_it, seconds0, rank, world)
+    rc, _ = train(cfg, models, opts, scheds, data, device, args.out, start_it, seconds0, rank, world, order)
     return rc
 
 

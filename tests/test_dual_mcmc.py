@@ -122,6 +122,25 @@ def test_langevin_z_noise_free_reaches_linear_gaussian_posterior_mode():
     assert not z.requires_grad
 
 
+def test_authors_posterior_doubles_the_likelihood_drift_only():
+    torch.manual_seed(0)
+    D, nz, sigma, step = 6, 3, 0.5, 0.01
+    g = nn.Linear(nz, D, bias=False)  # g(z) = W z
+    W = g.weight.detach()
+    x, z0 = torch.randn(4, D), torch.randn(4, nz)
+    lik = (x - z0 @ W.T) @ W / sigma ** 2  # grad_z of -||x - W z||^2 / (2 sigma^2), by hand
+    z_paper = dm.langevin_z(g, x, z0, K=1, step_size=step, noise=0.0, sigma=sigma)
+    z_auth = dm.langevin_z(g, x, z0, K=1, step_size=step, noise=0.0, sigma=sigma, posterior="authors")
+    assert torch.allclose(z_paper - z0, step * (lik - z0), atol=1e-6)
+    assert torch.allclose(z_auth - z0, step * (2 * lik - z0), atol=1e-6)
+    x_fit = z0 @ W.T  # zero residual: only the prior drift -z is left, the same for both
+    a = dm.langevin_z(g, x_fit, z0, 1, step, 0.0, sigma)
+    b = dm.langevin_z(g, x_fit, z0, 1, step, 0.0, sigma, "authors")
+    assert torch.allclose(a, z0 - step * z0, atol=1e-6) and torch.allclose(b, a, atol=1e-6)
+    with pytest.raises(ValueError):
+        dm.langevin_z(g, x, z0, 1, step, 0.0, sigma, "other")
+
+
 class Quadratic(nn.Module):
     """f(x) = -0.5 * ||x - m||^2 per example, so grad f = m - x."""
 
@@ -288,6 +307,47 @@ def test_pre_fix_64px_resnet_checkpoint_is_refused_in_one_line_32px_still_loads(
     assert dm.main(["--out", str(old), "--resume", "--iters", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pre-fix 64 px resnet nets" in err[0], err
+
+
+def _print_config(capsys, *argv):
+    capsys.readouterr()
+    assert dm.main(["--print-config", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_print_config_resolves_data_set_defaults_reads_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # default --out would be runs/dual_<dataset> here; no ./data exists
+    cfg = _print_config(capsys, "--dataset", "celeba")
+    dests = {a.dest for a in dm.build_parser()._actions} - {"help", "print_config"}
+    assert set(cfg) == dests
+    # authors' celeba64_config: widths 1024 / 1024 / 128, e_l_step_size 0.3 -> 0.3^2 / 2, Sfactor 70, 301 epochs
+    assert (cfg["image_size"], cfg["nef"], cfg["ngf"], cfg["nif"], cfg["nz"]) == (64, 1024, 1024, 128, 128)
+    assert cfg["x_step_size"] == pytest.approx(0.045) and cfg["w_sample"] == 70.0
+    assert cfg["iters"] == 301 * (162_770 // 100) == 489_727
+    assert cfg["celeba_crop"] is True and cfg["hflip"] is True and cfg["data_order"] == "epochs"
+    assert cfg["posterior"] == "paper" and cfg["cuda_graph"] is True
+    assert _print_config(capsys, "--dataset", "celeba", "--batch-size", "64", "--n-data", "1000")["iters"] == 301 * 15
+    c10 = _print_config(capsys, "--dataset", "cifar10", "--posterior", "authors", "--no-cuda-graph")
+    assert (c10["image_size"], c10["nef"], c10["x_step_size"], c10["w_sample"], c10["iters"]) == (32, 512, 0.125, 50.0,
+                                                                                                  150000)
+    assert c10["celeba_crop"] is False and c10["hflip"] is False
+    assert c10["posterior"] == "authors" and c10["cuda_graph"] is False
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(SystemExit) as e:  # argparse: one line, exit 2
+        dm.main(["--print-config", "--dataset", "cifar10", "--posterior", "bayes"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().count("\n") == 0
+    for bad, msg in ((["--dataset", "cifar10", "--celeba-crop"], "--celeba-crop"), (["--k-x", "-1"], "--k-x")):
+        assert dm.main(["--print-config", *bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_print_config_on_resume_shows_the_runs_own_config(images, tmp_path, capsys):
+    assert run(images, tmp_path, "--iters", "1") == 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    cfg = _print_config(capsys, "--out", str(tmp_path), "--resume", "--iters", "3", "--no-cuda-graph")
+    assert cfg["k_x"] == 4 and cfg["nz"] == 8 and cfg["iters"] == 3 and cfg["cuda_graph"] is False and cfg["resume"]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
 def test_sample_after_load_checkpoint(images, tmp_path):
