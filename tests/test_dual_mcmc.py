@@ -350,6 +350,99 @@ def test_print_config_on_resume_shows_the_runs_own_config(images, tmp_path, caps
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
+# ---- data ----
+
+
+def test_celeba_crop_gives_the_authors_pixels(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    img = np.zeros((218, 178, 3), np.uint8)
+    img[...] = [255, 0, 0]  # outside the authors' box: pure red, must not reach the crop
+    l, t, r, b = dm.CELEBA_BOX
+    assert (l, t, r, b) == (15, 40, 163, 188)
+    img[t:b, l:r] = rng.integers(0, 256, (b - t, r - l, 3))
+    d = tmp_path / "celeba"
+    d.mkdir()
+    Image.fromarray(img).save(d / "000001.png")
+    want = np.asarray(Image.fromarray(img).crop((15, 40, 163, 188)).resize((64, 64), Image.BILINEAR))
+    args = dm.validate(dm.build_parser().parse_args(["--dataset", f"folder:{d}", "--celeba-crop",
+                                                      "--out", str(tmp_path / "r")]))
+    assert args.image_size == 64 and args.hflip and args.nef == 1024 and args.w_sample == 70.0  # celeba defaults
+    got = dm.load_data(args)[0].permute(1, 2, 0).numpy()  # (64, 64, 3)
+    assert np.array_equal(got, want)
+    Image.fromarray(img[:200]).save(d / "000002.png")  # not an aligned 178x218 image
+    assert dm.main(["--dataset", f"folder:{d}", "--celeba-crop", *TINY, "--nef", "16", "--ngf", "16",
+                    "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "178x218" in err[0], err
+    assert not (tmp_path / "r2").exists()
+
+
+def test_hflip_mirrors_about_half_of_each_batch():
+    data = torch.randint(0, 256, (16, 3, 4, 4), dtype=torch.uint8)
+    torch.manual_seed(0)
+    order = dm.DataOrder(16, 16, seed=1)
+    x = dm.get_batch(data, order, torch.device("cpu"), hflip=True)
+    src = dm.to_pixels(data[order.perm])
+    same = (x == src).flatten(1).all(1)
+    mirrored = (x == src.flip(3)).flatten(1).all(1)
+    assert (same | mirrored).all() and 3 <= mirrored.sum() <= 13 and 3 <= same.sum() <= 13
+    order = dm.DataOrder(16, 16, seed=1)
+    assert torch.equal(dm.get_batch(data, order, torch.device("cpu")), src)  # no flips without hflip
+
+
+def test_data_order_epochs_visit_every_image_once_and_shard_ranks():
+    order = dm.DataOrder(12, 3, seed=5)
+    for epoch in range(2):
+        seen = torch.cat([order.next() for _ in range(order.per_epoch)])
+        assert order.per_epoch == 4 and sorted(seen.tolist()) == list(range(12)), epoch
+    assert order.epoch == 1 and not torch.equal(order.perm, dm.DataOrder(12, 3, seed=5).perm)
+    ranks = [dm.DataOrder(13, 3, seed=5, rank=r, world=2) for r in range(2)]  # 2 batches per rank, 1 image dropped
+    shards = [torch.cat([o.next() for _ in range(o.per_epoch)]).tolist() for o in ranks]
+    assert len(set(shards[0]) | set(shards[1])) == 12 and not set(shards[0]) & set(shards[1])
+    a = dm.DataOrder(12, 5, seed=3)  # 2 batches per epoch: resume across an epoch boundary
+    [a.next() for _ in range(3)]
+    b = dm.DataOrder(12, 5, seed=3)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert all(torch.equal(a.next(), b.next()) for _ in range(5))
+
+
+def test_resume_across_epochs_is_bit_exact(images, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(images, a, "--iters", "5", "--n-data", "16") == 0  # 2 iterations per epoch
+    assert run(images, b, "--iters", "3", "--n-data", "16") == 0
+    assert torch.load(b / "final.pt", weights_only=True)["data_order"]["epoch"] == 1
+    assert dm.main(["--out", str(b), "--resume", "--iters", "5"]) == 0
+    ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
+    assert ca["data_order"]["epoch"] == 2 and torch.equal(ca["data_order"]["perm"], cb["data_order"]["perm"])
+    for name in ca["models"]:
+        assert all(torch.equal(v, cb["models"][name][k]) for k, v in ca["models"][name].items()), name
+
+
+def test_resume_before_the_first_checkpoint_starts_over_with_the_folders_config(images, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(images, a, "--iters", "3", "--k-x", "3") == 0
+    assert run(images, b, "--iters", "3", "--k-x", "3") == 0
+    for f in ("last.pt", "final.pt"):  # as if killed before it wrote last.pt
+        os.remove(b / f)
+    with open(b / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"iteration": 9, "loss_ebm": 0.0}) + "\n")
+    assert dm.main(["--out", str(b), "--resume"]) == 0  # --iters, --k-x, data: all from config.json
+    ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
+    assert cb["config"]["k_x"] == 3 and cb["iteration"] == 3
+    for name in ca["models"]:
+        assert all(torch.equal(v, cb["models"][name][k]) for k, v in ca["models"][name].items()), name
+    assert _log_rows(b / "log.jsonl") == _log_rows(a / "log.jsonl")  # restarted, not appended
+    assert not [f for f in os.listdir(b) if f.endswith(".tmp")]
+    os.remove(b / "last.pt")
+    os.remove(b / "final.pt")
+    (b / "config.json").write_text('{"k_x": 3')  # cut short: one clear line, nothing touched
+    capsys.readouterr()
+    assert dm.main(["--out", str(b), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json is unreadable" in err[0], err
+
+
 def test_sample_after_load_checkpoint(images, tmp_path):
     assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
     models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
