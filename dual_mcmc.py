@@ -781,13 +781,18 @@ def read_run(out):
     return {"config": {**OLD_RUN_DEFAULTS, **config}, "iteration": 0}
 
 
-def read_checkpoint(path, device="cpu"):
+def _load_file(path, device="cpu"):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}")
+
+
+def read_checkpoint(path, device="cpu", ckpt=None):
+    """Our checkpoint dict (config keys older runs lack filled in); UsageError for anything else."""
+    ckpt = _load_file(path, device) if ckpt is None else ckpt
     if not isinstance(ckpt, dict) or ckpt.get("script") != "dual_mcmc":
         raise UsageError(f"{path} is not a dual_mcmc.py checkpoint")
     cfg = ckpt["config"] = {**OLD_RUN_DEFAULTS, **ckpt.get("config", {})}  # keys older runs lack
@@ -797,14 +802,82 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def load_checkpoint(path, device="cpu"):
-    """-> ({"ebm", "generator", "encoder"} -> model in eval mode, config dict)."""
-    device = torch.device(device)
-    ckpt = read_checkpoint(path, device)
-    cfg = ckpt["config"]
+def is_authors_checkpoint(ckpt):
+    """The authors' released format (their train.py): a dict of netG / netE / netI state dicts, no "script"."""
+    return isinstance(ckpt, dict) and "script" not in ckpt and all(k in ckpt for k in ("netE", "netG", "netI"))
+
+
+def _authors_key(net, key, n_blocks):
+    """One key of the authors' nets.py state dicts -> ours. EBM: conv_1, block2.. -> body.0..; lin_5 / lin_6
+    -> head; old-style spectral norm weight_orig / weight_u / weight_v -> the parametrization's. Generator:
+    lin_1 -> lin, block2.. -> body.0.. (bn_1 / bn_2 -> bn1 / bn2), bn_5 / bn_6 and conv5 / conv6 -> the
+    tail of body. Encoder: main -> body, conv51 / conv52 -> mu / logvar."""
+    head, _, rest = key.partition(".")
+    if net == "ebm":
+        head = "head" if head.startswith("lin_") else "body.0" if head == "conv_1" else f"body.{int(head[5:]) - 1}"
+        rest = _sn_suffix(rest)
+    elif net == "generator":
+        if head == "lin_1":
+            head = "lin"
+        elif head.startswith("block"):
+            head, rest = f"body.{int(head[5:]) - 2}", rest.replace("bn_1.", "bn1.").replace("bn_2.", "bn2.")
+        else:  # bn_5 / bn_6, conv5 / conv6 after the blocks: BatchNorm, ReLU, conv, Tanh
+            head = f"body.{n_blocks}" if head.startswith("bn_") else f"body.{n_blocks + 2}"
+    else:
+        head = {"main": "body", "conv51": "mu", "conv52": "logvar"}[head]
+    return f"{head}.{rest}"
+
+
+def _sn_suffix(rest):
+    """Old-style spectral norm -> parametrization: conv1.weight_orig -> conv1.parametrizations.weight.original,
+    weight_u / weight_v -> parametrizations.weight.0._u / _v."""
+    module, _, leaf = rest.rpartition(".")
+    new = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
+           "weight_v": "parametrizations.weight.0._v"}.get(leaf, leaf)
+    return f"{module}.{new}" if module else new
+
+
+def load_authors_checkpoint(ckpt, device, path="checkpoint"):
+    """Map the authors' netE / netG / netI state dicts onto our resnet nets; size and widths from the shapes:
+    32 px (_Cifar10_*) or 64 px (_CelebA64_*). The config is the matching data set's defaults here, with
+    the authors' z-chain posterior (the one their nets were trained with)."""
+    sds = {net: {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt[key].items()}
+           for net, key in (("ebm", "netE"), ("generator", "netG"), ("encoder", "netI"))}
+    try:
+        size = 64 if any(k.startswith("block5.") for k in sds["ebm"]) else 32
+        lin_g, conv_i = sds["generator"]["lin_1.weight"], sds["encoder"]["main.0.weight"]
+        head = next(v for k, v in sds["ebm"].items() if k.startswith("lin_") and k.endswith("weight_orig"))
+        nz, ngf, nef, nif, n_c = lin_g.shape[1], lin_g.shape[0] // 16, head.shape[1], conv_i.shape[0], conv_i.shape[1]
+    except (KeyError, StopIteration, IndexError):
+        raise UsageError(f"{path}: netE / netG / netI are not the authors' Cifar10 / CelebA64 nets") from None
+    flags = ["--dataset", "celeba" if size == 64 else "cifar10", "--nz", str(nz), "--nef", str(nef),
+             "--ngf", str(ngf), "--nif", str(nif), "--posterior", "authors"]
+    cfg = {**vars(validate(build_parser().parse_args(flags))), "n_c": int(n_c), "net_version": NET_VERSION,
+           "source": "authors", "epoch": ckpt.get("epoch")}
     models = build_models(cfg, device)
-    for k, m in models.items():
-        m.load_state_dict(ckpt["models"][k])
+    n_blocks = {"ebm": 5 if size == 64 else 4, "generator": 4 if size == 64 else 3, "encoder": 0}
+    for net, model in models.items():
+        try:
+            model.load_state_dict({_authors_key(net, k, n_blocks[net]): v for k, v in sds[net].items()})
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"{path}: cannot map the authors' {net} onto ours ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]})") from None
+    return models, cfg
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> ({"ebm", "generator", "encoder"} -> model in eval mode, config dict). Reads our checkpoints and
+    the authors' released ones (a dict with netG / netE / netI and no "script" key)."""
+    device = torch.device(device)
+    raw = _load_file(path, device)
+    if is_authors_checkpoint(raw):
+        models, cfg = load_authors_checkpoint(raw, device, path)
+    else:
+        cfg = read_checkpoint(path, device, raw)["config"]
+        models = build_models(cfg, device)
+        for k, m in models.items():
+            m.load_state_dict(raw["models"][k])
+    for m in models.values():
         m.eval()
     models["ebm"].sample_defaults = {"k_x": cfg["sample_k_x"], "step_size": cfg["sample_step_size"],
                                      "noise": cfg["x_noise"]}

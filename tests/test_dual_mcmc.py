@@ -443,6 +443,72 @@ def test_resume_before_the_first_checkpoint_starts_over_with_the_folders_config(
     assert len(err) == 1 and "config.json is unreadable" in err[0], err
 
 
+def _as_authors_state_dicts(size, nef=32, ngf=32, nif=8, nz=8):
+    """Nets in the authors' released format, made here: our nets (EBM without our spectral norm, then the
+    old-style torch.nn.utils.spectral_norm on every conv / linear, as their add_sn) with their key names
+    (nets.py: conv_1, block2.., lin_5 / lin_6; lin_1, block2.. with bn_1 / bn_2, bn_5 / conv5; main, conv51 / 52)."""
+    torch.manual_seed(size)
+    E, G, I = dm.EBM(3, nef, size, sn=False), dm.Generator(nz, ngf, 3, size), dm.Encoder(nz, nif, 3, size)
+    for parent in list(E.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Conv2d, nn.Linear)):
+                setattr(parent, name, nn.utils.spectral_norm(child))
+    nb = 5 if size == 64 else 4
+    x = torch.rand(4, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        E(x), E(x), G(torch.randn(4, nz))  # move u, v and the BatchNorm statistics off their init
+        for m in G.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_()  # the authors draw BatchNorm scales from N(0, 1)
+    e_names = ["conv_1"] + [f"block{i}" for i in range(2, nb + 1)]
+
+    def e_key(k):
+        head, _, rest = k.partition(".")
+        if head == "head":
+            return f"lin_{nb + 1}.{rest}"
+        i, _, rest = rest.partition(".")
+        return f"{e_names[int(i)]}.{rest}"
+
+    def g_key(k):
+        if k.startswith("lin."):
+            return "lin_1." + k[4:]
+        i, _, rest = k[len("body."):].partition(".")
+        i, last = int(i), nb  # blocks, then BatchNorm, ReLU, conv, Tanh
+        if i < nb - 1:
+            return f"block{i + 2}." + rest.replace("bn1.", "bn_1.").replace("bn2.", "bn_2.")
+        return f"bn_{last}.{rest}" if i == nb - 1 else f"conv{last}.{rest}"
+
+    def i_key(k):
+        return {"body": "main", "mu": "conv51", "logvar": "conv52"}[k.split(".")[0]] + k[k.index("."):]
+
+    sd = {"epoch": 300, "netE": {e_key(k): v for k, v in E.state_dict().items()},
+          "netG": {g_key(k): v for k, v in G.state_dict().items()},
+          "netI": {"module." + i_key(k): v for k, v in I.state_dict().items()}}  # a DataParallel prefix too
+    return sd, (E.eval(), G.eval(), I.eval())
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_load_checkpoint_reads_the_authors_released_format(tmp_path, size):
+    sd, (E, G, I) = _as_authors_state_dicts(size)
+    assert any(k.endswith("weight_orig") for k in sd["netE"]) and "bn_1.weight" in "".join(sd["netG"])
+    assert (f"block{5 if size == 64 else 4}.conv1.weight_u" in sd["netE"]) and f"lin_{6 if size == 64 else 5}.weight_v" in sd["netE"]
+    torch.save(sd, tmp_path / "authors.pth")
+    models, cfg = dm.load_checkpoint(str(tmp_path / "authors.pth"))
+    assert (cfg["image_size"], cfg["nef"], cfg["ngf"], cfg["nif"], cfg["nz"]) == (size, 32, 32, 8, 8)
+    assert cfg["dataset"] == ("celeba" if size == 64 else "cifar10") and cfg["posterior"] == "authors"
+    assert cfg["x_step_size"] == pytest.approx(0.045 if size == 64 else 0.125) and "script" not in cfg
+    x, z = torch.rand(5, 3, size, size) * 2 - 1, torch.randn(5, 8)
+    with torch.no_grad():
+        assert torch.allclose(models["ebm"](x), E(x), atol=1e-6, rtol=1e-5)
+        assert torch.equal(models["generator"](z), G(z))
+        assert all(torch.equal(a, b) for a, b in zip(models["encoder"](x), I(x)))
+    assert not any(m.training for m in models.values())
+    del sd["netE"][f"lin_{6 if size == 64 else 5}.weight_orig"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(dm.UsageError, match="not the authors'"):
+        dm.load_checkpoint(str(tmp_path / "broken.pth"))
+
+
 def test_sample_after_load_checkpoint(images, tmp_path):
     assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
     models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
