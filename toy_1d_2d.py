@@ -20,9 +20,12 @@ give g = f / T. Sec. 7.3 of the paper writes the energy as -f/T ("for an a prior
 temperature T") and the update as x + f'/2 + N(0, T), but its code adds the whole f' (step 1, noise
 1e-2): the note's drift is half the code's. T above is our derivation from the code, not the note's.
 
+The method (EBM, sample_p_0, langevin, train_step) is the block under "# ---- method": it runs
+copied alone into a file that imports math, contextlib, torch, torch.nn and torch.nn.functional.
+
 Run recipes
     python toy_1d_2d.py --density mog1d                       # 1D Gaussian mixture (like Figure 8)
-    python toy_1d_2d.py --density mog2d                       # 2D Gaussian mixture, 2 x 3 panel
+    python toy_1d_2d.py --density mog2d                       # 2D Gaussian mixture, 2 x 4 panels
     python toy_1d_2d.py --density rings                       # two concentric rings (its own step/noise)
     python toy_1d_2d.py --density file:points.npy             # your own (N, d) points in [-1, 1]^d
     python toy_1d_2d.py --density mog2d --iters 300 --out runs/quick   # a quick look
@@ -61,8 +64,68 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+# ---- method: f, p_0, the short-run sampler and one training step (torch only: copy this block) ----
+
+class EBM(nn.Module):
+    """f(x): an MLP d -> hidden -> hidden -> hidden -> 1. Returns the negative energy, shape (B,)."""
+
+    def __init__(self, d=2, hidden=64, act="silu"):
+        super().__init__()
+        self.act = act
+        act_fn = {"lrelu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}[act]
+        self.f = nn.Sequential(nn.Linear(d, hidden), act_fn(),                  # (B, hidden)
+                               nn.Linear(hidden, hidden), act_fn(),
+                               nn.Linear(hidden, hidden), act_fn(),
+                               nn.Linear(hidden, 1))                            # (B, 1)
+
+    def forward(self, x):
+        return self.f(x).view(-1)                                               # (B,)
+
+
+def sample_p_0(n, d, device):
+    """p_0: uniform noise on [-1, 1]^d, shape (n, d)."""
+    return torch.rand(n, d, device=device) * 2 - 1
+
+
+def langevin(f, x, K, step_size, noise, grad_fn=None):
+    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K (detached, no graph).
+    grad_x f is taken by autograd w.r.t. x only (f's parameter .grad is never touched); grad_fn(x), if
+    given, computes it instead (a faster path giving the same numbers)."""
+    x = x.detach()
+    for _ in range(K):
+        if grad_fn is None:
+            with torch.enable_grad():
+                x_k = x.detach().requires_grad_(True)
+                g = torch.autograd.grad(f(x_k).sum(), x_k)[0]                  # (n, d)
+        else:
+            g = grad_fn(x)                                                      # (n, d)
+        x = x + step_size * g
+        if noise > 0:
+            x = x + noise * torch.randn_like(x)
+    return x
+
+
+def train_step(f, optim, x_data, K, step_size, noise, sigma, x_0=None, grad_fn=None):
+    """One learning step: smooth the data batch x_data (m, d) by sigma noise, run K Langevin steps from
+    x_0 (None: p_0 noise), take one optimiser step ascending mean f(x_data) - mean f(x_q).
+    Returns (x_q (m, d), f_data, f_q): the samples and the two means (detached scalars)."""
+    m = len(x_data)
+    x_plus = x_data + sigma * torch.randn_like(x_data)                         # (m, d)
+    x_0 = sample_p_0(m, x_data.shape[1], x_data.device) if x_0 is None else x_0
+    x_q = langevin(f, x_0, K, step_size, noise, grad_fn)                        # (m, d)
+    f_all = f(torch.cat([x_plus, x_q]))                                         # (2m,)
+    f_data, f_q = f_all[:m].mean(), f_all[m:].mean()
+    optim.zero_grad(set_to_none=True)
+    (f_q - f_data).backward()                  # descend f_q - f_data = ascend f(data) - f(x_q)
+    optim.step()
+    return x_q, f_data.detach(), f_q.detach()
+
+
+# ---- harness: settings and their checks ----
+
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
-HIST_BINS = 24  # bins per axis of the sample-histogram TV (the issue's yardstick)
+HIST_BINS = 24  # bins per axis of the sample-histogram TV
 RUN_FILES = ("metrics.json", "samples.npy", "log.jsonl", "model.pt", "density.png", "samples.png")
 
 
@@ -88,11 +151,13 @@ def build_parser():
     s.add_argument("--K", type=int, default=50,
                    help="Langevin steps per chain (paper images: 100); fewer = faster but cruder samples")
     s.add_argument("--step-size", type=float, default=None,
-                   help="Langevin step on grad f (paper images: 1.0); default 5e-4, rings 1e-3. f's scale grows "
-                        "as 1/step_size: 1e-2 leaves exp(f) nearly flat, 5e-4 makes it much colder than the truth")
+                   help="Langevin step on grad f (paper images: 1.0); default 5e-4, rings 1e-3. f's scale "
+                        "grows as 1/step_size: 1e-2 leaves exp(f) nearly flat, 5e-4 makes it much colder "
+                        "than the truth")
     s.add_argument("--noise", type=float, default=None,
-                   help="Langevin noise std (paper: 1e-2); default 2e-2, rings 3e-2. T_L = noise^2 / (2 step_size). "
-                        "Less than 1e-2 leaves streaks of slow chains between 2D modes (measured)")
+                   help="Langevin noise std (paper: 1e-2); default 2e-2, rings 3e-2. The chain's temperature "
+                        "is T = noise^2 / (2 step_size). Below 1e-2, slow chains leave streaks between "
+                        "2D modes")
     m = p.add_argument_group("model and learning")
     m.add_argument("--hidden", type=int, default=64, help="MLP width (3 hidden layers)")
     m.add_argument("--act", choices=("lrelu", "silu"), default="silu",
@@ -102,10 +167,11 @@ def build_parser():
                    help="Adam lr, betas .9/.999 (paper images: 1e-4; a small MLP takes 1e-3)")
     m.add_argument("--batch-size", type=int, default=128, help="m, points per step (paper images: 64)")
     m.add_argument("--iters", type=int, default=None,
-                   help="iterations; default 6000, mog1d 3000 (~2 min / ~1 min on one CPU core)")
+                   help="iterations; default 6000, mog1d 3000")
     m.add_argument("--anneal-start", type=int, default=0,
                    help="iteration where lr (and sigma) start to decay geometrically (paper sec. 5.1: "
-                        "'gradually decrease lr and sigma'); it settles f, whose last state is the model; 0 = off")
+                        "'gradually decrease lr and sigma'); it settles f, whose last state is the model; "
+                        "0 = off")
     m.add_argument("--anneal-lr-final", type=float, default=0.1, help="lr factor reached at --iters")
     m.add_argument("--anneal-sigma-final", type=float, default=1.0, help="sigma factor reached at --iters")
     e = p.add_argument_group("evaluation")
@@ -115,12 +181,13 @@ def build_parser():
                    help="grid cells per axis over [-1, 1]^d; 0 = 480 (1D) or 192 (2D)")
     e.add_argument("--bandwidth", default="cv",
                    help="KDE bandwidth per axis: cv (Scott's rule times a factor chosen by held-out "
-                        "likelihood), scott (std * N^(-1/(d+4)); over-smooths narrow modes), silverman, or a number")
+                        "likelihood), scott (std * N^(-1/(d+4)); over-smooths narrow modes), silverman, "
+                        "or a number")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     r.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch; a small MLP gains nothing from more (measured), "
+                   help="CPU threads for torch; a small MLP gains nothing from more, "
                         "and one thread leaves the other cores free")
     r.add_argument("--out", default=None, help="run folder (default runs/toy_<density>)")
     r.add_argument("--force", action="store_true", help="replace the run already in --out")
@@ -132,8 +199,8 @@ def build_parser():
     return p
 
 
-# Per-density defaults of the flags left at None (measured: rings needs a hotter, longer-stepping
-# chain to cross between its rings; mog1d is learned by iteration 3000). file: points get BASE.
+# Per-density defaults of the flags left at None: rings needs a hotter, longer-stepping chain to
+# cross between its rings; mog1d is learned by iteration 3000. file: points get BASE.
 BASE = {"step_size": 5e-4, "noise": 2e-2, "iters": 6000}
 PRESETS = {"mog1d": {"iters": 3000}, "rings": {"step_size": 1e-3, "noise": 3e-2}}
 
@@ -162,7 +229,8 @@ def validate(args):
     for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"{name} must be >= 0 (got {v})")
-    for name, v in {"--anneal-lr-final": args.anneal_lr_final, "--anneal-sigma-final": args.anneal_sigma_final}.items():
+    for name, v in {"--anneal-lr-final": args.anneal_lr_final,
+                    "--anneal-sigma-final": args.anneal_sigma_final}.items():
         if not (0 < v <= 1):
             raise UsageError(f"{name} must be in (0, 1] (got {v})")
     if args.anneal_start < 0:
@@ -173,10 +241,11 @@ def validate(args):
         except ValueError:
             h = float("nan")
         if not (math.isfinite(h) and h > 0):
-            raise UsageError(f"--bandwidth must be cv, scott, silverman or a positive number (got {args.bandwidth!r})")
+            raise UsageError(f"--bandwidth must be cv, scott, silverman or a positive number "
+                             f"(got {args.bandwidth!r})")
     if args.print_config:       # reads no data: a file: density is checked to exist, not loaded
         return density_file(args.density)
-    return make_density(args.density)
+    return make_density(args.density, args.bandwidth)
 
 
 # ---- densities ----
@@ -196,7 +265,8 @@ class Mixture:
         self.d = self.means.shape[1]
 
     def log_prob(self, x):
-        """Log density at x (n, d) of the unrestricted mixture; the [-1, 1]^d normaliser comes from the grid."""
+        """Log density at x (n, d) of the unrestricted mixture; the [-1, 1]^d normaliser comes from
+        the grid."""
         z2 = (((x[:, None, :] - self.means[None]) / self.stds[None, :, None]) ** 2).sum(-1)   # (n, k)
         log_c = np.log(self.weights) - self.d * np.log(self.stds * math.sqrt(2 * math.pi))   # (k,)
         return logsumexp(log_c - 0.5 * z2, axis=1)
@@ -218,7 +288,8 @@ class Rings:
     def log_prob(self, x):
         r = np.maximum(np.linalg.norm(x, axis=1), 1e-12)[:, None]                     # (n, 1)
         log_c = np.log(self.weights) - np.log(self.width * math.sqrt(2 * math.pi))      # (k,)
-        return logsumexp(log_c - 0.5 * ((r - self.radii) / self.width) ** 2, axis=1) - np.log(2 * math.pi * r[:, 0])
+        log_radial = logsumexp(log_c - 0.5 * ((r - self.radii) / self.width) ** 2, axis=1)     # (n,)
+        return log_radial - np.log(2 * math.pi * r[:, 0])
 
     def draw(self, n, rng):
         k = rng.choice(len(self.weights), size=n, p=self.weights)
@@ -241,9 +312,9 @@ def sample_truth(density, n, rng):
 class FilePoints:
     """A user's (N, d) points. No true density exists: log_prob is a KDE of the points."""
 
-    def __init__(self, points, path):
-        self.points, self.path, self.d = points, path, points.shape[1]
-        self.bandwidth = None  # set by main() from --bandwidth
+    def __init__(self, points, path, bandwidth):
+        self.points, self.path, self.d = points, path, points.shape[1]       # (N, d)
+        self.bandwidth = bandwidth                                           # (d,) the KDE's per-axis h
 
     def log_prob(self, x):
         return np.log(np.maximum(kde(self.points, x, self.bandwidth), 1e-300))
@@ -272,7 +343,8 @@ def density_file(name):
     return path
 
 
-def make_density(name):
+def make_density(name, bandwidth_rule="cv"):
+    """The density named by --density; a file's KDE uses --bandwidth's rule (see bandwidth())."""
     path = density_file(name)
     if path is None:
         return BUILTIN[name]()
@@ -283,7 +355,8 @@ def make_density(name):
     if x.ndim == 1:
         x = x[:, None]                                   # (N,) is N points in 1D
     if x.ndim != 2 or x.shape[1] not in (1, 2):
-        raise UsageError(f"--density {name}: need points of shape (N, d) with d = 1 or 2, got shape {x.shape}")
+        raise UsageError(f"--density {name}: need points of shape (N, d) with d = 1 or 2, "
+                         f"got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise UsageError(f"--density {name}: need real numbers, got dtype {x.dtype}")
     x = x.astype(np.float64)
@@ -296,86 +369,57 @@ def make_density(name):
                          f"[{x.min():.3g}, {x.max():.3g}]); rescale them first")
     if np.any(x.std(0) == 0):
         raise UsageError(f"--density {name}: an axis has all points equal, no density to learn")
-    return FilePoints(x, path)
+    return FilePoints(x, path, bandwidth(x, bandwidth_rule))
 
 
-# ---- model ----
+# ---- the hand-written gradient (speed path) ----
 
-class EBM(nn.Module):
-    """f(x): an MLP d -> hidden -> hidden -> hidden -> 1. Returns the negative energy, shape (B,)."""
+def hand_gradient(f):
+    """grad_fn for langevin: x (n, d) -> grad_x f(x) (n, d) for an EBM, backprop through its MLP written
+    out by hand. The same numbers as autograd (tested), but faster on a CPU, where autograd's per-op
+    overhead dominates a net this small. Training and sampling use it; langevin's autograd path is the
+    reference. f's Linear layers are listed once here, not on every Langevin step."""
+    linears, silu = list(f.f[0::2]), f.act == "silu"
 
-    def __init__(self, d=2, hidden=64, act="silu"):
-        super().__init__()
-        self.act = act
-        act_fn = {"lrelu": lambda: nn.LeakyReLU(0.2), "silu": nn.SiLU}[act]
-        self.f = nn.Sequential(nn.Linear(d, hidden), act_fn(),                  # (B, hidden)
-                               nn.Linear(hidden, hidden), act_fn(),
-                               nn.Linear(hidden, hidden), act_fn(),
-                               nn.Linear(hidden, 1))                            # (B, 1)
-        self.linears = list(self.f[0::2])        # the 4 nn.Linear, listed once for grad_x's hot loop
-
-    def forward(self, x):
-        return self.f(x).view(-1)                                               # (B,)
-
-    def grad_x(self, x):
-        """grad_x f(x), shape (B, d): backprop through the MLP written out by hand. The same numbers
-        as torch.autograd (tested), but on a CPU autograd's per-op overhead dominates a net this
-        small: default mog2d trains in 114 s with this against ~175 s with autograd (one core, measured)."""
-        silu = self.act == "silu"
-        slopes, h = [], x
-        for lin in self.linears[:-1]:
-            z = F.linear(h, lin.weight, lin.bias)                               # (B, hidden) pre-activation
-            if silu:                                                            # silu(z) = z s, s = sigmoid(z)
-                s = torch.sigmoid(z)
-                h = z * s
-                slopes.append(s * (1 + z * (1 - s)))                            # silu'(z)
-            else:                                                               # LeakyReLU 0.2
-                slopes.append(torch.full_like(z, 0.2).masked_fill_(z > 0, 1.0))     # in z's dtype
-                h = z * slopes[-1]
-        g = self.linears[-1].weight                                             # (1, hidden) = df/dh_last
-        for lin, slope in zip(reversed(self.linears[:-1]), reversed(slopes)):
-            g = (g * slope) @ lin.weight                                        # (B, fan_in)
-        return g
+    def grad_fn(x):
+        with torch.no_grad():
+            slopes, h = [], x
+            for lin in linears[:-1]:
+                z = F.linear(h, lin.weight, lin.bias)                           # (n, hidden) pre-activation
+                if silu:                                                # silu(z) = z s, s = sigmoid(z)
+                    s = torch.sigmoid(z)
+                    h = z * s
+                    slopes.append(s * (1 + z * (1 - s)))                        # silu'(z)
+                else:                                                           # LeakyReLU 0.2
+                    slopes.append(torch.full_like(z, 0.2).masked_fill_(z > 0, 1.0))     # in z's dtype
+                    h = z * slopes[-1]
+            g = linears[-1].weight                                              # (1, hidden) = df/dh_last
+            for lin, slope in zip(reversed(linears[:-1]), reversed(slopes)):
+                g = (g * slope) @ lin.weight                                    # (n, fan_in)
+            return g
+    return grad_fn
 
 
 def grad_x(f, x):
-    """grad_x f(x), (n, d): f's hand-written gradient when it has one (EBM.grad_x), else autograd.
+    """grad_x f(x), (n, d): the hand-written path for an EBM, autograd for any other f.
     Only the gradient w.r.t. x is taken: f's parameter .grad is never touched."""
-    if hasattr(f, "grad_x"):
-        with torch.no_grad():
-            return f.grad_x(x)
+    if isinstance(f, EBM):
+        return hand_gradient(f)(x)
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         return torch.autograd.grad(f(x).sum(), x)[0]
 
 
-# ---- sampler ----
-
-def sample_p_0(n, d, device):
-    """p_0: uniform noise on [-1, 1]^d, shape (n, d)."""
-    return torch.rand(n, d, device=device) * 2 - 1
-
-
-def langevin(f, x, K, step_size, noise):
-    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K (detached, no graph)."""
-    x = x.detach()
-    for _ in range(K):
-        x = x + step_size * grad_x(f, x)
-        if noise > 0:
-            x = x + noise * torch.randn_like(x)
-    return x
-
+# ---- evaluation: fresh samples, grid, KDE, metrics ----
 
 def short_run_samples(f, n, d, args, device, chunk=20000):
     """n fresh K-step samples, shape (n, d), as float64 numpy."""
-    out = []
+    out, grad_fn = [], hand_gradient(f)
     for i in range(0, n, chunk):
         x_0 = sample_p_0(min(chunk, n - i), d, device)
-        out.append(langevin(f, x_0, args.K, args.step_size, args.noise).cpu().double().numpy())
+        out.append(langevin(f, x_0, args.K, args.step_size, args.noise, grad_fn).cpu().double().numpy())
     return np.concatenate(out)
 
-
-# ---- evaluation: grid, KDE, metrics ----
 
 def make_grid(d, cells):
     """Cell centres of a regular grid over [-1, 1]^d: (axis (cells,), points (cells^d, d), cell volume).
@@ -423,7 +467,7 @@ def bandwidth(x, rule):
     n_fit = n - n // 5
     x = x[np.random.default_rng(0).permutation(n)]      # a file's points may come sorted
     fit, held = x[:n_fit] / scott, x[n_fit:][:1000] / scott                     # in units of Scott's h
-    z2 = sum((held[:, None, j] - fit[None, :, j]) ** 2 for j in range(d)).astype(np.float32)  # (n_held, n_fit)
+    z2 = sum((held[:, None, j] - fit[None, :, j]) ** 2 for j in range(d)).astype(np.float32)   # (held, fit)
 
     def held_out_loglik(c):    # mean log KDE(held; fit, c * scott), up to a constant in c
         return float(np.mean(logsumexp(-0.5 * z2 / c ** 2, axis=1))) - d * math.log(c)
@@ -490,8 +534,8 @@ def truth_bin_masses(density, d, bins=HIST_BINS, sub=None):
 
 
 def hist_tv(samples, truth_bins, d):
-    """The issue's yardstick: TV(24-bin histogram of the samples, truth's bin masses); samples outside
-    [-1, 1]^d are mass the truth does not have, so each adds 1/(2N) through the missing histogram mass."""
+    """TV(24-bin histogram of the samples, truth's bin masses); samples outside [-1, 1]^d are mass
+    the truth does not have, so each adds 1/(2N) through the missing histogram mass."""
     h = hist_masses(samples, d)
     return tv(truth_bins, h) + 0.5 * (1.0 - float(h.sum()))
 
@@ -509,33 +553,33 @@ def evaluate(f, density, samples, args, device, exact=None):
     p_ebm = normalise_log(f_grid)
     kde_raw = kde(samples, pts, h)
     p_kde = kde_raw / kde_raw.sum()
-    T = fit_temperature(p_truth, f_grid)
-    T_L = args.noise ** 2 / (2 * args.step_size)      # the chain's temperature: it samples exp(f / T_L)
-    p_ebm_T = normalise_log(f_grid / T_L) if T_L > 0 else None     # noise 0: no temperature, no density
-    T_T = fit_temperature(p_truth, f_grid / T_L) if T_L > 0 else None
+    t = fit_temperature(p_truth, f_grid)
+    T = args.noise ** 2 / (2 * args.step_size)       # the chain's temperature: it targets exp(f / T)
+    p_ebm_T = normalise_log(f_grid / T) if T > 0 else None        # noise 0: no temperature, no density
+    t_T = fit_temperature(p_truth, f_grid / T) if T > 0 else None
     truth_bins = truth_bin_masses(density, d)
     m = {"tv": tv(p_truth, p_kde), "kl": kl(p_truth, p_kde), "tv_hist": hist_tv(samples, truth_bins, d),
          "entropy_truth": entropy(p_truth, vol), "entropy_ebm": entropy(p_ebm, vol),
          "entropy_kde": entropy(p_kde, vol),
-         "temperature": T, "ebm_temperature": 1.0 / T,
+         "temperature": t, "ebm_temperature": 1.0 / t,
          "tv_truth_ebm": tv(p_truth, p_ebm), "kl_truth_ebm": kl(p_truth, p_ebm),
-         "kl_truth_ebm_at_temperature": kl(p_truth, normalise_log(f_grid / T)),
-         "entropy_ebm_T": None if T_T is None else entropy(p_ebm_T, vol),
-         "temperature_T": T_T, "ebm_temperature_T": None if T_T is None else 1.0 / T_T,
-         "tv_truth_ebm_T": None if T_T is None else tv(p_truth, p_ebm_T),
-         "kl_truth_ebm_T": None if T_T is None else kl(p_truth, p_ebm_T),
+         "kl_truth_ebm_at_temperature": kl(p_truth, normalise_log(f_grid / t)),
+         "entropy_ebm_T": None if t_T is None else entropy(p_ebm_T, vol),
+         "temperature_T": t_T, "ebm_temperature_T": None if t_T is None else 1.0 / t_T,
+         "tv_truth_ebm_T": None if t_T is None else tv(p_truth, p_ebm_T),
+         "kl_truth_ebm_T": None if t_T is None else kl(p_truth, p_ebm_T),
          "kde_bandwidth": h.tolist(), "kde_bandwidth_rule": args.bandwidth,
          "kde_mass_in_box": float(kde_raw.sum() * vol),
          "frac_outside_box": float(np.mean(np.any(np.abs(samples) > 1, 1))),
          "n_samples": len(samples), "grid_cells_per_axis": cells, "hist_bins_per_axis": HIST_BINS,
-         "langevin_temperature": T_L,
+         "langevin_temperature": T,
          "truth": ("exact density" if exact is not None else
                    f"KDE of the {len(density.points)} points in {density.path} (no true density for a file)")}
     if exact is not None:   # the floor: the same numbers for exact samples of the truth
         k_ex = kde(exact, pts, bandwidth(exact, args.bandwidth))
         k_ex = k_ex / k_ex.sum()
-        m.update(tv_exact=tv(p_truth, k_ex), kl_exact=kl(p_truth, k_ex), entropy_kde_exact=entropy(k_ex, vol),
-                 tv_hist_exact=hist_tv(exact, truth_bins, d))
+        m.update(tv_exact=tv(p_truth, k_ex), kl_exact=kl(p_truth, k_ex),
+                 entropy_kde_exact=entropy(k_ex, vol), tv_hist_exact=hist_tv(exact, truth_bins, d))
     grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
     if p_ebm_T is not None:
         grids["ebm_T"] = p_ebm_T / vol
@@ -558,7 +602,7 @@ def plot_figures(grids, samples, metrics, args, d, out):
              f"entropy truth {metrics['entropy_truth']:.2f}, EBM {metrics['entropy_ebm']:.2f}, "
              f"KDE {metrics['entropy_kde']:.2f} | temperature {metrics['temperature']:.2f}")
     names = [("truth", "truth", "k"), ("ebm", "EBM exp(f)/Z", "tab:red")]
-    if "ebm_T" in grids:                      # the density the chain targets: exp(f / T), T = noise^2 / (2 step)
+    if "ebm_T" in grids:                     # the chain's target exp(f / T), T = noise^2 / (2 step_size)
         title += (f"\nexp(f/T), T = {metrics['langevin_temperature']:.3g}: entropy "
                   f"{metrics['entropy_ebm_T']:.2f}, temperature_T {metrics['temperature_T']:.2f}")
         names.append(("ebm_T", f"EBM exp(f/T)/Z, T={metrics['langevin_temperature']:.3g}", "tab:orange"))
@@ -567,7 +611,8 @@ def plot_figures(grids, samples, metrics, args, d, out):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for key, label, color in names:
             axes[0].plot(grids["axis"], grids[key], color=color, label=label, lw=1.6)
-            axes[1].plot(grids["axis"], np.log(np.maximum(grids[key], 1e-300)), color=color, label=label, lw=1.6)
+            axes[1].plot(grids["axis"], np.log(np.maximum(grids[key], 1e-300)), color=color, label=label,
+                         lw=1.6)
         axes[0].set_title("density")
         axes[1].set_title("log-density")
         top = np.log(max(grids[k].max() for k, _, _ in names))
@@ -595,7 +640,8 @@ def plot_figures(grids, samples, metrics, args, d, out):
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 5) if d == 2 else (6, 3.5))
     if d == 1:
-        ax.hist(samples[:, 0], bins=120, range=(-1, 1), density=True, color="tab:blue", alpha=0.6, label="samples")
+        ax.hist(samples[:, 0], bins=120, range=(-1, 1), density=True, color="tab:blue", alpha=0.6,
+                label="samples")
         ax.plot(grids["axis"], grids["truth"], "k", lw=1.2, label="truth")
         ax.legend(fontsize=8)
     else:
@@ -603,13 +649,14 @@ def plot_figures(grids, samples, metrics, args, d, out):
         ax.set_ylim(-1, 1)
         ax.set_aspect("equal")
     ax.set_xlim(-1, 1)
-    ax.set_title(f"{len(samples) if d == 1 else min(5000, len(samples))} K-step samples ({args.density})", fontsize=9)
+    shown = len(samples) if d == 1 else min(5000, len(samples))
+    ax.set_title(f"{shown} K-step samples ({args.density})", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "samples.png"), dpi=80)
     plt.close(fig)
 
 
-# ---- run folder, logging ----
+# ---- device, run folder ----
 
 def resolve_device(name):
     if name == "auto":
@@ -640,12 +687,19 @@ def check_run_folder(out, force):
     return old
 
 
+def save_model(f, args, d):
+    torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
+               os.path.join(args.out, "model.pt"))
+
+
+# ---- training loop, logging, main ----
+
 def format_eta(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
-
-# ---- training ----
 
 def schedule(args, it):
     """lr and sigma at iteration it (0-based): constant, then from --anneal-start a geometric decay
@@ -657,44 +711,35 @@ def schedule(args, it):
 
 
 def train(f, optim, data, args, device):
-    """Algorithm 1: batch + sigma noise, p_0, K Langevin steps, loss, Adam step; log on log steps.
-    Returns False if f or the samples became NaN/inf."""
-    log_path, t_start, d = os.path.join(args.out, "log.jsonl"), time.time(), data.shape[1]
+    """Algorithm 1: lr and sigma of this iteration, a batch, train_step (sigma noise, p_0, K Langevin
+    steps, Adam step), a log row on log steps. Returns False if f or the samples became NaN/inf."""
+    log_path, t_start = os.path.join(args.out, "log.jsonl"), time.time()
+    grad_fn = hand_gradient(f)                 # the speed path; Adam updates f's weights in place
     for it in range(1, args.iters + 1):
         lr, sigma = schedule(args, it - 1)
         for group in optim.param_groups:
             group["lr"] = lr
         x_data = data[torch.randint(0, len(data), (args.batch_size,), device=device)]   # (m, d)
-        x_plus = x_data + sigma * torch.randn_like(x_data)
-        x_q = langevin(f, sample_p_0(args.batch_size, d, device), args.K, args.step_size, args.noise)  # (m, d)
-        f_all = f(torch.cat([x_plus, x_q]))                                     # (2m,)
-        f_data, f_q = f_all[:args.batch_size].mean(), f_all[args.batch_size:].mean()
-        loss = f_q - f_data                            # descend = ascend f(data) - f(x_q)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
+        x_q, f_data, f_q = train_step(f, optim, x_data, args.K, args.step_size, args.noise, sigma,
+                                      grad_fn=grad_fn)                          # (m, d), (), ()
         if it % args.log_every == 0 or it == args.iters:
             grad = grad_x(f, x_q)                                               # (m, d)
             elapsed = time.time() - t_start
             row = {"iteration": it, "f_data": f_data.item(), "f_sample": f_q.item(),
                    "f_gap": f_data.item() - f_q.item(), "grad_norm": grad.norm(dim=1).mean().item(),
                    "sample_max_abs": x_q.abs().max().item(), "sample_std": x_q.std(0).mean().item(),
-                   "data_std": x_plus.std(0).mean().item(), "lr": lr, "sigma": sigma,
+                   "data_std": (x_data.var(0) + sigma ** 2).sqrt().mean().item(),   # of the smoothed batch
+                   "lr": lr, "sigma": sigma,
                    "seconds": elapsed, "s_per_iter": elapsed / it}
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            print(f"it {it}/{args.iters} | f(x) {row['f_data']:+.4g} f(x_q) {row['f_sample']:+.4g} | |grad f| "
-                  f"{row['grad_norm']:.3g} | max|x_q| {row['sample_max_abs']:.2f} | "
-                  f"{row['s_per_iter'] * 1e3:.1f} ms/it | ETA {format_eta(row['s_per_iter'] * (args.iters - it))}",
-                  file=sys.stderr, flush=True)
+            eta = format_eta(row["s_per_iter"] * (args.iters - it))
+            print(f"it {it}/{args.iters} | f(x) {row['f_data']:+.4g} f(x_q) {row['f_sample']:+.4g} | "
+                  f"|grad f| {row['grad_norm']:.3g} | max|x_q| {row['sample_max_abs']:.2f} | "
+                  f"{row['s_per_iter'] * 1e3:.1f} ms/it | ETA {eta}", file=sys.stderr, flush=True)
             if not all(map(math.isfinite, (row["f_data"], row["f_sample"], row["sample_max_abs"]))):
                 return False
     return True
-
-
-def save_model(f, args, d):
-    torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
-               os.path.join(args.out, "model.pt"))
 
 
 def main(argv=None):
@@ -703,8 +748,8 @@ def main(argv=None):
     apply_presets(args)
     try:
         density = validate(args)
-        args.out = args.out or os.path.join("runs", "toy_" + os.path.splitext(os.path.basename(args.density))[0]
-                                            .replace("file:", ""))
+        stem = os.path.splitext(os.path.basename(args.density))[0].replace("file:", "")
+        args.out = args.out or os.path.join("runs", "toy_" + stem)
         device = resolve_device(args.device)
         if args.print_config:
             print(json.dumps(vars(args), indent=2))
@@ -721,22 +766,22 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     d, is_file = density.d, isinstance(density, FilePoints)
     points = density.points if is_file else sample_truth(density, args.n_data, rng)     # (N, d)
-    if is_file:
-        density.bandwidth = bandwidth(points, args.bandwidth)
     data = torch.as_tensor(points, dtype=torch.float32, device=device)
     f = EBM(d, args.hidden, args.act).to(device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    print(f"{args.density}: {len(points)} points in [-1, 1]^{d}, f has {sum(p.numel() for p in f.parameters()):,} "
-          f"parameters, {device}, K {args.K}, run folder {args.out}", file=sys.stderr)
+    n_params = sum(p.numel() for p in f.parameters())
+    print(f"{args.density}: {len(points)} points in [-1, 1]^{d}, f has {n_params:,} parameters, {device}, "
+          f"K {args.K}, run folder {args.out}", file=sys.stderr)
     t0 = time.time()
     try:                                           # Ctrl-C while training or evaluating keeps f
         if not train(f, optim, data, args, device):
-            print("toy_1d_2d.py: f or the samples became NaN/inf; start again with a lower --lr or --step-size",
-                  file=sys.stderr)
+            print("toy_1d_2d.py: f or the samples became NaN/inf; start again with a lower --lr or "
+                  "--step-size", file=sys.stderr)
             return EXIT_DIVERGED
         train_seconds = time.time() - t0
         samples = short_run_samples(f, args.n_samples, d, args, device)         # (N, d)
-        exact = None if is_file else sample_truth(density, args.n_samples, np.random.default_rng(args.seed + 1))
+        exact = (None if is_file else                                           # (N, d): the floor
+                 sample_truth(density, args.n_samples, np.random.default_rng(args.seed + 1)))
         metrics, grids = evaluate(f, density, samples, args, device, exact)
     except KeyboardInterrupt:
         save_model(f, args, d)
@@ -752,8 +797,8 @@ def main(argv=None):
         json.dump(metrics, fh, indent=2)
     if not args.no_plots:
         plot_figures(grids, samples, metrics, args, d, args.out)
-    at_T = ("" if metrics["temperature_T"] is None else
-            f" | exp(f/T): entropy {metrics['entropy_ebm_T']:.3f}, temperature_T {metrics['temperature_T']:.3g}")
+    at_T = ("" if metrics["temperature_T"] is None else f" | exp(f/T): entropy "
+            f"{metrics['entropy_ebm_T']:.3f}, temperature_T {metrics['temperature_T']:.3g}")
     print(f"{args.density}: TV(truth, KDE) {metrics['tv']:.3f}, KL {metrics['kl']:.3f}, "
           f"hist TV {metrics['tv_hist']:.3f} | entropy truth {metrics['entropy_truth']:.3f}, "
           f"EBM {metrics['entropy_ebm']:.3f}, KDE {metrics['entropy_kde']:.3f} | "

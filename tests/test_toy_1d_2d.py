@@ -3,6 +3,7 @@
 CPU only, no network. The full-length check (default flags: histogram TV <= 0.15 and an EBM colder
 than the truth, for mog1d, mog2d and rings) is marked slow: `pytest -m slow tests/test_toy_1d_2d.py`.
 """
+import ast
 import json
 import math
 import os
@@ -251,8 +252,92 @@ def test_hand_written_gradient_equals_autograd(act, d):
     f = toy.EBM(d, 16, act).double()
     x = (torch.rand(64, d, dtype=torch.float64) * 2 - 1).requires_grad_(True)
     auto = torch.autograd.grad(f(x).sum(), x)[0]
-    assert torch.allclose(f.grad_x(x.detach()), auto, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(toy.hand_gradient(f)(x.detach()), auto, rtol=1e-10, atol=1e-12)
     assert torch.allclose(toy.grad_x(f, x.detach()), auto, rtol=1e-10, atol=1e-12)
+    # the chain on the speed path is the chain on langevin's autograd path: same draws, same steps
+    x0 = x.detach()
+    torch.manual_seed(1)
+    by_hand = toy.langevin(f, x0, 5, 0.01, 0.02, grad_fn=toy.hand_gradient(f))
+    torch.manual_seed(1)
+    assert torch.allclose(toy.langevin(f, x0, 5, 0.01, 0.02), by_hand, rtol=1e-10, atol=1e-12)
+    assert all(p.grad is None for p in f.parameters())
+
+
+METHOD_IMPORTS = "import math\nimport contextlib\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+
+
+def method_block():
+    """The text from the line starting '# ---- method' to the line starting '# ---- harness'."""
+    with open(toy.__file__) as fh:
+        lines = fh.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# ---- method"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("# ---- harness"))
+    assert start < end and not any(line.startswith("# ----") for line in lines[start + 1:end])
+    before = [node for node in ast.parse("\n".join(lines)).body if node.lineno <= start]
+    assert all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in before[1:])  # docstring, imports
+    return "\n".join(lines[start:end])
+
+
+@pytest.fixture
+def one_thread():
+    """A net this small runs fastest on one thread (many threads contend on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_method_block_runs_alone_and_learns(tmp_path, one_thread):
+    """Copied alone under the five imports, the block trains: the gap f(data) - f(p_0 noise), on fixed
+    draws, before and after 60 steps of its own train_step on a 1D Gaussian."""
+    block = method_block()
+    for name in ("class EBM(", "def sample_p_0(", "def langevin(", "def train_step("):
+        assert name in block, name
+    path = tmp_path / "method_only.py"
+    path.write_text(METHOD_IMPORTS + "\n" + block + "\n")
+    ns = {"__name__": "method_only"}
+    exec(compile(path.read_text(), str(path), "exec"), ns)
+    assert not (set(ns) & {"np", "json", "os", "sys", "argparse", "toy"})    # nothing else came along
+    torch.manual_seed(0)
+    f = ns["EBM"](1, 32, "silu")
+    optim = torch.optim.Adam(f.parameters(), lr=1e-2)
+    data = 0.5 + 0.05 * torch.randn(512, 1)                                 # N(0.5, 0.05^2)
+    noise = ns["sample_p_0"](512, 1, "cpu")                                  # (512, 1) in [-1, 1]
+
+    def gap():
+        with torch.no_grad():
+            return (f(data).mean() - f(noise).mean()).item()
+    before = gap()
+    for _ in range(60):
+        x_q, f_data, f_q = ns["train_step"](f, optim, data[torch.randint(0, 512, (64,))], K=10,
+                                            step_size=1e-3, noise=1e-2, sigma=3e-2)
+    assert x_q.shape == (64, 1) and f_data.shape == () and f_q.shape == () and not f_data.requires_grad
+    assert gap() > before + 10.0                                            # f learned where the data is
+    # the block's sampler is the importable one: same numbers from the same draws
+    torch.manual_seed(3)
+    a = ns["langevin"](f, torch.zeros(4, 1), 3, 1e-3, 1e-2)
+    torch.manual_seed(3)
+    assert torch.equal(a, toy.langevin(f, torch.zeros(4, 1), 3, 1e-3, 1e-2))
+
+
+def test_script_lines_are_at_most_110_characters():
+    with open(toy.__file__) as fh:
+        long_lines = [i + 1 for i, line in enumerate(fh.read().splitlines()) if len(line) > 110]
+    assert long_lines == []
+
+
+def test_training_runs_the_method_blocks_train_step(tmp_path, capsys, monkeypatch):
+    calls = []
+    real = toy.train_step
+
+    def counting(*a, **k):
+        calls.append(k.get("grad_fn"))
+        return real(*a, **k)
+    monkeypatch.setattr(toy, "train_step", counting)
+    code, err = run_main(["--density", "mog1d", "--out", tmp_path / "run", "--iters", "4", "--log-every", "2",
+                          "--device", "cpu", "--no-plots", "--bandwidth", "scott"], capsys)
+    assert code == 0, err
+    assert len(calls) == 4 and all(callable(g) for g in calls)             # with the hand-written gradient
 
 
 def test_ebm_returns_one_number_per_point_and_sampler_leaves_parameter_grads_alone():
@@ -310,9 +395,9 @@ def test_a_file_density_round_trips(tmp_path, capsys):
     pts = toy.sample_truth(density, 20000, np.random.default_rng(3))
     path = tmp_path / "points.npy"
     np.save(path, pts.astype(np.float32))
-    fd = toy.make_density(f"file:{path}")
+    fd = toy.make_density(f"file:{path}", "cv")                        # the KDE truth's bandwidth rule
     assert fd.d == 2 and np.allclose(fd.points, pts.astype(np.float32))
-    fd.bandwidth = toy.bandwidth(fd.points, "cv")
+    assert np.array_equal(fd.bandwidth, toy.bandwidth(fd.points, "cv"))
     _, grid, vol = toy.make_grid(2, 96)
     p_exact, p_file = toy.normalise_log(density.log_prob(grid)), toy.normalise_log(fd.log_prob(grid))
     assert toy.tv(p_exact, p_file) < 0.1
