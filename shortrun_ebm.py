@@ -57,6 +57,105 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+# ---- method: the paper's f, p_0, Langevin sampler and training step (runs alone with torch) ----
+
+class EBM(nn.Module):
+    """f(x): the paper's ConvNet (Tables 4-6). Returns the negative energy, shape (B,)."""
+
+    def __init__(self, n_c=3, n_f=64, im_sz=32, act="lrelu"):
+        super().__init__()
+        if im_sz not in (32, 64, 128):
+            raise ValueError(f"im_sz must be 32, 64 or 128, got {im_sz}")
+        act_fn = {"lrelu": lambda: nn.LeakyReLU(0.2), "gelu": nn.GELU}[act]
+        layers = [nn.Conv2d(n_c, n_f, 3, 1, 1), act_fn(),                       # (B, n_f, S, S)
+                  nn.Conv2d(n_f, 2 * n_f, 4, 2, 1), act_fn(),                   # (B, 2n_f, S/2, S/2)
+                  nn.Conv2d(2 * n_f, 4 * n_f, 4, 2, 1), act_fn(),               # (B, 4n_f, S/4, S/4)
+                  nn.Conv2d(4 * n_f, 8 * n_f, 4, 2, 1), act_fn()]               # (B, 8n_f, S/8, S/8)
+        for _ in range({32: 0, 64: 1, 128: 2}[im_sz]):                          # down to (B, 8n_f, 4, 4)
+            layers += [nn.Conv2d(8 * n_f, 8 * n_f, 4, 2, 1), act_fn()]
+        layers.append(nn.Conv2d(8 * n_f, 1, 4, 1, 0))                            # (B, 1, 1, 1)
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.f(x).view(-1)                                               # (B,)
+
+
+def sample_p_0(n, n_c, im_sz, device):
+    """p_0: uniform noise on [-1, 1], shape (n, n_c, im_sz, im_sz)."""
+    return torch.rand(n, n_c, im_sz, im_sz, device=device) * 2 - 1
+
+
+def lowres(x, size):
+    """The informative init: x averaged down to size x size, then blown back up (nearest), so that
+    averaging the result down again gives exactly the low-res image."""
+    return F.interpolate(F.interpolate(x, size=(size, size), mode="area"), size=x.shape[-2:], mode="nearest")
+
+
+def langevin(f, x, K, step_size=1.0, noise=1e-2, create_graph=False, stats=None):
+    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K.
+
+    create_graph=False (training, sampling): each step starts from a detached x, so no autograd
+    graph grows across steps, and only grad w.r.t. x is taken, so parameter .grad is untouched.
+    create_graph=True: the whole chain stays differentiable w.r.t. the input x and f's parameters
+    (reconstruction, interpolation and log-likelihood treat x_K = M_theta(x_0) as a generator).
+    stats: None, or a list to which each step appends the mean over images of ||grad_x f(x_k)||_2
+    (a 0-dim tensor: no device sync inside the loop); the paper's Table 2 averages it over the K steps.
+    """
+    if not create_graph or not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        for _ in range(K):
+            grad = torch.autograd.grad(f(x).sum(), x, create_graph=create_graph)[0]
+            if stats is not None:
+                stats.append(grad.detach().flatten(1).norm(dim=1).mean())
+            x = x + step_size * grad
+            if noise > 0:
+                x = x + noise * torch.randn_like(x)
+            if not create_graph:
+                x = x.detach().requires_grad_(True)
+    return x if create_graph else x.detach()
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Parameters need no gradient while sampling: autograd then saves nothing for them."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=None, *,
+               chain=langevin, f_loss=None, autocast=contextlib.nullcontext, stats=None):
+    """One iteration of Algorithm 1 on a data batch x_data (m, C, S, S); returns (x_q, f_data, f_q).
+
+    x_0: the chains' start, None = p_0 noise. chain(f, x_0, K, step_size, noise) -> x_K is the sampler
+    (a faster one with langevin's signature may replace it); f_loss: the module the loss goes through
+    (e.g. a DistributedDataParallel wrapper of f; default f); autocast: a context factory for mixed
+    precision; stats: a list handed to the chain (langevin appends each step's mean |grad_x f|).
+    """
+    x_plus = x_data + sigma * torch.randn_like(x_data)                          # (m, C, S, S)
+    if x_0 is None:
+        x_0 = sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
+    with frozen(f), autocast():
+        extra = {} if stats is None else {"stats": stats}
+        x_q = chain(f, x_0, K, step_size, noise, **extra)                       # (m, C, S, S)
+    with autocast():
+        f_all = (f_loss or f)(torch.cat([x_plus, x_q])).float()                 # (2m,)
+    m = x_data.shape[0]
+    f_data, f_q = f_all[:m].mean(), f_all[m:].mean()
+    loss = f_q - f_data                               # descend = ascend f(data) - f(x_q)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return x_q, f_data.detach(), f_q.detach()
+
+
+# ---- harness: data, run folder, checkpoints, training loop, CLI ----
+
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
 CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -158,6 +257,8 @@ def build_parser(suppress_defaults=False):
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     r.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16 autocast (GPUs)")
+    r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     r.add_argument("--out", default=None, help="run folder (default runs/shortrun_<dataset>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     r.add_argument("--log-every", type=int, default=100, help="log.jsonl + progress line every N its")
@@ -219,47 +320,13 @@ def validate(args):
         raise UsageError(f"--lowres-size ({args.lowres_size}) must be <= --image-size ({args.image_size})")
 
 
-# ---- model ----
-
-class EBM(nn.Module):
-    """f(x): the paper's ConvNet (Tables 4-6). Returns the negative energy, shape (B,)."""
-
-    def __init__(self, n_c=3, n_f=64, im_sz=32, act="lrelu"):
-        super().__init__()
-        if im_sz not in (32, 64, 128):
-            raise ValueError(f"im_sz must be 32, 64 or 128, got {im_sz}")
-        act_fn = {"lrelu": lambda: nn.LeakyReLU(0.2), "gelu": nn.GELU}[act]
-        layers = [nn.Conv2d(n_c, n_f, 3, 1, 1), act_fn(),                       # (B, n_f, S, S)
-                  nn.Conv2d(n_f, 2 * n_f, 4, 2, 1), act_fn(),                   # (B, 2n_f, S/2, S/2)
-                  nn.Conv2d(2 * n_f, 4 * n_f, 4, 2, 1), act_fn(),               # (B, 4n_f, S/4, S/4)
-                  nn.Conv2d(4 * n_f, 8 * n_f, 4, 2, 1), act_fn()]               # (B, 8n_f, S/8, S/8)
-        for _ in range({32: 0, 64: 1, 128: 2}[im_sz]):                          # down to (B, 8n_f, 4, 4)
-            layers += [nn.Conv2d(8 * n_f, 8 * n_f, 4, 2, 1), act_fn()]
-        layers.append(nn.Conv2d(8 * n_f, 1, 4, 1, 0))                            # (B, 1, 1, 1)
-        self.f = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.f(x).view(-1)                                               # (B,)
-
-
-# ---- sampler ----
+# ---- model and sampler plumbing ----
 
 def build_ebm(n_c, n_f, im_sz, act, device):
     """EBM on device. On the CPU the weights go channels_last: oneDNN's convolutions then run ~15%
     faster (measured); on CUDA the default layout measured faster (TF32 cuDNN, H100)."""
     f = EBM(n_c, n_f, im_sz, act).to(device)
     return f.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else f
-
-
-def sample_p_0(n, n_c, im_sz, device):
-    """p_0: uniform noise on [-1, 1], shape (n, n_c, im_sz, im_sz)."""
-    return torch.rand(n, n_c, im_sz, im_sz, device=device) * 2 - 1
-
-
-def lowres(x, size):
-    """The informative init: x averaged down to size x size, then blown back up (nearest), so that
-    averaging the result down again gives exactly the low-res image."""
-    return F.interpolate(F.interpolate(x, size=(size, size), mode="area"), size=x.shape[-2:], mode="nearest")
 
 
 def init_chain(x_data, args):
@@ -269,45 +336,12 @@ def init_chain(x_data, args):
     return sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
 
 
-def langevin(f, x, K, step_size=1.0, noise=1e-2, create_graph=False):
-    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K.
-
-    create_graph=False (training, sampling): each step starts from a detached x, so no autograd
-    graph grows across steps, and only grad w.r.t. x is taken, so parameter .grad is untouched.
-    create_graph=True: the whole chain stays differentiable w.r.t. the input x and f's parameters
-    (reconstruction, interpolation and log-likelihood treat x_K = M_theta(x_0) as a generator).
-    """
-    if not create_graph or not x.requires_grad:
-        x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        for _ in range(K):
-            grad = torch.autograd.grad(f(x).sum(), x, create_graph=create_graph)[0]
-            x = x + step_size * grad
-            if noise > 0:
-                x = x + noise * torch.randn_like(x)
-            if not create_graph:
-                x = x.detach().requires_grad_(True)
-    return x if create_graph else x.detach()
-
-
 def langevin_step_rms(f, x, step_size):
     """Diagnostic: RMS per pixel of one drift step, step_size * |grad_x f(x)| / sqrt(D), mean over x."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         grad = torch.autograd.grad(f(x).sum(), x)[0]
     return step_size * grad.flatten(1).norm(dim=1).mean() / math.sqrt(x[0].numel())
-
-
-@contextlib.contextmanager
-def frozen(module):
-    """Parameters need no gradient while sampling: autograd then saves nothing for them."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
 
 
 # ---- data ----
@@ -574,27 +608,29 @@ def schedule(args, it):
     return args.lr * args.anneal_lr_final ** progress, args.sigma * args.anneal_sigma_final ** progress
 
 
-def train_step(f, f_ddp, optim, data, args, it, amp, device):
-    """One iteration of Algorithm 1. Returns (x_q, stats) with stats a tensor on the device."""
+def harness_step(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None):
+    """Iteration it of training: the schedule's lr and sigma, a batch, K (dynamic K), x_0 (the init),
+    then the method's train_step. Returns (x_q, x_data, f_data, f_q)."""
     lr, sigma = schedule(args, it)
     for group in optim.param_groups:
         group["lr"] = lr
     x_data = data[torch.randint(0, data.shape[0], (args.batch_size,))].to(device, non_blocking=True)
-    x_plus = x_data + sigma * torch.randn_like(x_data)                          # (m, C, S, S)
-    x_0 = init_chain(x_data, args)                                              # (m, C, S, S)
     K = args.K if args.K_max is None else int(torch.randint(args.K, args.K_max + 1, ()))
-    with frozen(f), amp():
-        x_q = langevin(f, x_0, K, args.step_size, args.noise)                   # (m, C, S, S)
-    with amp():
-        f_all = f_ddp(torch.cat([x_plus, x_q])).float()                         # (2m,)
-    f_data, f_q = f_all[:args.batch_size].mean(), f_all[args.batch_size:].mean()
-    loss = f_q - f_data                               # descend = ascend f(data) - f(x_q)
-    optim.zero_grad(set_to_none=True)
-    loss.backward()
-    optim.step()
-    stats = torch.stack([f_data.detach(), f_q.detach(), x_q.abs().amax(), x_q.std(), x_data.std()])
-    return x_q, stats
+    x_0 = lowres(x_data, args.lowres_size) if args.init == "lowres" else None   # None: p_0 in train_step
+    x_q, f_data, f_q = train_step(f, optim, x_data, K, args.step_size, args.noise, sigma, x_0, chain=chain,
+                                  f_loss=f_ddp, autocast=amp, stats=stats)
+    return x_q, x_data, f_data, f_q
 
+
+def make_chain(args, f, device):
+    """The K-step sampler of training, sample grids and --benchmark: chain(f, x_0, K, step_size, noise).
+    For now the eager langevin everywhere (--cuda-graph is accepted and stored for the CUDA path)."""
+    return langevin
+
+
+def autocast_for(args, device):
+    """A context factory: bf16 autocast with --amp bf16, else a no-op."""
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
 def check_guard(stats, step_rms, args, it):
     """None if healthy, else a message saying what blew up and what to change."""
@@ -614,20 +650,20 @@ def check_guard(stats, step_rms, args, it):
     return None
 
 
-def plot(f, args, it, data_fixed, amp, device):
+def plot(f, args, it, data_fixed, chain, amp, device):
     """Samples from a fixed p_0 draw; fork_rng keeps the training trajectory untouched."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(args.seed)
         with frozen(f), amp():
-            x_q = langevin(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
+            x_q = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
     save_grid(x_q, os.path.join(args.out, f"samples_{it:06d}.png"))
 
 
 def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0.0):
     """Algorithm 1 with three gated side jobs: log, plot, checkpoint. Returns the exit code."""
     writer = rank == 0
-    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
+    amp, chain = autocast_for(args, device), make_chain(args, f, device)
     data_fixed = data[:64].to(device)
     if writer and start_it == 0:
         save_grid(data_fixed, os.path.join(args.out, "data.png"))
@@ -635,13 +671,16 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
     last_saved = start_it if start_it else "none yet"
     with StopFlag() as stop:
         for it in range(start_it + 1, args.iters + 1):
-            x_q, stats = train_step(f, f_ddp, optim, data, args, it - 1, amp, device)
             is_last = it == args.iters
             due = lambda every: (every and it % every == 0) or is_last
+            chain_grads = [] if due(args.log_every) else None     # per-step mean |grad_x f|, log steps only
+            x_q, x_data, f_data, f_q = harness_step(f, f_ddp, optim, data, args, it - 1, chain, amp, device,
+                                                    chain_grads)
             diverged, msg = False, None
             guard_due = args.guard and (it % args.guard_every == 0 or due(args.log_every) or due(args.ckpt_every))
             if guard_due or due(args.log_every):
                 step_rms = float(langevin_step_rms(f, x_q, args.step_size))
+                stats = torch.stack([f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std()])
             if guard_due:
                 msg = check_guard(stats.tolist(), step_rms, args, it)
                 diverged = any_rank(msg is not None, world, device)
@@ -651,6 +690,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                 rate = elapsed / (it - it_start)
                 row = {"iteration": it, "f_data": f_data, "f_sample": f_q, "f_gap": f_data - f_q,
                        "grad_norm": step_rms / args.step_size * math.sqrt(x_q[0].numel()),
+                       "grad_norm_chain": float(torch.stack(chain_grads).mean()) if chain_grads else None,
                        "sample_max_abs": max_abs, "sample_std": x_std, "data_std": data_std,
                        "lr": optim.param_groups[0]["lr"], "sigma": schedule(args, it - 1)[1],
                        "seconds": seconds0 + elapsed, "s_per_iter": rate}
@@ -665,7 +705,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                           f"{args.out}/last.pt keeps the last good state (iteration {last_saved})", file=sys.stderr)
                 return EXIT_DIVERGED
             if due(args.plot_every) and writer:
-                plot(f, args, it, data_fixed, amp, device)
+                plot(f, args, it, data_fixed, chain, amp, device)
             interrupted = any_rank(stop.requested, world, device)
             if due(args.ckpt_every) or interrupted:
                 rng_now = gather_rng(world)
@@ -707,12 +747,12 @@ def benchmark(args, n_c, device):
     f = build_ebm(n_c, args.n_f, args.image_size, args.act, device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
     data = sample_p_0(1000, n_c, args.image_size, device)
-    amp = lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
+    amp, chain = autocast_for(args, device), make_chain(args, f, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(args.benchmark + 2):                   # two warm-up iterations are not timed
         t0 = time.perf_counter()
-        train_step(f, f, optim, data, args, i, amp, device)
+        harness_step(f, f, optim, data, args, i, chain, amp, device)
         sync()
         times.append(time.perf_counter() - t0)
     per_iter = sorted(times[2:])[len(times[2:]) // 2]     # median, like seed_appendix.py

@@ -448,3 +448,78 @@ def test_print_config_on_resume_shows_the_runs_own_config(squares, tmp_path, cap
     assert (c["n_f"], c["K"], c["iters"], c["batch_size"]) == (4, 3, 5, 8)
     assert c["dataset"] == f"folder:{squares}" and c["resume"] is True
     assert before == {n: (out / n).read_bytes() for n in os.listdir(out)}
+
+
+# ---- the method block: copied alone, it runs ----
+
+def method_block():
+    text = open(os.path.join(REPO, "shortrun_ebm.py")).read().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(text) if line.startswith("# ---- method"))
+    end = next(i for i, line in enumerate(text) if line.startswith("# ---- harness"))
+    assert start < end
+    return "".join(text[start:end])
+
+
+def test_method_block_runs_when_copied_alone(tmp_path):
+    block = method_block()
+    for word in ("argparse", "args.", "open(", "json", "torch.distributed", "os.", "print("):
+        assert word not in block, word
+    source = ("import math\nimport contextlib\nimport torch\nimport torch.nn as nn\n"
+              "import torch.nn.functional as F\n\n" + block)
+    (tmp_path / "copied.py").write_text(source)
+    ns = {"__name__": "copied"}
+    exec(compile(source, str(tmp_path / "copied.py"), "exec"), ns)
+    torch.manual_seed(0)
+    f = ns["EBM"](3, 4, 32)
+    optim = torch.optim.Adam(f.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in f.parameters()]
+    x_data = torch.rand(5, 3, 32, 32) * 2 - 1
+    x_q, f_data, f_q = ns["train_step"](f, optim, x_data, 2)
+    assert x_q.shape == (5, 3, 32, 32) and f_data.shape == f_q.shape == ()
+    assert not x_q.requires_grad and (x_q != x_data).any()
+    moved = [not torch.equal(a, p) for a, p in zip(before, f.parameters()) if p.dim() > 1]
+    assert len(moved) == 5 and all(moved)              # every conv weight (the last bias cancels in the loss)
+    x_q, _, _ = ns["train_step"](f, optim, x_data, 1, x_0=ns["lowres"](x_data, 8))   # an informative init
+    assert x_q.shape == x_data.shape
+
+
+def test_train_step_uses_the_chain_and_loss_module_it_is_given():
+    calls = []
+
+    def chain(f, x_0, K, step_size, noise):
+        calls.append((x_0.shape, K, step_size, noise))
+        return x_0.clone()
+
+    f = sr.EBM(3, 4, 32)
+    optim = torch.optim.SGD(f.parameters(), lr=0.0)
+    x_data, x_0 = torch.zeros(2, 3, 32, 32), torch.full((2, 3, 32, 32), 0.5)
+    x_q, f_data, f_q = sr.train_step(f, optim, x_data, 7, 0.3, 0.0, 0.0, x_0, chain=chain)
+    assert calls == [((2, 3, 32, 32), 7, 0.3, 0.0)] and torch.equal(x_q, x_0)
+    with torch.no_grad():
+        assert f_data == pytest.approx(f(x_data).mean().item()) and f_q == pytest.approx(f(x_0).mean().item())
+
+
+# ---- Table 2's last row: the K-step average of |grad_x f| ----
+
+def test_grad_norm_chain_equals_a_hand_computation():
+    # f(x) = -a/2 ||x - mu||^2: grad = -a (x_k - mu), x_k - mu = (1 - s a)^k (x_0 - mu) with noise off
+    a, s, K = 0.3, 0.5, 3
+    mu = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    x0 = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 2.0], [0.0, 2.0]]]], dtype=torch.float64)
+    stats = []
+    sr.langevin(Quadratic(a, mu), x0, K, step_size=s, noise=0.0, stats=stats)
+    norms0 = [1.0, 8 ** 0.5]                                    # ||x_0 - mu|| per image
+    hand = [a * (1 - s * a) ** k * (norms0[0] + norms0[1]) / 2 for k in range(K)]
+    assert len(stats) == K
+    torch.testing.assert_close(torch.stack(stats), torch.tensor(hand, dtype=torch.float64))
+    assert float(torch.stack(stats).mean()) == pytest.approx(sum(hand) / K, rel=1e-12)
+
+
+def test_grad_norm_chain_is_logged_on_log_steps(squares, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "2",
+                          "--plot-every", "0", "--out", out], capsys)
+    assert code == 0, err
+    rows = log_rows(out)
+    assert [r["iteration"] for r in rows] == [2, 4]
+    assert all(np.isfinite(r["grad_norm_chain"]) and r["grad_norm_chain"] > 0 for r in rows)
