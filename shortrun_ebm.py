@@ -211,6 +211,8 @@ def build_parser(suppress_defaults=False):
     d.add_argument("--n-data", type=int, default=None,
                    help="use N training images, a random subset drawn with --data-seed (paper: 40,000); "
                         "0 = all; " + per_dataset("n_data"))
+    d.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the random n_data subset (independent of --seed)")
     d.add_argument("--image-size", type=int, default=None, choices=(32, 64, 128),
                    help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ); " + per_dataset("image_size"))
     s = p.add_argument_group("short-run sampler")
@@ -299,8 +301,8 @@ def validate(args):
             raise UsageError(f"{name} must be >= 1 (got {v})")
     for name, v in {"--n-data": args.n_data, "--log-every": args.log_every, "--plot-every": args.plot_every,
                     "--ckpt-every": args.ckpt_every, "--benchmark": args.benchmark,
-                    "--anneal-start": args.anneal_start}.items():
-        if v < 0:
+                    "--anneal-start": args.anneal_start, "--data-seed": args.data_seed}.items():
+        if v is not None and v < 0:                    # data_seed None: a run from before --data-seed
             raise UsageError(f"{name} must be >= 0 (got {v})")
     if args.K_max is not None and args.K_max < args.K:
         raise UsageError(f"--K-max ({args.K_max}) must be >= --K ({args.K})")
@@ -381,10 +383,22 @@ def _folder_images(path):
     return files
 
 
-def load_images(dataset, data_root, image_size, n_data=0, download=False, split="train"):
+def subset_indices(n_available, n_data, seed):
+    """Which images to take: all (n_data 0 or >= n_available, in order), else a random n_data of them
+    drawn with its own generator from seed (class-sorted folders keep every class); seed None: the
+    first n_data (what runs written before --data-seed did)."""
+    if not n_data or n_data >= n_available:
+        return list(range(n_available))
+    if seed is None:
+        return list(range(n_data))
+    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:n_data].tolist()
+
+
+def load_images(dataset, data_root, image_size, n_data=0, download=False, split="train", seed=0, info=None):
     """A whole data set as one float tensor (N, C, S, S) in [-1, 1] on the CPU.
 
-    Resized (shorter side) and centre-cropped to image_size, the first n_data images (0 = all).
+    Resized (shorter side) and centre-cropped to image_size; n_data images (0 = all) picked by
+    subset_indices(..., seed); info (a dict), if given, receives n_available (the set's size).
     A missing or unreadable data set raises UsageError saying where the files should go."""
     from PIL import Image
     n_c = CHANNELS.get(dataset, 3)
@@ -393,7 +407,9 @@ def load_images(dataset, data_root, image_size, n_data=0, download=False, split=
         torchvision.transforms.ToTensor(), torchvision.transforms.Normalize([0.5] * n_c, [0.5] * n_c)])
     if dataset.startswith("folder:"):
         files = _folder_images(os.path.expanduser(dataset[len("folder:"):]))
-        files = files[:n_data] if n_data else files
+        if info is not None:
+            info["n_available"] = len(files)
+        files = [files[i] for i in subset_indices(len(files), n_data, seed)]
         images = []
         for path in files:
             try:
@@ -410,8 +426,10 @@ def load_images(dataset, data_root, image_size, n_data=0, download=False, split=
         how = "run without --no-download, or put" if not download else "download failed; put"
         raise UsageError(f"{dataset} not found under {root} ({str(e).splitlines()[0]}): "
                          f"{how} the files in {where}, or use --dataset folder:PATH") from None
-    n = min(len(ds), n_data) if n_data else len(ds)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=500)
+    if info is not None:
+        info["n_available"] = len(ds)
+    subset = torch.utils.data.Subset(ds, subset_indices(len(ds), n_data, seed))
+    loader = torch.utils.data.DataLoader(subset, batch_size=500)
     return torch.cat([x for x, _ in loader])
 
 
@@ -765,16 +783,17 @@ def benchmark(args, n_c, device):
 
 def load_data(args, rank, world, device):
     """Rank 0 loads (and downloads) first, the others then read what it left: no two downloads."""
-    data, error = None, None
+    data, error, info = None, None, {}
     for turn in ("rank 0", "the others"):
         if (rank == 0) == (turn == "rank 0"):
             try:
                 data = load_images(args.dataset, args.data_root, args.image_size, args.n_data,
-                                   args.download and rank == 0)
+                                   args.download and rank == 0, seed=args.data_seed, info=info)
             except UsageError as e:
                 error = e
         if any_rank(error is not None, world, device):
             raise error or UsageError("loading the data failed on rank 0")
+    args.n_available = info["n_available"]             # recorded in config.json beside n_data, data_seed
     return data
 
 

@@ -523,3 +523,42 @@ def test_grad_norm_chain_is_logged_on_log_steps(squares, tmp_path, capsys):
     rows = log_rows(out)
     assert [r["iteration"] for r in rows] == [2, 4]
     assert all(np.isfinite(r["grad_norm_chain"]) and r["grad_norm_chain"] > 0 for r in rows)
+
+
+# ---- the n_data subset ----
+
+def test_n_data_subset_is_seeded_random_and_keeps_every_class(tmp_path, capsys):
+    # a class-sorted folder: 10 black images (a/), then 10 white ones (b/); the first 10 would all be black
+    for cls, value in (("a", 0), ("b", 255)):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    folder = f"folder:{tmp_path / 'data'}"
+    info = {}
+    x = sr.load_images(folder, None, 32, n_data=10, seed=0, info=info)
+    means = x.mean(dim=(1, 2, 3))
+    assert info == {"n_available": 20} and len(x) == 10
+    assert (means < 0).any() and (means > 0).any()             # both classes
+    assert torch.equal(x, sr.load_images(folder, None, 32, n_data=10, seed=0))        # seeded
+    assert not torch.equal(x, sr.load_images(folder, None, 32, n_data=10, seed=1))
+    assert (sr.load_images(folder, None, 32, n_data=10, seed=None).mean(dim=(1, 2, 3)) < 0).all()  # old runs
+    out = tmp_path / "run"
+    code, err = run_main(["--dataset", folder, *TINY, "--iters", "1", "--n-data", "12", "--data-seed", "5",
+                          "--out", out], capsys)
+    assert code == 0, err
+    config = json.load(open(out / "config.json"))
+    assert (config["data_seed"], config["n_data"], config["n_available"]) == (5, 12, 20)
+
+
+def test_a_run_from_before_the_new_keys_still_resumes(squares, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--n-data", "20", "--out", out],
+                    capsys)[0] == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    for key in ("preset", "print_config", "cuda_graph", "data_seed", "n_available"):
+        del ckpt["config"][key]                                 # what an older version wrote
+    torch.save(ckpt, out / "last.pt")
+    code, err = run_main(["--out", out, "--resume", "--iters", "3"], capsys)
+    assert code == 0, err
+    config = torch.load(out / "final.pt", weights_only=True)["config"]
+    assert config["data_seed"] is None and config["n_available"] == 64 and config["n_f"] == 4
