@@ -760,8 +760,32 @@ def gather_rng(world):
     return states
 
 
+def conv_flops(f, n_c, im_sz):
+    """FLOPs of one forward of f on one image, convolutions only: 2 x the MACs, with each conv
+    costing (output elements) x (in_channels / groups) x kh x kw MACs (biases and activations are
+    negligible). Counted with forward hooks on a one-image forward."""
+    macs = []
+    hook = lambda conv, inp, out: macs.append(out[0].numel() * conv.in_channels // conv.groups
+                                              * conv.kernel_size[0] * conv.kernel_size[1])
+    handles = [m.register_forward_hook(hook) for m in f.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            p = next(f.parameters())
+            f(torch.zeros(1, n_c, im_sz, im_sz, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * sum(macs)
+
+
 def benchmark(args, n_c, device):
-    """Time args.benchmark iterations of train_step on random data of the configured shape."""
+    """Time args.benchmark iterations of training (same chain, same cuDNN autotuning) on random data
+    of the configured shape. FLOPs per iteration, as ../shared/bench/gpu_bench.py counts them:
+    conv_flops x (2 m K + 3 x 2m): each chain step is one forward and one input-gradient pass
+    (2 forward-equivalents) per image, the update one forward and a backward for input and weight
+    gradients (3 forward-equivalents) on the 2m data and sample images."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True          # as training does
     f = build_ebm(n_c, args.n_f, args.image_size, args.act, device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
     data = sample_p_0(1000, n_c, args.image_size, device)
@@ -775,7 +799,11 @@ def benchmark(args, n_c, device):
         times.append(time.perf_counter() - t0)
     per_iter = sorted(times[2:])[len(times[2:]) // 2]     # median, like seed_appendix.py
     k_mean = args.K if args.K_max is None else (args.K + args.K_max) / 2
-    print(f"device={device} m={args.batch_size} K={args.K} n_f={args.n_f} amp={args.amp}")
+    m = args.batch_size
+    flops = conv_flops(f, n_c, args.image_size) * (2 * m * k_mean + 3 * 2 * m)
+    print(f"device={device} m={m} K={args.K} n_f={args.n_f} amp={args.amp} cuda_graph={args.cuda_graph}")
+    print(f"benchmark: {per_iter * 1e3:.1f} ms/iter, {flops / per_iter / 1e12:.3f} TFLOP/s achieved "
+          f"({flops / 1e12:.3f} TFLOP/iter)")
     print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * k_mean / per_iter:.0f} images*steps/s")
 
 

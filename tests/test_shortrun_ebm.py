@@ -386,7 +386,21 @@ def test_benchmark_prints_its_line_and_writes_nothing(tmp_path, capsys, monkeypa
     m = re.fullmatch(r"benchmark: ([0-9.]+) s/iter, ([0-9]+) images\*steps/s", out[-1])
     assert m and float(m.group(1)) > 0
     assert int(m.group(2)) == pytest.approx(8 * 3 / float(m.group(1)), rel=0.01, abs=1)
+    m2 = re.fullmatch(r"benchmark: ([0-9.]+) ms/iter, ([0-9.]+) TFLOP/s achieved \(([0-9.]+) TFLOP/iter\)", out[-2])
+    assert m2, out
+    flops = sr.conv_flops(sr.EBM(3, 4, 32), 3, 32) * (2 * 8 * 3 + 6 * 8)
+    assert float(m2.group(3)) == pytest.approx(flops / 1e12, abs=1e-3)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("S,n_f", [(32, 64), (64, 8)])
+def test_conv_flops_counts_the_convnets_macs_by_hand(S, n_f):
+    # MACs = output elements x in_channels x kernel area, per conv (../shared/bench/gpu_bench.py's count)
+    macs = (3 * 9 * n_f * S * S + n_f * 16 * 2 * n_f * (S // 2) ** 2 + 2 * n_f * 16 * 4 * n_f * (S // 4) ** 2
+            + 4 * n_f * 16 * 8 * n_f * (S // 8) ** 2 + 8 * n_f * 16)
+    if S == 64:
+        macs += 8 * n_f * 16 * 8 * n_f * 4 * 4                     # the extra 4x4/2 conv down to 4x4
+    assert sr.conv_flops(sr.EBM(3, n_f, S), 3, S) == 2 * macs
 
 
 # ---- per-data-set defaults and --print-config ----
