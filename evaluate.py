@@ -35,6 +35,7 @@ An --out folder that already holds a metrics.json is never overwritten: pass --o
 its results. Bad input (missing checkpoint, unknown data set, absent weights) exits 2 with one line.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -51,14 +52,12 @@ import dual_mcmc as dm
 import shortrun_ebm as sr
 
 PROG = "evaluate.py"
-SUBCOMMANDS = ("fid", "recon", "interp", "transition", "superres", "bpd", "inpaint", "ood")
+SUBCOMMANDS = ("fid", "recon", "interp", "transition", "superres", "bpd", "inpaint", "ood", "export")
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
+GD_LR, ADAM_LR = 1.0, 0.05  # default steps on z for recon / bpd / inpaint (see z_descent_flags)
+SUPERRES_NOISE = 0.2  # superres: std of the per-draw noise on the low-res init (see superres_init)
 MASKS = ("M20", "M30", "M40", "R20", "R30", "R40")
-
-
-class UsageError(Exception):
-    """Bad input: main() prints one line and exits 2."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -81,6 +80,8 @@ def build_parser():
     c("--batch-size", type=int, default=100, help="images per batch")
     c("--dataset", default=None, help="image set (default: the checkpoint's --dataset); folder:PATH for your own")
     c("--data-root", default=None, help="where torchvision data sets live (default: the checkpoint's)")
+    c("--data-seed", type=int, default=0, help="seed of the random subset of --n images taken from a data set "
+      "(recorded in metrics.json with n and the number available)")
     c("--split", default="test", help="split of --dataset for held-out images (folders have none)")
     c("--download", action=argparse.BooleanOptionalAction, default=True, help="download missing data / weights")
     s = common.add_argument_group("sampler (default: the checkpoint's training values)")
@@ -105,34 +106,48 @@ def build_parser():
             "samples (short-run paper: 40,000; common: 50,000)")
     q.add_argument("--inception-weights", default=None,
                    help=f"torch-fidelity's TF-ported Inception (.pth) for offline use; else {INCEPTION_URL}")
-    q.add_argument("--n-ref", type=int, default=50000, help="training images for the reference statistics (0 = all)")
+    q.add_argument("--n-ref", type=int, default=None, help="training images for the reference statistics, a seeded "
+                   "random subset (0 = all; default: all 162,770 for celeba, else 50,000)")
     q.add_argument("--stats", default=None, help="reference .npz cache (default DATA_ROOT/fid_stats/<set>_<size>px_n<N>_<weights>.npz)")
     q.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (torch-fidelity default 100)")
     q.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (clipped to the sample count)")
     q.add_argument("--kid-ref", type=int, default=10000, help="reference features kept in the cache for KID")
     q.add_argument("--isc-splits", type=int, default=10, help="Inception Score splits (standard 10)")
-    for q in (add("recon", "reconstruct held-out images (short-run Table 1(b) / Figure 4; dual Inf, Inf+L)", 1000,
-                  "held-out images"),
-              add("bpd", "bits/dim via log p(x) = log p_0(z) - log|det dM/dz| (GELU short-run model)", 16,
-                  "images (reply to reviewers: 16 CIFAR-10 images, ~4.12)")):
-        q.add_argument("--steps", type=int, default=200, help="gradient steps on z (paper figure: 200)")
-        q.add_argument("--lr", type=float, default=0.05, help="Adam lr on z (z lives in [-1, 1])")
-        q.add_argument("--snapshots", type=int, default=10, help="trajectory frames in the figure")
+    q = add("recon", "reconstruct held-out images (short-run Table 1(b) / Figure 4; dual Inf, Inf+L)", 1000,
+            "held-out images")
+    z_descent_flags(q, clamp_default="off")
+    q.add_argument("--snapshots", type=int, default=10, help="trajectory frames in the figure")
+    q = add("bpd", "bits/dim via log p(x) = log p_0(z) - log|det dM/dz| (GELU short-run model): bits_per_dim "
+            "at the 8-bit pixel values, bits_per_dim_dequantized at x + u, u ~ U(0, 2/255)^D", 16,
+            "images (reply to reviewers: 16 CIFAR-10 images, ~4.12)")
+    z_descent_flags(q, clamp_default="on: log p_0(z) is finite on [-1, 1]^D only")
+    q.add_argument("--dequant-draws", type=int, default=4, help="draws of u ~ U(0, 2/255)^D averaged per image for "
+                   "bits_per_dim_dequantized (each one more reconstruction + Jacobian); 0 = skip")
     q.add_argument("--jac-batch", type=int, default=128, help="Jacobian rows per backward pass")
-    q.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision of M and the Jacobian")
+    q.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="precision of M and the Jacobian")
     q = add("interp", "latent interpolation (short-run Figure 3)", 8, "pairs (rows)")
     q.add_argument("--n-rho", type=int, default=10, help="interpolation points per row, rho from 1 to 0")
     q = add("transition", "the same z run for K2 = 0..K2_max steps (supplement Figure 7)", 8, "chains (rows)")
     q.add_argument("--k2-max", type=int, default=200, help="last K2")
     q.add_argument("--k2-every", type=int, default=20, help="K2 spacing")
     q = add("superres", "4/8/16 px versions of test images -> full size (supplement Figure 2)", 16, "test images")
-    q.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16], help="low-res sides")
-    q.add_argument("--seeds", type=int, default=4, help="chains per input")
+    q.add_argument("--sizes", type=int, nargs="+", default=None, help="low-res sides (default: 4 8 16; a "
+                   "checkpoint trained with --init lowres: its --lowres-size)")
+    q.add_argument("--seeds", type=int, default=4, help="chains per input (supplement Fig. 2: four sets)")
+    q.add_argument("--init-noise", type=float, default=SUPERRES_NOISE, help="std of the noise added to each "
+                   "draw's low-res init within each block (block means kept; our choice, so that the draws "
+                   "differ visibly); 0 = off: the draws differ by the Langevin noise only")
     q = add("inpaint", "inpainting, dual-MCMC A.3 (masks M20/M30/M40, R20/R30/R40)", 1000, "test images")
     q.add_argument("--masks", nargs="+", default=list(MASKS), help="Mxx: centre block of side xx px at 64 px "
                    "(scaled with the image size); Rxx: xx%% of the pixels missing at random")
-    q.add_argument("--steps", type=int, default=200, help="short-run only: z-descent steps on observed pixels")
-    q.add_argument("--lr", type=float, default=0.05, help="short-run only: Adam lr on z")
+    z_descent_flags(q, clamp_default="off", what="short-run only: ")
+    q = add("export", "write --n samples as PNGs and one uint8 NHWC .npz per kind for external FID tools "
+            "(short-run: x; dual: x0 and x_tilde)", 50000, "samples")
+    for q in (sub.choices["fid"], sub.choices["recon"], q):
+        q.add_argument("--bn-mode", choices=("train", "eval"), default="train",
+                       help="dual_mcmc BatchNorm: train (the authors' task_fid.py: statistics of each batch of "
+                       "--batch-size, spectral-norm power iteration running) or eval (running statistics)")
     q = add("ood", "AUROC of f(x): test split of the training data vs other sets (dual-MCMC Table 8)", 10000,
             "images per set")
     q.add_argument("--ood", nargs="+", default=["svhn"], help="svhn | cifar10 | cifar100 | celeba | mnist | "
@@ -140,9 +155,21 @@ def build_parser():
     return p
 
 
+def z_descent_flags(q, clamp_default, what=""):
+    """--steps, --optimizer, --lr, --clamp: the short-run reconstruction argmin_z ||x - M_theta(z)||^2."""
+    q.add_argument("--steps", type=int, default=200, help=what + "gradient steps on z (paper Figure 4: 200)")
+    q.add_argument("--optimizer", choices=("gd", "adam"), default="gd",
+                   help=what + "gd: the paper's plain gradient descent on z from z0 ~ p_0; adam: Adam on z")
+    q.add_argument("--lr", type=float, default=None, help=what + f"step size on z (default: gd {GD_LR}, our "
+                   f"choice, the paper gives none; adam {ADAM_LR})")
+    q.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help=what + f"project z onto [-1, 1] (p_0's support) after each step (default {clamp_default}; "
+                   "the paper does not project)")
+
+
 def validate(args):
     if args.cmd is None:
-        raise UsageError(f"name a subcommand: {', '.join(SUBCOMMANDS)}")
+        raise sr.UsageError(f"name a subcommand: {', '.join(SUBCOMMANDS)}")
     positive = {"--n": args.n, "--batch-size": args.batch_size}
     for name in ("steps", "n_rho", "k2_every", "seeds", "jac_batch", "kid_subsets", "kid_subset_size", "isc_splits",
                  "snapshots"):
@@ -150,25 +177,25 @@ def validate(args):
             positive["--" + name.replace("_", "-")] = getattr(args, name)
     for name, v in positive.items():
         if v < 1:
-            raise UsageError(f"{name} must be >= 1 (got {v})")
-    for name in ("K", "k_x", "k_z", "k2_max", "n_ref", "kid_ref"):
+            raise sr.UsageError(f"{name} must be >= 1 (got {v})")
+    for name in ("K", "k_x", "k_z", "k2_max", "n_ref", "kid_ref", "dequant_draws"):
         v = getattr(args, name, None)
         if v is not None and v < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
-    for name in ("step_size", "noise", "x_step_size", "x_noise", "z_step_size", "z_noise", "lr"):
+            raise sr.UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
+    for name in ("step_size", "noise", "x_step_size", "x_noise", "z_step_size", "z_noise", "lr", "init_noise"):
         v = getattr(args, name, None)
         if v is not None and not (math.isfinite(v) and v >= 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {v})")
+            raise sr.UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {v})")
     if args.cmd == "fid" and args.isc_splits > args.n:
-        raise UsageError(f"--isc-splits ({args.isc_splits}) must be <= --n ({args.n})")
+        raise sr.UsageError(f"--isc-splits ({args.isc_splits}) must be <= --n ({args.n})")
     if args.cmd == "interp" and args.n_rho < 2:
-        raise UsageError("--n-rho must be >= 2 (the two endpoints)")
+        raise sr.UsageError("--n-rho must be >= 2 (the two endpoints)")
     if args.cmd == "inpaint":
         for m in args.masks:
             if not (len(m) > 1 and m[0] in "MR" and m[1:].isdigit() and 0 < int(m[1:]) < (64 if m[0] == "M" else 100)):
-                raise UsageError(f"--masks {m!r}: use Mxx (centre block, 0 < xx < 64) or Rxx (0 < xx < 100 %)")
+                raise sr.UsageError(f"--masks {m!r}: use Mxx (centre block, 0 < xx < 64) or Rxx (0 < xx < 100 %)")
     if os.path.isfile(os.path.join(args.out, "metrics.json")) and not args.overwrite:
-        raise UsageError(f"{args.out} already holds results (metrics.json): pass --overwrite or choose another --out")
+        raise sr.UsageError(f"{args.out} already holds results (metrics.json): pass --overwrite or choose another --out")
 
 
 # ---- metrics (importable) ----
@@ -274,105 +301,119 @@ def quality(x_hat, x):
 # ---- models: both scripts behind one interface ----
 
 def load_model(path, device):
-    """Detect the script from the checkpoint's "script" key and load with that script's loader.
-    Returns a namespace: script, cfg, iteration, f (EBM) and, for dual_mcmc, g and encoder."""
+    """Detect the script from the checkpoint's "script" key and load with that script's loader; a dict
+    without that key holding netG / netE / netI is the Dual-MCMC authors' released format, read by
+    dual_mcmc.load_checkpoint. Returns a namespace: script, cfg, iteration, f (EBM) and, for
+    dual_mcmc, g, encoder and models."""
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
+        raise sr.UsageError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # a cheap peek at "script"
     except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a checkpoint") from None
+        raise sr.UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a "
+                            f"checkpoint") from None
     script = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if script is None and isinstance(ckpt, dict) and {"netG", "netE", "netI"} <= set(ckpt):
+        script = "dual_mcmc"                                                # the authors' released checkpoints
     try:
         if script == "shortrun_ebm":
             f, cfg = sr.load_checkpoint(path, device)
-            m = argparse.Namespace(script=script, cfg=cfg, f=f, g=None, encoder=None)
+            model = argparse.Namespace(script=script, cfg=cfg, f=f, g=None, encoder=None)
         elif script == "dual_mcmc":
             models, cfg = dm.load_checkpoint(path, device)
-            m = argparse.Namespace(script=script, cfg=cfg, f=models["ebm"], g=models["generator"],
-                                   encoder=models["encoder"], models=models)
+            model = argparse.Namespace(script=script, cfg=cfg, f=models["ebm"], g=models["generator"],
+                                       encoder=models["encoder"], models=models)
         else:
-            raise UsageError(f"{path} was not written by shortrun_ebm.py or dual_mcmc.py (script key {script!r})")
-    except (sr.UsageError, dm.UsageError) as e:
-        raise UsageError(str(e)) from None
+            raise sr.UsageError(f"{path} was not written by shortrun_ebm.py or dual_mcmc.py (script key "
+                                f"{script!r}) and is not the Dual-MCMC authors' netG / netE / netI dict")
     except (KeyError, RuntimeError) as e:
-        raise UsageError(f"cannot build the model of {path} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    for net in (m.f, m.g, m.encoder):
+        raise sr.UsageError(f"cannot build the model of {path} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]})") from None
+    for net in (model.f, model.g, model.encoder):
         if net is not None:
             net.eval().requires_grad_(False)  # evaluation only: samplers take gradients w.r.t. inputs
-    m.iteration, m.device = ckpt.get("iteration"), torch.device(device)
-    m.n_c, m.size = int(m.cfg["n_c"]), int(m.cfg["image_size"])
-    return m
+    model.iteration, model.device = ckpt.get("iteration"), torch.device(device)
+    model.n_c, model.size = int(model.cfg["n_c"]), int(model.cfg["image_size"])
+    return model
 
 
-def sampler_settings(args, m, for_sampling=False):
+def sampler_settings(args, model, for_sampling=False):
     """The chain settings in use: flags where given, else the checkpoint's training values.
     dual_mcmc's fid uses the authors' test preset (sample_k_x, sample_step_size) by default."""
-    c = m.cfg
+    c = model.cfg
     pick = lambda flag, key: getattr(args, flag) if getattr(args, flag) is not None else c[key]
-    if m.script == "shortrun_ebm":
+    if model.script == "shortrun_ebm":
         return {"K": pick("K", "K"), "step_size": pick("step_size", "step_size"), "noise": pick("noise", "noise")}
     kx_key, sx_key = ("sample_k_x", "sample_step_size") if for_sampling else ("k_x", "x_step_size")
     return {"k_x": pick("k_x", kx_key), "x_step_size": pick("x_step_size", sx_key), "x_noise": pick("x_noise", "x_noise"),
             "k_z": pick("k_z", "k_z"), "z_step_size": pick("z_step_size", "z_step_size"),
-            "z_noise": pick("z_noise", "z_noise"), "sigma_g": c["sigma_g"]}
+            "z_noise": pick("z_noise", "z_noise"), "sigma_g": c["sigma_g"], "posterior": c.get("posterior", "paper")}
 
 
-def M_theta(m, s, z, noise=0.0, create_graph=False):
+def M_theta(model, chain, z, noise=0.0, create_graph=False):
     """Short-run generator x = M_theta(z): K Langevin steps from z (noise off by default)."""
-    return sr.langevin(m.f, z, s["K"], s["step_size"], noise, create_graph=create_graph)
+    return sr.langevin(model.f, z, chain["K"], chain["step_size"], noise, create_graph=create_graph)
 
 
-def draw_p0(m, n, gen=None):
+def draw_p0(model, n, gen=None):
     """z ~ p_0 = uniform on [-1, 1] (short-run) or N(0, I) (dual-MCMC latent)."""
-    if m.script == "shortrun_ebm":
-        return (torch.rand(n, m.n_c, m.size, m.size, generator=gen) * 2 - 1).to(m.device)
-    return torch.randn(n, m.g.nz, generator=gen).to(m.device)
+    if model.script == "shortrun_ebm":
+        return (torch.rand(n, model.n_c, model.size, model.size, generator=gen) * 2 - 1).to(model.device)
+    return torch.randn(n, model.g.nz, generator=gen).to(model.device)
 
 
-def x_chain(m, s):
+def x_chain(model, chain):
     """The checkpoint's x-chain, noise on: (run(x, k) -> x after k steps on f, the trained K)."""
-    if m.script == "shortrun_ebm":
-        return (lambda v, k: sr.langevin(m.f, v, k, s["step_size"], s["noise"])), s["K"]
-    return (lambda v, k: dm.langevin_x(m.f, v, k, s["x_step_size"], s["x_noise"])), s["k_x"]
+    if model.script == "shortrun_ebm":
+        return (lambda v, k: sr.langevin(model.f, v, k, chain["step_size"], chain["noise"])), chain["K"]
+    return (lambda v, k: dm.langevin_x(model.f, v, k, chain["x_step_size"], chain["x_noise"])), chain["k_x"]
 
 
-def langevin_x_masked(f, x, keep, x_obs, K, step_size, noise):
-    """x-Langevin on f that holds the observed pixels (keep = 1) at x_obs: only holes move."""
+def langevin_x_masked(f, x, keep, x_obs, K, step_size, noise, sampler=None):
+    """x-Langevin on f that holds the observed pixels (keep = 1) at x_obs: only holes move. sampler: the
+    checkpoint's own chain, (f, x, K, step_size, noise) -> x_K: shortrun_ebm.langevin or (None)
+    dual_mcmc.langevin_x."""
+    sampler = dm.langevin_x if sampler is None else sampler
     for _ in range(K):
-        x = dm.langevin_x(f, x, 1, step_size, noise)
+        x = sampler(f, x, 1, step_size, noise)
         x = keep * x_obs + (1 - keep) * x
     return x
 
 
-def langevin_z_masked(g, x, keep, z, K, step_size, noise, sigma):
+def langevin_z_masked(g, x, keep, z, K, step_size, noise, sigma, posterior="paper"):
     """K steps of z <- z + step * grad_z log p(z | observed pixels) + noise * eps with
     log p(z | x_obs) = -||keep * (x - g(z))||^2 / (2 sigma^2) - ||z||^2 / 2 (dual_mcmc's posterior,
-    restricted to the observed pixels)."""
+    restricted to the observed pixels; posterior "authors": likelihood term doubled, as their code)."""
+    lik_scale = 2.0 if posterior == "authors" else 1.0
     z = z.detach().clone()
     with torch.enable_grad():
         for _ in range(K):
             z.requires_grad_(True)
             err = (keep * (x - g(z).float())).flatten(1).pow(2).sum(1)
-            logp = -err / (2 * sigma ** 2) - z.pow(2).sum(1) / 2
+            logp = -lik_scale * err / (2 * sigma ** 2) - z.pow(2).sum(1) / 2
             grad = torch.autograd.grad(logp.sum(), z)[0]
             z = (z + step_size * grad + noise * torch.randn_like(z)).detach()
     return z
 
 
-def reconstruct_z(m, s, x, steps, lr, keep=None, z0=None, snapshots=0, desc="recon", clamp=True):
-    """argmin_z ||keep * (x - M_theta(z))||^2 by Adam through the K-step sampler (noise off), from
-    z0 ~ p_0; z is projected onto [-1, 1], the support of p_0. Returns a namespace: z, x_init =
-    M(z0), x_final = M(z), curve = mse per step (mean over the batch), frames = list of (t, M(z_t))
-    at `snapshots` evenly spaced steps."""
-    z = (draw_p0(m, len(x)) if z0 is None else z0).clone().requires_grad_(True)
+def reconstruct_z(model, chain, x, steps, lr, optimizer="gd", clamp=False, keep=None, z0=None, snapshots=0):
+    """argmin_z ||keep * (x - M_theta(z))||^2 through the K-step sampler (noise off), from z0 ~ p_0.
+
+    gd (the paper's reconstruction, sec. 4.2 / Figure 4): plain gradient descent
+    z <- z - lr * grad_z 1/2 ||keep * (x - M_theta(z))||^2 per image (a sum over pixels, so lr = 1
+    is exact when M_theta is the identity). adam: Adam(lr) on the per-pixel mean error. clamp:
+    project z onto [-1, 1], the support of p_0, after every step (the paper does not).
+    Returns a namespace: z, x_init = M(z0), x_final = M(z), curve = per-pixel mse per step (mean over
+    the batch), frames = list of (t, M(z_t)) at `snapshots` evenly spaced steps."""
+    z = (draw_p0(model, len(x)) if z0 is None else z0).clone().requires_grad_(True)
     keep = torch.ones_like(x) if keep is None else keep.expand_as(x)
-    opt = torch.optim.Adam([z], lr=lr)
+    opt = torch.optim.Adam([z], lr=lr) if optimizer == "adam" else None
     frame_at = set(np.linspace(0, steps, snapshots + 1).round().astype(int).tolist()) if snapshots else set()
     curve, frames = [], []
     for t in range(steps + 1):
-        x_hat = M_theta(m, s, z, create_graph=t < steps)                           # (B, C, S, S)
-        err = (keep * (x_hat - x)).flatten(1).pow(2).sum(1) / keep.flatten(1).sum(1)
+        x_hat = M_theta(model, chain, z, create_graph=t < steps)                     # (B, C, S, S)
+        sq = (keep * (x_hat - x)).flatten(1).pow(2).sum(1)                            # (B,)
+        err = sq / keep.flatten(1).sum(1)                                             # per-pixel mse (B,)
         curve.append(err.mean().item())
         if t in frame_at:
             frames.append((t, x_hat.detach()))
@@ -380,9 +421,13 @@ def reconstruct_z(m, s, x, steps, lr, keep=None, z0=None, snapshots=0, desc="rec
             x_init = x_hat.detach()
         if t == steps:
             break
-        opt.zero_grad(set_to_none=True)
-        err.sum().backward()
-        opt.step()
+        if opt is None:
+            grad = torch.autograd.grad(0.5 * sq.sum(), z)[0]
+            z = (z.detach() - lr * grad).requires_grad_(True)
+        else:
+            opt.zero_grad(set_to_none=True)
+            err.sum().backward()
+            opt.step()
         if clamp:
             with torch.no_grad():
                 z.clamp_(-1, 1)
@@ -391,8 +436,8 @@ def reconstruct_z(m, s, x, steps, lr, keep=None, z0=None, snapshots=0, desc="rec
 
 # ---- data ----
 
-def resolve_data(args, m):
-    return args.dataset or m.cfg["dataset"], os.path.expanduser(args.data_root or m.cfg.get("data_root", "./data"))
+def resolve_data(args, model):
+    return args.dataset or model.cfg["dataset"], os.path.expanduser(args.data_root or model.cfg.get("data_root", "./data"))
 
 
 def match_channels(x, n_c):
@@ -401,36 +446,46 @@ def match_channels(x, n_c):
     return x.mean(1, keepdim=True) if n_c == 1 else x.expand(-1, n_c, -1, -1).contiguous()
 
 
-def load_set(name, root, size, n, download, split, n_c):
-    """n images (0 = all) of a named set, (n, n_c, size, size) in [-1, 1] on the CPU."""
+def subset(n_available, n, seed):
+    """Indices of a seeded random subset of n of n_available images (n = 0 or n >= n_available: all, in
+    order). A random subset, not the first n: folders and some torchvision sets are sorted by class."""
+    if not n or n >= n_available:
+        return torch.arange(n_available)
+    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:n]
+
+
+def load_set(name, root, size, n, download, split, n_c, seed=0):
+    """A seeded random subset of n images (0 = all) of a named set, (n, n_c, size, size) in [-1, 1] on the
+    CPU, and {"data_seed", "n", "n_available"} for metrics.json."""
     if name == "cifar100":  # not a training set of the scripts, only an OOD reference
         T = torchvision.transforms
         tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([.5] * 3, [.5] * 3)])
         try:
             ds = torchvision.datasets.CIFAR100(root, train=split == "train", download=download, transform=tf)
         except (RuntimeError, OSError) as e:
-            raise UsageError(f"cifar100 not found under {root} ({str(e).splitlines()[0]}): put cifar-100-python/ "
-                             f"there or allow --download") from None
-        ds = torch.utils.data.Subset(ds, range(min(n, len(ds)) if n else len(ds)))
+            raise sr.UsageError(f"cifar100 not found under {root} ({str(e).splitlines()[0]}): put "
+                                f"cifar-100-python/ there or allow --download") from None
+        available = len(ds)
+        ds = torch.utils.data.Subset(ds, subset(available, n, seed).tolist())
         x = torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)])
     else:
         if name not in sr.DATASETS and not name.startswith("folder:"):
-            raise UsageError(f"unknown data set {name!r}: use one of {', '.join(sr.DATASETS)}, cifar100 or folder:PATH")
-        try:
-            x = sr.load_images(name, root, size, n, download, split=split)
-        except sr.UsageError as e:
-            raise UsageError(str(e)) from None
+            raise sr.UsageError(f"unknown data set {name!r}: use one of {', '.join(sr.DATASETS)}, cifar100 "
+                                f"or folder:PATH")
+        x = sr.load_images(name, root, size, 0, download, split=split)     # all, then the random subset
+        available = len(x)
+        x = x[subset(available, n, seed)]
     if len(x) == 0:
-        raise UsageError(f"{name} ({split}) holds no images")
-    return match_channels(x, n_c)
+        raise sr.UsageError(f"{name} ({split}) holds no images")
+    return match_channels(x, n_c), {"data_seed": seed, "n": len(x), "n_available": available}
 
 
-def held_out(args, m, n):
-    name, root = resolve_data(args, m)
-    x = load_set(name, root, m.size, n, args.download, args.split, m.n_c)
+def held_out(args, model, n):
+    name, root = resolve_data(args, model)
+    x, picked = load_set(name, root, model.size, n, args.download, args.split, model.n_c, args.data_seed)
     info = {"dataset": name, "split": args.split if not name.startswith("folder:") else "folder (no split)",
-            "n": len(x)}
-    if name.startswith("folder:") and name == m.cfg["dataset"]:
+            **picked}
+    if name.startswith("folder:") and name == model.cfg["dataset"]:
         print(f"{PROG}: note: {name} is the training folder itself; pass --dataset folder:HELD_OUT for "
               f"held-out images", file=sys.stderr)
     return x, info
@@ -442,7 +497,7 @@ def progress(iterable, desc, total=None):
     try:
         from tqdm import tqdm
     except ImportError:
-        raise UsageError("progress bars need tqdm: pip install tqdm") from None
+        raise sr.UsageError("progress bars need tqdm: pip install tqdm") from None
     return tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
@@ -462,19 +517,19 @@ def inception(args, device):
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
-        raise UsageError("fid needs torch-fidelity: pip install torch-fidelity") from None
+        raise sr.UsageError("fid needs torch-fidelity: pip install torch-fidelity") from None
     path = args.inception_weights
     if path is not None:
         path = os.path.expanduser(path)
         if not os.path.isfile(path):
-            raise UsageError(f"--inception-weights {path}: no such file (get {INCEPTION_URL})")
+            raise sr.UsageError(f"--inception-weights {path}: no such file (get {INCEPTION_URL})")
     else:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
         if not os.path.isfile(path):
             how = (f"no Inception weights and no download (--no-download): get {INCEPTION_URL} and save it as "
                    f"{path}, or pass its path with --inception-weights PATH")
             if not args.download:
-                raise UsageError(how)
+                raise sr.UsageError(how)
             import socket
             old = socket.getdefaulttimeout()
             socket.setdefaulttimeout(30)
@@ -482,7 +537,7 @@ def inception(args, device):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.hub.download_url_to_file(INCEPTION_URL, path, progress=True)
             except Exception as e:
-                raise UsageError(f"downloading the Inception weights failed ({type(e).__name__}): "
+                raise sr.UsageError(f"downloading the Inception weights failed ({type(e).__name__}): "
                                  + how.split(": ", 1)[1]) from None
             finally:
                 socket.setdefaulttimeout(old)
@@ -490,7 +545,7 @@ def inception(args, device):
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                           feature_extractor_weights_path=path)
     except Exception as e:
-        raise UsageError(f"{path} is not torch-fidelity's Inception state dict ({type(e).__name__}); "
+        raise sr.UsageError(f"{path} is not torch-fidelity's Inception state dict ({type(e).__name__}); "
                          f"get {INCEPTION_URL}") from None
     return net.to(device), path
 
@@ -507,19 +562,23 @@ def inception_features(net, images_fn, n, batch_size, device, desc):
     return torch.cat(feats), torch.cat(logits)
 
 
-def reference_stats(args, m, net, weights, device):
-    """mu, sigma (and up to --kid-ref features for KID) of the training set, cached as .npz."""
-    name, root = resolve_data(args, m)
+def reference_stats(args, model, net, weights, device):
+    """mu, sigma (and up to --kid-ref features for KID) of the training set, cached as .npz; and
+    {"n", "n_available", "data_seed", "stats"} for metrics.json."""
+    name, root = resolve_data(args, model)
+    n_ref = reference_size(args, name)
     with open(weights, "rb") as fh:
         tag = hashlib.sha256(fh.read()).hexdigest()[:8]
     safe = name.replace("folder:", "folder_").replace("/", "_").replace("~", "")
-    path = args.stats or os.path.join(root, "fid_stats", f"{safe}_{m.size}px_n{args.n_ref}_{tag}.npz")
+    path = args.stats or os.path.join(root, "fid_stats", f"{safe}_{model.size}px_n{n_ref}_s{args.data_seed}_{tag}.npz")
     if os.path.isfile(path):
         z = np.load(path)
-        if str(z["weights_sha"]) == tag and int(z["image_size"]) == m.size:
-            return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), path, int(z["n"])
+        if str(z["weights_sha"]) == tag and int(z["image_size"]) == model.size:
+            info = {"n": int(z["n"]), "n_available": int(z["n_available"]) if "n_available" in z else None,
+                    "data_seed": int(z["data_seed"]) if "data_seed" in z else None, "stats": path}
+            return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), info
         print(f"{PROG}: {path} was made with other weights or image size: recomputing", file=sys.stderr)
-    x = load_set(name, root, m.size, args.n_ref, args.download, "train", m.n_c)
+    x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed)
     feats, _ = inception_features(net, lambda i, b: x[i:i + b], len(x), args.batch_size, device, "reference")
     mu, sigma = feats.mean(0).numpy(), np.cov(feats.numpy(), rowvar=False)
     keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:args.kid_ref]
@@ -527,28 +586,70 @@ def reference_stats(args, m, net, weights, device):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=len(x), weights_sha=tag,
-             image_size=m.size, dataset=name)
+             image_size=model.size, dataset=name, n_available=picked["n_available"], data_seed=args.data_seed)
     os.replace(tmp, path)
-    return mu, sigma, feats_kid, path, len(x)
+    return mu, sigma, feats_kid, {**picked, "stats": path}
 
 
-def cmd_fid(args, m, s):
+def reference_size(args, name):
+    """--n-ref, or its default: the whole training split for celeba (162,770 images, as FID on CelebA-64
+    is usually computed, and as the Dual-MCMC authors do), else 50,000 (all of CIFAR-10's)."""
+    if args.n_ref is not None:
+        return args.n_ref
+    return 0 if name == "celeba" else 50000
+
+
+@contextlib.contextmanager
+def bn_mode(args, model):
+    """dual_mcmc nets in the mode --bn-mode asks for while sampling / reconstructing. train (the authors'
+    task_fid.py, which never calls .eval()): BatchNorm normalises with the statistics of each batch of
+    --batch-size images and the EBM's spectral norm runs its power iteration; eval: running statistics.
+    Short-run checkpoints (no BatchNorm) are unaffected."""
+    nets = [net for net in (model.f, model.g, model.encoder) if net is not None]
+    modes = [net.training for net in nets]
+    if model.script == "dual_mcmc":
+        for net in nets:
+            net.train(args.bn_mode == "train")
+    try:
+        yield
+    finally:
+        for net, mode in zip(nets, modes):
+            net.train(mode)
+
+
+def bn_info(args, model):
+    """metrics.json entry: the BatchNorm mode and the batch its statistics come from (dual_mcmc)."""
+    if model.script != "dual_mcmc":
+        return {}
+    return {"bn_mode": args.bn_mode, "batch_size": args.batch_size}
+
+
+def sample_batches(args, model, chain, n):
+    """Yield (i, {kind: images}) for n samples in batches of --batch-size, as a user samples each model.
+    short-run: {"x": M_theta(z) with the trained noise}, z ~ p_0 (low-res training images for --init lowres
+    checkpoints); dual_mcmc: {"x0": g(z), "x_tilde": k_x x-Langevin steps from it}, one chain for both."""
+    init_data = None
+    if model.script == "shortrun_ebm" and model.cfg.get("init") == "lowres":  # chains start from low-res data
+        init_data = load_set(*resolve_data(args, model), model.size, 0, args.download, "train", model.n_c)[0]
+    torch.manual_seed(args.seed)
+    for i, b in progress(batches(n, args.batch_size), "samples"):
+        if model.script == "shortrun_ebm":
+            z = draw_p0(model, b) if init_data is None else sr.lowres(
+                init_data[torch.randint(len(init_data), (b,))].to(model.device), model.cfg["lowres_size"])
+            yield i, {"x": M_theta(model, chain, z, noise=chain["noise"])}               # the K-step sampler as trained
+        else:
+            with bn_mode(args, model):
+                x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
+                                   batch_size=b)
+            yield i, {"x0": x0, "x_tilde": xt}
+
+
+def cmd_fid(args, model, chain):
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
-    device = m.device
+    device = model.device
     net, weights = inception(args, device)
-    mu_r, sigma_r, feats_r, stats_path, n_ref = reference_stats(args, m, net, weights, device)
-    init_data = None
-    if m.script == "shortrun_ebm" and m.cfg.get("init") == "lowres":  # chains start from low-res data
-        init_data = load_set(*resolve_data(args, m), m.size, 0, args.download, "train", m.n_c)
-    grids = {}
-
-    def shortrun_images(i, b):
-        z = draw_p0(m, b) if init_data is None else \
-            sr.lowres(init_data[torch.randint(len(init_data), (b,))].to(device), m.cfg["lowres_size"])
-        x = M_theta(m, s, z, noise=s["noise"])                                        # the K-step sampler as trained
-        grids.setdefault("x", x[:64].cpu())
-        return x
+    mu_r, sigma_r, feats_r, ref_info = reference_stats(args, model, net, weights, device)
 
     def score(feats, logits):
         kid_size = min(args.kid_subset_size, len(feats), len(feats_r))
@@ -561,43 +662,69 @@ def cmd_fid(args, m, s):
                 "kid": kid["kernel_inception_distance_mean"], "kid_std": kid["kernel_inception_distance_std"],
                 "kid_subset_size": kid_size}
 
-    if m.script == "shortrun_ebm":
-        torch.manual_seed(args.seed)
-        res = score(*inception_features(net, shortrun_images, args.n, args.batch_size, device, "samples"))
-        extra = {}
-    else:  # x0 and x~ from the same z: run the chain once, keep both
-        feats = {"x0": ([], []), "x_tilde": ([], [])}
-        torch.manual_seed(args.seed)
-        for i, b in progress(batches(args.n, args.batch_size), "samples"):
-            x0, xt = dm.sample(m.models, b, s["k_x"], s["x_step_size"], s["x_noise"], batch_size=b)
-            for key, x in (("x0", x0), ("x_tilde", xt)):
-                grids.setdefault(key, x[:64].cpu())
-                with torch.no_grad():
-                    f2048, lg = net(to_uint8(x).to(device))
-                feats[key][0].append(f2048.double().cpu())
-                feats[key][1].append(lg.double().cpu())
-        both = {k: score(torch.cat(a), torch.cat(b)) for k, (a, b) in feats.items()}
-        res, extra = both["x_tilde"], {"generator_x0": both["x0"], "ebm_x_tilde": both["x_tilde"]}
+    feats, grids = {}, {}
+    for _, xs in sample_batches(args, model, chain, args.n):                # dual: x0 and x~ of the same z
+        for key, x in xs.items():
+            grids.setdefault(key, x[:64].cpu())
+            with torch.no_grad():
+                f2048, lg = net(to_uint8(x).to(device))
+            feats.setdefault(key, ([], []))
+            feats[key][0].append(f2048.double().cpu())
+            feats[key][1].append(lg.double().cpu())
+    scores = {k: score(torch.cat(a), torch.cat(b)) for k, (a, b) in feats.items()}
+    if model.script == "shortrun_ebm":
+        res, extra = scores["x"], {}
+    else:
+        res, extra = scores["x_tilde"], {"generator_x0": scores["x0"], "ebm_x_tilde": scores["x_tilde"]}
     for key, x in grids.items():
         save_grid(x, os.path.join(args.out, f"samples_{key}.png"), mkdir=True)
-    return {**res, "n": args.n, **extra,
-            "reference": {"dataset": resolve_data(args, m)[0], "split": "train", "n": n_ref, "stats": stats_path},
+    return {**res, "n": args.n, **extra, **bn_info(args, model),
+            "reference": {"dataset": resolve_data(args, model)[0], "split": "train", **ref_info},
             "feature_extractor": {"name": "torch-fidelity inception-v3-compat (TF FID Inception, pool3 2048 / "
                                   "unbiased logits)", "weights": weights},
             "isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets, "kid_reference_features": len(feats_r),
             "pixel_pipeline": "[-1, 1] -> clamp -> uint8 (round) -> Inception (bilinear resize to 299, TF-style)"}
 
 
-def cmd_recon(args, m, s):
-    x_all, info = held_out(args, m, args.n)
+def cmd_export(args, model, chain):
+    """--n samples as PNG files (OUT/<kind>/000000.png, the model's channels) and one OUT/<kind>.npz per
+    kind (key arr_0, uint8, NHWC, 3 channels: grey images repeated) for external FID tools."""
+    from PIL import Image
+    arrays, written = {}, {}
+    for i, xs in sample_batches(args, model, chain, args.n):
+        for key, x in xs.items():
+            folder = os.path.join(args.out, key)
+            os.makedirs(folder, exist_ok=True)
+            u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()   # (b, C, S, S)
+            for j, im in enumerate(u8):
+                arr = im.permute(1, 2, 0).numpy()                                    # (S, S, C)
+                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(
+                    os.path.join(folder, f"{i + j:06d}.png"))
+            arrays.setdefault(key, []).append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())   # (b, S, S, 3)
+    for key, parts in arrays.items():
+        path = os.path.join(args.out, f"{key}.npz")
+        np.savez(path + ".tmp.npz", arr_0=np.concatenate(parts))
+        os.replace(path + ".tmp.npz", path)
+        written[key] = {"png_folder": os.path.join(args.out, key), "npz": path, "n": sum(len(a) for a in parts)}
+    return {"n": args.n, "samples": written, **bn_info(args, model),
+            "notes": "PNG: uint8 round((x + 1) * 127.5) of the clamped samples, the model's channels; npz: key "
+                     "arr_0, uint8 (N, H, W, 3), grey images repeated to RGB (what FID tools expect). "
+                     + ("short-run: x = M_theta(z), the K-step sampler with its trained noise" if model.script ==
+                        "shortrun_ebm" else "dual_mcmc: x0 = g(z), z ~ N(0, I), and x_tilde after k_x "
+                        "x-Langevin steps from x0 (the same chain)")}
+
+
+def cmd_recon(args, model, chain):
+    x_all, info = held_out(args, model, args.n)
     torch.manual_seed(args.seed)
-    if m.script == "dual_mcmc":
-        return recon_dual(args, m, s, x_all, info)
-    n_steps, curve_sum, rows, mse, mse_init, mse_z0 = args.steps, None, None, [], [], []
+    if model.script == "dual_mcmc":
+        return recon_dual(args, model, chain, x_all, info)
+    opt = descent_settings(args)
+    curve_sum, rows, mse, mse_init, mse_z0 = None, None, [], [], []
     for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
-        x = x_all[i:i + b].to(m.device)
-        z0 = draw_p0(m, b)
-        r = reconstruct_z(m, s, x, n_steps, args.lr, z0=z0, snapshots=args.snapshots if i == 0 else 0)
+        x = x_all[i:i + b].to(model.device)
+        z0 = draw_p0(model, b)
+        r = reconstruct_z(model, chain, x, **opt, z0=z0, snapshots=args.snapshots if i == 0 else 0)
         mse.append(mse_per_image(r.x_final, x).cpu())
         mse_init.append(mse_per_image(r.x_init, x).cpu())
         mse_z0.append(mse_per_image(z0, x).cpu())
@@ -617,81 +744,110 @@ def cmd_recon(args, m, s):
             "psnr": float((10 * torch.log10(4 / mse.clamp_min(1e-10))).mean()),
             "mse_curve": curve,
             "figure_steps": frame_steps, "test_set": info,
-            "method": {"optimizer": "Adam on z, z projected onto [-1, 1]", "lr": args.lr, "steps": n_steps,
+            "method": {**opt, "z_descent": describe_descent(opt),
                        "z0": "p_0 = uniform on [-1, 1]", "M_theta": "K Langevin steps, noise off"},
             "notes": "mse: mean over images of the per-pixel squared error on [-1, 1] pixels (mse_01: on [0, 1] = mse / 4); "
                      "mse_init: M_theta(z0) before optimisation; mse_z0: z0 itself"}
 
 
-def infer_z(m, s, x, steps=True):
-    """dual_mcmc inference: z^ = mu(x) (Inf) and, with steps, k_z z-Langevin steps from it (Inf+L)."""
-    mu, _ = m.encoder(x)
-    if not steps:
-        return mu
-    return dm.langevin_z(m.g, x, mu, s["k_z"], s["z_step_size"], s["z_noise"], s["sigma_g"])
+def descent_settings(args):
+    """Resolved z-descent settings of recon / bpd / inpaint: flags where given, else the defaults."""
+    lr = args.lr if args.lr is not None else (GD_LR if args.optimizer == "gd" else ADAM_LR)
+    clamp = args.clamp if args.clamp is not None else args.cmd == "bpd"
+    return {"optimizer": args.optimizer, "lr": lr, "steps": args.steps, "clamp": clamp}
 
 
-def recon_dual(args, m, s, x_all, info):
+def describe_descent(opt):
+    how = ("plain gradient descent z <- z - lr * grad_z 1/2 ||x - M_theta(z)||^2 (the paper's)"
+           if opt["optimizer"] == "gd" else "Adam on z, per-pixel mean squared error")
+    return (f"{how}, lr {opt['lr']}, {opt['steps']} steps from z0 ~ p_0, "
+            + ("z projected onto [-1, 1] after each step" if opt["clamp"] else "no projection"))
+
+
+def z_chain(model, chain, x, z):
+    """k_z z-Langevin steps on log p(z|x) from z, with the checkpoint's posterior (paper / authors)."""
+    return dm.langevin_z(model.g, x, z, chain["k_z"], chain["z_step_size"], chain["z_noise"], chain["sigma_g"],
+                         posterior=chain["posterior"])
+
+
+def z_start(model, x):
+    """Where inference starts: the encoder's mean mu(x), or for a --no-inference checkpoint (whose
+    encoder was never trained) z ~ N(0, I), as that ablation's chain does (Dual-MCMC Table 4, L = k)."""
+    if model.cfg.get("no_inference"):
+        return torch.randn(len(x), model.g.nz, device=x.device)
+    with torch.no_grad():
+        return model.encoder(x)[0]
+
+
+def infer_z(model, chain, x, steps=True):
+    """dual_mcmc inference: z^ = mu(x) (Inf; N(0, I) without an inference model) and, with steps, k_z
+    z-Langevin steps from it (Inf+L)."""
+    z = z_start(model, x)
+    return z_chain(model, chain, x, z) if steps else z
+
+
+def recon_dual(args, model, chain, x_all, info):
     outs = {"inf": [], "inf+l": []}
     fig = None
-    for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
-        x = x_all[i:i + b].to(m.device)
-        with torch.no_grad():
-            mu = infer_z(m, s, x, steps=False)
-            x_inf = m.g(mu).float()
-        z_l = dm.langevin_z(m.g, x, mu, s["k_z"], s["z_step_size"], s["z_noise"], s["sigma_g"])
-        with torch.no_grad():
-            x_infl = m.g(z_l).float()
-        outs["inf"].append((x_inf.cpu(), x.cpu()))
-        outs["inf+l"].append((x_infl.cpu(), x.cpu()))
-        if i == 0:
-            k = min(8, b)
-            fig = torch.cat([x[:k].cpu(), x_inf[:k].cpu(), x_infl[:k].cpu()])
+    with bn_mode(args, model):
+        for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
+            x = x_all[i:i + b].to(model.device)
+            z0 = infer_z(model, chain, x, steps=False)
+            with torch.no_grad():
+                x_inf = model.g(z0).float()
+            with torch.no_grad():
+                x_infl = model.g(z_chain(model, chain, x, z0)).float()
+            outs["inf"].append((x_inf.cpu(), x.cpu()))
+            outs["inf+l"].append((x_infl.cpu(), x.cpu()))
+            if i == 0:
+                k = min(8, b)
+                fig = torch.cat([x[:k].cpu(), x_inf[:k].cpu(), x_infl[:k].cpu()])
     res = {k: quality(torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in outs.items()}
     save_grid(fig, os.path.join(args.out, "recon.png"), nrow=len(fig) // 3, mkdir=True)
+    start = "z ~ N(0, I) (--no-inference checkpoint)" if model.cfg.get("no_inference") else "mu(x)"
     return {"mse": res["inf+l"]["mse"], "mse_init": res["inf"]["mse"], "n": len(x_all), "pixel_scale": "[-1, 1]",
-            "methods": res, "test_set": info,
-            "notes": "inf: g(mu(x)); inf+l: g(z~) after k_z z-Langevin steps from mu(x) on the paper's posterior; "
-                     "mse on [-1, 1] pixels, mse_01 = mse / 4 on [0, 1]; psnr / ssim on [0, 1]; "
-                     "figure rows: data, Inf, Inf+L"}
+            "methods": res, "test_set": info, "z0": start, "posterior": chain["posterior"], **bn_info(args, model),
+            "notes": f"inf: g(z0), z0 = {start}; inf+l: g(z~) after k_z z-Langevin steps from z0 on the "
+                     f"{chain['posterior']} posterior; mse on [-1, 1] pixels, mse_01 = mse / 4 on [0, 1]; "
+                     "psnr / ssim on [0, 1]; figure rows: data, Inf, Inf+L"}
 
 
-def interpolate(m, s, z1, z2, rho, batch_size=100):
+def interpolate(model, chain, z1, z2, rho, batch_size=100):
     """x_rho = M_theta(z_rho), z_rho = rho z1 + sqrt(1 - rho^2) z2 (noise off): (n, len(rho), C, S, S).
     The sqrt keeps the variance of z_rho that of p_0 (paper Figure 3)."""
     r = rho.to(z1.device, z1.dtype).view(1, -1, 1, 1, 1)
     z = (r * z1[:, None] + (1 - r ** 2).clamp_min(0).sqrt() * z2[:, None]).flatten(0, 1)   # (n*R, C, S, S)
-    x = torch.cat([M_theta(m, s, z[i:i + b]) for i, b in progress(batches(len(z), batch_size), "interp")])
+    x = torch.cat([M_theta(model, chain, z[i:i + b]) for i, b in progress(batches(len(z), batch_size), "interp")])
     return x.view(len(z1), len(rho), *x.shape[1:])
 
 
-def cmd_interp(args, m, s):
+def cmd_interp(args, model, chain):
     gen = torch.Generator().manual_seed(args.seed)
     rho = torch.linspace(1, 0, args.n_rho)                                            # rho = 1: z1, rho = 0: z2
-    if m.script == "shortrun_ebm":
-        z1, z2 = draw_p0(m, args.n, gen), draw_p0(m, args.n, gen)                      # (n, C, S, S)
-        x = interpolate(m, s, z1, z2, rho, args.batch_size)                           # (n, R, C, S, S)
-        ends = torch.cat([M_theta(m, s, z1), M_theta(m, s, z2)])
+    if model.script == "shortrun_ebm":
+        z1, z2 = draw_p0(model, args.n, gen), draw_p0(model, args.n, gen)                      # (n, C, S, S)
+        x = interpolate(model, chain, z1, z2, rho, args.batch_size)                           # (n, R, C, S, S)
+        ends = torch.cat([M_theta(model, chain, z1), M_theta(model, chain, z2)])
         err = max((x[:, 0] - ends[:args.n]).abs().max().item(), (x[:, -1] - ends[args.n:]).abs().max().item())
         save_grid(x.flatten(0, 1), os.path.join(args.out, "interp.png"), nrow=args.n_rho, mkdir=True)
         return {"rho": rho.tolist(), "n_pairs": args.n, "endpoint_max_abs_diff": err,
                 "formula": "z_rho = rho z1 + sqrt(1 - rho^2) z2, x_rho = M_theta(z_rho), noise off",
                 "notes": "rows: pairs; columns: rho from 1 (M(z1)) to 0 (M(z2))"}
     # dual: linear latent interpolation, for synthesis and for two reconstructed test images
-    t = torch.linspace(0, 1, args.n_rho).to(m.device).view(1, -1, 1)
+    t = torch.linspace(0, 1, args.n_rho).to(model.device).view(1, -1, 1)
     lerp = lambda a, b: ((1 - t) * a[:, None] + t * b[:, None]).flatten(0, 1)       # (n*R, nz)
-    z1, z2 = draw_p0(m, args.n, gen), draw_p0(m, args.n, gen)
+    z1, z2 = draw_p0(model, args.n, gen), draw_p0(model, args.n, gen)
     with torch.no_grad():
-        x_gen = m.g(lerp(z1, z2)).float()
-    x_ebm = dm.langevin_x(m.f, x_gen, s["k_x"], s["x_step_size"], 0.0)
-    x_test, info = held_out(args, m, 2 * args.n)
+        x_gen = model.g(lerp(z1, z2)).float()
+    x_ebm = dm.langevin_x(model.f, x_gen, chain["k_x"], chain["x_step_size"], 0.0)
+    x_test, info = held_out(args, model, 2 * args.n)
     if len(x_test) < 2:
-        raise UsageError("interp needs at least two held-out images")
+        raise sr.UsageError("interp needs at least two held-out images")
     n_pairs = len(x_test) // 2
-    xa, xb = x_test[:n_pairs].to(m.device), x_test[n_pairs:2 * n_pairs].to(m.device)
-    za, zb = infer_z(m, s, xa), infer_z(m, s, xb)
+    xa, xb = x_test[:n_pairs].to(model.device), x_test[n_pairs:2 * n_pairs].to(model.device)
+    za, zb = infer_z(model, chain, xa), infer_z(model, chain, xb)
     with torch.no_grad():
-        x_rec = m.g(lerp(za, zb)).float().view(n_pairs, args.n_rho, m.n_c, m.size, m.size)
+        x_rec = model.g(lerp(za, zb)).float().view(n_pairs, args.n_rho, model.n_c, model.size, model.size)
     rec_rows = torch.cat([xa[:, None].cpu(), x_rec.cpu(), xb[:, None].cpu()], 1).flatten(0, 1)
     save_grid(x_gen, os.path.join(args.out, "interp_generator.png"), nrow=args.n_rho, mkdir=True)
     save_grid(x_ebm, os.path.join(args.out, "interp_ebm.png"), nrow=args.n_rho)
@@ -702,15 +858,15 @@ def cmd_interp(args, m, s):
             "notes": "interp_recon.png rows: test image a, g(z_t) for t = 0..1, test image b"}
 
 
-def cmd_transition(args, m, s):
+def cmd_transition(args, model, chain):
     gen = torch.Generator().manual_seed(args.seed)
     k2s = list(range(0, args.k2_max + 1, args.k2_every))
-    step, trained = x_chain(m, s)
-    if m.script == "shortrun_ebm":
-        x = draw_p0(m, args.n, gen)
+    step, trained = x_chain(model, chain)
+    if model.script == "shortrun_ebm":
+        x = draw_p0(model, args.n, gen)
     else:
         with torch.no_grad():
-            x = m.g(draw_p0(m, args.n, gen)).float()
+            x = model.g(draw_p0(model, args.n, gen)).float()
     torch.manual_seed(args.seed)
     frames, stats, done = [], [], 0
     for k2 in progress(k2s, "transition"):
@@ -718,42 +874,65 @@ def cmd_transition(args, m, s):
         done = k2
         frames.append(x.cpu())
         with torch.no_grad():
-            fx = m.f(x).float()
+            fx = model.f(x).float()
         stats.append({"K2": k2, "f_mean": fx.mean().item(), "pixel_std": x.std().item(),
                       "max_abs": x.abs().max().item(), "frac_saturated": (x.abs() > 1).float().mean().item()})
     grid = torch.stack(frames, 1).flatten(0, 1)                                     # rows: chains, columns: K2
     save_grid(grid, os.path.join(args.out, "transition.png"), nrow=len(k2s), mkdir=True)
     plot_curve([r["f_mean"] for r in stats], "K2", "mean f(x_K2)", os.path.join(args.out, "transition_f.png"), x=k2s)
     return {"K2": k2s, "trained_K": trained, "per_K2": stats, "n_chains": args.n,
-            "init": "p_0 (uniform)" if m.script == "shortrun_ebm" else "x0 = g(z), z ~ N(0, I)",
+            "init": "p_0 (uniform)" if model.script == "shortrun_ebm" else "x0 = g(z), z ~ N(0, I)",
             "notes": "one row per chain, columns K2 = 0, every, ..., max; frac_saturated: pixels with |x| > 1 "
                      "(over-saturation beyond the trained K)"}
 
 
-def cmd_superres(args, m, s):
-    for size in args.sizes:
-        if not 1 <= size <= m.size:
-            raise UsageError(f"--sizes {size}: must be between 1 and the image size {m.size}")
-    x, info = held_out(args, m, args.n)
-    x = x.to(m.device)
+def superres_init(x_low, size, noise, gen):
+    """Chain start for one draw: the blown-up low-res image plus N(0, noise^2) per pixel, minus the noise's
+    mean over each size x size block, so averaging the start down still gives the low-res image exactly.
+    This is our source of variation between draws (the supplement only says the seed varied; with the
+    chain's tiny temperature, different Langevin noise alone gives near-identical images)."""
+    if noise == 0:
+        return x_low
+    eps = torch.randn(x_low.shape, generator=gen).to(x_low.device) * noise
+    return x_low + eps - sr.lowres(eps, size)                                        # block means of eps removed
+
+
+def cmd_superres(args, model, chain):
+    sizes = args.sizes
+    if sizes is None:  # --init lowres checkpoints were trained from one low-res size: evaluate at it
+        sizes = [int(model.cfg["lowres_size"])] if model.cfg.get("init") == "lowres" else [4, 8, 16]
+    for size in sizes:
+        if not 1 <= size <= model.size:
+            raise sr.UsageError(f"--sizes {size}: must be between 1 and the image size {model.size}")
+    x, info = held_out(args, model, args.n)
+    x = x.to(model.device)
+    gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     res, rows = {}, []
-    k, (chain, k_chain) = min(8, len(x)), x_chain(m, s)
-    for size in progress(args.sizes, "superres"):
+    k, (run, k_chain) = min(8, len(x)), x_chain(model, chain)
+    for size in progress(sizes, "superres"):
         x_low = sr.lowres(x, size)                                                    # (n, C, S, S), blocky
-        outs = [torch.cat([chain(x_low[i:i + b], k_chain) for i, b in batches(len(x), args.batch_size)])
-                for _ in range(args.seeds)]
+        outs = []
+        for _ in range(args.seeds):
+            start = superres_init(x_low, size, args.init_noise, gen)
+            outs.append(torch.cat([run(start[i:i + b], k_chain) for i, b in batches(len(x), args.batch_size)]))
         per_seed = [quality(o, x) for o in outs]
+        spread = torch.stack(outs).std(0).mean().item() if len(outs) > 1 else 0.0
         res[f"{size}x{size}"] = {"mse": float(np.mean([q["mse"] for q in per_seed])),
                                  "psnr": float(np.mean([q["psnr"] for q in per_seed])),
                                  "ssim": float(np.mean([q["ssim"] for q in per_seed])),
                                  "mse_seed_std": float(np.std([q["mse"] for q in per_seed])),
+                                 "pixel_std_across_seeds": spread,
                                  "lowres_input": quality(x_low, x)}
         rows += [x[:k], x_low[:k]] + [o[:k] for o in outs]
     save_grid(torch.cat([r.cpu() for r in rows]), os.path.join(args.out, "superres.png"), nrow=k, mkdir=True)
-    return {"per_size": res, "seeds": args.seeds, "test_set": info,
-            "chain": "K Langevin steps on f from the low-res image blown up (nearest)",
+    trained = model.cfg.get("lowres_size") if model.cfg.get("init") == "lowres" else None
+    return {"per_size": res, "sizes": sizes, "seeds": args.seeds, "init_noise": args.init_noise, "test_set": info,
+            "trained_lowres_size": trained,
+            "chain": "K Langevin steps on f (trained noise) from the low-res image blown up (nearest) plus "
+                     "per-pixel N(0, init_noise^2) noise with its block means removed (a new draw per seed)",
             "notes": "mse on [-1, 1] pixels, psnr / ssim on [0, 1]; lowres_input: the blocky input itself; "
+                     "pixel_std_across_seeds: how much the seeds' outputs differ (mean over pixels); "
                      "figure: per size, rows true, low-res, one row per seed"}
 
 
@@ -778,48 +957,97 @@ def log_abs_det(jac):
     return torch.linalg.slogdet(jac.double())[1].item()
 
 
-def cmd_bpd(args, m, s):
-    if m.script != "shortrun_ebm":
-        raise UsageError("bpd needs a shortrun_ebm.py checkpoint (x = M_theta(z) is the invertible generator)")
-    if m.cfg.get("act") != "gelu":
-        raise UsageError("bpd needs a GELU model (train with --act gelu): with LeakyReLU f is piecewise linear, "
-                         "so dM/dz = I almost everywhere and the log-determinant is meaningless")
-    x_all, info = held_out(args, m, args.n)
+BIN = 2 / 255  # width of one 8-bit level on the [-1, 1] scale: x = v / 127.5 - 1, v in {0, ..., 255}
+
+
+def log_density(fn, z, chunk=128):
+    """log p(x) at x = fn(z) for z ~ p_0 = uniform on [-1, 1]^D (change of variables, fn invertible):
+    log p_0(z) - log|det dfn/dz|. Returns (log p(x), log|det|, log p_0(z)); -inf outside p_0's support."""
+    d = z.numel()
+    logdet = log_abs_det(jacobian(fn, z, chunk))
+    log_p0 = -d * math.log(2.0) if z.abs().max() <= 1 else -math.inf
+    return log_p0 - logdet, logdet, log_p0
+
+
+def bits_from_log_density(log_px, d):
+    """bits/dim of an 8-bit image from a density on [-1, 1] pixels: -(log p + D log BIN) / (D log 2).
+    At the pixel values themselves (bits_per_dim): P(v) ~ p(x) BIN^D, the density at the bin's corner
+    times its volume. Averaged over x + u, u ~ U(0, BIN)^D (bits_per_dim_dequantized): by Jensen,
+    E_u log p(x + u) + D log BIN <= log P(v), so the dequantised value is an upper bound on the true
+    discrete bits/dim (uniform dequantisation, Theis et al. 2016); the corner value is not."""
+    return -(log_px + d * math.log(BIN)) / (d * math.log(2))
+
+
+def dequantize(x, gen):
+    """x + u, u ~ U(0, BIN) per pixel: a point uniform in the 8-bit bin [x, x + 2/255) of each pixel."""
+    return x + torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * BIN
+
+
+def cmd_bpd(args, model, chain):
+    if model.script != "shortrun_ebm":
+        raise sr.UsageError("bpd needs a shortrun_ebm.py checkpoint (x = M_theta(z) is the invertible generator)")
+    if model.cfg.get("act") != "gelu":
+        raise sr.UsageError("bpd needs a GELU model (train with --act gelu): with LeakyReLU f is piecewise "
+                            "linear, so dM/dz = I almost everywhere and the log-determinant is meaningless")
+    x_all, info = held_out(args, model, args.n)
     dtype = getattr(torch, args.dtype)
-    m.f.to(dtype)
+    model.f.to(dtype)
+    opt = descent_settings(args)
+    gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    d = x_all[0].numel()
-    rows, z_all = [], []
-    for i, b in progress(batches(len(x_all), args.batch_size), "bpd: recon z"):
-        x = x_all[i:i + b].to(m.device, dtype)
-        z_all.append(reconstruct_z(m, s, x, args.steps, args.lr, z0=draw_p0(m, b).to(dtype)).z)
+    d, n = x_all[0].numel(), len(x_all)
+    x_all = x_all.to(dtype)
+    # targets: the images themselves, then --dequant-draws dequantised copies of each
+    targets = torch.cat([x_all] + [dequantize(x_all, gen) for _ in range(args.dequant_draws)])
+    z_all = []
+    for i, b in progress(batches(len(targets), args.batch_size), "bpd: recon z"):
+        x = targets[i:i + b].to(model.device)
+        z_all.append(reconstruct_z(model, chain, x, **opt, z0=draw_p0(model, b).to(dtype)).z)
     z_all = torch.cat(z_all)
-    fn = lambda v: M_theta(m, s, v, create_graph=True)
-    for j in progress(range(len(x_all)), "bpd: Jacobians"):
-        x, z = x_all[j:j + 1].to(m.device, dtype), z_all[j:j + 1]
-        logdet = log_abs_det(jacobian(fn, z, args.jac_batch))
-        log_p0 = -d * math.log(2.0) if z.abs().max() <= 1 else -math.inf             # uniform on [-1, 1]^D
-        log_px = log_p0 - logdet                                                      # density on [-1, 1] pixels
-        # 8-bit pixels v = 127.5 (x + 1): P(v) ~ p(x) (1 / 127.5)^D -> bits per dim
-        bits = -(log_px - d * math.log(127.5)) / (d * math.log(2))
+    fn = lambda v: M_theta(model, chain, v, create_graph=True)
+    per_target = []
+    for j in progress(range(len(targets)), "bpd: Jacobians"):
+        x, z = targets[j:j + 1].to(model.device), z_all[j:j + 1]
+        log_px, logdet, log_p0 = log_density(fn, z, args.jac_batch)
         with torch.no_grad():
-            mse = mse_per_image(M_theta(m, s, z), x).item()
-        rows.append({"bits_per_dim": bits, "log_det": logdet, "log_p0": log_p0, "log_px": log_px, "recon_mse": mse})
-    m.f.float()
+            mse = mse_per_image(M_theta(model, chain, z), x).item()
+        per_target.append({"log_px": log_px, "log_det": logdet, "log_p0": log_p0, "recon_mse": mse})
+    model.f.float()
+    rows = []
+    for j in range(n):
+        r = dict(per_target[j], bits_per_dim=bits_from_log_density(per_target[j]["log_px"], d))
+        draws = [per_target[j + n * k]["log_px"] for k in range(1, args.dequant_draws + 1)]
+        if draws:
+            r["bits_per_dim_dequantized"] = bits_from_log_density(float(np.mean(draws)), d)
+            r["dequant_recon_mse"] = float(np.mean([per_target[j + n * k]["recon_mse"]
+                                                    for k in range(1, args.dequant_draws + 1)]))
+        rows.append(r)
     bpd = [r["bits_per_dim"] for r in rows]
-    plot_curve(bpd, "image", "bits/dim", os.path.join(args.out, "bpd.png"), mkdir=True, marker="o")
-    return {"bits_per_dim": float(np.mean(bpd)), "bits_per_dim_std": float(np.std(bpd)), "n": len(rows), "dim": d,
-            "mean_log_det": float(np.mean([r["log_det"] for r in rows])),
-            "mean_recon_mse": float(np.mean([r["recon_mse"] for r in rows])), "per_image": rows, "test_set": info,
-            "method": {"z": f"reconstruction: Adam on z, lr {args.lr}, {args.steps} steps, projected onto [-1, 1]",
-                       "jacobian": "exact, reverse mode through the K steps", "dtype": args.dtype},
-            "notes": "log p(x) = log p_0(z) - log|det dM/dz| at x ~ M_theta(z) (recon_mse says how close); "
-                     "bits/dim = -(log p(x) - D log 127.5) / (D log 2) for 8-bit pixels mapped to [-1, 1]"}
+    plot_curve(bpd, "image", "bits/dim", os.path.join(args.out, "bpd.png"), marker="o")
+    res = {"bits_per_dim": float(np.mean(bpd)), "bits_per_dim_std": float(np.std(bpd)), "n": n, "dim": d,
+           "mean_log_det": float(np.mean([r["log_det"] for r in rows])),
+           "mean_recon_mse": float(np.mean([r["recon_mse"] for r in rows])), "per_image": rows, "test_set": info,
+           "dequant_draws": args.dequant_draws, "bin_width": BIN,
+           "method": {"z": describe_descent(opt), **opt,
+                      "jacobian": "exact, reverse mode through the K steps", "dtype": args.dtype},
+           "notes": "log p(x) = log p_0(z) - log|det dM/dz| at z reconstructed from x (recon_mse says how close "
+                    "M(z) is to x), p_0 uniform on [-1, 1]^D; bits = -(log p + D log(2/255)) / (D log 2), "
+                    "2/255 = 1/127.5 the width of one 8-bit level on [-1, 1]. bits_per_dim: log p at the pixel "
+                    "values (density at the bin corner times the bin volume; not a bound). "
+                    "bits_per_dim_dequantized: log p averaged over x + u, u ~ U(0, 2/255)^D, --dequant-draws "
+                    "draws per image (standard uniform dequantisation: an upper bound on the discrete "
+                    "bits/dim, by Jensen, up to Monte-Carlo and reconstruction error)"}
+    if args.dequant_draws:
+        deq = [r["bits_per_dim_dequantized"] for r in rows]
+        res.update(bits_per_dim_dequantized=float(np.mean(deq)), bits_per_dim_dequantized_std=float(np.std(deq)))
+    return res
 
 
 def make_masks(name, n, size, gen):
-    """keep = 1 on observed pixels, (n, 1, S, S). Mxx: centre block of side xx * S / 64 missing
-    (the paper's 64 px masks, scaled); Rxx: xx % of the pixels missing, independently per image."""
+    """keep = 1 on observed pixels, (n, 1, S, S). Mxx: centre block of side xx * S / 64 missing (the
+    paper's 64 px masks, scaled). Rxx: a union of randomly placed square blocks of side S / 8 (our
+    choice; A.3 says "multiple blocks") covering xx % of the pixels, per image: blocks (each 1/64 of
+    the image) are added until the missing fraction reaches xx %, so it overshoots by < 1.6 %."""
     kind, v = name[0], int(name[1:])
     keep = torch.ones(n, 1, size, size)
     if kind == "M":
@@ -827,75 +1055,87 @@ def make_masks(name, n, size, gen):
         a = (size - side) // 2
         keep[:, :, a:a + side, a:a + side] = 0
         return keep, {"block_side_px": side}
-    keep = (torch.rand(n, 1, size, size, generator=gen) >= v / 100).float()
-    return keep, {"missing_fraction": v / 100}
+    side, target = max(1, size // 8), v / 100
+    for img in keep:
+        while 1 - img.mean().item() < target:
+            r, c = torch.randint(0, size - side + 1, (2,), generator=gen).tolist()
+            img[:, r:r + side, c:c + side] = 0
+    missing = 1 - keep.flatten(1).mean(1)
+    return keep, {"missing_fraction": target, "block_side_px": side, "missing_fraction_mean": missing.mean().item(),
+                  "missing_fraction_max": missing.max().item()}
 
 
-def cmd_inpaint(args, m, s):
-    x_all, info = held_out(args, m, args.n)
+def cmd_inpaint(args, model, chain):
+    x_all, info = held_out(args, model, args.n)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    table_psnr, table_ssim, mask_info, kept_exact = {}, {}, {}, True
+    table, mask_info, kept_exact = {"psnr": {}, "ssim": {}, "psnr_full": {}, "ssim_full": {}}, {}, True
     for name in progress(args.masks, "inpaint"):
-        keep_all, mask_info[name] = make_masks(name, len(x_all), m.size, gen)
-        outs, fig = {}, None
+        keep_all, mask_info[name] = make_masks(name, len(x_all), model.size, gen)
+        outs, fulls, fig = {}, {}, None
         for i, b in batches(len(x_all), args.batch_size):
-            x, keep = x_all[i:i + b].to(m.device), keep_all[i:i + b].to(m.device)
+            x, keep = x_all[i:i + b].to(model.device), keep_all[i:i + b].to(model.device)
             x_occ = keep * x                                                          # holes = 0 (mid-grey)
             results = {"occluded": x_occ}
-            if m.script == "dual_mcmc":
+            if model.script == "dual_mcmc":
+                mu = z_start(model, x_occ)                                            # N(0, I) without q
                 with torch.no_grad():
-                    mu, _ = m.encoder(x_occ)
-                    results["Inf+Gen"] = m.g(mu).float()
-                z = langevin_z_masked(m.g, x_occ, keep, mu, s["k_z"], s["z_step_size"], s["z_noise"], s["sigma_g"])
+                    results["Inf+Gen"] = model.g(mu).float()
+                z = langevin_z_masked(model.g, x_occ, keep, mu, chain["k_z"], chain["z_step_size"],
+                                      chain["z_noise"], chain["sigma_g"], chain["posterior"])
                 with torch.no_grad():
-                    results["Inf+T_z+Gen"] = m.g(z).float()
+                    results["Inf+T_z+Gen"] = model.g(z).float()
                 start = keep * x + (1 - keep) * results["Inf+T_z+Gen"]
-                results["Inf+T_z+Gen+T_x"] = langevin_x_masked(m.f, start, keep, x, s["k_x"], s["x_step_size"], s["x_noise"])
+                results["Inf+T_z+Gen+T_x"] = langevin_x_masked(model.f, start, keep, x, chain["k_x"],
+                                                               chain["x_step_size"], chain["x_noise"])
             else:
-                z0 = keep * x + (1 - keep) * draw_p0(m, b)
-                results["Rec"] = reconstruct_z(m, s, x, args.steps, args.lr, keep=keep, z0=z0).x_final
-                start = keep * x + (1 - keep) * draw_p0(m, b)
-                results["T_x"] = langevin_x_masked(m.f, start, keep, x, s["K"], s["step_size"], s["noise"])
+                z0 = keep * x + (1 - keep) * draw_p0(model, b)
+                results["Rec"] = reconstruct_z(model, chain, x, **descent_settings(args), keep=keep, z0=z0).x_final
+                start = keep * x + (1 - keep) * draw_p0(model, b)
+                results["T_x"] = langevin_x_masked(model.f, start, keep, x, chain["K"], chain["step_size"],
+                                                   chain["noise"], sampler=sr.langevin)   # short-run's own chain
             for key, v in results.items():
+                fulls.setdefault(key, []).append(v.detach().float().cpu())             # the method's output
                 v = keep * x + (1 - keep) * v                                         # observed pixels exactly kept
                 kept_exact &= bool(torch.equal(v * keep, x * keep))
                 outs.setdefault(key, []).append(v.detach().cpu())
             if i == 0:
                 k = min(8, b)
                 fig = [x[:k].cpu()] + [outs[key][0][:k] for key in results]
-        x_cpu = x_all
-        table_psnr[name], table_ssim[name] = {}, {}
-        for key, vs in outs.items():
-            v = torch.cat(vs)
-            table_psnr[name][key] = psnr(v, x_cpu).mean().item()
-            table_ssim[name][key] = ssim(v, x_cpu).mean().item()
+        for key in outs:
+            v, full = torch.cat(outs[key]), torch.cat(fulls[key])
+            for metric, fn, img in (("psnr", psnr, v), ("ssim", ssim, v), ("psnr_full", psnr, full),
+                                    ("ssim_full", ssim, full)):
+                table[metric].setdefault(name, {})[key] = fn(img, x_all).mean().item()
         save_grid(torch.cat(fig), os.path.join(args.out, f"inpaint_{name}.png"), nrow=len(fig[0]), mkdir=True)
-    methods = [k for k in table_psnr[args.masks[0]]]
-    return {"psnr": table_psnr, "ssim": table_ssim, "masks": mask_info, "methods": methods, "n": len(x_all),
+    methods = list(table["psnr"][args.masks[0]])
+    return {**table, "masks": mask_info, "methods": methods, "n": len(x_all),
             "observed_pixels_kept_exactly": kept_exact, "test_set": info,
-            "notes": "psnr (dB) and ssim on [0, 1] pixels of the composite (observed pixels from the image, holes "
-                     "from the method) against the full image; 'occluded' fills holes with 0 (mid-grey). "
-                     "Figures: rows truth, then one row per method in the order of 'methods'"}
+            "notes": "psnr (dB) and ssim on [0, 1] pixels against the full image, of the composite (observed pixels "
+                     "from the image, holes from the method); psnr_full / ssim_full: of the method's whole output "
+                     "image (dual: g(mu), g(z~) as generated; chains on x hold the observed pixels, so their two "
+                     "agree). 'occluded' fills holes with 0 (mid-grey). Rxx masks: unions of blocks of side S / 8 "
+                     "covering xx % of the pixels. Figures: rows truth, then one row per method in the order of "
+                     "'methods'"}
 
 
-def cmd_ood(args, m, s):
-    x_in, info = held_out(args, m, args.n)
-    _, root = resolve_data(args, m)
+def cmd_ood(args, model, chain):
+    x_in, info = held_out(args, model, args.n)
+    _, root = resolve_data(args, model)
 
     @torch.no_grad()
     def scores(x, desc):
-        return torch.cat([m.f(x[i:i + b].to(m.device)).float().cpu()
+        return torch.cat([model.f(x[i:i + b].to(model.device)).float().cpu()
                           for i, b in progress(batches(len(x), args.batch_size), desc)]).numpy()
 
     f_in = scores(x_in, "f(in)")
     res, sets, all_scores = {}, {}, {"in: " + info["dataset"]: f_in}
     for name in args.ood:
         split = "test"
-        x_out = load_set(name, root, m.size, args.n, args.download, split, m.n_c)
+        x_out, picked = load_set(name, root, model.size, args.n, args.download, split, model.n_c, args.data_seed)
         f_out = scores(x_out, f"f({name})")
         res[name] = auroc(f_in, f_out)
-        sets[name] = {"n": len(x_out), "split": split, "f_mean": float(f_out.mean())}
+        sets[name] = {**picked, "split": split, "f_mean": float(f_out.mean())}
         all_scores[name] = f_out
     plot_hist(all_scores, os.path.join(args.out, "ood_scores.png"))
     return {"auroc": res, "in_distribution": {**info, "f_mean": float(f_in.mean())}, "ood_sets": sets,
@@ -917,11 +1157,11 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("figures need matplotlib: pip install matplotlib") from None
+        raise sr.UsageError("figures need matplotlib: pip install matplotlib") from None
     return plt
 
 
-def plot_curve(y, xlabel, ylabel, path, x=None, mkdir=False, marker=None):
+def plot_curve(y, xlabel, ylabel, path, x=None, marker=None):
     plt = _plt()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -946,11 +1186,11 @@ def plot_hist(scores, path):
     plt.close(fig)
 
 
-def write_metrics(args, m, s, res, seconds, argv):
+def write_metrics(args, model, chain, res, seconds, argv):
     out = {"subcommand": args.cmd, **res,
-           "checkpoint": {"path": os.path.abspath(args.ckpt), "script": m.script, "iteration": m.iteration,
-                          "dataset": m.cfg.get("dataset"), "image_size": m.size, "n_c": m.n_c},
-           "sampler": s, "seed": args.seed, "device": str(m.device), "seconds": seconds, "argv": argv,
+           "checkpoint": {"path": os.path.abspath(args.ckpt), "script": model.script, "iteration": model.iteration,
+                          "dataset": model.cfg.get("dataset"), "image_size": model.size, "n_c": model.n_c},
+           "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                         "python": sys.version.split()[0]}}
     os.makedirs(args.out, exist_ok=True)
@@ -962,7 +1202,7 @@ def write_metrics(args, m, s, res, seconds, argv):
 
 
 COMMANDS = {"fid": cmd_fid, "recon": cmd_recon, "interp": cmd_interp, "transition": cmd_transition,
-            "superres": cmd_superres, "bpd": cmd_bpd, "inpaint": cmd_inpaint, "ood": cmd_ood}
+            "superres": cmd_superres, "bpd": cmd_bpd, "inpaint": cmd_inpaint, "ood": cmd_ood, "export": cmd_export}
 
 
 def main(argv=None):
@@ -971,23 +1211,21 @@ def main(argv=None):
     t0 = time.time()
     try:
         validate(args)
-        try:
-            device = sr.resolve_device(args.device)
-        except sr.UsageError as e:
-            raise UsageError(str(e)) from None
-        m = load_model(args.ckpt, device)
-        s = sampler_settings(args, m, for_sampling=args.cmd == "fid")
+        device = sr.resolve_device(args.device)
+        model = load_model(args.ckpt, device)
+        chain = sampler_settings(args, model, for_sampling=args.cmd in ("fid", "export"))
         torch.manual_seed(args.seed)
-        res = COMMANDS[args.cmd](args, m, s)
-    except UsageError as e:
+        res = COMMANDS[args.cmd](args, model, chain)
+    except (sr.UsageError, dm.UsageError) as e:  # bad input, from here or from a training script's loader
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
         print(f"{PROG}: error: out of GPU memory: lower --batch-size (recon / bpd keep the graph of all K "
               f"steps; --jac-batch for bpd)", file=sys.stderr)
         return 2
-    out = write_metrics(args, m, s, res, time.time() - t0, argv)
-    keys = [k for k in ("fid", "inception_score", "kid", "mse", "mse_init", "bits_per_dim", "auroc") if k in out]
+    out = write_metrics(args, model, chain, res, time.time() - t0, argv)
+    keys = [k for k in ("fid", "inception_score", "kid", "mse", "mse_init", "bits_per_dim", "bits_per_dim_dequantized",
+                        "auroc") if k in out]
     print(json.dumps({k: out[k] for k in keys}) if keys else f"wrote {args.out}", file=sys.stderr)
     print(f"{PROG}: {args.cmd} done in {time.time() - t0:.1f}s; results in {os.path.join(args.out, 'metrics.json')}",
           file=sys.stderr)

@@ -1,5 +1,6 @@
 """evaluate.py: metric functions against hand / closed-form values, and every subcommand end to end
 on tiny checkpoints the tests make themselves. CPU only, no network."""
+import argparse
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import dual_mcmc as dm
@@ -205,8 +207,10 @@ def test_fid_without_weights_and_download_says_which_file_to_get(sr_ckpt, tmp_pa
 # ---- recon, interp, bpd ----
 
 def test_recon_lowers_mse_well_below_the_start(sr_ckpt, data, tmp_path, capsys):
+    # Adam with the [-1, 1] projection: the optimizer before the paper's gd became the default
     code, err = run_eval(["recon", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
-                          "--steps", "40", "--lr", "0.05", "--device", "cpu", "--out", tmp_path], capsys)
+                          "--steps", "40", "--optimizer", "adam", "--lr", "0.05", "--clamp", "--device", "cpu",
+                          "--out", tmp_path], capsys)
     assert code == 0, err
     m = metrics(tmp_path)
     assert m["n"] == 8 and m["pixel_scale"] == "[-1, 1]" and m["sampler"]["K"] == 10
@@ -287,6 +291,38 @@ def test_bpd_cli_on_a_gelu_checkpoint(data, tmp_path, capsys):
     assert r["bits_per_dim"] == pytest.approx(-(r["log_p0"] - r["log_det"] - 1024 * math.log(127.5)) / (1024 * math.log(2)))
 
 
+def test_dequantized_bits_per_dim_bounds_the_true_discrete_bits(tmp_path):
+    # x = M(z) = z^3 elementwise, z ~ U[-1, 1]^D: p(x) = 1 / (6 x^(2/3)) per pixel, CDF (x^(1/3) + 1) / 2,
+    # so an 8-bit bin [x, x + 2/255) has P = ((x + 2/255)^(1/3) - x^(1/3)) / 2 exactly. Near 0 the density
+    # falls steeply across a bin: the corner value p(x) * bin overstates P (bits too low), while by Jensen
+    # E_u log p(x + u) + D log bin <= log P, so the dequantised bits/dim can only be >= the true value.
+    v = torch.tensor([128.0, 129.0, 131.0, 140.0], dtype=torch.float64)     # 8-bit levels just above x = 0
+    x = (v / 127.5 - 1).view(1, 1, 2, 2)
+    d = x.numel()
+    fn = lambda z: z ** 3
+    invert = lambda y: y.sign() * y.abs() ** (1 / 3)
+    lo, hi = x.flatten(), x.flatten() + 2 / 255
+    p_bin = (hi ** (1 / 3) - lo ** (1 / 3)) / 2
+    true_bits = -(p_bin.log().sum() / (d * math.log(2))).item()
+    corner = ev.bits_from_log_density(ev.log_density(fn, invert(x))[0], d)
+    gen = torch.Generator().manual_seed(0)
+    draws = [ev.bits_from_log_density(ev.log_density(fn, invert(ev.dequantize(x, gen)))[0], d)
+             for _ in range(400)]
+    deq, se = float(np.mean(draws)), float(np.std(draws) / math.sqrt(len(draws)))
+    print(f"true {true_bits:.4f}, dequantised {deq:.4f} +- {se:.4f}, corner {corner:.4f}")
+    assert corner < true_bits - 0.05                       # the corner density is no bound here
+    assert deq >= true_bits - 3 * se                       # the dequantised value is
+    assert deq - true_bits < 0.2                           # and a close one (Jensen gap of a smooth density)
+    # every dequantised point lies in its pixel's bin
+    y = ev.dequantize(x.expand(1000, 1, 2, 2), gen)
+    assert ((y >= x) & (y < x + 2 / 255)).all()
+    # density constant over each bin (a linear map): the bound is exact, the corner value equals it
+    fn_lin, inv_lin = (lambda z: 0.5 * z + 0.1), (lambda y: (y - 0.1) / 0.5)
+    exact = -math.log2(2 / 255 / 1.0)                      # p(x) = 1 per pixel on [-0.4, 0.6]: P = 2/255
+    deq_lin = ev.bits_from_log_density(ev.log_density(fn_lin, inv_lin(ev.dequantize(x, gen)))[0], d)
+    assert deq_lin == pytest.approx(exact, abs=1e-9)
+
+
 # ---- inpaint, ood, transition, superres ----
 
 def test_inpaint_keeps_observed_pixels_and_beats_the_occluded_input(dual_ckpt, data, tmp_path, capsys):
@@ -350,6 +386,187 @@ def test_dual_transition_superres_interp_ood(dual_ckpt, data, tmp_path, capsys):
         assert code == 0, (argv, err)
     assert os.path.isfile(tmp_path / "interp" / "interp_recon.png")
     assert metrics(tmp_path / "transition")["K2"] == [0, 2, 4]
+
+
+# ---- recon optimizer (issue 10 item 4) ----
+
+def test_gd_step_is_plain_gradient_descent_on_a_hand_case(sr_ckpt):
+    # K = 0: M_theta(z) = z, so grad_z 1/2 ||x - z||^2 = z - x and one gd step gives z0 - lr (z0 - x)
+    model = ev.load_model(sr_ckpt, "cpu")
+    chain = {"K": 0, "step_size": 1.0, "noise": 0.0}
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    r = ev.reconstruct_z(model, chain, x, steps=1, lr=0.25, optimizer="gd", z0=z0)
+    torch.testing.assert_close(r.z, z0 - 0.25 * (z0 - x))
+    assert r.curve[0] == pytest.approx((z0 - x).pow(2).mean().item(), rel=1e-5)
+    assert r.curve[1] == pytest.approx(0.75 ** 2 * r.curve[0], rel=1e-5)
+    # lr 1 lands on x in one step; without projection z may leave [-1, 1], with --clamp it may not
+    far = x * 1.5
+    assert ev.reconstruct_z(model, chain, far, 1, 1.0, z0=z0).z.abs().max() > 1.2
+    assert ev.reconstruct_z(model, chain, far, 1, 1.0, z0=z0, clamp=True).z.abs().max() <= 1
+
+
+def test_recon_default_is_the_papers_gradient_descent_and_reduces_the_error(sr_ckpt, data, tmp_path, capsys):
+    code, err = run_eval(["recon", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
+                          "--steps", "30", "--device", "cpu", "--out", tmp_path], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path)
+    method = m["method"]
+    assert method["optimizer"] == "gd" and method["lr"] == ev.GD_LR and method["clamp"] is False
+    print("gd recon on the tiny model:", m["mse_init"], "->", m["mse"])
+    assert m["mse"] < 0.5 * m["mse_init"], (m["mse"], m["mse_init"])
+    assert m["mse_curve"][-1] < m["mse_curve"][0]
+
+
+# ---- data subsets and export (issue 10 item 8) ----
+
+def test_evaluation_images_are_a_seeded_random_subset(data):
+    everything, info_all = ev.load_set(f"folder:{data['test']}", "./data", 32, 0, False, "test", 3)
+    x, info = ev.load_set(f"folder:{data['test']}", "./data", 32, 5, False, "test", 3, seed=3)
+    assert info == {"data_seed": 3, "n": 5, "n_available": 16} and info_all["n"] == 16
+    idx = ev.subset(16, 5, 3)
+    torch.testing.assert_close(x, everything[idx])
+    assert idx.tolist() != list(range(5)) and len(set(idx.tolist())) == 5
+    assert torch.equal(ev.subset(16, 5, 3), idx) and not torch.equal(ev.subset(16, 5, 4), idx)
+    assert torch.equal(ev.subset(16, 0, 3), torch.arange(16)) and torch.equal(ev.subset(4, 9, 0), torch.arange(4))
+
+
+def test_export_writes_pngs_and_npz_for_both_scripts(sr_ckpt, dual_ckpt, tmp_path, capsys):
+    from PIL import Image
+    code, err = run_eval(["export", "--ckpt", sr_ckpt, "--n", "5", "--batch-size", "2", "--K", "2",
+                          "--device", "cpu", "--out", tmp_path / "sr"], capsys)
+    assert code == 0, err
+    arr = np.load(tmp_path / "sr" / "x.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (5, 32, 32, 3)
+    pngs = sorted(os.listdir(tmp_path / "sr" / "x"))
+    assert pngs == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "sr" / "x" / "000004.png")), arr[4])
+    assert metrics(tmp_path / "sr")["samples"]["x"]["n"] == 5
+    code, err = run_eval(["export", "--ckpt", dual_ckpt, "--n", "3", "--k-x", "2", "--device", "cpu",
+                          "--out", tmp_path / "dual"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "dual")
+    assert set(m["samples"]) == {"x0", "x_tilde"} and m["bn_mode"] == "train" and m["batch_size"] == 100
+    x0, xt = (np.load(tmp_path / "dual" / f"{k}.npz")["arr_0"] for k in ("x0", "x_tilde"))
+    assert x0.shape == xt.shape == (3, 32, 32, 3) and not np.array_equal(x0, xt)
+    assert len(os.listdir(tmp_path / "dual" / "x_tilde")) == 3
+
+
+# ---- dual: BatchNorm mode, --no-inference (issue 11 items 4, 5) ----
+
+def test_bn_mode_train_uses_batch_statistics_and_restores_the_modes(dual_ckpt):
+    model = ev.load_model(dual_ckpt, "cpu")
+    z = torch.randn(6, model.g.nz)
+    outs = {}
+    for mode in ("train", "eval"):
+        with ev.bn_mode(argparse.Namespace(bn_mode=mode), model):
+            assert model.g.training == (mode == "train")
+            with torch.no_grad():
+                outs[mode] = (model.g(z), model.g(z[:3]))
+    assert not model.g.training and not model.f.training                   # modes restored (eval)
+    torch.testing.assert_close(outs["eval"][0][:3], outs["eval"][1])          # running stats: per image
+    assert not torch.allclose(outs["train"][0][:3], outs["train"][1])          # batch stats: the batch matters
+    assert not torch.allclose(outs["train"][0], outs["eval"][0])
+
+
+def test_recon_of_a_no_inference_checkpoint_starts_from_standard_normal(dual_ckpt, data, tmp_path, capsys,
+                                                                        monkeypatch):
+    ckpt = torch.load(dual_ckpt, weights_only=True)
+    ckpt["config"]["no_inference"] = True
+    path = tmp_path / "noinf.pt"
+    torch.save(ckpt, path)
+    model = ev.load_model(str(path), "cpu")
+
+    def no_encoder(*a):
+        raise AssertionError("the untrained encoder must not start the chain")
+    monkeypatch.setattr(model.encoder, "forward", no_encoder)
+    torch.manual_seed(7)
+    z = ev.z_start(model, torch.zeros(4000, 3, 32, 32))
+    torch.manual_seed(7)
+    torch.testing.assert_close(z, torch.randn(4000, model.g.nz))               # exactly N(0, I) draws
+    monkeypatch.undo()
+    code, err = run_eval(["recon", "--ckpt", path, "--dataset", f"folder:{data['test']}", "--n", "4",
+                          "--k-z", "2", "--device", "cpu", "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "out")
+    assert "N(0, I)" in m["z0"] and m["bn_mode"] == "train" and m["batch_size"] == 100
+
+
+# ---- inpainting masks and full-output metrics (issue 11 item 6) ----
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_random_masks_are_unions_of_blocks_covering_the_fraction(size):
+    gen = torch.Generator().manual_seed(0)
+    for name in ("R20", "R30", "R40"):
+        keep, info = ev.make_masks(name, 20, size, gen)
+        missing = 1 - keep                                                     # (n, 1, S, S)
+        frac = missing.flatten(1).mean(1)
+        target = int(name[1:]) / 100
+        assert ((frac >= target) & (frac <= target + 0.02)).all(), (name, frac)
+        side = info["block_side_px"]
+        assert side == size // 8
+        # a union of side x side squares equals its morphological opening by that square
+        full = -F.max_pool2d(-missing, side, stride=1)                         # 1 where a whole square is missing
+        opened = F.max_pool2d(F.pad(full, (side - 1,) * 4), side, stride=1)
+        assert torch.equal(opened, missing), name
+        assert len({tuple(m.flatten().tolist()) for m in keep}) == 20          # a new mask per image
+
+
+def test_inpaint_reports_full_output_metrics_and_short_run_uses_its_own_chain(sr_ckpt, dual_ckpt, data, tmp_path,
+                                                                             capsys, monkeypatch):
+    code, err = run_eval(["inpaint", "--ckpt", dual_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
+                          "--masks", "R30", "--k-x", "3", "--k-z", "3", "--device", "cpu", "--out", tmp_path / "d"],
+                         capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "d")
+    for method in m["methods"]:
+        # pasting the observed pixels back can only lower the error: composite >= full output
+        assert m["psnr"]["R30"][method] >= m["psnr_full"]["R30"][method] - 1e-6
+    for method in ("occluded", "Inf+T_z+Gen+T_x"):                              # outputs that hold observed pixels
+        assert m["psnr_full"]["R30"][method] == pytest.approx(m["psnr"]["R30"][method], abs=1e-4)
+        assert m["ssim_full"]["R30"][method] == pytest.approx(m["ssim"]["R30"][method], abs=1e-5)
+    assert m["psnr_full"]["R30"]["Inf+Gen"] < m["psnr"]["R30"]["Inf+Gen"]
+    # a short-run checkpoint runs shortrun_ebm.langevin, never dual's chain
+    monkeypatch.setattr(ev.dm, "langevin_x", lambda *a, **k: pytest.fail("dual's sampler on a short-run model"))
+    calls = []
+    real = ev.sr.langevin
+    monkeypatch.setattr(ev.sr, "langevin", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code, err = run_eval(["inpaint", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "2",
+                          "--masks", "M20", "--steps", "2", "--K", "3", "--device", "cpu", "--out", tmp_path / "s"],
+                         capsys)
+    assert code == 0, err
+    assert len(calls) >= 3 and "psnr_full" in metrics(tmp_path / "s")
+
+
+# ---- super-resolution (issue 10 item 6) ----
+
+def test_superres_init_noise_keeps_the_lowres_image_and_makes_draws_differ(sr_ckpt, data, tmp_path, capsys):
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    x_low = ev.sr.lowres(x, 8)
+    start = ev.superres_init(x_low, 8, 0.2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ev.sr.lowres(start, 8), x_low)                 # block means unchanged
+    assert (start - x_low).std() > 0.15
+    spread = {}
+    for noise in ("0.2", "0"):
+        out = tmp_path / f"n{noise}"
+        code, err = run_eval(["superres", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "4",
+                              "--seeds", "2", "--sizes", "8", "--K", "4", "--init-noise", noise, "--device", "cpu",
+                              "--out", out], capsys)
+        assert code == 0, err
+        spread[noise] = metrics(out)["per_size"]["8x8"]["pixel_std_across_seeds"]
+    print("pixel std across seeds:", spread)
+    assert spread["0.2"] > 5 * spread["0"]
+
+
+def test_superres_of_a_lowres_checkpoint_defaults_to_its_trained_size(sr_ckpt, data, tmp_path, capsys):
+    ckpt = torch.load(sr_ckpt, weights_only=True)
+    ckpt["config"].update(init="lowres", lowres_size=16)
+    torch.save(ckpt, tmp_path / "low.pt")
+    code, err = run_eval(["superres", "--ckpt", tmp_path / "low.pt", "--dataset", f"folder:{data['test']}",
+                          "--n", "2", "--seeds", "1", "--K", "2", "--device", "cpu", "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "a")
+    assert m["sizes"] == [16] and set(m["per_size"]) == {"16x16"} and m["trained_lowres_size"] == 16
 
 
 # ---- bad input ----
