@@ -576,3 +576,23 @@ def test_a_run_from_before_the_new_keys_still_resumes(squares, tmp_path, capsys)
     assert code == 0, err
     config = torch.load(out / "final.pt", weights_only=True)["config"]
     assert config["data_seed"] is None and config["n_available"] == 64 and config["n_f"] == 4
+
+
+def test_resume_before_the_first_checkpoint_starts_at_0_with_the_folders_config(squares, tmp_path, capsys):
+    common = ["--dataset", f"folder:{squares}", *TINY, "--log-every", "1", "--plot-every", "0", "--sigma", "0.05"]
+    assert run_main([*common, "--iters", "3", "--out", tmp_path / "whole"], capsys)[0] == 0
+    out = tmp_path / "killed"
+    assert run_main([*common, "--iters", "2", "--out", out], capsys)[0] == 0
+    for name in ("last.pt", "final.pt"):                        # as if killed before its first last.pt
+        (out / name).unlink()
+    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--out", out], capsys)
+    assert code == 2 and "already holds a run" in err         # a plain rerun is still refused
+    code, err = run_main(["--out", out, "--resume", "--iters", "3"], capsys)
+    assert code == 0, err
+    assert [r["iteration"] for r in log_rows(out)] == [1, 2, 3]     # the log restarted, no duplicates
+    config = json.load(open(out / "config.json"))
+    assert config["sigma"] == 0.05 and config["iters"] == 3 and config["resume"] is True
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)["models"]["ebm"]
+    b = torch.load(out / "final.pt", weights_only=True)["models"]["ebm"]
+    assert all(torch.equal(a[k], b[k]) for k in a)             # the same run as one never killed
+    assert not [n for n in os.listdir(out) if ".tmp" in n]      # config.json went through temp + rename
