@@ -668,14 +668,49 @@ def check_guard(stats, step_rms, args, it):
     return None
 
 
-def plot(f, args, it, data_fixed, chain, amp, device):
-    """Samples from a fixed p_0 draw; fork_rng keeps the training trajectory untouched."""
+def plot(f, args, it, data_fixed, chain, amp, device, curves=True):
+    """Samples from a fixed p_0 draw (fork_rng keeps the training trajectory untouched), and curves.png
+    unless curves is False. Returns whether to keep drawing curves (False once matplotlib is missing)."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(args.seed)
         with frozen(f), amp():
             x_q = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
     save_grid(x_q, os.path.join(args.out, f"samples_{it:06d}.png"))
+    return curves and plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
+
+
+def plot_curves(log_path, png_path):
+    """The log's signals against iteration: f(data) and f(samples), |grad_x f|, sample range, lr.
+    matplotlib is optional (a copied script needs torch and torchvision only): without it, one line
+    says so and False is returned."""
+    try:
+        from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
+    except ImportError:
+        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return False
+    rows = []
+    if os.path.exists(log_path):
+        with open(log_path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    get = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in rows]
+    its = get("iteration")
+    fig = Figure(figsize=(16, 3.5), layout="constrained")
+    panels = [("f", ("f_data", "f(data)"), ("f_sample", "f(samples)")),
+              ("|grad_x f| per image", ("grad_norm", "at x_q"), ("grad_norm_chain", "mean over the chain")),
+              ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"), ("data_std", "std data")),
+              ("lr", ("lr", "lr"))]
+    for ax, (title, *lines) in zip(fig.subplots(1, len(panels)), panels):
+        for key, label in lines:
+            ax.plot(its, get(key), label=label)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        if len(lines) > 1:
+            ax.legend(fontsize=8)
+    tmp = f"{png_path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=80)
+    os.replace(tmp, png_path)
+    return True
 
 
 def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0.0):
@@ -686,7 +721,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
     if writer and start_it == 0:
         save_grid(data_fixed, os.path.join(args.out, "data.png"))
     log_path, t_start, it_start = os.path.join(args.out, "log.jsonl"), time.time(), start_it
-    last_saved = start_it if start_it else "none yet"
+    last_saved, curves = start_it if start_it else "none yet", True
     with StopFlag() as stop:
         for it in range(start_it + 1, args.iters + 1):
             is_last = it == args.iters
@@ -723,7 +758,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                           f"{args.out}/last.pt keeps the last good state (iteration {last_saved})", file=sys.stderr)
                 return EXIT_DIVERGED
             if due(args.plot_every) and writer:
-                plot(f, args, it, data_fixed, chain, amp, device)
+                curves = plot(f, args, it, data_fixed, chain, amp, device, curves)
             interrupted = any_rank(stop.requested, world, device)
             if due(args.ckpt_every) or interrupted:
                 rng_now = gather_rng(world)

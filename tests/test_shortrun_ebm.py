@@ -596,3 +596,27 @@ def test_resume_before_the_first_checkpoint_starts_at_0_with_the_folders_config(
     b = torch.load(out / "final.pt", weights_only=True)["models"]["ebm"]
     assert all(torch.equal(a[k], b[k]) for k in a)             # the same run as one never killed
     assert not [n for n in os.listdir(out) if ".tmp" in n]      # config.json went through temp + rename
+
+
+# ---- training curves ----
+
+@pytest.mark.parametrize("have_matplotlib", [True, False])
+def test_curves_png_at_plot_steps_or_one_line_without_matplotlib(have_matplotlib, squares, tmp_path, capsys,
+                                                                  monkeypatch):
+    if have_matplotlib:
+        pytest.importorskip("matplotlib")
+    else:                                                       # the import fails as if not installed
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "run"
+    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
+                          "--plot-every", "2", "--out", out], capsys)
+    assert code == 0, err
+    assert {"samples_000002.png", "samples_000004.png"} <= set(os.listdir(out))
+    if have_matplotlib:
+        with Image.open(out / "curves.png") as im:
+            assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+        assert "skipped" not in err
+    else:
+        assert not (out / "curves.png").exists()
+        assert err.count("curves.png skipped: matplotlib is not installed") == 1   # once, not per plot step
