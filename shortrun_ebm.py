@@ -38,7 +38,7 @@ Run recipes
     # super-resolution training (supplement, n_f 32): chains start from 8x8 versions of the data
     python shortrun_ebm.py --dataset celeba --n_f 32 --init lowres --lowres-size 8
 
-Run folder (--out): config.json, log.jsonl, samples_{iteration:06d}.png, data.png,
+Run folder (--out): config.json, log.jsonl, samples_{iteration:06d}.png, data.png, curves.png,
 last.pt (atomic), final.pt. See README.md for the full description of each flag.
 """
 import argparse
@@ -214,7 +214,8 @@ def build_parser(suppress_defaults=False):
     d.add_argument("--data-seed", type=int, default=0,
                    help="seed of the random n_data subset (independent of --seed)")
     d.add_argument("--image-size", type=int, default=None, choices=(32, 64, 128),
-                   help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ); " + per_dataset("image_size"))
+                   help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ); "
+                        + per_dataset("image_size"))
     s = p.add_argument_group("short-run sampler")
     s.add_argument("--K", type=int, default=100, help="Langevin steps per chain (paper: 100)")
     s.add_argument("--K-max", type=int, default=None,
@@ -224,10 +225,12 @@ def build_parser(suppress_defaults=False):
                    help="Langevin noise std (paper: 1e-2); T = noise^2 / (2 step_size)")
     s.add_argument("--init", choices=("uniform", "lowres"), default="uniform",
                    help="p_0: uniform noise (paper) or the data image at --lowres-size (super-resolution)")
-    s.add_argument("--lowres-size", type=int, default=8, help="side of the low-res init (supplement: 4, 8, 16)")
+    s.add_argument("--lowres-size", type=int, default=8,
+                   help="side of the low-res init (supplement: 4, 8, 16)")
     m = p.add_argument_group("model and learning")
     m.add_argument("--n_f", "--n-f", dest="n_f", type=int, default=None,
-                   help="ConvNet width (paper: 32/64/128); more = sharper samples, slower; " + per_dataset("n_f"))
+                   help="ConvNet width (paper: 32/64/128); more = sharper samples, slower; "
+                        + per_dataset("n_f"))
     m.add_argument("--act", choices=("lrelu", "gelu"), default="lrelu",
                    help="LeakyReLU 0.2 (paper) or GELU (smooth M_theta, needed for bits/dim)")
     m.add_argument("--sigma", type=float, default=3e-2,
@@ -235,11 +238,13 @@ def build_parser(suppress_defaults=False):
     m.add_argument("--lr", type=float, default=1e-4, help="Adam lr, betas .9/.999 (paper: 1e-4)")
     m.add_argument("--batch-size", type=int, default=64, help="m, images per step and process (paper: 64)")
     m.add_argument("--iters", type=int, default=None,
-                   help="iterations (appendix code: 1e5; paper sec. 5.1: 2e5, then a decrease of lr and sigma); "
+                   help="iterations (appendix code: 1e5; paper sec. 5.1: 2e5, then a decrease of lr and "
+                        "sigma); "
                         + per_dataset("iters"))
     m.add_argument("--anneal-start", type=int, default=None,
                    help="iteration where lr and sigma start to decay geometrically; 0 = off (appendix); "
-                        + per_dataset("anneal_start") + "; with only --iters given, the same share of the run")
+                        + per_dataset("anneal_start") + "; with only --iters given, the same share of the "
+                        "run")
     m.add_argument("--anneal-lr-final", type=float, default=0.1, help="lr factor reached at --iters")
     m.add_argument("--anneal-sigma-final", type=float, default=0.1, help="sigma factor reached at --iters")
     m.add_argument("--preset", choices=tuple(PRESETS), default=None,
@@ -291,7 +296,8 @@ def resolve_defaults(args):
 def validate(args):
     """Every check that needs no data and no compute. Raises UsageError."""
     if args.dataset not in DATASETS and not args.dataset.startswith("folder:"):
-        raise UsageError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(DATASETS)} or folder:PATH")
+        raise UsageError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(DATASETS)} "
+                         f"or folder:PATH")
     if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):]:
         raise UsageError("--dataset folder: needs a path, e.g. folder:~/data/images")
     positive_ints = {"--K": args.K, "--n_f": args.n_f, "--batch-size": args.batch_size, "--iters": args.iters,
@@ -313,7 +319,8 @@ def validate(args):
     for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"{name} must be >= 0 (got {v})")
-    for name, v in {"--anneal-lr-final": args.anneal_lr_final, "--anneal-sigma-final": args.anneal_sigma_final}.items():
+    finals = {"--anneal-lr-final": args.anneal_lr_final, "--anneal-sigma-final": args.anneal_sigma_final}
+    for name, v in finals.items():
         if not (0 < v <= 1):
             raise UsageError(f"{name} must be in (0, 1] (got {v})")
     if args.anneal_start and args.anneal_start >= args.iters:
@@ -379,7 +386,8 @@ def _folder_images(path):
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
                    for n in names if n.lower().endswith(IMAGE_EXTS))
     if not files:
-        raise UsageError(f"data folder {path} holds no images ({', '.join(IMAGE_EXTS)}), searched recursively")
+        raise UsageError(f"data folder {path} holds no images ({', '.join(IMAGE_EXTS)}), "
+                         f"searched recursively")
     return files
 
 
@@ -591,7 +599,9 @@ def save_grid(x, path):
 
 def format_eta(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class StopFlag:
@@ -698,7 +708,8 @@ def plot_curves(log_path, png_path):
     fig = Figure(figsize=(16, 3.5), layout="constrained")
     panels = [("f", ("f_data", "f(data)"), ("f_sample", "f(samples)")),
               ("|grad_x f| per image", ("grad_norm", "at x_q"), ("grad_norm_chain", "mean over the chain")),
-              ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"), ("data_std", "std data")),
+              ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"),
+               ("data_std", "std data")),
               ("lr", ("lr", "lr"))]
     for ax, (title, *lines) in zip(fig.subplots(1, len(panels)), panels):
         for key, label in lines:
@@ -730,7 +741,8 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
             x_q, x_data, f_data, f_q = harness_step(f, f_ddp, optim, data, args, it - 1, chain, amp, device,
                                                     chain_grads)
             diverged, msg = False, None
-            guard_due = args.guard and (it % args.guard_every == 0 or due(args.log_every) or due(args.ckpt_every))
+            guard_due = args.guard and (it % args.guard_every == 0 or due(args.log_every)
+                                        or due(args.ckpt_every))
             if guard_due or due(args.log_every):
                 step_rms = float(langevin_step_rms(f, x_q, args.step_size))
                 stats = torch.stack([f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std()])
@@ -755,7 +767,8 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
             if diverged:
                 if writer:
                     print(f"shortrun_ebm.py: diverged at {msg or f'iteration {it} on another rank'}; "
-                          f"{args.out}/last.pt keeps the last good state (iteration {last_saved})", file=sys.stderr)
+                          f"{args.out}/last.pt keeps the last good state (iteration {last_saved})",
+                          file=sys.stderr)
                 return EXIT_DIVERGED
             if due(args.plot_every) and writer:
                 curves = plot(f, args, it, data_fixed, chain, amp, device, curves)
@@ -866,7 +879,8 @@ def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         validate(resolve_defaults(args))
-        args.out = args.out or os.path.join("runs", "shortrun_" + args.dataset.replace(":", "_").replace("/", "_"))
+        default_out = "shortrun_" + args.dataset.replace(":", "_").replace("/", "_")
+        args.out = args.out or os.path.join("runs", default_out)
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
         if args.benchmark and not args.print_config:
             seed_everything(args.seed)
