@@ -13,16 +13,16 @@ q(z|x) = N(mu(x), diag exp(logvar(x))). Each iteration, on a data batch x and a 
   5. inference: ascend log q(z~|x) + log q(z|x~)     (q learns to start the z-chain where it ends)
 
 Paper vs. authors' code (where they differ, and what this file does):
-  * z-chain posterior: the paper's log p(z|x) = -||x - g(z)||^2 / (2 sigma_g^2) - ||z||^2 / 2;
-    the authors' code uses ||x - g(z)||^2 / sigma_g^2 (twice the likelihood term). We implement
-    the paper's posterior, because that is the distribution the method's derivation samples.
+  * z-chain posterior (--posterior): paper (default): log p(z|x) = -||x - g(z)||^2 / (2 sigma_g^2)
+    - ||z||^2 / 2, the distribution the method's derivation samples; authors: their code's
+    ||x - g(z)||^2 / sigma_g^2 (twice the likelihood term), behind the paper's reconstruction numbers.
   * x-chain: the authors write x + (s^2 / 2) grad f + n eps with s = 0.5 (CelebA 0.3), n = 1e-3,
     and divide the EBM loss by T = (n / s)^2. We expose the step directly (--x-step-size = s^2 / 2
-    = 0.125) and compute T = x_noise^2 / (2 x_step_size) from the flags (T = 1 when x_noise = 0):
+    = 0.125, celeba 0.045) and compute T = x_noise^2 / (2 x_step_size) (T = 1 when x_noise = 0):
     the chain samples exp(f / T), so dividing the loss by T is maximum likelihood for that density.
   * the EBM update reuses x~ from step 1 and one backward updates all three models (the paper's
-    algorithm); the authors update g, then q, then f, and their CIFAR-10 config re-runs the
-    x-chain from the just-updated generator for f's update (`fine_tune`), twice the x-chain work.
+    algorithm); the authors update g, then q, then f, and their configs (CIFAR-10 and CelebA) re-run
+    the x-chain from the just-updated generator for f's update (`fine_tune`), twice the x-chain work.
   * generator/inference losses: the paper's log-likelihoods, -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2)
     summed over pixels, averaged over the batch, with the authors' weights as flag defaults (sample
     term 50, CelebA 70; inference-on-generated term 0.1; weight decay 5e-4 on g and q). The authors
@@ -30,6 +30,9 @@ Paper vs. authors' code (where they differ, and what this file does):
     against weight decay changes.
   * initialisation: xavier-normal convs as the authors; BatchNorm keeps PyTorch's (1, 0) init
     (the authors draw BatchNorm scales from N(0, 1)).
+  * data: shuffled epochs without replacement as the authors' DataLoader (--data-order epochs);
+    CelebA as their dataset.py: crop box (15, 40, 163, 188) of the aligned 178x218 images, resize
+    to 64, random horizontal flips (drawn per batch here, per image load there).
   * the chains never move BatchNorm running statistics (see `_bn_stats_frozen`); the authors'
     z-chain passes do, which leaves eval-mode samples off-colour.
 
@@ -42,17 +45,19 @@ its own BatchNorm running statistics and rank 0's are saved.
 
 Flag names other scripts read (evaluate.py): --arch {resnet,simple}, --nz, --nef, --ngf, --nif,
 --k-x, --k-z, --x-step-size, --x-noise, --z-step-size, --z-noise, --sigma-g, --sample-k-x,
---sample-step-size (config.json keys: the same with underscores: k_x, k_z, x_step_size, x_noise,
-z_step_size, z_noise, sigma_g, nz, nef, ngf, nif, arch, sample_k_x, sample_step_size, n_c,
-image_size). Importable: EBM, Generator, Encoder, langevin_x, langevin_z, sample,
-load_checkpoint(path, device) -> ({"ebm", "generator", "encoder"} -> model, config), main.
+--sample-step-size, --posterior (config.json keys: the same with underscores: k_x, k_z, x_step_size,
+x_noise, z_step_size, z_noise, sigma_g, nz, nef, ngf, nif, arch, sample_k_x, sample_step_size,
+posterior, n_c, image_size). Importable: EBM, Generator, Encoder, langevin_x, langevin_z, sample,
+load_checkpoint(path, device) -> ({"ebm", "generator", "encoder"} -> model, config) (also reads the
+authors' released netG / netE / netI checkpoints), main.
 
 Run recipes
   main job (CIFAR-10, authors' ResNet setting; 150k iterations = ~300 epochs at batch 100):
       python dual_mcmc.py --dataset cifar10
-  CelebA 64 px (authors: widths 1024, x-chain s = 0.3, sample term 70):
-      python dual_mcmc.py --dataset celeba --image-size 64 --nef 1024 --ngf 1024 \\
-          --x-step-size 0.045 --w-sample 70
+  CelebA 64 px (authors' config: their nets at widths 1024 / 1024 / 128, crop box, flips, x-chain
+  s = 0.3, sample term 70, 301 epochs; all data-set defaults, see --print-config):
+      python dual_mcmc.py --dataset celeba
+  a folder of aligned 178x218 CelebA images, same setting:  --dataset folder:~/img_align_celeba --celeba-crop
   paper's small DCGAN-style nets (Appendix A.1, ~2M / 8M / 5M parameters):
       python dual_mcmc.py --dataset cifar10 --arch simple
   tiny CPU run on your own images (~0.6 s/iter on one busy core; a few minutes):
@@ -112,26 +117,33 @@ def build_parser(suppress_defaults=False):
     a("--data-root", default="./data", help="where torchvision data sets live / are downloaded")
     a("--download", action=argparse.BooleanOptionalAction, default=True, help="download the data set if missing")
     a("--n-data", type=int, default=0, help="use the first N training images (0 = all; paper: all 50k CIFAR-10)")
-    a("--image-size", type=int, default=None, help="32 or 64 px (default: celeba 64, else 32; paper: 32 CIFAR-10, 64 CelebA)")
+    a("--image-size", type=int, default=None,
+      help="32 or 64 px (default: celeba 64, else 32; paper: 32 CIFAR-10, 64 CelebA)")
     a("--celeba-crop", action=argparse.BooleanOptionalAction, default=None,
-      help="authors' CelebA pipeline: crop box (15, 40, 163, 188) of the aligned 178x218 images, then resize "
-           "(default: on for celeba; on a folder: it also takes the celeba defaults); off: resize + centre crop")
+      help="authors' CelebA pipeline: crop box (15, 40, 163, 188) of the aligned 178x218 images, then "
+           "resize (default: on for celeba; on a folder: it also takes the celeba defaults); "
+           "off: resize + centre crop")
     a("--hflip", action=argparse.BooleanOptionalAction, default=None,
-      help="random horizontal flip of each training image, drawn per batch (default: with --celeba-crop; authors: CelebA)")
+      help="random horizontal flip of each training image, drawn per batch "
+           "(default: with --celeba-crop; authors: CelebA)")
     a("--data-order", default="epochs", choices=("epochs", "replacement"),
-      help="epochs: shuffled epochs without replacement, as the authors' DataLoader; replacement: uniform draws "
-           "(runs written before this flag)")
+      help="epochs: shuffled epochs without replacement, as the authors' DataLoader; "
+           "replacement: uniform draws (runs written before this flag)")
     # models
     a("--arch", default="resnet", choices=("resnet", "simple"), help="resnet: paper's main nets (authors' code); simple: Appendix A.1 DCGAN-style nets")
     a("--nz", type=int, default=128, help="latent size (paper 128); smaller trains faster, reconstructs worse")
-    a("--nef", type=int, default=None, help="EBM width (resnet 512, celeba 1024; simple 64); at 64 px the EBM runs nef/16 .. nef")
-    a("--ngf", type=int, default=None, help="generator width (resnet 512, celeba 1024; simple 64); at 64 px ngf .. ngf/16")
+    a("--nef", type=int, default=None,
+      help="EBM width (resnet 512, celeba 1024; simple 64); resnet at 64 px runs nef/16 .. nef")
+    a("--ngf", type=int, default=None,
+      help="generator width (resnet 512, celeba 1024; simple 64); resnet at 64 px runs ngf .. ngf/16")
     a("--nif", type=int, default=None, help="inference-model width (resnet 128; simple 64)")
     a("--spectral-norm", action=argparse.BooleanOptionalAction, default=True, help="spectral norm on every EBM layer (authors: on); off lets f grow sharper and diverge sooner")
     # MCMC
     a("--k-x", dest="k_x", type=int, default=30, help="x-Langevin steps on f from x0 = g(z) (paper 30); more steps revise g's samples further")
     a("--k-z", dest="k_z", type=int, default=10, help="z-Langevin steps on log p(z|x) from z^ ~ q (paper 10)")
-    a("--x-step-size", type=float, default=None, help="x-chain step on grad f: s^2/2 with s = 0.5 -> 0.125 (default; celeba s = 0.3 -> 0.045); lower if f(x~) explodes")
+    a("--x-step-size", type=float, default=None,
+      help="x-chain step on grad f: s^2/2 with s = 0.5 -> 0.125 (celeba s = 0.3 -> 0.045); "
+           "lower if f(x~) explodes")
     a("--x-noise", type=float, default=1e-3, help="x-chain noise std n (paper 1e-3); the EBM loss is divided by T = n^2 / (2 step)")
     a("--z-step-size", type=float, default=0.005, help="z-chain step on grad log p(z|x): s^2/2 with s = 0.1 (paper)")
     a("--z-noise", type=float, default=0.1, help="z-chain noise std (paper 0.1)")
@@ -143,7 +155,8 @@ def build_parser(suppress_defaults=False):
     a("--sample-step-size", type=float, default=0.08, help="x-step used by sample(): s^2/2 with s = 0.4 (authors' test preset)")
     # losses and optimisation
     a("--w-recon", type=float, default=1.0, help="generator weight of the data term ||x - g(z~)||^2 / (2 sigma_g^2) (paper 1)")
-    a("--w-sample", type=float, default=None, help="generator weight of the EBM term ||x~ - g(z)||^2 / (2 sigma_g^2) (authors 50; celeba 70)")
+    a("--w-sample", type=float, default=None,
+      help="generator weight of the EBM term ||x~ - g(z)||^2 / (2 sigma_g^2) (authors 50; celeba 70)")
     a("--w-inf-data", type=float, default=1.0, help="inference weight of -log q(z~|x) (paper 1)")
     a("--w-inf-sample", type=float, default=0.1, help="inference weight of -log q(z|x~) (authors 0.1)")
     a("--batch-size", type=int, default=100, help="m, images per iteration (paper 100)")
@@ -160,8 +173,9 @@ def build_parser(suppress_defaults=False):
     a("--no-inference", action="store_true", help="ablation: start the z-chain from N(0, I) instead of q(z|x); q is not trained")
     a("--gen-only-init", action="store_true", help="ablation (cooperative learning): the generator learns only from x~, not from data")
     # run
-    a("--iters", type=int, default=None, help="training iterations (default 150,000 = ~300 epochs of CIFAR-10 at batch 100; "
-      "celeba: the authors' 301 epochs of 162,770 images, 489,727 at batch 100 on one process)")
+    a("--iters", type=int, default=None,
+      help="training iterations (default 150,000 = ~300 epochs of CIFAR-10 at batch 100; "
+           "celeba: the authors' 301 epochs of 162,770 images, 489,727 at batch 100 on one process)")
     a("--seed", type=int, default=1234, help="random seed (authors 1234)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default=None, help="run folder (default runs/dual_<dataset>)")
@@ -174,7 +188,8 @@ def build_parser(suppress_defaults=False):
       help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     a("--benchmark", type=int, default=0, metavar="N", help="time N iterations on random data, print s/iter, write nothing")
     a("--print-config", action="store_true",
-      help="print the resolved configuration (with --resume: the run's own) as JSON and exit; reads no data, writes nothing")
+      help="print the resolved configuration (with --resume: the run's own) as JSON and exit; "
+           "reads no data, writes nothing")
     if suppress_defaults:  # parse_args then returns only the flags the user typed (see --resume)
         for action in p._actions:
             action.default = argparse.SUPPRESS
@@ -442,7 +457,7 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
 # ---- data ----
 
 
-CELEBA_BOX = (15, 40, 178 - 15, 218 - 30)  # authors' dataset.py: 148x148 face box of the aligned 178x218 images
+CELEBA_BOX = (15, 40, 178 - 15, 218 - 30)  # authors' dataset.py: a 148x148 face box of the 178x218 images
 
 
 class _CelebACrop:
@@ -450,8 +465,8 @@ class _CelebACrop:
 
     def __call__(self, im):
         if im.size != (178, 218):
-            raise ValueError(f"--celeba-crop needs the aligned 178x218 CelebA images, got one of {im.size[0]}x"
-                             f"{im.size[1]}; drop --celeba-crop for other images")
+            raise ValueError(f"--celeba-crop needs the aligned 178x218 CelebA images, got one of "
+                             f"{im.size[0]}x{im.size[1]}; drop --celeba-crop for other images")
         return im.crop(CELEBA_BOX)
 
 
@@ -526,8 +541,8 @@ def load_data(args):
             files = files[: args.n_data]
         ds = _Folder(files, args.image_size, args.celeba_crop)
     else:
-        ds = _torchvision_set(args.dataset, os.path.expanduser(args.data_root), args.image_size, args.download,
-                              args.celeba_crop)
+        root = os.path.expanduser(args.data_root)
+        ds = _torchvision_set(args.dataset, root, args.image_size, args.download, args.celeba_crop)
         if args.n_data:
             ds = torch.utils.data.Subset(ds, range(min(args.n_data, len(ds))))
     loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1))
@@ -711,7 +726,8 @@ def gather_rng(device, world):
 
 
 def save_checkpoint(path, cfg, it, models, opts, scheds, seconds, rng_states, data_order=None):
-    ckpt = {"script": "dual_mcmc", "config": cfg, "iteration": it, "seconds": seconds, "data_order": data_order,
+    ckpt = {"script": "dual_mcmc", "config": cfg, "iteration": it, "seconds": seconds,
+            "data_order": data_order,
             "models": {k: m.state_dict() for k, m in models.items()},
             "optimizers": {k: o.state_dict() for k, o in opts.items()},
             "schedulers": {k: s.state_dict() for k, s in scheds.items()},
@@ -803,8 +819,9 @@ def read_checkpoint(path, device="cpu", ckpt=None):
 
 
 def is_authors_checkpoint(ckpt):
-    """The authors' released format (their train.py): a dict of netG / netE / netI state dicts, no "script"."""
-    return isinstance(ckpt, dict) and "script" not in ckpt and all(k in ckpt for k in ("netE", "netG", "netI"))
+    """The authors' released format (their train.py): netG / netE / netI state dicts, no "script" key."""
+    nets = ("netE", "netG", "netI")
+    return isinstance(ckpt, dict) and "script" not in ckpt and all(k in ckpt for k in nets)
 
 
 def _authors_key(net, key, n_blocks):
@@ -814,7 +831,10 @@ def _authors_key(net, key, n_blocks):
     tail of body. Encoder: main -> body, conv51 / conv52 -> mu / logvar."""
     head, _, rest = key.partition(".")
     if net == "ebm":
-        head = "head" if head.startswith("lin_") else "body.0" if head == "conv_1" else f"body.{int(head[5:]) - 1}"
+        if head.startswith("lin_"):
+            head = "head"
+        else:
+            head = "body.0" if head == "conv_1" else f"body.{int(head[5:]) - 1}"
         rest = _sn_suffix(rest)
     elif net == "generator":
         if head == "lin_1":
@@ -829,8 +849,8 @@ def _authors_key(net, key, n_blocks):
 
 
 def _sn_suffix(rest):
-    """Old-style spectral norm -> parametrization: conv1.weight_orig -> conv1.parametrizations.weight.original,
-    weight_u / weight_v -> parametrizations.weight.0._u / _v."""
+    """Old-style spectral norm -> parametrization: conv1.weight_orig ->
+    conv1.parametrizations.weight.original, weight_u / weight_v -> parametrizations.weight.0._u / _v."""
     module, _, leaf = rest.rpartition(".")
     new = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
            "weight_v": "parametrizations.weight.0._v"}.get(leaf, leaf)
@@ -847,7 +867,8 @@ def load_authors_checkpoint(ckpt, device, path="checkpoint"):
         size = 64 if any(k.startswith("block5.") for k in sds["ebm"]) else 32
         lin_g, conv_i = sds["generator"]["lin_1.weight"], sds["encoder"]["main.0.weight"]
         head = next(v for k, v in sds["ebm"].items() if k.startswith("lin_") and k.endswith("weight_orig"))
-        nz, ngf, nef, nif, n_c = lin_g.shape[1], lin_g.shape[0] // 16, head.shape[1], conv_i.shape[0], conv_i.shape[1]
+        nz, ngf, nef = lin_g.shape[1], lin_g.shape[0] // 16, head.shape[1]
+        nif, n_c = conv_i.shape[0], conv_i.shape[1]
     except (KeyError, StopIteration, IndexError):
         raise UsageError(f"{path}: netE / netG / netI are not the authors' Cifar10 / CelebA64 nets") from None
     flags = ["--dataset", "celeba" if size == 64 else "cifar10", "--nz", str(nz), "--nef", str(nef),
