@@ -294,9 +294,16 @@ def test_pre_fix_64px_resnet_checkpoint_is_refused_in_one_line_32px_still_loads(
     assert run(images, tmp_path / "a", "--iters", "1") == 0
     ckpt = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
     assert ckpt["config"]["net_version"] == dm.NET_VERSION
-    del ckpt["config"]["net_version"]  # as written before the CelebA-64 nets
+    for key in ("net_version", "posterior", "celeba_crop", "hflip", "data_order", "cuda_graph", "print_config"):
+        del ckpt["config"][key]  # as written before the CelebA-64 nets and the new flags
+    del ckpt["data_order"]
     torch.save(ckpt, tmp_path / "a" / "final.pt")
-    assert dm.load_checkpoint(str(tmp_path / "a" / "final.pt"))[1]["nz"] == 8  # 32 px: unchanged nets, loads
+    torch.save(ckpt, tmp_path / "a" / "last.pt")
+    models, cfg = dm.load_checkpoint(str(tmp_path / "a" / "final.pt"))  # 32 px: unchanged nets, loads
+    assert cfg["nz"] == 8 and cfg["posterior"] == "paper" and cfg["data_order"] == "replacement"
+    assert dm.main(["--out", str(tmp_path / "a"), "--resume", "--iters", "2"]) == 0  # and resumes (old order)
+    resumed = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    assert resumed["iteration"] == 2 and resumed["config"]["data_order"] == "replacement"
     old = tmp_path / "old64"
     old.mkdir()
     ckpt["config"].update(arch="resnet", image_size=64)
