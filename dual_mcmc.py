@@ -92,7 +92,291 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.utils.parametrizations import spectral_norm
+
+# ---- method: f, g and q, the x- and z-Langevin chains, one Dual-MCMC iteration (runs alone with torch) ----
+
+
+def _conv(n_in, n_out, k, s, p, sn=False, bias=True):
+    c = nn.Conv2d(n_in, n_out, k, s, p, bias=bias)
+    nn.init.xavier_normal_(c.weight)  # authors' init for every conv
+    return nn.utils.parametrizations.spectral_norm(c) if sn else c
+
+
+class _EBMBlock(nn.Module):
+    """Residual block of the authors' EBM: relu-conv-relu-conv (+ 1x1 shortcut), avg-pool down."""
+
+    def __init__(self, n_in, n_out, down, first, sn):
+        super().__init__()
+        self.down, self.first = down, first
+        self.conv1 = _conv(n_in, n_out, 3, 1, 1, sn, bias=False)
+        self.conv2 = _conv(n_out, n_out, 3, 1, 1, sn, bias=False)
+        self.sc = _conv(n_in, n_out, 1, 1, 0, sn, bias=False) if (n_in != n_out or down) else None
+
+    def forward(self, x):
+        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
+        h = F.avg_pool2d(h, 2) if self.down else h
+        y = x
+        if self.first:  # pool then project (cheaper on the 3-channel input)
+            y = F.avg_pool2d(y, 2) if self.down else y
+            y = self.sc(y) if self.sc is not None else y
+        else:
+            y = self.sc(y) if self.sc is not None else y
+            y = F.avg_pool2d(y, 2) if self.down else y
+        return h + y
+
+
+class EBM(nn.Module):
+    """f(x): image (B, n_c, S, S) -> negative energy (B,). resnet: authors' nets; simple: DCGAN-style.
+
+    resnet, 32 px (authors' _Cifar10_netE): start block 3 -> nef (down), one down block, two plain blocks
+    at 8x8, all nef wide. resnet, 64 px (authors' _CelebA64_netE): start block 3 -> nef/16 (down), four
+    down blocks doubling the width up to nef (64 -> 2 px). Both end in ReLU, global average pooling and
+    a bias-free linear layer; spectral norm on every conv and the linear layer (authors' add_sn).
+    """
+
+    def __init__(self, n_c=3, nef=512, im_sz=32, arch="resnet", sn=True):
+        super().__init__()
+        if arch == "resnet" and im_sz == 64:
+            chans = [max(1, nef >> k) for k in (4, 3, 2, 1, 0)]                  # nef/16 ... nef
+            blocks = [_EBMBlock(n_c, chans[0], True, True, sn)]
+            blocks += [_EBMBlock(c_in, c_out, True, False, sn) for c_in, c_out in zip(chans, chans[1:])]
+        elif arch == "resnet":
+            blocks = [_EBMBlock(n_c, nef, True, True, sn), _EBMBlock(nef, nef, True, False, sn)]
+            blocks += [_EBMBlock(nef, nef, False, False, sn) for _ in range(2)]
+        if arch == "resnet":
+            self.body = nn.Sequential(*blocks, nn.ReLU())
+            lin = nn.Linear(nef, 1, bias=False)
+            self.head = nn.utils.parametrizations.spectral_norm(lin) if sn else lin
+        else:  # 3x3 conv s1; 4x4 s2 convs to 4x4 maps; 4x4 valid conv -> 1
+            n_down = int(math.log2(im_sz)) - 3
+            layers = [_conv(n_c, nef, 3, 1, 1, sn), nn.LeakyReLU(0.2)]
+            chans = [nef, 2 * nef] + [4 * nef] * n_down
+            for c_in, c_out in zip(chans[:-1], chans[1:]):
+                layers += [_conv(c_in, c_out, 4, 2, 1, sn), nn.LeakyReLU(0.2)]
+            self.body = nn.Sequential(*layers)
+            self.head = _conv(chans[-1], 1, 4, 1, 0, sn)
+        self.arch = arch
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.arch == "resnet":
+            h = h.mean(dim=(2, 3))  # global average pool: (B, nef)
+        return self.head(h).view(x.shape[0])  # (B,)
+
+
+class _GenBlock(nn.Module):
+    """Residual block of the authors' generator: BN-relu-up-conv-BN-relu-conv (+ 1x1 shortcut)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(n_in), nn.BatchNorm2d(n_out)
+        self.conv1, self.conv2 = _conv(n_in, n_out, 3, 1, 1), _conv(n_out, n_out, 3, 1, 1)
+        self.sc = _conv(n_in, n_out, 1, 1, 0)
+
+    def forward(self, x):
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
+        h = self.conv2(F.relu(self.bn2(self.conv1(up(F.relu(self.bn1(x)))))))
+        return h + self.sc(up(x))
+
+
+class Generator(nn.Module):
+    """g(z): latent (B, nz) -> image (B, n_c, S, S) in [-1, 1] (tanh).
+
+    resnet: a linear layer to 4x4 x ngf maps, then upsampling blocks: at 32 px three, all ngf wide
+    (authors' _Cifar10_netG); at 64 px four, halving the width to ngf/16 (authors' _CelebA64_netG).
+    """
+
+    def __init__(self, nz=128, ngf=512, n_c=3, im_sz=32, arch="resnet"):
+        super().__init__()
+        self.nz, self.ngf, self.arch = nz, ngf, arch
+        n_up = int(math.log2(im_sz)) - 2  # 4x4 -> S
+        if arch == "resnet":
+            chans = [max(1, ngf >> k) for k in range(5)] if im_sz == 64 else [ngf] * (n_up + 1)
+            self.lin = nn.Linear(nz, 16 * ngf)
+            blocks = [_GenBlock(c_in, c_out) for c_in, c_out in zip(chans[:-1], chans[1:])]
+            self.body = nn.Sequential(*blocks, nn.BatchNorm2d(chans[-1]), nn.ReLU(),
+                                      _conv(chans[-1], n_c, 3, 1, 1), nn.Tanh())
+        else:  # DCGAN: 4x4 convT from 1x1, then 4x4 s2 convTs, each BN + ReLU; 3x3 conv to pixels
+            chans = [8 * ngf, 8 * ngf, 4 * ngf, 2 * ngf, ngf][: n_up + 1]
+            up = lambda c_in, c_out, s, p: [nn.ConvTranspose2d(c_in, c_out, 4, s, p, bias=False),
+                                            nn.BatchNorm2d(c_out), nn.ReLU()]
+            layers = up(nz, chans[0], 1, 0)                               # (B, 8ngf, 4, 4)
+            for c_in, c_out in zip(chans[:-1], chans[1:]):
+                layers += up(c_in, c_out, 2, 1)                           # doubles the size
+            self.body = nn.Sequential(*layers, _conv(chans[-1], n_c, 3, 1, 1), nn.Tanh())
+
+    def forward(self, z):
+        if self.arch == "resnet":
+            return self.body(self.lin(z).view(z.shape[0], self.ngf, 4, 4))
+        return self.body(z.view(z.shape[0], self.nz, 1, 1))
+
+
+class Encoder(nn.Module):
+    """q(z|x): image -> (mu, logvar), each (B, nz). Bias-free convs with LeakyReLU 0.2 down to 4x4 maps
+    (nif, 2 nif, 4 nif, 8 nif), then two 4x4 valid convs for mu and log-variance. The first conv is
+    3x3 stride 1 (authors' _Cifar10_netI; also simple at every size) or, for resnet at 64 px,
+    4x4 stride 2 (authors' _CelebA64_netI)."""
+
+    def __init__(self, nz=128, nif=128, n_c=3, im_sz=32, arch="resnet"):
+        super().__init__()
+        if arch == "resnet" and im_sz == 64:
+            chans = [nif, 2 * nif, 4 * nif, 8 * nif]
+            layers = [_conv(n_c, nif, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
+        else:
+            n_down = int(math.log2(im_sz)) - 2  # to 4x4 maps
+            chans = [nif, 2 * nif, 4 * nif] + [8 * nif] * (n_down - 2)
+            layers = [_conv(n_c, nif, 3, 1, 1, bias=False), nn.LeakyReLU(0.2)]
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [_conv(c_in, c_out, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
+        self.mu, self.logvar = _conv(chans[-1], nz, 4, 1, 0), _conv(chans[-1], nz, 4, 1, 0)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.mu(h).flatten(1), self.logvar(h).flatten(1)  # (B, nz), (B, nz)
+
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module):
+    """Keep BatchNorm running statistics fixed during chain passes, but keep train-mode behaviour.
+
+    We set momentum to 0 rather than switching to eval(): eval would normalise with the running
+    averages, a different function from the batch-statistics g that the generator loss fits (and
+    early in training a very different one), so the z-chain would infer latents for the wrong
+    generator. With momentum 0 the chain sees exactly the train-mode g, and the running averages
+    only see the passes of the loss (x0 = g(z), g(z~)), so eval-mode samples stay faithful.
+    """
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved):
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def langevin_x(f, x, K, step_size, noise):
+    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I). Returns detached x_K."""
+    x = x.detach().clone().float()
+    with _bn_stats_frozen(f), torch.enable_grad():
+        for _ in range(K):
+            x.requires_grad_(True)
+            grad = torch.autograd.grad(f(x).float().sum(), x)[0]  # w.r.t. x only: param .grad untouched
+            x = (x + step_size * grad + noise * torch.randn_like(x)).detach()
+    return x
+
+
+def log_posterior(g, x, z, sigma, posterior="paper"):
+    """log p(z|x) + const = -||x - g(z)||^2 / (2 sigma^2) - ||z||^2 / 2, per example (B,).
+    posterior="authors": their code's -||x - g(z)||^2 / sigma^2 - ||z||^2 / 2 (likelihood term doubled)."""
+    err = (x - g(z).float()).flatten(1).pow(2).sum(1)
+    lik_scale = 2.0 if posterior == "authors" else 1.0
+    return -lik_scale * err / (2 * sigma ** 2) - z.flatten(1).pow(2).sum(1) / 2
+
+
+def langevin_z(g, x, z, K, step_size, noise, sigma, posterior="paper"):
+    """K steps of z <- z + step_size * grad_z log p(z|x) + noise * N(0, I). Returns detached z_K.
+    posterior: "paper" (default) or "authors" (see log_posterior)."""
+    if posterior not in ("paper", "authors"):
+        raise ValueError(f"posterior must be 'paper' or 'authors', got {posterior!r}")
+    z, x = z.detach().clone().float(), x.detach()
+    with _bn_stats_frozen(g), torch.enable_grad():
+        for _ in range(K):
+            z.requires_grad_(True)
+            grad = torch.autograd.grad(log_posterior(g, x, z, sigma, posterior).sum(), z)[0]
+            z = (z + step_size * grad + noise * torch.randn_like(z)).detach()
+    return z
+
+
+def neg_log_q(z, mu, logvar):
+    """-log q(z|x) + const for a diagonal Gaussian, per example (B,)."""
+    return 0.5 * (logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(1)
+
+
+def chain_temperature(step_size, noise):
+    """T = noise^2 / (2 step_size): the x-chain x + step_size grad f + noise eps samples exp(f / T), so
+    dividing the EBM loss by T is maximum likelihood for that density (1 when noise or step is 0)."""
+    return noise ** 2 / (2 * step_size) if noise > 0 and step_size > 0 else 1.0
+
+
+def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, z_step_size=0.005,
+                z_noise=0.1, sigma_g=0.3, w_recon=1.0, w_sample=50.0, w_inf_data=1.0, w_inf_sample=0.1,
+                posterior="paper", temperature=None, no_inference=False, gen_only_init=False, *,
+                chain_x=langevin_x, chain_z=langevin_z, autocast=contextlib.nullcontext):
+    """One Dual-MCMC iteration (the paper's Algorithm 1) on a data batch x (m, C, S, S) and a prior draw
+    z (m, nz): the losses of f, g and q to *descend*, and a dict of detached tensors for logs and guards
+    (f_data, f_sample, loss_recon, loss_sample, mse_recon, x0, x_tilde, z_tilde). The three losses
+    touch disjoint parameters (x~ and z~ are detached), so one backward of their sum serves all three.
+
+    Defaults are the authors' CIFAR-10 setting. temperature: the EBM loss divisor T (None:
+    chain_temperature(x_step_size, x_noise)). no_inference: the z-chain starts from N(0, I) and q is
+    not trained (loss_i = 0); gen_only_init: g learns only from x~ (cooperative learning). chain_x /
+    chain_z: samplers with langevin_x's / langevin_z's signatures; autocast: a context factory for
+    mixed precision (chains and losses are computed in float32).
+    """
+    T = chain_temperature(x_step_size, x_noise) if temperature is None else temperature
+    with autocast():
+        # 1. MCMC sampling: generator proposes x0, k_x Langevin steps on f revise it to x~
+        x0 = G(z).float()                                                 # (m, C, S, S), graph kept for 4.
+        x_t = chain_x(E, x0, k_x, x_step_size, x_noise)                   # x~, detached
+        # 2. MCMC inference: q proposes z^, k_z Langevin steps on log p(z|x) revise it to z~
+        if no_inference:
+            z_hat = torch.randn_like(z)                                   # (m, nz) ~ p(z)
+        else:
+            mu, logvar = (t.float() for t in I(x))                        # (m, nz) each
+            z_hat = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)   # z^ ~ q(z|x)
+        z_t = chain_z(G, x, z_hat, k_z, z_step_size, z_noise, sigma_g, posterior)  # z~, detached
+        # 3. EBM: maximum likelihood, data up and x~ down (divided by the chain temperature T)
+        f_data, f_samp = E(x).float().mean(), E(x_t).float().mean()
+        loss_e = -(f_data - f_samp) / T
+        # 4. generator: -log p(x, z~) (data through inferred z~) - log p(x~, z) (EBM teaches x0 -> x~)
+        rec = G(z_t).float()                                              # (m, C, S, S)
+        loss_rec = (x - rec).flatten(1).pow(2).sum(1).mean() / (2 * sigma_g ** 2)
+        loss_samp = (x_t - x0).flatten(1).pow(2).sum(1).mean() / (2 * sigma_g ** 2)
+        loss_g = (0.0 if gen_only_init else w_recon) * loss_rec + w_sample * loss_samp
+        # 5. inference model: -log q(z~|x) - log q(z|x~) (q learns where both chains end)
+        if no_inference:
+            loss_i = torch.zeros((), device=x.device)
+        else:
+            mu_t, logvar_t = (t.float() for t in I(x_t))
+            loss_i = (w_inf_data * neg_log_q(z_t, mu, logvar).mean()
+                      + w_inf_sample * neg_log_q(z, mu_t, logvar_t).mean())
+    out = dict(f_data=f_data.detach(), f_sample=f_samp.detach(), loss_recon=loss_rec.detach(),
+               loss_sample=loss_samp.detach(), mse_recon=F.mse_loss(rec.detach(), x),
+               x0=x0.detach(), x_tilde=x_t, z_tilde=z_t)
+    return loss_e, loss_g, loss_i, out
+
+
+def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
+    """Draw n images as a user would: x0 = g(z), z ~ N(0, I), then k_x x-Langevin steps on f.
+
+    Returns (x0, x_tilde), each (n, n_c, S, S). None means the authors' test-time preset: 70 steps with
+    s = 0.4 (step 0.08), noise 1e-3 (the training default); a load_checkpoint config holds a run's own
+    values as sample_k_x, sample_step_size, x_noise. Models keep their mode (load_checkpoint returns
+    them in eval mode, so BatchNorm uses its running statistics and nothing here changes them).
+    """
+    ebm, gen = models["ebm"], models["generator"]
+    k_x = 70 if k_x is None else k_x
+    step_size = 0.08 if step_size is None else step_size
+    noise = 1e-3 if noise is None else noise
+    device = next(gen.parameters()).device
+    x0s, xts = [], []
+    for i in range(0, n, batch_size):
+        z = torch.randn(min(batch_size, n - i), gen.nz, device=device)  # (b, nz) ~ p(z)
+        with torch.no_grad():
+            x0 = gen(z).float()                                          # (b, n_c, S, S)
+        x0s.append(x0)
+        xts.append(langevin_x(ebm, x0, k_x, step_size, noise))           # the chain takes its own grads
+    return torch.cat(x0s), torch.cat(xts)
+
+
+# ---- harness: flags (paper values in every help) and their validation ----
 
 PROG = "dual_mcmc.py"
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
@@ -213,245 +497,68 @@ DATASET_DEFAULTS = {"celeba": dict(image_size=64, x_step_size=0.045, w_sample=70
 OTHER_DEFAULTS = dict(image_size=32, x_step_size=0.125, w_sample=50.0, celeba_crop=False, iters=150000)
 ARCH_WIDTHS_CELEBA = {"resnet": dict(nef=1024, ngf=1024, nif=128), "simple": ARCH_WIDTHS["simple"]}
 
-# ---- model ----
+def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
+    """Fill the flags left unset (None) whose default depends on the data set or the arch. A folder: of
+    aligned CelebA images with --celeba-crop takes the celeba defaults; n_images: the folder's count."""
+    celeba = args.dataset == "celeba" or (args.dataset.startswith("folder:") and args.celeba_crop)
+    base = DATASET_DEFAULTS["celeba"] if celeba else OTHER_DEFAULTS
+    for key, value in {**base, **(ARCH_WIDTHS_CELEBA if celeba else ARCH_WIDTHS)[args.arch]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.hflip is None:
+        args.hflip = bool(args.celeba_crop)
+    if args.iters is None:  # celeba: the authors' 301 epochs of the images used (last partial batch dropped)
+        n = min(args.n_data, n_images) if args.n_data > 0 else n_images
+        per_epoch = n // max(1, args.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
+        args.iters = CELEBA_EPOCHS * max(1, per_epoch)
+    return args
 
 
-def _conv(n_in, n_out, k, s, p, sn=False, bias=True):
-    c = nn.Conv2d(n_in, n_out, k, s, p, bias=bias)
-    nn.init.xavier_normal_(c.weight)  # authors' init for every conv
-    return spectral_norm(c) if sn else c
-
-
-class _EBMBlock(nn.Module):
-    """Residual block of the authors' EBM: relu-conv-relu-conv (+ 1x1 shortcut), avg-pool down."""
-
-    def __init__(self, n_in, n_out, down, first, sn):
-        super().__init__()
-        self.down, self.first = down, first
-        self.conv1 = _conv(n_in, n_out, 3, 1, 1, sn, bias=False)
-        self.conv2 = _conv(n_out, n_out, 3, 1, 1, sn, bias=False)
-        self.sc = _conv(n_in, n_out, 1, 1, 0, sn, bias=False) if (n_in != n_out or down) else None
-
-    def forward(self, x):
-        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
-        h = F.avg_pool2d(h, 2) if self.down else h
-        y = x
-        if self.first:  # pool then project (cheaper on the 3-channel input)
-            y = F.avg_pool2d(y, 2) if self.down else y
-            y = self.sc(y) if self.sc is not None else y
-        else:
-            y = self.sc(y) if self.sc is not None else y
-            y = F.avg_pool2d(y, 2) if self.down else y
-        return h + y
-
-
-class EBM(nn.Module):
-    """f(x): image (B, n_c, S, S) -> negative energy (B,). resnet: authors' nets; simple: DCGAN-style.
-
-    resnet, 32 px (authors' _Cifar10_netE): start block 3 -> nef (down), one down block, two plain blocks
-    at 8x8, all nef wide. resnet, 64 px (authors' _CelebA64_netE): start block 3 -> nef/16 (down), four
-    down blocks doubling the width up to nef (64 -> 2 px). Both end in ReLU, global average pooling and
-    a bias-free linear layer; spectral norm on every conv and the linear layer (authors' add_sn).
-    """
-
-    def __init__(self, n_c=3, nef=512, im_sz=32, arch="resnet", sn=True):
-        super().__init__()
-        if arch == "resnet" and im_sz == 64:
-            chans = [max(1, nef >> k) for k in (4, 3, 2, 1, 0)]                  # nef/16 ... nef
-            blocks = [_EBMBlock(n_c, chans[0], True, True, sn)]
-            blocks += [_EBMBlock(c_in, c_out, True, False, sn) for c_in, c_out in zip(chans[:-1], chans[1:])]
-        elif arch == "resnet":
-            blocks = [_EBMBlock(n_c, nef, True, True, sn), _EBMBlock(nef, nef, True, False, sn)]
-            blocks += [_EBMBlock(nef, nef, False, False, sn) for _ in range(2)]
-        if arch == "resnet":
-            self.body = nn.Sequential(*blocks, nn.ReLU())
-            lin = nn.Linear(nef, 1, bias=False)
-            self.head = spectral_norm(lin) if sn else lin
-        else:  # 3x3 conv s1; 4x4 s2 convs to 4x4 maps; 4x4 valid conv -> 1
-            n_down = int(math.log2(im_sz)) - 3
-            layers = [_conv(n_c, nef, 3, 1, 1, sn), nn.LeakyReLU(0.2)]
-            chans = [nef, 2 * nef] + [4 * nef] * n_down
-            for c_in, c_out in zip(chans[:-1], chans[1:]):
-                layers += [_conv(c_in, c_out, 4, 2, 1, sn), nn.LeakyReLU(0.2)]
-            self.body = nn.Sequential(*layers)
-            self.head = _conv(chans[-1], 1, 4, 1, 0, sn)
-        self.arch = arch
-
-    def forward(self, x):
-        h = self.body(x)
-        if self.arch == "resnet":
-            h = h.mean(dim=(2, 3))  # global average pool: (B, nef)
-        return self.head(h).view(x.shape[0])  # (B,)
-
-
-class _GenBlock(nn.Module):
-    """Residual block of the authors' generator: BN-relu-up-conv-BN-relu-conv (+ 1x1 shortcut)."""
-
-    def __init__(self, n_in, n_out):
-        super().__init__()
-        self.bn1, self.bn2 = nn.BatchNorm2d(n_in), nn.BatchNorm2d(n_out)
-        self.conv1, self.conv2 = _conv(n_in, n_out, 3, 1, 1), _conv(n_out, n_out, 3, 1, 1)
-        self.sc = _conv(n_in, n_out, 1, 1, 0)
-
-    def forward(self, x):
-        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
-        h = self.conv2(F.relu(self.bn2(self.conv1(up(F.relu(self.bn1(x)))))))
-        return h + self.sc(up(x))
-
-
-class Generator(nn.Module):
-    """g(z): latent (B, nz) -> image (B, n_c, S, S) in [-1, 1] (tanh).
-
-    resnet: a linear layer to 4x4 x ngf maps, then upsampling blocks: at 32 px three, all ngf wide
-    (authors' _Cifar10_netG); at 64 px four, halving the width to ngf/16 (authors' _CelebA64_netG).
-    """
-
-    def __init__(self, nz=128, ngf=512, n_c=3, im_sz=32, arch="resnet"):
-        super().__init__()
-        self.nz, self.ngf, self.arch = nz, ngf, arch
-        n_up = int(math.log2(im_sz)) - 2  # 4x4 -> S
-        if arch == "resnet":
-            chans = [max(1, ngf >> k) for k in range(5)] if im_sz == 64 else [ngf] * (n_up + 1)
-            self.lin = nn.Linear(nz, 16 * ngf)
-            blocks = [_GenBlock(c_in, c_out) for c_in, c_out in zip(chans[:-1], chans[1:])]
-            self.body = nn.Sequential(*blocks, nn.BatchNorm2d(chans[-1]), nn.ReLU(),
-                                      _conv(chans[-1], n_c, 3, 1, 1), nn.Tanh())
-        else:  # DCGAN: 4x4 convT from 1x1, then 4x4 s2 convTs, each BN + ReLU; 3x3 conv to pixels
-            chans = [8 * ngf, 8 * ngf, 4 * ngf, 2 * ngf, ngf][: n_up + 1]
-            layers = [nn.ConvTranspose2d(nz, chans[0], 4, 1, 0, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU()]
-            for c_in, c_out in zip(chans[:-1], chans[1:]):
-                layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-            self.body = nn.Sequential(*layers, _conv(chans[-1], n_c, 3, 1, 1), nn.Tanh())
-
-    def forward(self, z):
-        if self.arch == "resnet":
-            return self.body(self.lin(z).view(z.shape[0], self.ngf, 4, 4))
-        return self.body(z.view(z.shape[0], self.nz, 1, 1))
-
-
-class Encoder(nn.Module):
-    """q(z|x): image -> (mu, logvar), each (B, nz). Bias-free convs with LeakyReLU 0.2 down to 4x4 maps
-    (nif, 2 nif, 4 nif, 8 nif), then two 4x4 valid convs for mu and log-variance. The first conv is
-    3x3 stride 1 (authors' _Cifar10_netI; also simple at every size) or, for resnet at 64 px,
-    4x4 stride 2 (authors' _CelebA64_netI)."""
-
-    def __init__(self, nz=128, nif=128, n_c=3, im_sz=32, arch="resnet"):
-        super().__init__()
-        if arch == "resnet" and im_sz == 64:
-            chans = [nif, 2 * nif, 4 * nif, 8 * nif]
-            layers = [_conv(n_c, nif, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
-        else:
-            n_down = int(math.log2(im_sz)) - 2  # to 4x4 maps
-            chans = [nif, 2 * nif, 4 * nif] + [8 * nif] * (n_down - 2)
-            layers = [_conv(n_c, nif, 3, 1, 1, bias=False), nn.LeakyReLU(0.2)]
-        for c_in, c_out in zip(chans[:-1], chans[1:]):
-            layers += [_conv(c_in, c_out, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
-        self.body = nn.Sequential(*layers)
-        self.mu, self.logvar = _conv(chans[-1], nz, 4, 1, 0), _conv(chans[-1], nz, 4, 1, 0)
-
-    def forward(self, x):
-        h = self.body(x)
-        return self.mu(h).flatten(1), self.logvar(h).flatten(1)  # (B, nz), (B, nz)
-
-
-def build_models(cfg, device):
-    n_c, s = cfg["n_c"], cfg["image_size"]
-    models = {"ebm": EBM(n_c, cfg["nef"], s, cfg["arch"], cfg["spectral_norm"]),
-              "generator": Generator(cfg["nz"], cfg["ngf"], n_c, s, cfg["arch"]),
-              "encoder": Encoder(cfg["nz"], cfg["nif"], n_c, s, cfg["arch"])}
-    return {k: m.to(device) for k, m in models.items()}
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---- samplers ----
-
-
-@contextlib.contextmanager
-def _bn_stats_frozen(module):
-    """Keep BatchNorm running statistics fixed during chain passes, but keep train-mode behaviour.
-
-    We set momentum to 0 rather than switching to eval(): eval would normalise with the running
-    averages, a different function from the batch-statistics g that the generator loss fits (and
-    early in training a very different one), so the z-chain would infer latents for the wrong
-    generator. With momentum 0 the chain sees exactly the train-mode g, and the running averages
-    only see the passes of the loss (x0 = g(z), g(z~)), so eval-mode samples stay faithful.
-    """
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (mom, nbt) in zip(bns, saved):
-            m.momentum = mom
-            if nbt is not None:
-                m.num_batches_tracked.copy_(nbt)
-
-
-def langevin_x(f, x, K, step_size, noise):
-    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I). Returns detached x_K."""
-    x = x.detach().clone().float()
-    with _bn_stats_frozen(f), torch.enable_grad():
-        for _ in range(K):
-            x.requires_grad_(True)
-            grad = torch.autograd.grad(f(x).float().sum(), x)[0]  # w.r.t. x only: param .grad untouched
-            x = (x + step_size * grad + noise * torch.randn_like(x)).detach()
-    return x
-
-
-def log_posterior(g, x, z, sigma, posterior="paper"):
-    """log p(z|x) + const = -||x - g(z)||^2 / (2 sigma^2) - ||z||^2 / 2, per example (B,).
-    posterior="authors": their code's -||x - g(z)||^2 / sigma^2 - ||z||^2 / 2 (likelihood term doubled)."""
-    err = (x - g(z).float()).flatten(1).pow(2).sum(1)
-    lik_scale = 2.0 if posterior == "authors" else 1.0
-    return -lik_scale * err / (2 * sigma ** 2) - z.flatten(1).pow(2).sum(1) / 2
-
-
-def langevin_z(g, x, z, K, step_size, noise, sigma, posterior="paper"):
-    """K steps of z <- z + step_size * grad_z log p(z|x) + noise * N(0, I). Returns detached z_K.
-    posterior: "paper" (default) or "authors" (see log_posterior)."""
-    if posterior not in ("paper", "authors"):
-        raise ValueError(f"posterior must be 'paper' or 'authors', got {posterior!r}")
-    z, x = z.detach().clone().float(), x.detach()
-    with _bn_stats_frozen(g), torch.enable_grad():
-        for _ in range(K):
-            z.requires_grad_(True)
-            grad = torch.autograd.grad(log_posterior(g, x, z, sigma, posterior).sum(), z)[0]
-            z = (z + step_size * grad + noise * torch.randn_like(z)).detach()
-    return z
-
-
-def neg_log_q(z, mu, logvar):
-    """-log q(z|x) + const for a diagonal Gaussian, per example (B,)."""
-    return 0.5 * (logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(1)
-
-
-def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
-    """Draw n images as a user would: x0 = g(z), z ~ N(0, I), then k_x x-Langevin steps on f.
-
-    Returns (x0, x_tilde), each (n, n_c, S, S). Defaults come from the checkpoint (attached by
-    load_checkpoint): the authors' test-time preset of 70 steps with s = 0.4 (step 0.08) and the
-    training x-noise. Models keep their mode (load_checkpoint returns them in eval mode, so
-    BatchNorm uses its running statistics and nothing here changes them).
-    """
-    ebm, gen = models["ebm"], models["generator"]
-    d = getattr(ebm, "sample_defaults", {"k_x": 70, "step_size": 0.08, "noise": 1e-3})
-    k_x = d["k_x"] if k_x is None else k_x
-    step_size = d["step_size"] if step_size is None else step_size
-    noise = d["noise"] if noise is None else noise
-    device = next(gen.parameters()).device
-    x0s, xts = [], []
-    for i in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - i), gen.nz, device=device)  # (b, nz) ~ p(z)
-        with torch.no_grad():
-            x0 = gen(z).float()                                          # (b, n_c, S, S)
-        x0s.append(x0)
-        xts.append(langevin_x(ebm, x0, k_x, step_size, noise))           # the chain takes its own grads
-    return torch.cat(x0s), torch.cat(xts)
+def validate(args):
+    """Check every flag before anything is loaded or written; fill the data-set and arch defaults."""
+    if not (args.dataset in DATASETS or args.dataset.startswith("folder:")):
+        raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} or folder:PATH)")
+    n_images = CELEBA_N_TRAIN
+    if args.dataset.startswith("folder:"):
+        path = folder_path(args.dataset)
+        if not os.path.isdir(path):
+            raise UsageError(f"--dataset folder: {path!r} is not a directory")
+        n_images = len(folder_files(path))
+        if not n_images and not args.benchmark:
+            raise UsageError(f"--dataset folder: no images ({' '.join(IMAGE_EXTS)}) under {path!r}")
+    elif args.celeba_crop and args.dataset != "celeba":
+        raise UsageError(f"--celeba-crop is for celeba or a folder: of aligned 178x218 CelebA images, "
+                         f"not {args.dataset}; drop it")
+    resolve_defaults(args, n_images)
+    if args.image_size not in (32, 64):
+        raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} (use 32 or 64)")
+    if args.arch == "resnet" and args.image_size == 64:
+        for name in ("nef", "ngf"):
+            if getattr(args, name) < 16:
+                raise UsageError(f"--{name} must be >= 16 for --arch resnet at 64 px (its nets run "
+                                 f"{name}/16 channels at 64 px), got {getattr(args, name)}")
+    checks = [("nz", 1), ("nef", 1), ("ngf", 1), ("nif", 1), ("k_x", 0), ("k_z", 0), ("sample_k_x", 0),
+              ("batch_size", 2), ("iters", 1), ("log_every", 1), ("plot_every", 0), ("ckpt_every", 0),
+              ("n_data", 0), ("benchmark", 0)]
+    for name, lo in checks:
+        if getattr(args, name) < lo:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    for name in ("sigma_g", "lr_e", "lr_g", "lr_i", "gap_limit"):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_recon", "w_sample",
+                 "w_inf_data", "w_inf_sample", "wd_g", "wd_i"):
+        v = getattr(args, name)
+        if not (v >= 0 and math.isfinite(v)):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
+        raise UsageError("--beta1 and --beta2 must lie in [0, 1)")
+    if not 0 < args.lr_decay <= 1:
+        raise UsageError(f"--lr-decay must lie in (0, 1], got {args.lr_decay}")
+    if args.out is None:
+        name = folder_path(args.dataset) if args.dataset.startswith("folder:") else args.dataset
+        args.out = os.path.join("runs", "dual_" + name.strip("/").replace("/", "_"))
+    return args
 
 
 # ---- data ----
@@ -608,71 +715,7 @@ def get_batch(data, order, device, hflip=False):
     return x
 
 
-# ---- run folder, checkpoints, logging ----
-
-
-def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
-    """Fill the flags left unset (None) whose default depends on the data set or the arch. A folder: of
-    aligned CelebA images with --celeba-crop takes the celeba defaults; n_images: the folder's count."""
-    celeba = args.dataset == "celeba" or (args.dataset.startswith("folder:") and args.celeba_crop)
-    base = DATASET_DEFAULTS["celeba"] if celeba else OTHER_DEFAULTS
-    for key, value in {**base, **(ARCH_WIDTHS_CELEBA if celeba else ARCH_WIDTHS)[args.arch]}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.hflip is None:
-        args.hflip = bool(args.celeba_crop)
-    if args.iters is None:  # celeba: the authors' 301 epochs of the images used (last partial batch dropped)
-        n = min(args.n_data, n_images) if args.n_data > 0 else n_images
-        per_epoch = n // max(1, args.batch_size * int(os.environ.get("WORLD_SIZE", "1")))
-        args.iters = CELEBA_EPOCHS * max(1, per_epoch)
-    return args
-
-
-def validate(args):
-    """Check every flag before anything is loaded or written; fill the data-set and arch defaults."""
-    if not (args.dataset in DATASETS or args.dataset.startswith("folder:")):
-        raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} or folder:PATH)")
-    n_images = CELEBA_N_TRAIN
-    if args.dataset.startswith("folder:"):
-        path = folder_path(args.dataset)
-        if not os.path.isdir(path):
-            raise UsageError(f"--dataset folder: {path!r} is not a directory")
-        n_images = len(folder_files(path))
-        if not n_images and not args.benchmark:
-            raise UsageError(f"--dataset folder: no images ({' '.join(IMAGE_EXTS)}) under {path!r}")
-    elif args.celeba_crop and args.dataset != "celeba":
-        raise UsageError(f"--celeba-crop is for celeba or a folder: of aligned 178x218 CelebA images, "
-                         f"not {args.dataset}; drop it")
-    resolve_defaults(args, n_images)
-    if args.image_size not in (32, 64):
-        raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} (use 32 or 64)")
-    if args.arch == "resnet" and args.image_size == 64:
-        for name in ("nef", "ngf"):
-            if getattr(args, name) < 16:
-                raise UsageError(f"--{name} must be >= 16 for --arch resnet at 64 px (its nets run "
-                                 f"{name}/16 channels at 64 px), got {getattr(args, name)}")
-    checks = [("nz", 1), ("nef", 1), ("ngf", 1), ("nif", 1), ("k_x", 0), ("k_z", 0), ("sample_k_x", 0),
-              ("batch_size", 2), ("iters", 1), ("log_every", 1), ("plot_every", 0), ("ckpt_every", 0),
-              ("n_data", 0), ("benchmark", 0)]
-    for name, lo in checks:
-        if getattr(args, name) < lo:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
-    for name in ("sigma_g", "lr_e", "lr_g", "lr_i", "gap_limit"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_recon", "w_sample",
-                 "w_inf_data", "w_inf_sample", "wd_g", "wd_i"):
-        v = getattr(args, name)
-        if not (v >= 0 and math.isfinite(v)):
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
-    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        raise UsageError("--beta1 and --beta2 must lie in [0, 1)")
-    if not 0 < args.lr_decay <= 1:
-        raise UsageError(f"--lr-decay must lie in (0, 1], got {args.lr_decay}")
-    if args.out is None:
-        name = folder_path(args.dataset) if args.dataset.startswith("folder:") else args.dataset
-        args.out = os.path.join("runs", "dual_" + name.strip("/").replace("/", "_"))
-    return args
+# ---- device, RNG, run folder, checkpoints ----
 
 
 def resolve_device(name):
@@ -725,8 +768,9 @@ def gather_rng(device, world):
     return states
 
 
-def save_checkpoint(path, cfg, it, models, opts, scheds, seconds, rng_states, data_order=None):
-    ckpt = {"script": "dual_mcmc", "config": cfg, "iteration": it, "seconds": seconds,
+def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, data_order=None):
+    """The run as one dict (config: the flags as a plain dict), written atomically."""
+    ckpt = {"script": "dual_mcmc", "config": dict(vars(args)), "iteration": it, "seconds": seconds,
             "data_order": data_order,
             "models": {k: m.state_dict() for k, m in models.items()},
             "optimizers": {k: o.state_dict() for k, o in opts.items()},
@@ -875,7 +919,7 @@ def load_authors_checkpoint(ckpt, device, path="checkpoint"):
              "--ngf", str(ngf), "--nif", str(nif), "--posterior", "authors"]
     cfg = {**vars(validate(build_parser().parse_args(flags))), "n_c": int(n_c), "net_version": NET_VERSION,
            "source": "authors", "epoch": ckpt.get("epoch")}
-    models = build_models(cfg, device)
+    models = build_models(argparse.Namespace(**cfg), device)
     n_blocks = {"ebm": 5 if size == 64 else 4, "generator": 4 if size == 64 else 3, "encoder": 0}
     for net, model in models.items():
         try:
@@ -888,29 +932,47 @@ def load_authors_checkpoint(ckpt, device, path="checkpoint"):
 
 def load_checkpoint(path, device="cpu"):
     """-> ({"ebm", "generator", "encoder"} -> model in eval mode, config dict). Reads our checkpoints and
-    the authors' released ones (a dict with netG / netE / netI and no "script" key)."""
+    the authors' released ones (a dict with netG / netE / netI and no "script" key). The run's sampling
+    preset: sample(models, n, config["sample_k_x"], config["sample_step_size"], config["x_noise"])."""
     device = torch.device(device)
     raw = _load_file(path, device)
     if is_authors_checkpoint(raw):
         models, cfg = load_authors_checkpoint(raw, device, path)
     else:
         cfg = read_checkpoint(path, device, raw)["config"]
-        models = build_models(cfg, device)
+        models = build_models(argparse.Namespace(**cfg), device)
         for k, m in models.items():
             m.load_state_dict(raw["models"][k])
     for m in models.values():
         m.eval()
-    models["ebm"].sample_defaults = {"k_x": cfg["sample_k_x"], "step_size": cfg["sample_step_size"],
-                                     "noise": cfg["x_noise"]}
     return models, cfg
 
 
-def make_optimizers(cfg, models):
-    betas = (cfg["beta1"], cfg["beta2"])
-    opts = {"ebm": torch.optim.Adam(models["ebm"].parameters(), cfg["lr_e"], betas),
-            "generator": torch.optim.Adam(models["generator"].parameters(), cfg["lr_g"], betas, weight_decay=cfg["wd_g"]),
-            "encoder": torch.optim.Adam(models["encoder"].parameters(), cfg["lr_i"], betas, weight_decay=cfg["wd_i"])}
-    scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, cfg["lr_decay"]) for k, o in opts.items()}
+# ---- models, optimisers, grids, curves, log lines ----
+
+
+def build_models(args, device):
+    """The three nets from the run's flags (args.n_c: image channels)."""
+    n_c, s = args.n_c, args.image_size
+    models = {"ebm": EBM(n_c, args.nef, s, args.arch, args.spectral_norm),
+              "generator": Generator(args.nz, args.ngf, n_c, s, args.arch),
+              "encoder": Encoder(args.nz, args.nif, n_c, s, args.arch)}
+    return {k: m.to(device) for k, m in models.items()}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_optimizers(args, models):
+    """Adam per model (the authors' betas, weight decay on g and q) and an exponential lr decay per epoch."""
+    betas = (args.beta1, args.beta2)
+    opts = {"ebm": torch.optim.Adam(models["ebm"].parameters(), args.lr_e, betas),
+            "generator": torch.optim.Adam(models["generator"].parameters(), args.lr_g, betas,
+                                          weight_decay=args.wd_g),
+            "encoder": torch.optim.Adam(models["encoder"].parameters(), args.lr_i, betas,
+                                        weight_decay=args.wd_i)}
+    scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, args.lr_decay) for k, o in opts.items()}
     return opts, scheds
 
 
@@ -926,20 +988,56 @@ def eval_mode(models):
             m.train(modes[k])
 
 
-def save_grids(models, fixed_x, fixed_z, cfg, out, it):
+
+
+def save_grids(models, fixed_x, fixed_z, args, it):
     """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
     E, G, I = models["ebm"], models["generator"], models["encoder"]
     devices = [fixed_x.device] if fixed_x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), eval_mode(models), torch.no_grad():
-        torch.manual_seed(cfg["seed"] + 1)
+        torch.manual_seed(args.seed + 1)
         mu, _ = I(fixed_x)
-        z_t = langevin_z(G, fixed_x, mu, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"],
-                         cfg["posterior"])
+        z_t = langevin_z(G, fixed_x, mu, args.k_z, args.z_step_size, args.z_noise, args.sigma_g, args.posterior)
         x0 = G(fixed_z)
         grids = {"recon": G(mu), "posterior": G(z_t), "gen": x0,
-                 "ebm": langevin_x(E, x0, cfg["k_x"], cfg["x_step_size"], cfg["x_noise"])}
+                 "ebm": langevin_x(E, x0, args.k_x, args.x_step_size, args.x_noise)}
     for name, img in grids.items():
-        save_grid(img, os.path.join(out, f"{name}_{it:06d}.png"))
+        save_grid(img, os.path.join(args.out, f"{name}_{it:06d}.png"))
+
+
+def plot_curves(log_path, png_path):
+    """The log's signals against iteration: the three losses (g's with its two terms), f(data) and f(x~),
+    the reconstruction MSE ||x - g(z~)||^2 per pixel, lr. matplotlib is optional (a copied script needs
+    torch and torchvision only): without it, one line says so and False is returned."""
+    try:
+        from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
+    except ImportError:
+        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return False
+    rows = []
+    if os.path.exists(log_path):
+        with open(log_path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    get = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in rows]
+    its = get("iteration")
+    fig = Figure(figsize=(20, 3.5), layout="constrained")
+    panels = [("loss f (EBM)", ("loss_ebm", "-(f(x) - f(x~)) / T")),
+              ("loss g", ("loss_gen", "weighted sum"), ("loss_recon", "data term"),
+               ("loss_sample", "x~ term (unweighted)")),
+              ("loss q", ("loss_inf", "-log q(z~|x) - w log q(z|x~)")),
+              ("f", ("f_data", "f(data)"), ("f_sample", "f(x~)")),
+              ("reconstruction", ("mse_recon", "MSE x vs g(z~)")),
+              ("lr", ("lr", "lr of f (g, q decay alike)"))]
+    for ax, (title, *lines) in zip(fig.subplots(1, len(panels)), panels):
+        for key, label in lines:
+            ax.plot(its, get(key), label=label)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    tmp = f"{png_path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=80)
+    os.replace(tmp, png_path)
+    return True
 
 
 def fmt_time(s):
@@ -947,15 +1045,20 @@ def fmt_time(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def write_log(log_file, cfg, done, losses, opts, seconds, rate):
+
+
+def write_log(log_file, args, done, losses, opts, seconds, rate):
     """One log.jsonl line and one progress line (.item() only here and in the divergence guard)."""
     row = {"iteration": done, **{k: v.item() for k, v in losses.items()},
            "lr": opts["ebm"].param_groups[0]["lr"], "seconds": seconds}
     log_file.write(json.dumps(row) + "\n")
     log_file.flush()
-    print(f"it {done}/{cfg['iters']} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} I {row['loss_inf']:.4g} | "
+    print(f"it {done}/{args.iters} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} I {row['loss_inf']:.4g} | "
           f"f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | mse {row['mse_recon']:.4f} | "
-          f"{rate:.3g} s/it | ETA {fmt_time(rate * (cfg['iters'] - done))}", file=sys.stderr)
+          f"{rate:.3g} s/it | ETA {fmt_time(rate * (args.iters - done))}", file=sys.stderr)
+
+
+# ---- multi-process and Ctrl-C ----
 
 
 def allreduce_grads(models, world):
@@ -1008,98 +1111,119 @@ class StopFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-# ---- training ----
+# ---- training: one step, the loop, the benchmark ----
 
 
-def train(cfg, models, opts, scheds, data, device, out=None, start_it=0, seconds0=0.0, rank=0, world=1,
-          order=None):
-    """Algorithm 1 of the paper. Returns (exit code, seconds per iteration after the first)."""
-    order = order or DataOrder(len(data), cfg["batch_size"], cfg["seed"], rank, world, cfg["data_order"])
-    E, G, I = models["ebm"], models["generator"], models["encoder"]
-    m, nz = cfg["batch_size"], cfg["nz"]
-    T = cfg["x_noise"] ** 2 / (2 * cfg["x_step_size"]) if cfg["x_noise"] > 0 and cfg["x_step_size"] > 0 else 1.0
-    iters_per_epoch = max(1, cfg["n_data_used"] // (m * world))
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"] == "bf16")
-    writer = out is not None and rank == 0
+def autocast_for(args, device):
+    """A context factory: bf16 autocast with --amp bf16, else a no-op."""
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
+
+
+def step_losses(args, models, x, amp):
+    """dual_losses on the batch x with the run's flags and a fresh prior draw z (m, nz) ~ p(z)."""
+    z = torch.randn(x.shape[0], args.nz, device=x.device)                  # (m, nz)
+    return dual_losses(models["ebm"], models["generator"], models["encoder"], x, z, args.k_x,
+                       args.x_step_size, args.x_noise, args.k_z, args.z_step_size, args.z_noise, args.sigma_g,
+                       args.w_recon, args.w_sample, args.w_inf_data, args.w_inf_sample, args.posterior,
+                       no_inference=args.no_inference, gen_only_init=args.gen_only_init, autocast=amp)
+
+
+def update(models, opts, losses, world):
+    """One backward of the summed losses (disjoint parameters), gradients averaged over ranks, one step each."""
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
+    loss_e, loss_g, loss_i = losses
+    (loss_e + loss_g + loss_i).backward()
+    if world > 1:
+        allreduce_grads(models, world)
+    for o in opts.values():
+        o.step()
+
+
+def report_divergence(args, it, gap, losses):
+    """The divergence guard's one line (authors' guard: |f(x) - f(x~)| > 1e4 or a NaN loss)."""
+    loss_e, loss_g, loss_i = (v.item() for v in losses)
+    print(f"{PROG}: diverged at iteration {it + 1}: f(x) - f(x~) = {gap.item():.3g}, losses E {loss_e:.3g} "
+          f"G {loss_g:.3g} I {loss_i:.3g}; last good checkpoint kept in {args.out}; "
+          f"lower --lr-e or --x-step-size", file=sys.stderr)
+
+
+def train(args, models, opts, scheds, data, device, start_it=0, seconds0=0.0, rank=0, world=1, order=None):
+    """Algorithm 1 of the paper, then three gated side jobs (log, grids + curves, checkpoint).
+    Returns the exit code: 0 done, 130 stopped by Ctrl-C (last.pt written), 3 diverged."""
+    order = order or DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
+    iters_per_epoch = max(1, args.n_data_used // (args.batch_size * world))
+    amp, writer, curves = autocast_for(args, device), rank == 0, True
     if writer:  # fixed grid inputs: first 64 images, z from its own generator
         fixed_x = to_pixels(data[:64].to(device))
-        fixed_z = torch.randn(64, nz, generator=torch.Generator().manual_seed(cfg["seed"])).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t_start, t_first = time.time(), None
+        fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    t_start = time.time()
     with StopFlag() as stop, contextlib.ExitStack() as files:
-        log_file = files.enter_context(open(os.path.join(out, "log.jsonl"), "a")) if writer else None
-        for it in range(start_it, cfg["iters"]):
-            x = get_batch(data, order, device, cfg["hflip"])                  # (m, n_c, S, S)
-            z = torch.randn(m, nz, device=device)                             # (m, nz) ~ p(z)
-            with amp:
-                # 1. MCMC sampling: generator proposes x0, k_x Langevin steps on f revise it to x~
-                x0 = G(z).float()                                              # graph kept for step 4
-                x_t = langevin_x(E, x0, cfg["k_x"], cfg["x_step_size"], cfg["x_noise"])
-                # 2. MCMC inference: q proposes z^, k_z Langevin steps on log p(z|x) revise it to z~
-                mu, logvar = (t.float() for t in I(x))                        # (m, nz) each
-                z_hat = torch.randn_like(mu) if cfg["no_inference"] else mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-                z_t = langevin_z(G, x, z_hat, cfg["k_z"], cfg["z_step_size"], cfg["z_noise"], cfg["sigma_g"],
-                                 cfg["posterior"])
-                # 3. EBM: maximum likelihood, data up and x~ down (divided by the chain temperature T)
-                f_data, f_samp = E(x).float().mean(), E(x_t).float().mean()
-                loss_e = -(f_data - f_samp) / T
-                # 4. generator: -log p(x, z~) (data through inferred z~) - log p(x~, z) (EBM teaches x0 -> x~)
-                rec = G(z_t).float()                                           # (m, n_c, S, S)
-                loss_rec = (x - rec).flatten(1).pow(2).sum(1).mean() / (2 * cfg["sigma_g"] ** 2)
-                loss_samp = (x_t - x0).flatten(1).pow(2).sum(1).mean() / (2 * cfg["sigma_g"] ** 2)
-                loss_g = (0.0 if cfg["gen_only_init"] else cfg["w_recon"]) * loss_rec + cfg["w_sample"] * loss_samp
-                # 5. inference model: -log q(z~|x) - log q(z|x~) (q learns where both chains end)
-                if cfg["no_inference"]:
-                    loss_i = torch.zeros((), device=device)
-                else:
-                    mu_t, logvar_t = (t.float() for t in I(x_t))
-                    loss_i = (cfg["w_inf_data"] * neg_log_q(z_t, mu, logvar).mean()
-                              + cfg["w_inf_sample"] * neg_log_q(z, mu_t, logvar_t).mean())
-            # divergence guard (authors: |gap| > 1e4 or NaN), checked before any parameter moves
-            gap = (f_data - f_samp).detach()
-            bad = ~torch.isfinite(torch.stack([loss_e, loss_g, loss_i]).detach()).all() | (gap.abs() > cfg["gap_limit"])
+        log_file = files.enter_context(open(os.path.join(args.out, "log.jsonl"), "a")) if writer else None
+        for it in range(start_it, args.iters):
+            x = get_batch(data, order, device, args.hflip)                     # (m, n_c, S, S)
+            loss_e, loss_g, loss_i, out = step_losses(args, models, x, amp)    # the five steps
+            # checked before any parameter moves; every rank stops on the same iteration
+            losses = (loss_e, loss_g, loss_i)
+            gap = out["f_data"] - out["f_sample"]
+            bad = ~torch.isfinite(torch.stack(losses).detach()).all() | (gap.abs() > args.gap_limit)
             bad, stopping = any_rank(torch.stack([bad, torch.tensor(stop.requested, device=device)]), world)
             if bad:
                 if rank == 0:
-                    print(f"{PROG}: diverged at iteration {it + 1}: f(x) - f(x~) = {gap.item():.3g}, losses E {loss_e.item():.3g} "
-                          f"G {loss_g.item():.3g} I {loss_i.item():.3g}; last good checkpoint kept"
-                          f"{' in ' + out if out else ''}; lower --lr-e or --x-step-size", file=sys.stderr)
-                return 3, None
-            # the three losses touch disjoint parameters (x~, z~ are detached): one backward serves all
-            for o in opts.values():
-                o.zero_grad(set_to_none=True)
-            (loss_e + loss_g + loss_i).backward()
-            if world > 1:
-                allreduce_grads(models, world)
-            for o in opts.values():
-                o.step()
+                    report_divergence(args, it, gap, losses)
+                return 3
+            update(models, opts, losses, world)
             if (it + 1) % iters_per_epoch == 0:
                 for s in scheds.values():
                     s.step()
-            if it == start_it:
-                sync()
-                t_first = time.time()
             done = it + 1
             # side jobs: log, plot, checkpoint (plots use their own RNG: the trajectory never depends on them)
-            if writer and (done % cfg["log_every"] == 0 or done == cfg["iters"]):
-                losses = dict(loss_ebm=loss_e, loss_gen=loss_g, loss_inf=loss_i, loss_recon=loss_rec, loss_sample=loss_samp,
-                              f_data=f_data, f_sample=f_samp, mse_recon=F.mse_loss(rec.detach(), x))
-                write_log(log_file, cfg, done, losses, opts, seconds0 + time.time() - t_start, (time.time() - t_start) / (done - start_it))
-            if writer and ((cfg["plot_every"] and done % cfg["plot_every"] == 0) or done == cfg["iters"]):
-                save_grids(models, fixed_x, fixed_z, cfg, out, done)
-            if out is not None and ((cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0) or done == cfg["iters"] or stopping):
+            if writer and (done % args.log_every == 0 or done == args.iters):
+                row = dict(loss_ebm=loss_e, loss_gen=loss_g, loss_inf=loss_i, loss_recon=out["loss_recon"],
+                           loss_sample=out["loss_sample"], f_data=out["f_data"], f_sample=out["f_sample"],
+                           mse_recon=out["mse_recon"])
+                elapsed = time.time() - t_start
+                write_log(log_file, args, done, row, opts, seconds0 + elapsed, elapsed / (done - start_it))
+            if writer and ((args.plot_every and done % args.plot_every == 0) or done == args.iters):
+                save_grids(models, fixed_x, fixed_z, args, done)
+                curves = curves and plot_curves(log_file.name, os.path.join(args.out, "curves.png"))
+            last = done == args.iters
+            if (args.ckpt_every and done % args.ckpt_every == 0) or last or stopping:
                 states = gather_rng(device, world)  # collective: every rank takes part
                 if writer:
-                    for name in ("last.pt", "final.pt") if done == cfg["iters"] else ("last.pt",):
-                        save_checkpoint(os.path.join(out, name), cfg, done, models, opts, scheds,
+                    for name in ("last.pt", "final.pt") if last else ("last.pt",):
+                        save_checkpoint(os.path.join(args.out, name), args, done, models, opts, scheds,
                                         seconds0 + time.time() - t_start, states, order.state_dict())
-            if stopping and done < cfg["iters"]:
+            if stopping and not last:
                 if writer:
-                    print(f"{PROG}: stopped at iteration {done}; continue with: python {PROG} --out {out} --resume", file=sys.stderr)
-                return 130, None
-    sync()
-    n_timed = cfg["iters"] - start_it - 1
-    return 0, ((time.time() - t_first) / n_timed if n_timed > 0 else None)
+                    print(f"{PROG}: stopped at iteration {done}; continue with: python {PROG} --out {args.out} "
+                          f"--resume", file=sys.stderr)
+                return 130
+    return 0
+
+
+def benchmark(args, data, device, rank, world):
+    """Time args.benchmark training steps (batch, the five steps, backward, all-reduce, optimiser steps) on
+    random images of the configured shape; median of the timed steps after two untimed warm-ups, as
+    shortrun_ebm.py's --benchmark. Writes nothing; images*steps counts both chains (m (k_x + k_z))."""
+    models = build_models(args, device)
+    opts, _ = make_optimizers(args, models)
+    order = DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
+    amp = autocast_for(args, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(args.seed + rank)
+    times = []
+    for _ in range(args.benchmark + 2):
+        t0 = time.perf_counter()
+        loss_e, loss_g, loss_i, _ = step_losses(args, models, get_batch(data, order, device, args.hflip), amp)
+        update(models, opts, (loss_e, loss_g, loss_i), world)
+        sync()
+        times.append(time.perf_counter() - t0)
+    per_iter = sorted(times[2:])[len(times[2:]) // 2]
+    if rank == 0:
+        print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * (args.k_x + args.k_z) / per_iter:.0f} "
+              f"images*steps/s")
+    return 0
 
 
 # ---- main ----
@@ -1165,10 +1289,8 @@ def load_data_once(args, device, rank, world):
     if any_rank(torch.tensor([err is not None], device=device), world)[0]:
         raise err or UsageError("rank 0 could not load the data")
     return data if rank == 0 else load_data(args)
-
-
 def run(args, ckpt, device, rank, world, argv):
-    """Load data, build (or restore) the three models, write config.json, train."""
+    """Load data, build (or restore) the three models, write config.json, train (or --benchmark)."""
     try:
         data = load_data_once(args, device, rank, world)
     except UsageError as e:
@@ -1182,22 +1304,18 @@ def run(args, ckpt, device, rank, world, argv):
                   f"or pass --data-order replacement", file=sys.stderr)
         return 2
     data = place_data(data, device)
-    cfg = {**vars(args), "n_c": int(data.shape[1]), "n_data_used": int(len(data)), "argv": argv,
-           "world_size": world, "net_version": NET_VERSION, **_versions()}
+    # what config.json and checkpoints record beside the flags
+    vars(args).update(n_c=int(data.shape[1]), n_data_used=int(len(data)), argv=argv, world_size=world,
+                      net_version=NET_VERSION, **_versions())
     seed_everything(args.seed)  # same initial weights on every rank
-    models = build_models(cfg, device)
-    for mdl in models.values():
-        mdl.train()
-    opts, scheds = make_optimizers(cfg, models)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.benchmark:
-        cfg.update(iters=args.benchmark + 1)
-        torch.manual_seed(args.seed + rank)
-        rc, spi = train(cfg, models, opts, scheds, data, device, None, rank=rank, world=world)
-        if rank == 0 and spi is not None:
-            print(f"benchmark: {spi:.4g} s/iter, {args.batch_size * (args.k_x + args.k_z) / spi:.4g} images*steps/s")
-        return rc
+        return benchmark(args, data, device, rank, world)
+    models = build_models(args, device)
+    for mdl in models.values():
+        mdl.train()
+    opts, scheds = make_optimizers(args, models)
     start_it, seconds0 = 0, 0.0
     order = DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
     restart = ckpt is not None and "models" not in ckpt  # stopped before its first last.pt: begin again
@@ -1220,15 +1338,15 @@ def run(args, ckpt, device, rank, world, argv):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None:
-            write_json_atomic(os.path.join(args.out, "config.json"), cfg)
+            write_json_atomic(os.path.join(args.out, "config.json"), vars(args))
             save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
         if ckpt is not None or restart:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
               f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; {len(data)} images; "
-              f"{device}, world {world}; {'resuming at ' + str(start_it) + ', ' if ckpt else ''}writing {args.out}", file=sys.stderr)
-    rc, _ = train(cfg, models, opts, scheds, data, device, args.out, start_it, seconds0, rank, world, order)
-    return rc
+              f"{device}, world {world}; {'resuming at ' + str(start_it) + ', ' if ckpt else ''}"
+              f"writing {args.out}", file=sys.stderr)
+    return train(args, models, opts, scheds, data, device, start_it, seconds0, rank, world, order)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for dual_mcmc.py: CPU, tiny widths, images made here. Default run stays well under 2 minutes."""
 
+import argparse
 import copy
 import json
 import os
@@ -52,7 +53,7 @@ def run(images, out, *extra):
 def fresh_models(cfg):
     """The models as main() initialises them (same seed, same construction order)."""
     dm.seed_everything(cfg["seed"])
-    return dm.build_models(cfg, torch.device("cpu"))
+    return dm.build_models(argparse.Namespace(**cfg), torch.device("cpu"))
 
 
 def load_images(images):
@@ -182,6 +183,53 @@ def test_chains_leave_batchnorm_statistics_untouched():
     assert G.training and all(m.momentum == 0.1 for m in G.modules() if isinstance(m, nn.BatchNorm2d))
     G(torch.randn(8, 8))  # an ordinary train-mode pass still updates them
     assert not torch.equal(before["body.1.running_mean"], G.state_dict()["body.1.running_mean"])
+
+
+# ---- the method block ----
+
+
+def _method_block():
+    """The text between the '# ---- method' and '# ---- harness' banners of dual_mcmc.py."""
+    text = open(os.path.join(ROOT, "dual_mcmc.py")).read()
+    start = text.index("\n# ---- method") + 1
+    return text[start:text.index("\n# ---- harness", start) + 1]
+
+
+@pytest.mark.parametrize("arch", ["simple", "resnet"])
+def test_method_block_runs_alone_with_torch(tmp_path, arch):
+    header = "import math\nimport contextlib\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+    path = tmp_path / "method.py"
+    path.write_text(header + "\n" + _method_block())
+    ns = {"__name__": "method"}
+    exec(compile(path.read_text(), str(path), "exec"), ns)
+    assert {"EBM", "Generator", "Encoder", "langevin_x", "langevin_z", "dual_losses", "sample"} <= set(ns)
+    assert not {"argparse", "os", "sys", "np", "dist", "torchvision", "json"} & set(ns)
+    torch.manual_seed(0)
+    E, G, I = ns["EBM"](3, 8, 32, arch), ns["Generator"](8, 8, 3, 32, arch), ns["Encoder"](8, 8, 3, 32, arch)
+    x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
+    loss_e, loss_g, loss_i, out = ns["dual_losses"](E, G, I, x, z, k_x=2, k_z=2)
+    assert all(v.shape == () and torch.isfinite(v) for v in (loss_e, loss_g, loss_i))
+    assert out["x0"].shape == out["x_tilde"].shape == x.shape and out["z_tilde"].shape == z.shape
+    assert not any(v.requires_grad for v in out.values())
+    T = 1e-3 ** 2 / (2 * 0.125)  # the x-chain's temperature at the default step and noise
+    assert torch.allclose(loss_e, -(out["f_data"] - out["f_sample"]) / T, rtol=1e-5)
+    assert torch.allclose(loss_g, out["loss_recon"] + 50 * out["loss_sample"], rtol=1e-5)
+    (loss_e + loss_g + loss_i).backward()
+    for name, m in (("f", E), ("g", G), ("q", I)):
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters()), name
+        assert any(p.grad.abs().sum() > 0 for p in m.parameters()), name
+    # plug-ins: an identity x-chain leaves x~ = x0; without inference q gets no loss
+    _, _, loss_i, out = ns["dual_losses"](E, G, I, x, z, k_x=2, k_z=2, no_inference=True,
+                                          chain_x=lambda f, x0, K, s, n: x0.detach())
+    assert torch.equal(out["x_tilde"], out["x0"]) and loss_i.item() == 0 and not loss_i.requires_grad
+
+
+def test_training_runs_the_method_blocks_dual_losses(images, tmp_path, monkeypatch):
+    calls = []
+    losses = dm.dual_losses
+    monkeypatch.setattr(dm, "dual_losses", lambda *a, **k: calls.append(k) or losses(*a, **k))
+    assert run(images, tmp_path, "--iters", "2") == 0
+    assert len(calls) == 2 and calls[0]["autocast"] is not None
 
 
 # ---- training ----
@@ -516,13 +564,22 @@ def test_load_checkpoint_reads_the_authors_released_format(tmp_path, size):
         dm.load_checkpoint(str(tmp_path / "broken.pth"))
 
 
-def test_sample_after_load_checkpoint(images, tmp_path):
+def test_sample_after_load_checkpoint(images, tmp_path, monkeypatch):
     assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
     models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
     assert set(models) == {"ebm", "generator", "encoder"} and cfg["nz"] == 8
-    assert models["ebm"].sample_defaults == {"k_x": 3, "step_size": 0.08, "noise": 1e-3}
+    # the run's sampling preset lives in the config (no attribute attached to the EBM any more)
+    assert (cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"]) == (3, 0.08, 1e-3)
+    assert not hasattr(models["ebm"], "sample_defaults")
+    chains = []
+    chain = dm.langevin_x
+    monkeypatch.setattr(dm, "langevin_x", lambda *a: chains.append(a[2:]) or chain(*a))
+    dm.sample(models, 2)
+    dm.sample(models, 2, cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"])
+    assert chains == [(70, 0.08, 1e-3), (3, 0.08, 1e-3)]  # None: the authors' test preset
+    monkeypatch.undo()
     bn_before = {k: v.clone() for k, v in models["generator"].state_dict().items()}
-    x0, xt = dm.sample(models, 5)
+    x0, xt = dm.sample(models, 5, cfg["sample_k_x"])
     assert x0.shape == xt.shape == (5, 3, 32, 32)
     assert not torch.equal(x0, xt) and torch.isfinite(xt).all()
     assert not any(m.training for m in models.values())
