@@ -154,7 +154,7 @@ def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=N
     return x_q, f_data.detach(), f_q.detach()
 
 
-# ---- harness: data, run folder, checkpoints, training loop, CLI ----
+# ---- harness: the parser (paper defaults), data, run folder, checkpoints, training loop, main ----
 
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
 CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
@@ -807,6 +807,8 @@ def gather_rng(world):
         torch.distributed.all_gather_object(states, get_rng_state())
     return states
 
+
+# ---- benchmark ----
 
 def conv_flops(f, n_c, im_sz):
     """FLOPs of one forward of f on one image, convolutions only: 2 x the MACs, with each conv
