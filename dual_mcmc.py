@@ -37,8 +37,9 @@ Paper vs. authors' code (where they differ, and what this file does):
     z-chain passes do, which leaves eval-mode samples off-colour.
 
 Run folder (--out): config.json, log.jsonl, data.png, {recon,posterior,gen,ebm}_{iteration:06d}.png
-(g(mu(x)), g(z~), x0 = g(z), x~ on a fixed batch / fixed z), last.pt (every --ckpt-every, atomic),
-final.pt. Ctrl-C finishes the iteration, writes last.pt and exits 130; --resume then continues
+(g(mu(x)), g(z~), x0 = g(z), x~ on a fixed batch / fixed z) and curves.png (losses, f(x) and f(x~),
+reconstruction MSE, lr; needs matplotlib, else skipped) every --plot-every, last.pt (every --ckpt-every,
+atomic), final.pt. Ctrl-C finishes the iteration, writes last.pt and exits 130; --resume then continues
 bit-exactly (per-rank RNG streams included). Exit 3: the divergence guard stopped the run.
 Multi-GPU: gradients are all-reduced after the single backward (no DDP wrapper); each rank keeps
 its own BatchNorm running statistics and rank 0's are saved.
@@ -47,8 +48,8 @@ Flag names other scripts read (evaluate.py): --arch {resnet,simple}, --nz, --nef
 --k-x, --k-z, --x-step-size, --x-noise, --z-step-size, --z-noise, --sigma-g, --sample-k-x,
 --sample-step-size, --posterior (config.json keys: the same with underscores: k_x, k_z, x_step_size,
 x_noise, z_step_size, z_noise, sigma_g, nz, nef, ngf, nif, arch, sample_k_x, sample_step_size,
-posterior, n_c, image_size). Importable: EBM, Generator, Encoder, langevin_x, langevin_z, sample,
-load_checkpoint(path, device) -> ({"ebm", "generator", "encoder"} -> model, config) (also reads the
+posterior, n_c, image_size). Importable: EBM, Generator, Encoder, langevin_x, langevin_z, dual_losses,
+sample, load_checkpoint(path, device) -> ({"ebm", "generator", "encoder"} -> model, config) (also reads the
 authors' released netG / netE / netI checkpoints), main.
 
 Run recipes
@@ -69,11 +70,17 @@ Run recipes
       the generator learns only from x~), --k-x N, --k-z N
   multi-GPU (data parallel; gloo on CPU, nccl on CUDA):
       torchrun --nproc_per_node=4 dual_mcmc.py --dataset cifar10
-  benchmark (writes nothing; last line "benchmark: S s/iter, R images*steps/s"):
+  benchmark (median of N timed steps after 2 warm-ups; writes nothing; last line
+  "benchmark: S s/iter, R images*steps/s" with images*steps = batch x (k_x + k_z)):
       python dual_mcmc.py --benchmark 20
   sampling after training:
       models, cfg = load_checkpoint("runs/dual_cifar10/final.pt", "cuda")
       x0, x_tilde = sample(models, 64)         # 70 x-steps with s = 0.4, as the authors test
+      x0, x_tilde = sample(models, 64, cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"])
+  the method in your own code: copy the block between "# ---- method" and "# ---- harness" (torch
+  only); one training iteration is
+      loss_e, loss_g, loss_i, out = dual_losses(f, g, q, x, torch.randn(len(x), nz))
+      (loss_e + loss_g + loss_i).backward()    # then step the three optimisers
 """
 
 import argparse
@@ -236,7 +243,6 @@ class Encoder(nn.Module):
         return self.mu(h).flatten(1), self.logvar(h).flatten(1)  # (B, nz), (B, nz)
 
 
-
 @contextlib.contextmanager
 def _bn_stats_frozen(module):
     """Keep BatchNorm running statistics fixed during chain passes, but keep train-mode behaviour.
@@ -397,10 +403,14 @@ def build_parser(suppress_defaults=False):
     p = _Parser(prog=PROG, description="Dual-MCMC teaching (Cui & Han, NeurIPS 2023).")
     a = p.add_argument
     # data
-    a("--dataset", default="cifar10", help="cifar10 | celeba | lsun_bedroom | mnist | fashion_mnist | svhn | folder:PATH (paper: cifar10, celeba 64px)")
+    a("--dataset", default="cifar10",
+      help="cifar10 | celeba | lsun_bedroom | mnist | fashion_mnist | svhn | folder:PATH (paper: cifar10, "
+           "celeba 64px)")
     a("--data-root", default="./data", help="where torchvision data sets live / are downloaded")
-    a("--download", action=argparse.BooleanOptionalAction, default=True, help="download the data set if missing")
-    a("--n-data", type=int, default=0, help="use the first N training images (0 = all; paper: all 50k CIFAR-10)")
+    a("--download", action=argparse.BooleanOptionalAction, default=True,
+      help="download the data set if missing")
+    a("--n-data", type=int, default=0,
+      help="use the first N training images (0 = all; paper: all 50k CIFAR-10)")
     a("--image-size", type=int, default=None,
       help="32 or 64 px (default: celeba 64, else 32; paper: 32 CIFAR-10, 64 CelebA)")
     a("--celeba-crop", action=argparse.BooleanOptionalAction, default=None,
@@ -414,31 +424,41 @@ def build_parser(suppress_defaults=False):
       help="epochs: shuffled epochs without replacement, as the authors' DataLoader; "
            "replacement: uniform draws (runs written before this flag)")
     # models
-    a("--arch", default="resnet", choices=("resnet", "simple"), help="resnet: paper's main nets (authors' code); simple: Appendix A.1 DCGAN-style nets")
-    a("--nz", type=int, default=128, help="latent size (paper 128); smaller trains faster, reconstructs worse")
+    a("--arch", default="resnet", choices=("resnet", "simple"),
+      help="resnet: paper's main nets (authors' code); simple: Appendix A.1 DCGAN-style nets")
+    a("--nz", type=int, default=128,
+      help="latent size (paper 128); smaller trains faster, reconstructs worse")
     a("--nef", type=int, default=None,
       help="EBM width (resnet 512, celeba 1024; simple 64); resnet at 64 px runs nef/16 .. nef")
     a("--ngf", type=int, default=None,
       help="generator width (resnet 512, celeba 1024; simple 64); resnet at 64 px runs ngf .. ngf/16")
     a("--nif", type=int, default=None, help="inference-model width (resnet 128; simple 64)")
-    a("--spectral-norm", action=argparse.BooleanOptionalAction, default=True, help="spectral norm on every EBM layer (authors: on); off lets f grow sharper and diverge sooner")
+    a("--spectral-norm", action=argparse.BooleanOptionalAction, default=True,
+      help="spectral norm on every EBM layer (authors: on); off lets f grow sharper and diverge sooner")
     # MCMC
-    a("--k-x", dest="k_x", type=int, default=30, help="x-Langevin steps on f from x0 = g(z) (paper 30); more steps revise g's samples further")
+    a("--k-x", dest="k_x", type=int, default=30,
+      help="x-Langevin steps on f from x0 = g(z) (paper 30); more steps revise g's samples further")
     a("--k-z", dest="k_z", type=int, default=10, help="z-Langevin steps on log p(z|x) from z^ ~ q (paper 10)")
     a("--x-step-size", type=float, default=None,
       help="x-chain step on grad f: s^2/2 with s = 0.5 -> 0.125 (celeba s = 0.3 -> 0.045); "
            "lower if f(x~) explodes")
-    a("--x-noise", type=float, default=1e-3, help="x-chain noise std n (paper 1e-3); the EBM loss is divided by T = n^2 / (2 step)")
-    a("--z-step-size", type=float, default=0.005, help="z-chain step on grad log p(z|x): s^2/2 with s = 0.1 (paper)")
+    a("--x-noise", type=float, default=1e-3,
+      help="x-chain noise std n (paper 1e-3); the EBM loss is divided by T = n^2 / (2 step)")
+    a("--z-step-size", type=float, default=0.005,
+      help="z-chain step on grad log p(z|x): s^2/2 with s = 0.1 (paper)")
     a("--z-noise", type=float, default=0.1, help="z-chain noise std (paper 0.1)")
-    a("--sigma-g", dest="sigma_g", type=float, default=0.3, help="generator noise std sigma_g in p(x|z) (paper 0.3); smaller weights reconstruction more")
+    a("--sigma-g", dest="sigma_g", type=float, default=0.3,
+      help="generator noise std sigma_g in p(x|z) (paper 0.3); smaller weights reconstruction more")
     a("--posterior", default="paper", choices=("paper", "authors"),
       help="z-chain target: paper: -||x - g(z)||^2 / (2 sigma_g^2) - ||z||^2 / 2; authors: their code's "
            "||x - g(z)||^2 / sigma_g^2 (likelihood drift doubled; behind the paper's Table 3 numbers)")
-    a("--sample-k-x", type=int, default=70, help="x-steps used by sample() after training (authors' test preset 70)")
-    a("--sample-step-size", type=float, default=0.08, help="x-step used by sample(): s^2/2 with s = 0.4 (authors' test preset)")
+    a("--sample-k-x", type=int, default=70,
+      help="x-steps used by sample() after training (authors' test preset 70)")
+    a("--sample-step-size", type=float, default=0.08,
+      help="x-step used by sample(): s^2/2 with s = 0.4 (authors' test preset)")
     # losses and optimisation
-    a("--w-recon", type=float, default=1.0, help="generator weight of the data term ||x - g(z~)||^2 / (2 sigma_g^2) (paper 1)")
+    a("--w-recon", type=float, default=1.0,
+      help="generator weight of the data term ||x - g(z~)||^2 / (2 sigma_g^2) (paper 1)")
     a("--w-sample", type=float, default=None,
       help="generator weight of the EBM term ||x~ - g(z)||^2 / (2 sigma_g^2) (authors 50; celeba 70)")
     a("--w-inf-data", type=float, default=1.0, help="inference weight of -log q(z~|x) (paper 1)")
@@ -451,11 +471,14 @@ def build_parser(suppress_defaults=False):
     a("--beta2", type=float, default=0.9, help="Adam beta2 for all three models (authors 0.9)")
     a("--wd-g", type=float, default=5e-4, help="generator weight decay (authors 5e-4)")
     a("--wd-i", type=float, default=5e-4, help="inference-model weight decay (authors 5e-4)")
-    a("--lr-decay", type=float, default=0.998, help="exponential lr decay per epoch = n_data/batch iterations (authors 0.998)")
+    a("--lr-decay", type=float, default=0.998,
+      help="exponential lr decay per epoch = n_data/batch iterations (authors 0.998)")
     a("--gap-limit", type=float, default=1e4, help="stop when |f(x) - f(x~)| exceeds this (authors 1e4)")
     # ablations
-    a("--no-inference", action="store_true", help="ablation: start the z-chain from N(0, I) instead of q(z|x); q is not trained")
-    a("--gen-only-init", action="store_true", help="ablation (cooperative learning): the generator learns only from x~, not from data")
+    a("--no-inference", action="store_true",
+      help="ablation: start the z-chain from N(0, I) instead of q(z|x); q is not trained")
+    a("--gen-only-init", action="store_true",
+      help="ablation (cooperative learning): the generator learns only from x~, not from data")
     # run
     a("--iters", type=int, default=None,
       help="training iterations (default 150,000 = ~300 epochs of CIFAR-10 at batch 100; "
@@ -467,10 +490,12 @@ def build_parser(suppress_defaults=False):
     a("--log-every", type=int, default=100, help="iterations between log.jsonl lines and progress lines")
     a("--plot-every", type=int, default=1000, help="iterations between sample grids (0 = only at the end)")
     a("--ckpt-every", type=int, default=1000, help="iterations between last.pt writes (0 = only at the end)")
-    a("--amp", default="off", choices=("off", "bf16"), help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
+    a("--amp", default="off", choices=("off", "bf16"),
+      help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
     a("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
       help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
-    a("--benchmark", type=int, default=0, metavar="N", help="time N iterations on random data, print s/iter, write nothing")
+    a("--benchmark", type=int, default=0, metavar="N",
+      help="time N iterations on random data, print s/iter, write nothing")
     a("--print-config", action="store_true",
       help="print the resolved configuration (with --resume: the run's own) as JSON and exit; "
            "reads no data, writes nothing")
@@ -517,7 +542,8 @@ def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
 def validate(args):
     """Check every flag before anything is loaded or written; fill the data-set and arch defaults."""
     if not (args.dataset in DATASETS or args.dataset.startswith("folder:")):
-        raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} or folder:PATH)")
+        raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} "
+                         f"or folder:PATH)")
     n_images = CELEBA_N_TRAIN
     if args.dataset.startswith("folder:"):
         path = folder_path(args.dataset)
@@ -531,7 +557,8 @@ def validate(args):
                          f"not {args.dataset}; drop it")
     resolve_defaults(args, n_images)
     if args.image_size not in (32, 64):
-        raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} (use 32 or 64)")
+        raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} "
+                         f"(use 32 or 64)")
     if args.arch == "resnet" and args.image_size == 64:
         for name in ("nef", "ngf"):
             if getattr(args, name) < 16:
@@ -546,8 +573,8 @@ def validate(args):
     for name in ("sigma_g", "lr_e", "lr_g", "lr_i", "gap_limit"):
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_recon", "w_sample",
-                 "w_inf_data", "w_inf_sample", "wd_g", "wd_i"):
+    for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_recon",
+                 "w_sample", "w_inf_data", "w_inf_sample", "wd_g", "wd_i"):
         v = getattr(args, name)
         if not (v >= 0 and math.isfinite(v)):
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -614,7 +641,9 @@ def _torchvision_set(name, root, size, download, celeba_crop=False):
         return D.SVHN(root, split="train", transform=tf, download=download)
     except Exception as e:  # torchvision raises RuntimeError / OSError / ImportError here
         hint = "" if download else "; pass --download or put the files there"
-        raise UsageError(f"cannot load {name}: expected {os.path.join(root, where)} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){hint}")
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UsageError(f"cannot load {name}: expected {os.path.join(root, where)} "
+                         f"({type(e).__name__}: {first}){hint}")
 
 
 class _Folder(torch.utils.data.Dataset):
@@ -746,7 +775,8 @@ def rng_state(device):
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                      float(np_state[4])],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
 
 
@@ -799,11 +829,12 @@ def merge_resume_args(ckpt, given, out):
     saved = {k: v for k, v in ckpt["config"].items() if k in vars(build_parser().parse_args([]))}
     for key, value in given.items():
         if key not in RESUME_OVERRIDES and saved.get(key) != value:
-            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has {saved.get(key)!r}); "
-                             f"drop it, or start a new run in another --out")
+            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
+                             f"{saved.get(key)!r}); drop it, or start a new run in another --out")
     args = argparse.Namespace(**{**saved, **given, "out": out, "resume": True})
     if args.iters <= ckpt["iteration"]:
-        raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}; pass a larger --iters to train further")
+        raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}; pass a larger "
+                         f"--iters to train further")
     return args
 
 
@@ -997,7 +1028,8 @@ def save_grids(models, fixed_x, fixed_z, args, it):
     with torch.random.fork_rng(devices=devices), eval_mode(models), torch.no_grad():
         torch.manual_seed(args.seed + 1)
         mu, _ = I(fixed_x)
-        z_t = langevin_z(G, fixed_x, mu, args.k_z, args.z_step_size, args.z_noise, args.sigma_g, args.posterior)
+        z_t = langevin_z(G, fixed_x, mu, args.k_z, args.z_step_size, args.z_noise, args.sigma_g,
+                         args.posterior)
         x0 = G(fixed_z)
         grids = {"recon": G(mu), "posterior": G(z_t), "gen": x0,
                  "ebm": langevin_x(E, x0, args.k_x, args.x_step_size, args.x_noise)}
@@ -1053,9 +1085,10 @@ def write_log(log_file, args, done, losses, opts, seconds, rate):
            "lr": opts["ebm"].param_groups[0]["lr"], "seconds": seconds}
     log_file.write(json.dumps(row) + "\n")
     log_file.flush()
-    print(f"it {done}/{args.iters} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} I {row['loss_inf']:.4g} | "
-          f"f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | mse {row['mse_recon']:.4f} | "
-          f"{rate:.3g} s/it | ETA {fmt_time(rate * (args.iters - done))}", file=sys.stderr)
+    print(f"it {done}/{args.iters} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} "
+          f"I {row['loss_inf']:.4g} | f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | "
+          f"mse {row['mse_recon']:.4f} | {rate:.3g} s/it | ETA {fmt_time(rate * (args.iters - done))}",
+          file=sys.stderr)
 
 
 # ---- multi-process and Ctrl-C ----
@@ -1104,7 +1137,8 @@ class StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration (Ctrl-C again to abort)", file=sys.stderr)
+        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration "
+              f"(Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -1129,7 +1163,8 @@ def step_losses(args, models, x, amp):
 
 
 def update(models, opts, losses, world):
-    """One backward of the summed losses (disjoint parameters), gradients averaged over ranks, one step each."""
+    """One backward of the summed losses (they touch disjoint parameters), gradients averaged over ranks,
+    one optimiser step per model."""
     for o in opts.values():
         o.zero_grad(set_to_none=True)
     loss_e, loss_g, loss_i = losses
@@ -1196,8 +1231,8 @@ def train(args, models, opts, scheds, data, device, start_it=0, seconds0=0.0, ra
                                         seconds0 + time.time() - t_start, states, order.state_dict())
             if stopping and not last:
                 if writer:
-                    print(f"{PROG}: stopped at iteration {done}; continue with: python {PROG} --out {args.out} "
-                          f"--resume", file=sys.stderr)
+                    print(f"{PROG}: stopped at iteration {done}; continue with: "
+                          f"python {PROG} --out {args.out} --resume", file=sys.stderr)
                 return 130
     return 0
 
@@ -1230,7 +1265,8 @@ def benchmark(args, data, device, rank, world):
 
 
 def _versions():
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "python": sys.version.split()[0]}
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "python": sys.version.split()[0]}
 
 
 def _setup_distributed(device):
@@ -1277,7 +1313,8 @@ def load_data_once(args, device, rank, world):
     """Rank 0 loads (and downloads) first, the others follow; a usage error stops every rank."""
     if args.benchmark:  # random images of the configured shape
         n_c = 1 if args.dataset in ("mnist", "fashion_mnist") else 3
-        return torch.randint(0, 256, (max(256, 2 * args.batch_size), n_c, args.image_size, args.image_size), dtype=torch.uint8)
+        shape = (max(256, 2 * args.batch_size), n_c, args.image_size, args.image_size)
+        return torch.randint(0, 256, shape, dtype=torch.uint8)
     data, err = None, None
     if rank == 0:
         try:
@@ -1343,9 +1380,9 @@ def run(args, ckpt, device, rank, world, argv):
         if ckpt is not None or restart:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
-              f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; {len(data)} images; "
-              f"{device}, world {world}; {'resuming at ' + str(start_it) + ', ' if ckpt else ''}"
-              f"writing {args.out}", file=sys.stderr)
+              f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; "
+              f"{len(data)} images; {device}, world {world}; "
+              f"{'resuming at ' + str(start_it) + ', ' if ckpt else ''}writing {args.out}", file=sys.stderr)
     return train(args, models, opts, scheds, data, device, start_it, seconds0, rank, world, order)
 
 

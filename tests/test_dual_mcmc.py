@@ -197,7 +197,8 @@ def _method_block():
 
 @pytest.mark.parametrize("arch", ["simple", "resnet"])
 def test_method_block_runs_alone_with_torch(tmp_path, arch):
-    header = "import math\nimport contextlib\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+    header = "".join(f"import {m}\n" for m in ("math", "contextlib", "torch", "torch.nn as nn",
+                                                  "torch.nn.functional as F"))
     path = tmp_path / "method.py"
     path.write_text(header + "\n" + _method_block())
     ns = {"__name__": "method"}
@@ -622,6 +623,28 @@ def test_benchmark_prints_line_and_writes_nothing(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(r"benchmark: [0-9.e+-]+ s/iter, [0-9.e+-]+ images\*steps/s", last), last
     assert not out.exists()
+
+
+def test_curves_png_at_plot_steps_and_one_line_without_matplotlib(images, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+    assert run(images, tmp_path / "with", "--iters", "2", "--plot-every", "1") == 0
+    with Image.open(tmp_path / "with" / "curves.png") as im:
+        assert im.format == "PNG" and im.width > 4 * im.height  # one row of panels
+    assert "curves.png skipped" not in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert run(images, tmp_path / "without", "--iters", "3", "--plot-every", "1") == 0
+    err = capsys.readouterr().err
+    assert err.count("curves.png skipped: matplotlib is not installed (pip install matplotlib)") == 1, err
+    assert not (tmp_path / "without" / "curves.png").exists()
+    assert (tmp_path / "without" / "gen_000003.png").exists()  # the grids do not need matplotlib
+
+
+def test_lines_at_most_110_characters():
+    with open(os.path.join(ROOT, "dual_mcmc.py")) as fh:
+        long = [(i, len(line)) for i, line in enumerate(fh.read().splitlines(), 1) if len(line) > 110]
+    assert not long, long
 
 
 # ---- bad input ----
