@@ -10,15 +10,23 @@ DIR/metrics.json (the numbers and every setting that produced them: sampler K / 
 number of images, reference set, feature extractor, checkpoint, seed) and PNG figures.
 
     fid         FID / Inception Score / KID of --n samples against training-set Inception statistics
-                (torch-fidelity's TF-ported Inception; statistics cached as .npz)
-    recon       reconstruction of held-out images: z-descent through M_theta (short-run), g(mu(x)) and
-                z-Langevin (dual-MCMC); MSE (+ PSNR / SSIM), trajectory figure
+                (torch-fidelity's TF-ported Inception; statistics cached as .npz; CelebA: whole train split)
+    export      --n samples as PNGs + one uint8 NHWC .npz per kind (short-run x; dual x0, x_tilde) for
+                external FID tools
+    recon       reconstruction of held-out images: the paper's gradient descent on z through M_theta
+                (short-run), g(mu(x)) and z-Langevin (dual-MCMC); MSE (+ PSNR / SSIM), trajectory figure
     interp      x_rho = M_theta(rho z1 + sqrt(1 - rho^2) z2); dual-MCMC: linear latent interpolation
-    transition  one z run for K2 = 0, 20, ..., 200 steps (over-saturation beyond the trained K)
-    superres    4x4 / 8x8 / 16x16 versions of test images -> full size, several seeds; MSE / PSNR
-    bpd         bits/dim, log p(x) = log p_0(z) - log|det dM/dz| (GELU short-run model, exact Jacobian)
-    inpaint     masks M20/M30/M40 (centre blocks) and R20/R30/R40 (random pixels); PSNR / SSIM
+    transition  one z run for K2 = 0, 20, ..., 200 steps (over-saturation beyond the trained K; the
+                short-run paper's sec. 7.6 Fig. 7)
+    superres    4x4 / 8x8 / 16x16 versions of test images -> full size, several draws; MSE / PSNR
+    bpd         bits/dim, log p(x) = log p_0(z) - log|det dM/dz| (GELU short-run model, exact Jacobian), at
+                the pixel values and uniformly dequantised (an upper bound on the discrete bits/dim)
+    inpaint     masks M20/M30/M40 (centre blocks) and R20/R30/R40 (unions of random blocks); PSNR / SSIM
+                of the composite and of the full output
     ood         AUROC of f(x) on the training data's test split against other sets
+
+Images taken from a data set are a seeded random subset (--data-seed), recorded in metrics.json.
+Dual-MCMC checkpoints sample with train-mode BatchNorm by default (--bn-mode, the authors' protocol).
 
 Recipes
     # FID of a short-run CIFAR-10 model, 50,000 samples, offline Inception weights
@@ -26,6 +34,8 @@ Recipes
         ~/weights-inception-2015-12-05-6726825d.pth --out eval/fid
     # reconstruction MSE on 1,000 CIFAR-10 test images (Table 1(b) of the short-run paper)
     python evaluate.py recon --ckpt runs/shortrun_cifar10/final.pt --out eval/recon
+    # 50,000 samples as PNGs + .npz for an external FID tool (dual: x0 and x_tilde, authors' BatchNorm mode)
+    python evaluate.py export --ckpt runs/dual_cifar10/final.pt --n 50000 --out eval/export
     # quick look on the CPU: few images, short chains
     python evaluate.py interp --ckpt runs/tiny/final.pt --device cpu --out eval/interp
     # inpainting table of a dual-MCMC CelebA model
@@ -55,7 +65,7 @@ PROG = "evaluate.py"
 SUBCOMMANDS = ("fid", "recon", "interp", "transition", "superres", "bpd", "inpaint", "ood", "export")
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-GD_LR, ADAM_LR = 1.0, 0.05  # default steps on z for recon / bpd / inpaint (see z_descent_flags)
+GD_LR, ADAM_LR = 0.005, 0.05  # default steps on z, recon / bpd / inpaint (our choice; README: gd vs Adam)
 SUPERRES_NOISE = 0.2  # superres: std of the per-draw noise on the low-res init (see superres_init)
 MASKS = ("M20", "M30", "M40", "R20", "R30", "R40")
 
@@ -74,23 +84,30 @@ def build_parser():
     c = common.add_argument
     c("--ckpt", required=True, help="final.pt / last.pt of shortrun_ebm.py or dual_mcmc.py")
     c("--out", required=True, help="folder for metrics.json and figures")
-    c("--overwrite", action="store_true", help="replace the results of an --out that already holds metrics.json")
+    c("--overwrite", action="store_true",
+      help="replace the results of an --out that already holds metrics.json")
     c("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
     c("--seed", type=int, default=0, help="seed for p_0 draws, masks and chain noise")
     c("--batch-size", type=int, default=100, help="images per batch")
-    c("--dataset", default=None, help="image set (default: the checkpoint's --dataset); folder:PATH for your own")
+    c("--dataset", default=None,
+      help="image set (default: the checkpoint's --dataset); folder:PATH for your own")
     c("--data-root", default=None, help="where torchvision data sets live (default: the checkpoint's)")
-    c("--data-seed", type=int, default=0, help="seed of the random subset of --n images taken from a data set "
+    c("--data-seed", type=int, default=0,
+      help="seed of the random subset of --n images taken from a data set "
       "(recorded in metrics.json with n and the number available)")
     c("--split", default="test", help="split of --dataset for held-out images (folders have none)")
-    c("--download", action=argparse.BooleanOptionalAction, default=True, help="download missing data / weights")
+    c("--download", action=argparse.BooleanOptionalAction, default=True,
+      help="download missing data / weights")
     s = common.add_argument_group("sampler (default: the checkpoint's training values)")
     s.add_argument("--K", type=int, default=None, help="short-run: Langevin steps of M_theta (paper 100)")
     s.add_argument("--step-size", type=float, default=None, help="short-run: step on grad f (paper 1.0)")
-    s.add_argument("--noise", type=float, default=None, help="short-run: noise std of fid / transition / superres / inpaint chains (paper 1e-2); "
+    s.add_argument("--noise", type=float, default=None,
+                   help="short-run: noise std of fid / transition / superres / inpaint chains (paper 1e-2); "
                    "recon, interp and bpd always run M_theta with noise off")
-    s.add_argument("--k-x", type=int, default=None, help="dual: x-Langevin steps on f (paper 30; fid: sample preset 70)")
-    s.add_argument("--x-step-size", type=float, default=None, help="dual: x-chain step (fid: sample preset 0.08)")
+    s.add_argument("--k-x", type=int, default=None,
+                   help="dual: x-Langevin steps on f (paper 30; fid: sample preset 70)")
+    s.add_argument("--x-step-size", type=float, default=None,
+                   help="dual: x-chain step (fid: sample preset 0.08)")
     s.add_argument("--x-noise", type=float, default=None, help="dual: x-chain noise std (paper 1e-3)")
     s.add_argument("--k-z", type=int, default=None, help="dual: z-Langevin steps on log p(z|x) (paper 10)")
     s.add_argument("--z-step-size", type=float, default=None, help="dual: z-chain step (paper 0.005)")
@@ -106,11 +123,15 @@ def build_parser():
             "samples (short-run paper: 40,000; common: 50,000)")
     q.add_argument("--inception-weights", default=None,
                    help=f"torch-fidelity's TF-ported Inception (.pth) for offline use; else {INCEPTION_URL}")
-    q.add_argument("--n-ref", type=int, default=None, help="training images for the reference statistics, a seeded "
+    q.add_argument("--n-ref", type=int, default=None,
+                   help="training images for the reference statistics, a seeded "
                    "random subset (0 = all; default: all 162,770 for celeba, else 50,000)")
-    q.add_argument("--stats", default=None, help="reference .npz cache (default DATA_ROOT/fid_stats/<set>_<size>px_n<N>_<weights>.npz)")
+    q.add_argument("--stats", default=None,
+                   help="reference .npz cache (default DATA_ROOT/fid_stats/"
+                   "<set>_<size>px_n<N>_s<data seed>_<weights>.npz)")
     q.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (torch-fidelity default 100)")
-    q.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (clipped to the sample count)")
+    q.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="KID subset size (clipped to the sample count)")
     q.add_argument("--kid-ref", type=int, default=10000, help="reference features kept in the cache for KID")
     q.add_argument("--isc-splits", type=int, default=10, help="Inception Score splits (standard 10)")
     q = add("recon", "reconstruct held-out images (short-run Table 1(b) / Figure 4; dual Inf, Inf+L)", 1000,
@@ -121,17 +142,20 @@ def build_parser():
             "at the 8-bit pixel values, bits_per_dim_dequantized at x + u, u ~ U(0, 2/255)^D", 16,
             "images (reply to reviewers: 16 CIFAR-10 images, ~4.12)")
     z_descent_flags(q, clamp_default="on: log p_0(z) is finite on [-1, 1]^D only")
-    q.add_argument("--dequant-draws", type=int, default=4, help="draws of u ~ U(0, 2/255)^D averaged per image for "
+    q.add_argument("--dequant-draws", type=int, default=4,
+                   help="draws of u ~ U(0, 2/255)^D averaged per image for "
                    "bits_per_dim_dequantized (each one more reconstruction + Jacobian); 0 = skip")
     q.add_argument("--jac-batch", type=int, default=128, help="Jacobian rows per backward pass")
     q.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="precision of M and the Jacobian")
     q = add("interp", "latent interpolation (short-run Figure 3)", 8, "pairs (rows)")
     q.add_argument("--n-rho", type=int, default=10, help="interpolation points per row, rho from 1 to 0")
-    q = add("transition", "the same z run for K2 = 0..K2_max steps (supplement Figure 7)", 8, "chains (rows)")
+    q = add("transition", "the same z run for K2 = 0..K2_max steps (short-run paper sec. 7.6 Fig. 7)", 8,
+            "chains (rows)")
     q.add_argument("--k2-max", type=int, default=200, help="last K2")
     q.add_argument("--k2-every", type=int, default=20, help="K2 spacing")
-    q = add("superres", "4/8/16 px versions of test images -> full size (supplement Figure 2)", 16, "test images")
+    q = add("superres", "4/8/16 px versions of test images -> full size (supplement Figure 2)", 16,
+            "test images")
     q.add_argument("--sizes", type=int, nargs="+", default=None, help="low-res sides (default: 4 8 16; a "
                    "checkpoint trained with --init lowres: its --lowres-size)")
     q.add_argument("--seeds", type=int, default=4, help="chains per input (supplement Fig. 2: four sets)")
@@ -146,8 +170,9 @@ def build_parser():
             "(short-run: x; dual: x0 and x_tilde)", 50000, "samples")
     for q in (sub.choices["fid"], sub.choices["recon"], q):
         q.add_argument("--bn-mode", choices=("train", "eval"), default="train",
-                       help="dual_mcmc BatchNorm: train (the authors' task_fid.py: statistics of each batch of "
-                       "--batch-size, spectral-norm power iteration running) or eval (running statistics)")
+                       help="dual_mcmc BatchNorm: train (the authors' task_fid.py: statistics of each "
+                       "batch of --batch-size, spectral-norm power iteration running) or eval (running "
+                       "statistics)")
     q = add("ood", "AUROC of f(x): test split of the training data vs other sets (dual-MCMC Table 8)", 10000,
             "images per set")
     q.add_argument("--ood", nargs="+", default=["svhn"], help="svhn | cifar10 | cifar100 | celeba | mnist | "
@@ -163,16 +188,16 @@ def z_descent_flags(q, clamp_default, what=""):
     q.add_argument("--lr", type=float, default=None, help=what + f"step size on z (default: gd {GD_LR}, our "
                    f"choice, the paper gives none; adam {ADAM_LR})")
     q.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
-                   help=what + f"project z onto [-1, 1] (p_0's support) after each step (default {clamp_default}; "
-                   "the paper does not project)")
+                   help=what + "project z onto [-1, 1] (p_0's support) after each step (default "
+                   f"{clamp_default}; the paper does not project)")
 
 
 def validate(args):
     if args.cmd is None:
         raise sr.UsageError(f"name a subcommand: {', '.join(SUBCOMMANDS)}")
     positive = {"--n": args.n, "--batch-size": args.batch_size}
-    for name in ("steps", "n_rho", "k2_every", "seeds", "jac_batch", "kid_subsets", "kid_subset_size", "isc_splits",
-                 "snapshots"):
+    for name in ("steps", "n_rho", "k2_every", "seeds", "jac_batch", "kid_subsets", "kid_subset_size",
+                 "isc_splits", "snapshots"):
         if hasattr(args, name):
             positive["--" + name.replace("_", "-")] = getattr(args, name)
     for name, v in positive.items():
@@ -182,7 +207,8 @@ def validate(args):
         v = getattr(args, name, None)
         if v is not None and v < 0:
             raise sr.UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {v})")
-    for name in ("step_size", "noise", "x_step_size", "x_noise", "z_step_size", "z_noise", "lr", "init_noise"):
+    for name in ("step_size", "noise", "x_step_size", "x_noise", "z_step_size", "z_noise", "lr",
+                 "init_noise"):
         v = getattr(args, name, None)
         if v is not None and not (math.isfinite(v) and v >= 0):
             raise sr.UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {v})")
@@ -192,10 +218,13 @@ def validate(args):
         raise sr.UsageError("--n-rho must be >= 2 (the two endpoints)")
     if args.cmd == "inpaint":
         for m in args.masks:
-            if not (len(m) > 1 and m[0] in "MR" and m[1:].isdigit() and 0 < int(m[1:]) < (64 if m[0] == "M" else 100)):
-                raise sr.UsageError(f"--masks {m!r}: use Mxx (centre block, 0 < xx < 64) or Rxx (0 < xx < 100 %)")
+            limit = 64 if m[:1] == "M" else 100
+            if not (len(m) > 1 and m[0] in "MR" and m[1:].isdigit() and 0 < int(m[1:]) < limit):
+                raise sr.UsageError(f"--masks {m!r}: use Mxx (centre block, 0 < xx < 64) or Rxx "
+                                    "(0 < xx < 100 %)")
     if os.path.isfile(os.path.join(args.out, "metrics.json")) and not args.overwrite:
-        raise sr.UsageError(f"{args.out} already holds results (metrics.json): pass --overwrite or choose another --out")
+        raise sr.UsageError(f"{args.out} already holds results (metrics.json): pass --overwrite or "
+                            "choose another --out")
 
 
 # ---- metrics (importable) ----
@@ -314,7 +343,7 @@ def load_model(path, device):
                             f"checkpoint") from None
     script = ckpt.get("script") if isinstance(ckpt, dict) else None
     if script is None and isinstance(ckpt, dict) and {"netG", "netE", "netI"} <= set(ckpt):
-        script = "dual_mcmc"                                                # the authors' released checkpoints
+        script = "dual_mcmc"                                         # the authors' released checkpoints
     try:
         if script == "shortrun_ebm":
             f, cfg = sr.load_checkpoint(path, device)
@@ -343,11 +372,13 @@ def sampler_settings(args, model, for_sampling=False):
     c = model.cfg
     pick = lambda flag, key: getattr(args, flag) if getattr(args, flag) is not None else c[key]
     if model.script == "shortrun_ebm":
-        return {"K": pick("K", "K"), "step_size": pick("step_size", "step_size"), "noise": pick("noise", "noise")}
+        return {"K": pick("K", "K"), "step_size": pick("step_size", "step_size"),
+                "noise": pick("noise", "noise")}
     kx_key, sx_key = ("sample_k_x", "sample_step_size") if for_sampling else ("k_x", "x_step_size")
-    return {"k_x": pick("k_x", kx_key), "x_step_size": pick("x_step_size", sx_key), "x_noise": pick("x_noise", "x_noise"),
-            "k_z": pick("k_z", "k_z"), "z_step_size": pick("z_step_size", "z_step_size"),
-            "z_noise": pick("z_noise", "z_noise"), "sigma_g": c["sigma_g"], "posterior": c.get("posterior", "paper")}
+    return {"k_x": pick("k_x", kx_key), "x_step_size": pick("x_step_size", sx_key),
+            "x_noise": pick("x_noise", "x_noise"), "k_z": pick("k_z", "k_z"),
+            "z_step_size": pick("z_step_size", "z_step_size"), "z_noise": pick("z_noise", "z_noise"),
+            "sigma_g": c["sigma_g"], "posterior": c.get("posterior", "paper")}
 
 
 def M_theta(model, chain, z, noise=0.0, create_graph=False):
@@ -399,8 +430,8 @@ def langevin_z_masked(g, x, keep, z, K, step_size, noise, sigma, posterior="pape
 def reconstruct_z(model, chain, x, steps, lr, optimizer="gd", clamp=False, keep=None, z0=None, snapshots=0):
     """argmin_z ||keep * (x - M_theta(z))||^2 through the K-step sampler (noise off), from z0 ~ p_0.
 
-    gd (the paper's reconstruction, sec. 4.2 / Figure 4): plain gradient descent
-    z <- z - lr * grad_z 1/2 ||keep * (x - M_theta(z))||^2 per image (a sum over pixels, so lr = 1
+    gd (the paper's reconstruction, sec. 3.4 / Figure 4): plain gradient descent on its loss
+    L(z) = ||keep * (x - M_theta(z))||^2 per image (a sum over pixels), z <- z - lr * grad_z L (lr = 1/2
     is exact when M_theta is the identity). adam: Adam(lr) on the per-pixel mean error. clamp:
     project z onto [-1, 1], the support of p_0, after every step (the paper does not).
     Returns a namespace: z, x_init = M(z0), x_final = M(z), curve = per-pixel mse per step (mean over
@@ -422,7 +453,7 @@ def reconstruct_z(model, chain, x, steps, lr, optimizer="gd", clamp=False, keep=
         if t == steps:
             break
         if opt is None:
-            grad = torch.autograd.grad(0.5 * sq.sum(), z)[0]
+            grad = torch.autograd.grad(sq.sum(), z)[0]
             z = (z.detach() - lr * grad).requires_grad_(True)
         else:
             opt.zero_grad(set_to_none=True)
@@ -437,7 +468,8 @@ def reconstruct_z(model, chain, x, steps, lr, optimizer="gd", clamp=False, keep=
 # ---- data ----
 
 def resolve_data(args, model):
-    return args.dataset or model.cfg["dataset"], os.path.expanduser(args.data_root or model.cfg.get("data_root", "./data"))
+    root = args.data_root or model.cfg.get("data_root", "./data")
+    return args.dataset or model.cfg["dataset"], os.path.expanduser(root)
 
 
 def match_channels(x, n_c):
@@ -526,8 +558,8 @@ def inception(args, device):
     else:
         path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
         if not os.path.isfile(path):
-            how = (f"no Inception weights and no download (--no-download): get {INCEPTION_URL} and save it as "
-                   f"{path}, or pass its path with --inception-weights PATH")
+            how = (f"no Inception weights and no download (--no-download): get {INCEPTION_URL} and save it "
+                   f"as {path}, or pass its path with --inception-weights PATH")
             if not args.download:
                 raise sr.UsageError(how)
             import socket
@@ -570,7 +602,8 @@ def reference_stats(args, model, net, weights, device):
     with open(weights, "rb") as fh:
         tag = hashlib.sha256(fh.read()).hexdigest()[:8]
     safe = name.replace("folder:", "folder_").replace("/", "_").replace("~", "")
-    path = args.stats or os.path.join(root, "fid_stats", f"{safe}_{model.size}px_n{n_ref}_s{args.data_seed}_{tag}.npz")
+    path = args.stats or os.path.join(root, "fid_stats",
+                                      f"{safe}_{model.size}px_n{n_ref}_s{args.data_seed}_{tag}.npz")
     if os.path.isfile(path):
         z = np.load(path)
         if str(z["weights_sha"]) == tag and int(z["image_size"]) == model.size:
@@ -636,7 +669,7 @@ def sample_batches(args, model, chain, n):
         if model.script == "shortrun_ebm":
             z = draw_p0(model, b) if init_data is None else sr.lowres(
                 init_data[torch.randint(len(init_data), (b,))].to(model.device), model.cfg["lowres_size"])
-            yield i, {"x": M_theta(model, chain, z, noise=chain["noise"])}               # the K-step sampler as trained
+            yield i, {"x": M_theta(model, chain, z, noise=chain["noise"])}     # the K-step sampler as trained
         else:
             with bn_mode(args, model):
                 x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
@@ -680,10 +713,12 @@ def cmd_fid(args, model, chain):
         save_grid(x, os.path.join(args.out, f"samples_{key}.png"), mkdir=True)
     return {**res, "n": args.n, **extra, **bn_info(args, model),
             "reference": {"dataset": resolve_data(args, model)[0], "split": "train", **ref_info},
-            "feature_extractor": {"name": "torch-fidelity inception-v3-compat (TF FID Inception, pool3 2048 / "
-                                  "unbiased logits)", "weights": weights},
-            "isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets, "kid_reference_features": len(feats_r),
-            "pixel_pipeline": "[-1, 1] -> clamp -> uint8 (round) -> Inception (bilinear resize to 299, TF-style)"}
+            "feature_extractor": {"name": "torch-fidelity inception-v3-compat (TF FID Inception, pool3 "
+                                  "2048 / unbiased logits)", "weights": weights},
+            "isc_splits": args.isc_splits, "kid_subsets": args.kid_subsets,
+            "kid_reference_features": len(feats_r),
+            "pixel_pipeline": "[-1, 1] -> clamp -> uint8 (round) -> Inception (bilinear resize to 299, "
+                              "TF-style)"}
 
 
 def cmd_export(args, model, chain):
@@ -705,13 +740,14 @@ def cmd_export(args, model, chain):
         path = os.path.join(args.out, f"{key}.npz")
         np.savez(path + ".tmp.npz", arr_0=np.concatenate(parts))
         os.replace(path + ".tmp.npz", path)
-        written[key] = {"png_folder": os.path.join(args.out, key), "npz": path, "n": sum(len(a) for a in parts)}
+        written[key] = {"png_folder": os.path.join(args.out, key), "npz": path,
+                        "n": sum(len(a) for a in parts)}
     return {"n": args.n, "samples": written, **bn_info(args, model),
-            "notes": "PNG: uint8 round((x + 1) * 127.5) of the clamped samples, the model's channels; npz: key "
-                     "arr_0, uint8 (N, H, W, 3), grey images repeated to RGB (what FID tools expect). "
-                     + ("short-run: x = M_theta(z), the K-step sampler with its trained noise" if model.script ==
-                        "shortrun_ebm" else "dual_mcmc: x0 = g(z), z ~ N(0, I), and x_tilde after k_x "
-                        "x-Langevin steps from x0 (the same chain)")}
+            "notes": "PNG: uint8 round((x + 1) * 127.5) of the clamped samples, the model's channels; npz: "
+                     "key arr_0, uint8 (N, H, W, 3), grey images repeated to RGB (what FID tools expect). "
+                     + ("short-run: x = M_theta(z), the K-step sampler with its trained noise"
+                        if model.script == "shortrun_ebm" else "dual_mcmc: x0 = g(z), z ~ N(0, I), and "
+                        "x_tilde after k_x x-Langevin steps from x0 (the same chain)")}
 
 
 def cmd_recon(args, model, chain):
@@ -738,16 +774,20 @@ def cmd_recon(args, model, chain):
     # figure: one row per image: the target, then M_theta(z_t) for t = 0 .. T (paper Figure 4)
     grid = torch.stack(rows, 1).flatten(0, 1)                                         # (k*(1+F), C, S, S)
     save_grid(grid, os.path.join(args.out, "recon_trajectory.png"), nrow=len(rows), mkdir=True)
-    plot_curve(curve, "gradient step t on z", "per-pixel MSE ([-1, 1] scale)", os.path.join(args.out, "recon_curve.png"))
-    return {"mse": mse.mean().item(), "mse_init": mse_init.mean().item(), "mse_z0": mse_z0.mean().item(), "n": len(x_all),
-            "pixel_scale": "[-1, 1]", "mse_01": mse.mean().item() / 4, "mse_init_01": mse_init.mean().item() / 4,
+    plot_curve(curve, "gradient step t on z", "per-pixel MSE ([-1, 1] scale)",
+               os.path.join(args.out, "recon_curve.png"))
+    return {"mse": mse.mean().item(), "mse_init": mse_init.mean().item(), "mse_z0": mse_z0.mean().item(),
+            "n": len(x_all),
+            "pixel_scale": "[-1, 1]", "mse_01": mse.mean().item() / 4,
+            "mse_init_01": mse_init.mean().item() / 4,
             "psnr": float((10 * torch.log10(4 / mse.clamp_min(1e-10))).mean()),
             "mse_curve": curve,
             "figure_steps": frame_steps, "test_set": info,
             "method": {**opt, "z_descent": describe_descent(opt),
                        "z0": "p_0 = uniform on [-1, 1]", "M_theta": "K Langevin steps, noise off"},
-            "notes": "mse: mean over images of the per-pixel squared error on [-1, 1] pixels (mse_01: on [0, 1] = mse / 4); "
-                     "mse_init: M_theta(z0) before optimisation; mse_z0: z0 itself"}
+            "notes": "mse: mean over images of the per-pixel squared error on [-1, 1] pixels (mse_01: on "
+                     "[0, 1] = mse / 4; the paper states no scale); mse_init: M_theta(z0) before "
+                     "optimisation; mse_z0: z0 itself"}
 
 
 def descent_settings(args):
@@ -758,7 +798,7 @@ def descent_settings(args):
 
 
 def describe_descent(opt):
-    how = ("plain gradient descent z <- z - lr * grad_z 1/2 ||x - M_theta(z)||^2 (the paper's)"
+    how = ("plain gradient descent z <- z - lr * grad_z ||x - M_theta(z)||^2 (the paper's, sec. 3.4)"
            if opt["optimizer"] == "gd" else "Adam on z, per-pixel mean squared error")
     return (f"{how}, lr {opt['lr']}, {opt['steps']} steps from z0 ~ p_0, "
             + ("z projected onto [-1, 1] after each step" if opt["clamp"] else "no projection"))
@@ -766,8 +806,8 @@ def describe_descent(opt):
 
 def z_chain(model, chain, x, z):
     """k_z z-Langevin steps on log p(z|x) from z, with the checkpoint's posterior (paper / authors)."""
-    return dm.langevin_z(model.g, x, z, chain["k_z"], chain["z_step_size"], chain["z_noise"], chain["sigma_g"],
-                         posterior=chain["posterior"])
+    return dm.langevin_z(model.g, x, z, chain["k_z"], chain["z_step_size"], chain["z_noise"],
+                         chain["sigma_g"], posterior=chain["posterior"])
 
 
 def z_start(model, x):
@@ -805,8 +845,9 @@ def recon_dual(args, model, chain, x_all, info):
     res = {k: quality(torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in outs.items()}
     save_grid(fig, os.path.join(args.out, "recon.png"), nrow=len(fig) // 3, mkdir=True)
     start = "z ~ N(0, I) (--no-inference checkpoint)" if model.cfg.get("no_inference") else "mu(x)"
-    return {"mse": res["inf+l"]["mse"], "mse_init": res["inf"]["mse"], "n": len(x_all), "pixel_scale": "[-1, 1]",
-            "methods": res, "test_set": info, "z0": start, "posterior": chain["posterior"], **bn_info(args, model),
+    return {"mse": res["inf+l"]["mse"], "mse_init": res["inf"]["mse"], "n": len(x_all),
+            "pixel_scale": "[-1, 1]", "methods": res, "test_set": info, "z0": start,
+            "posterior": chain["posterior"], **bn_info(args, model),
             "notes": f"inf: g(z0), z0 = {start}; inf+l: g(z~) after k_z z-Langevin steps from z0 on the "
                      f"{chain['posterior']} posterior; mse on [-1, 1] pixels, mse_01 = mse / 4 on [0, 1]; "
                      "psnr / ssim on [0, 1]; figure rows: data, Inf, Inf+L"}
@@ -817,16 +858,17 @@ def interpolate(model, chain, z1, z2, rho, batch_size=100):
     The sqrt keeps the variance of z_rho that of p_0 (paper Figure 3)."""
     r = rho.to(z1.device, z1.dtype).view(1, -1, 1, 1, 1)
     z = (r * z1[:, None] + (1 - r ** 2).clamp_min(0).sqrt() * z2[:, None]).flatten(0, 1)   # (n*R, C, S, S)
-    x = torch.cat([M_theta(model, chain, z[i:i + b]) for i, b in progress(batches(len(z), batch_size), "interp")])
+    x = torch.cat([M_theta(model, chain, z[i:i + b])
+                   for i, b in progress(batches(len(z), batch_size), "interp")])
     return x.view(len(z1), len(rho), *x.shape[1:])
 
 
 def cmd_interp(args, model, chain):
     gen = torch.Generator().manual_seed(args.seed)
-    rho = torch.linspace(1, 0, args.n_rho)                                            # rho = 1: z1, rho = 0: z2
+    rho = torch.linspace(1, 0, args.n_rho)                                          # rho = 1: z1, rho = 0: z2
     if model.script == "shortrun_ebm":
         z1, z2 = draw_p0(model, args.n, gen), draw_p0(model, args.n, gen)                      # (n, C, S, S)
-        x = interpolate(model, chain, z1, z2, rho, args.batch_size)                           # (n, R, C, S, S)
+        x = interpolate(model, chain, z1, z2, rho, args.batch_size)                          # (n, R, C, S, S)
         ends = torch.cat([M_theta(model, chain, z1), M_theta(model, chain, z2)])
         err = max((x[:, 0] - ends[:args.n]).abs().max().item(), (x[:, -1] - ends[args.n:]).abs().max().item())
         save_grid(x.flatten(0, 1), os.path.join(args.out, "interp.png"), nrow=args.n_rho, mkdir=True)
@@ -877,13 +919,14 @@ def cmd_transition(args, model, chain):
             fx = model.f(x).float()
         stats.append({"K2": k2, "f_mean": fx.mean().item(), "pixel_std": x.std().item(),
                       "max_abs": x.abs().max().item(), "frac_saturated": (x.abs() > 1).float().mean().item()})
-    grid = torch.stack(frames, 1).flatten(0, 1)                                     # rows: chains, columns: K2
+    grid = torch.stack(frames, 1).flatten(0, 1)                                    # rows: chains, columns: K2
     save_grid(grid, os.path.join(args.out, "transition.png"), nrow=len(k2s), mkdir=True)
-    plot_curve([r["f_mean"] for r in stats], "K2", "mean f(x_K2)", os.path.join(args.out, "transition_f.png"), x=k2s)
+    plot_curve([r["f_mean"] for r in stats], "K2", "mean f(x_K2)", os.path.join(args.out, "transition_f.png"),
+               x=k2s)
     return {"K2": k2s, "trained_K": trained, "per_K2": stats, "n_chains": args.n,
             "init": "p_0 (uniform)" if model.script == "shortrun_ebm" else "x0 = g(z), z ~ N(0, I)",
-            "notes": "one row per chain, columns K2 = 0, every, ..., max; frac_saturated: pixels with |x| > 1 "
-                     "(over-saturation beyond the trained K)"}
+            "notes": "one row per chain, columns K2 = 0, every, ..., max; frac_saturated: pixels with "
+                     "|x| > 1 (over-saturation beyond the trained K)"}
 
 
 def superres_init(x_low, size, noise, gen):
@@ -894,7 +937,7 @@ def superres_init(x_low, size, noise, gen):
     if noise == 0:
         return x_low
     eps = torch.randn(x_low.shape, generator=gen).to(x_low.device) * noise
-    return x_low + eps - sr.lowres(eps, size)                                        # block means of eps removed
+    return x_low + eps - sr.lowres(eps, size)                                     # block means of eps removed
 
 
 def cmd_superres(args, model, chain):
@@ -915,7 +958,8 @@ def cmd_superres(args, model, chain):
         outs = []
         for _ in range(args.seeds):
             start = superres_init(x_low, size, args.init_noise, gen)
-            outs.append(torch.cat([run(start[i:i + b], k_chain) for i, b in batches(len(x), args.batch_size)]))
+            outs.append(torch.cat([run(start[i:i + b], k_chain)
+                                   for i, b in batches(len(x), args.batch_size)]))
         per_seed = [quality(o, x) for o in outs]
         spread = torch.stack(outs).std(0).mean().item() if len(outs) > 1 else 0.0
         res[f"{size}x{size}"] = {"mse": float(np.mean([q["mse"] for q in per_seed])),
@@ -927,8 +971,8 @@ def cmd_superres(args, model, chain):
         rows += [x[:k], x_low[:k]] + [o[:k] for o in outs]
     save_grid(torch.cat([r.cpu() for r in rows]), os.path.join(args.out, "superres.png"), nrow=k, mkdir=True)
     trained = model.cfg.get("lowres_size") if model.cfg.get("init") == "lowres" else None
-    return {"per_size": res, "sizes": sizes, "seeds": args.seeds, "init_noise": args.init_noise, "test_set": info,
-            "trained_lowres_size": trained,
+    return {"per_size": res, "sizes": sizes, "seeds": args.seeds, "init_noise": args.init_noise,
+            "test_set": info, "trained_lowres_size": trained,
             "chain": "K Langevin steps on f (trained noise) from the low-res image blown up (nearest) plus "
                      "per-pixel N(0, init_noise^2) noise with its block means removed (a new draw per seed)",
             "notes": "mse on [-1, 1] pixels, psnr / ssim on [0, 1]; lowres_input: the blocky input itself; "
@@ -949,7 +993,7 @@ def jacobian(fn, z, chunk=128):
             y = fn(zr).flatten(1)                                                     # (c, D)
             picked = y.gather(1, idx[:, None]).sum()
             rows.append(torch.autograd.grad(picked, zr)[0].flatten(1).detach())
-    return torch.cat(rows)                                                            # (D, D): J[i, j] = dy_i / dz_j
+    return torch.cat(rows)                                                     # (D, D): J[i, j] = dy_i / dz_j
 
 
 def log_abs_det(jac):
@@ -985,7 +1029,8 @@ def dequantize(x, gen):
 
 def cmd_bpd(args, model, chain):
     if model.script != "shortrun_ebm":
-        raise sr.UsageError("bpd needs a shortrun_ebm.py checkpoint (x = M_theta(z) is the invertible generator)")
+        raise sr.UsageError("bpd needs a shortrun_ebm.py checkpoint (x = M_theta(z) is the invertible "
+                            "generator)")
     if model.cfg.get("act") != "gelu":
         raise sr.UsageError("bpd needs a GELU model (train with --act gelu): with LeakyReLU f is piecewise "
                             "linear, so dM/dz = I almost everywhere and the log-determinant is meaningless")
@@ -1026,20 +1071,22 @@ def cmd_bpd(args, model, chain):
     plot_curve(bpd, "image", "bits/dim", os.path.join(args.out, "bpd.png"), marker="o")
     res = {"bits_per_dim": float(np.mean(bpd)), "bits_per_dim_std": float(np.std(bpd)), "n": n, "dim": d,
            "mean_log_det": float(np.mean([r["log_det"] for r in rows])),
-           "mean_recon_mse": float(np.mean([r["recon_mse"] for r in rows])), "per_image": rows, "test_set": info,
+           "mean_recon_mse": float(np.mean([r["recon_mse"] for r in rows])), "per_image": rows,
+           "test_set": info,
            "dequant_draws": args.dequant_draws, "bin_width": BIN,
            "method": {"z": describe_descent(opt), **opt,
                       "jacobian": "exact, reverse mode through the K steps", "dtype": args.dtype},
-           "notes": "log p(x) = log p_0(z) - log|det dM/dz| at z reconstructed from x (recon_mse says how close "
-                    "M(z) is to x), p_0 uniform on [-1, 1]^D; bits = -(log p + D log(2/255)) / (D log 2), "
-                    "2/255 = 1/127.5 the width of one 8-bit level on [-1, 1]. bits_per_dim: log p at the pixel "
-                    "values (density at the bin corner times the bin volume; not a bound). "
+           "notes": "log p(x) = log p_0(z) - log|det dM/dz| at z reconstructed from x (recon_mse says how "
+                    "close M(z) is to x), p_0 uniform on [-1, 1]^D; bits = -(log p + D log(2/255)) / "
+                    "(D log 2), 2/255 = 1/127.5 the width of one 8-bit level on [-1, 1]. bits_per_dim: log p "
+                    "at the pixel values (density at the bin corner times the bin volume; not a bound). "
                     "bits_per_dim_dequantized: log p averaged over x + u, u ~ U(0, 2/255)^D, --dequant-draws "
                     "draws per image (standard uniform dequantisation: an upper bound on the discrete "
                     "bits/dim, by Jensen, up to Monte-Carlo and reconstruction error)"}
     if args.dequant_draws:
         deq = [r["bits_per_dim_dequantized"] for r in rows]
-        res.update(bits_per_dim_dequantized=float(np.mean(deq)), bits_per_dim_dequantized_std=float(np.std(deq)))
+        res.update(bits_per_dim_dequantized=float(np.mean(deq)),
+                   bits_per_dim_dequantized_std=float(np.std(deq)))
     return res
 
 
@@ -1061,7 +1108,8 @@ def make_masks(name, n, size, gen):
             r, c = torch.randint(0, size - side + 1, (2,), generator=gen).tolist()
             img[:, r:r + side, c:c + side] = 0
     missing = 1 - keep.flatten(1).mean(1)
-    return keep, {"missing_fraction": target, "block_side_px": side, "missing_fraction_mean": missing.mean().item(),
+    return keep, {"missing_fraction": target, "block_side_px": side,
+                  "missing_fraction_mean": missing.mean().item(),
                   "missing_fraction_max": missing.max().item()}
 
 
@@ -1090,13 +1138,14 @@ def cmd_inpaint(args, model, chain):
                                                                chain["x_step_size"], chain["x_noise"])
             else:
                 z0 = keep * x + (1 - keep) * draw_p0(model, b)
-                results["Rec"] = reconstruct_z(model, chain, x, **descent_settings(args), keep=keep, z0=z0).x_final
+                results["Rec"] = reconstruct_z(model, chain, x, **descent_settings(args), keep=keep,
+                                               z0=z0).x_final
                 start = keep * x + (1 - keep) * draw_p0(model, b)
                 results["T_x"] = langevin_x_masked(model.f, start, keep, x, chain["K"], chain["step_size"],
-                                                   chain["noise"], sampler=sr.langevin)   # short-run's own chain
+                                                   chain["noise"], sampler=sr.langevin)  # its own chain
             for key, v in results.items():
                 fulls.setdefault(key, []).append(v.detach().float().cpu())             # the method's output
-                v = keep * x + (1 - keep) * v                                         # observed pixels exactly kept
+                v = keep * x + (1 - keep) * v                                   # observed pixels exactly kept
                 kept_exact &= bool(torch.equal(v * keep, x * keep))
                 outs.setdefault(key, []).append(v.detach().cpu())
             if i == 0:
@@ -1111,12 +1160,12 @@ def cmd_inpaint(args, model, chain):
     methods = list(table["psnr"][args.masks[0]])
     return {**table, "masks": mask_info, "methods": methods, "n": len(x_all),
             "observed_pixels_kept_exactly": kept_exact, "test_set": info,
-            "notes": "psnr (dB) and ssim on [0, 1] pixels against the full image, of the composite (observed pixels "
-                     "from the image, holes from the method); psnr_full / ssim_full: of the method's whole output "
-                     "image (dual: g(mu), g(z~) as generated; chains on x hold the observed pixels, so their two "
-                     "agree). 'occluded' fills holes with 0 (mid-grey). Rxx masks: unions of blocks of side S / 8 "
-                     "covering xx % of the pixels. Figures: rows truth, then one row per method in the order of "
-                     "'methods'"}
+            "notes": "psnr (dB) and ssim on [0, 1] pixels against the full image, of the composite "
+                     "(observed pixels from the image, holes from the method); psnr_full / ssim_full: of the "
+                     "method's whole output image (dual: g(mu), g(z~) as generated; chains on x hold the "
+                     "observed pixels, so their two agree). 'occluded' fills holes with 0 (mid-grey). Rxx "
+                     "masks: unions of blocks of side S / 8 covering xx % of the pixels. Figures: rows "
+                     "truth, then one row per method in the order of 'methods'"}
 
 
 def cmd_ood(args, model, chain):
@@ -1132,7 +1181,8 @@ def cmd_ood(args, model, chain):
     res, sets, all_scores = {}, {}, {"in: " + info["dataset"]: f_in}
     for name in args.ood:
         split = "test"
-        x_out, picked = load_set(name, root, model.size, args.n, args.download, split, model.n_c, args.data_seed)
+        x_out, picked = load_set(name, root, model.size, args.n, args.download, split, model.n_c,
+                                 args.data_seed)
         f_out = scores(x_out, f"f({name})")
         res[name] = auroc(f_in, f_out)
         sets[name] = {**picked, "split": split, "f_mean": float(f_out.mean())}
@@ -1148,7 +1198,8 @@ def cmd_ood(args, model, chain):
 def save_grid(x, path, nrow=8, mkdir=False):
     if mkdir:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.utils.save_image(x.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1))
+    torchvision.utils.save_image(x.detach().float().cpu(), path, nrow=nrow, normalize=True,
+                                 value_range=(-1, 1))
 
 
 def _plt():
@@ -1188,7 +1239,8 @@ def plot_hist(scores, path):
 
 def write_metrics(args, model, chain, res, seconds, argv):
     out = {"subcommand": args.cmd, **res,
-           "checkpoint": {"path": os.path.abspath(args.ckpt), "script": model.script, "iteration": model.iteration,
+           "checkpoint": {"path": os.path.abspath(args.ckpt), "script": model.script,
+                          "iteration": model.iteration,
                           "dataset": model.cfg.get("dataset"), "image_size": model.size, "n_c": model.n_c},
            "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -1202,7 +1254,8 @@ def write_metrics(args, model, chain, res, seconds, argv):
 
 
 COMMANDS = {"fid": cmd_fid, "recon": cmd_recon, "interp": cmd_interp, "transition": cmd_transition,
-            "superres": cmd_superres, "bpd": cmd_bpd, "inpaint": cmd_inpaint, "ood": cmd_ood, "export": cmd_export}
+            "superres": cmd_superres, "bpd": cmd_bpd, "inpaint": cmd_inpaint, "ood": cmd_ood,
+            "export": cmd_export}
 
 
 def main(argv=None):
@@ -1224,11 +1277,11 @@ def main(argv=None):
               f"steps; --jac-batch for bpd)", file=sys.stderr)
         return 2
     out = write_metrics(args, model, chain, res, time.time() - t0, argv)
-    keys = [k for k in ("fid", "inception_score", "kid", "mse", "mse_init", "bits_per_dim", "bits_per_dim_dequantized",
-                        "auroc") if k in out]
+    keys = [k for k in ("fid", "inception_score", "kid", "mse", "mse_init", "bits_per_dim",
+                        "bits_per_dim_dequantized", "auroc") if k in out]
     print(json.dumps({k: out[k] for k in keys}) if keys else f"wrote {args.out}", file=sys.stderr)
-    print(f"{PROG}: {args.cmd} done in {time.time() - t0:.1f}s; results in {os.path.join(args.out, 'metrics.json')}",
-          file=sys.stderr)
+    results = os.path.join(args.out, "metrics.json")
+    print(f"{PROG}: {args.cmd} done in {time.time() - t0:.1f}s; results in {results}", file=sys.stderr)
     return 0
 
 

@@ -391,31 +391,32 @@ def test_dual_transition_superres_interp_ood(dual_ckpt, data, tmp_path, capsys):
 # ---- recon optimizer (issue 10 item 4) ----
 
 def test_gd_step_is_plain_gradient_descent_on_a_hand_case(sr_ckpt):
-    # K = 0: M_theta(z) = z, so grad_z 1/2 ||x - z||^2 = z - x and one gd step gives z0 - lr (z0 - x)
+    # K = 0: M_theta(z) = z, so grad_z ||x - z||^2 = 2 (z - x) and one gd step gives z0 - 2 lr (z0 - x)
     model = ev.load_model(sr_ckpt, "cpu")
     chain = {"K": 0, "step_size": 1.0, "noise": 0.0}
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     z0 = torch.rand(2, 3, 32, 32) * 2 - 1
     r = ev.reconstruct_z(model, chain, x, steps=1, lr=0.25, optimizer="gd", z0=z0)
-    torch.testing.assert_close(r.z, z0 - 0.25 * (z0 - x))
+    torch.testing.assert_close(r.z, z0 - 0.5 * (z0 - x))
     assert r.curve[0] == pytest.approx((z0 - x).pow(2).mean().item(), rel=1e-5)
-    assert r.curve[1] == pytest.approx(0.75 ** 2 * r.curve[0], rel=1e-5)
-    # lr 1 lands on x in one step; without projection z may leave [-1, 1], with --clamp it may not
+    assert r.curve[1] == pytest.approx(0.5 ** 2 * r.curve[0], rel=1e-5)
+    # lr 1/2 lands on x in one step; without projection z may leave [-1, 1], with --clamp it may not
     far = x * 1.5
-    assert ev.reconstruct_z(model, chain, far, 1, 1.0, z0=z0).z.abs().max() > 1.2
-    assert ev.reconstruct_z(model, chain, far, 1, 1.0, z0=z0, clamp=True).z.abs().max() <= 1
+    torch.testing.assert_close(ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0).z, far)
+    assert ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0, clamp=True).z.abs().max() <= 1
 
 
 def test_recon_default_is_the_papers_gradient_descent_and_reduces_the_error(sr_ckpt, data, tmp_path, capsys):
     code, err = run_eval(["recon", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
-                          "--steps", "30", "--device", "cpu", "--out", tmp_path], capsys)
+                          "--steps", "40", "--device", "cpu", "--out", tmp_path], capsys)
     assert code == 0, err
     m = metrics(tmp_path)
     method = m["method"]
     assert method["optimizer"] == "gd" and method["lr"] == ev.GD_LR and method["clamp"] is False
     print("gd recon on the tiny model:", m["mse_init"], "->", m["mse"])
-    assert m["mse"] < 0.5 * m["mse_init"], (m["mse"], m["mse_init"])
-    assert m["mse_curve"][-1] < m["mse_curve"][0]
+    assert m["mse"] < 0.7 * m["mse_init"], (m["mse"], m["mse_init"])
+    curve = m["mse_curve"]                                  # small plain steps: the error falls at every step
+    assert all(b < a for a, b in zip(curve, curve[1:])), curve
 
 
 # ---- data subsets and export (issue 10 item 8) ----
@@ -567,6 +568,22 @@ def test_superres_of_a_lowres_checkpoint_defaults_to_its_trained_size(sr_ckpt, d
     assert code == 0, err
     m = metrics(tmp_path / "a")
     assert m["sizes"] == [16] and set(m["per_size"]) == {"16x16"} and m["trained_lowres_size"] == 16
+
+
+def test_authors_released_format_is_routed_to_dual_mcmc_loader(dual_ckpt, tmp_path, capsys, monkeypatch):
+    # a dict without "script" holding netG / netE / netI is the Dual-MCMC authors' format: dual_mcmc reads it
+    torch.save({"epoch": 300, "netG": {}, "netE": {}, "netI": {}}, tmp_path / "authors.pth")
+    seen = []
+    real = ev.dm.load_checkpoint
+    monkeypatch.setattr(ev.dm, "load_checkpoint", lambda path, device: seen.append(path) or real(dual_ckpt, device))
+    model = ev.load_model(str(tmp_path / "authors.pth"), "cpu")
+    assert seen == [str(tmp_path / "authors.pth")] and model.script == "dual_mcmc" and model.g is not None
+    monkeypatch.undo()
+    # empty state dicts are no authors' nets: one line, exit 2, nothing written
+    code, err = run_eval(["recon", "--ckpt", tmp_path / "authors.pth", "--device", "cpu", "--out", tmp_path / "o"],
+                         capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "o")
 
 
 # ---- bad input ----
