@@ -660,6 +660,7 @@ def autocast_for(args, device):
     """A context factory: bf16 autocast with --amp bf16, else a no-op."""
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
+
 def check_guard(stats, step_rms, args, it):
     """None if healthy, else a message saying what blew up and what to change."""
     f_data, f_q, max_abs, _, _ = stats
