@@ -382,7 +382,7 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
     return torch.cat(x0s), torch.cat(xts)
 
 
-# ---- harness: flags (paper values in every help) and their validation ----
+# ---- harness: flags (paper values in every help), data-set defaults, validation ----
 
 PROG = "dual_mcmc.py"
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
@@ -495,7 +495,8 @@ def build_parser(suppress_defaults=False):
     a("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
       help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     a("--benchmark", type=int, default=0, metavar="N",
-      help="time N iterations on random data, print s/iter, write nothing")
+      help="time N training steps on random data (median after 2 warm-ups), print s/iter and "
+           "images*steps/s, write nothing")
     a("--print-config", action="store_true",
       help="print the resolved configuration (with --resume: the run's own) as JSON and exit; "
            "reads no data, writes nothing")
@@ -615,11 +616,6 @@ def _image_transform(size, celeba_crop=False):
 def to_pixels(u8):
     """uint8 images -> float in [-1, 1]."""
     return u8.float() / 127.5 - 1
-
-
-def save_grid(x, path):
-    """An 8-wide PNG grid of images in [-1, 1]."""
-    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
 
 
 def _torchvision_set(name, root, size, download, celeba_crop=False):
@@ -744,7 +740,7 @@ def get_batch(data, order, device, hflip=False):
     return x
 
 
-# ---- device, RNG, run folder, checkpoints ----
+# ---- device, RNG, run folder, checkpoints, resume ----
 
 
 def resolve_device(name):
@@ -1021,6 +1017,11 @@ def eval_mode(models):
 
 
 
+def save_grid(x, path):
+    """An 8-wide PNG grid of images in [-1, 1]."""
+    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+
+
 def save_grids(models, fixed_x, fixed_z, args, it):
     """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
     E, G, I = models["ebm"], models["generator"], models["encoder"]
@@ -1261,7 +1262,7 @@ def benchmark(args, data, device, rank, world):
     return 0
 
 
-# ---- main ----
+# ---- main: processes, data, run ----
 
 
 def _versions():
