@@ -281,10 +281,15 @@ def test_bpd_log_determinant_matches_finite_differences(tmp_path):
 def test_bpd_cli_on_a_gelu_checkpoint(data, tmp_path, capsys):
     ckpt = _gelu_checkpoint(tmp_path / "g.pt")
     code, err = run_eval(["bpd", "--ckpt", ckpt, "--dataset", f"folder:{data['test']}", "--n", "2", "--steps", "5",
-                          "--jac-batch", "512", "--device", "cpu", "--out", tmp_path / "out"], capsys)
+                          "--dequant-draws", "1", "--jac-batch", "512", "--device", "cpu", "--out", tmp_path / "out"],
+                         capsys)
     assert code == 0, err
     m = metrics(tmp_path / "out")
     assert m["n"] == 2 and m["dim"] == 1024 and math.isfinite(m["bits_per_dim"])
+    assert m["dequant_draws"] == 1 and math.isfinite(m["bits_per_dim_dequantized"])
+    assert m["method"]["clamp"] is True and m["method"]["optimizer"] == "gd"    # z stays in p_0's support
+    assert m["bits_per_dim_dequantized"] == pytest.approx(np.mean([r["bits_per_dim_dequantized"]
+                                                                   for r in m["per_image"]]))
     r = m["per_image"][0]
     # log p(x) = log p0(z) - log|det|, p0 uniform on [-1, 1]^D; bits = -(log p(x) - D log 127.5) / (D log 2)
     assert r["log_p0"] == pytest.approx(-1024 * math.log(2))
