@@ -486,10 +486,56 @@ def subset(n_available, n, seed):
     return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def load_set(name, root, size, n, download, split, n_c, seed=0):
+def celeba_crop(model, name):
+    """True when images of set `name` must take the Dual-MCMC authors' CelebA crop box, as the model's
+    training images did (dual_mcmc --celeba-crop: celeba, or the folder it was trained on)."""
+    return bool(model.script == "dual_mcmc" and model.cfg.get("celeba_crop")
+                and name in ("celeba", model.cfg.get("dataset")))
+
+
+def _cropped_set(name, root, size, split, download):
+    """CelebA (torchvision split) or a folder of aligned 178x218 images through the authors' pipeline:
+    crop box dual_mcmc.CELEBA_BOX, resize to size, [-1, 1]. A dataset whose images are decoded on demand."""
+    T = torchvision.transforms
+    tf = T.Compose([T.Lambda(lambda im: im.crop(dm.CELEBA_BOX)), T.Resize(size), T.CenterCrop(size),
+                    T.ToTensor(), T.Normalize([.5] * 3, [.5] * 3)])
+    if name.startswith("folder:"):
+        from PIL import Image
+        path = os.path.expanduser(name[len("folder:"):])
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
+                       if f.lower().endswith(sr.IMAGE_EXTS))
+        if not files:
+            raise sr.UsageError(f"data folder {path} holds no images")
+
+        class Files(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(files)
+
+            def __getitem__(self, i):
+                with Image.open(files[i]) as im:
+                    return tf(im.convert("RGB")), 0
+        return Files()
+    try:
+        return torchvision.datasets.CelebA(root, split="train" if split == "train" else "test",
+                                           download=download, transform=tf)
+    except (RuntimeError, OSError) as e:
+        raise sr.UsageError(f"celeba not found under {root} ({str(e).splitlines()[0]}): put celeba/ there "
+                            f"(img_align_celeba/ + list_eval_partition.txt) or allow --download") from None
+
+
+def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
     """A seeded random subset of n images (0 = all) of a named set, (n, n_c, size, size) in [-1, 1] on the
-    CPU, and {"data_seed", "n", "n_available"} for metrics.json."""
-    if name == "cifar100":  # not a training set of the scripts, only an OOD reference
+    CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the Dual-MCMC authors' CelebA
+    crop box instead of resize + centre crop (see celeba_crop)."""
+    if crop:
+        ds = _cropped_set(name, root, size, split, download)
+        available = len(ds)
+        ds = torch.utils.data.Subset(ds, subset(available, n, seed).tolist())
+        try:
+            x = torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)])
+        except (OSError, ValueError) as e:
+            raise sr.UsageError(f"cannot read {name} images ({type(e).__name__}: {e})") from None
+    elif name == "cifar100":  # not a training set of the scripts, only an OOD reference
         T = torchvision.transforms
         tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([.5] * 3, [.5] * 3)])
         try:
@@ -514,9 +560,10 @@ def load_set(name, root, size, n, download, split, n_c, seed=0):
 
 def held_out(args, model, n):
     name, root = resolve_data(args, model)
-    x, picked = load_set(name, root, model.size, n, args.download, args.split, model.n_c, args.data_seed)
+    x, picked = load_set(name, root, model.size, n, args.download, args.split, model.n_c, args.data_seed,
+                         celeba_crop(model, name))
     info = {"dataset": name, "split": args.split if not name.startswith("folder:") else "folder (no split)",
-            **picked}
+            **picked, "celeba_crop": celeba_crop(model, name)}
     if name.startswith("folder:") and name == model.cfg["dataset"]:
         print(f"{PROG}: note: {name} is the training folder itself; pass --dataset folder:HELD_OUT for "
               f"held-out images", file=sys.stderr)
@@ -601,17 +648,20 @@ def reference_stats(args, model, net, weights, device):
     n_ref = reference_size(args, name)
     with open(weights, "rb") as fh:
         tag = hashlib.sha256(fh.read()).hexdigest()[:8]
-    safe = name.replace("folder:", "folder_").replace("/", "_").replace("~", "")
+    crop = celeba_crop(model, name)
+    safe = name.replace("folder:", "folder_").replace("/", "_").replace("~", "") + ("_crop" if crop else "")
     path = args.stats or os.path.join(root, "fid_stats",
                                       f"{safe}_{model.size}px_n{n_ref}_s{args.data_seed}_{tag}.npz")
     if os.path.isfile(path):
         z = np.load(path)
         if str(z["weights_sha"]) == tag and int(z["image_size"]) == model.size:
             info = {"n": int(z["n"]), "n_available": int(z["n_available"]) if "n_available" in z else None,
-                    "data_seed": int(z["data_seed"]) if "data_seed" in z else None, "stats": path}
+                    "data_seed": int(z["data_seed"]) if "data_seed" in z else None, "stats": path,
+                    "celeba_crop": crop}
             return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), info
         print(f"{PROG}: {path} was made with other weights or image size: recomputing", file=sys.stderr)
-    x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed)
+    x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed,
+                         celeba_crop(model, name))
     feats, _ = inception_features(net, lambda i, b: x[i:i + b], len(x), args.batch_size, device, "reference")
     mu, sigma = feats.mean(0).numpy(), np.cov(feats.numpy(), rowvar=False)
     keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:args.kid_ref]
@@ -621,7 +671,7 @@ def reference_stats(args, model, net, weights, device):
     np.savez(tmp, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=len(x), weights_sha=tag,
              image_size=model.size, dataset=name, n_available=picked["n_available"], data_seed=args.data_seed)
     os.replace(tmp, path)
-    return mu, sigma, feats_kid, {**picked, "stats": path}
+    return mu, sigma, feats_kid, {**picked, "stats": path, "celeba_crop": crop}
 
 
 def reference_size(args, name):
@@ -1182,7 +1232,7 @@ def cmd_ood(args, model, chain):
     for name in args.ood:
         split = "test"
         x_out, picked = load_set(name, root, model.size, args.n, args.download, split, model.n_c,
-                                 args.data_seed)
+                                 args.data_seed, celeba_crop(model, name))
         f_out = scores(x_out, f"f({name})")
         res[name] = auroc(f_in, f_out)
         sets[name] = {**picked, "split": split, "f_mean": float(f_out.mean())}

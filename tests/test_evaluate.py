@@ -591,6 +591,26 @@ def test_authors_released_format_is_routed_to_dual_mcmc_loader(dual_ckpt, tmp_pa
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_dual_celeba_crop_checkpoints_evaluate_on_the_authors_crop_box(dual_ckpt, tmp_path):
+    # aligned 178x218 faces: white inside the authors' crop box, black outside
+    folder = tmp_path / "faces"
+    os.makedirs(folder)
+    for i in range(3):
+        im = np.zeros((218, 178, 3), np.uint8)
+        l, t, r, b = dm.CELEBA_BOX
+        im[t:b, l:r] = 255
+        Image.fromarray(im).save(folder / f"{i}.png")
+    name = f"folder:{folder}"
+    x, info = ev.load_set(name, "./data", 32, 0, False, "test", 3, crop=True)
+    assert x.shape == (3, 3, 32, 32) and torch.equal(x, torch.ones_like(x))         # the box, nothing else
+    plain, _ = ev.load_set(name, "./data", 32, 0, False, "test", 3)
+    assert plain.min() == -1                                                      # resize + centre crop
+    model = ev.load_model(dual_ckpt, "cpu")
+    assert not ev.celeba_crop(model, "celeba")
+    model.cfg.update(celeba_crop=True, dataset=name)
+    assert ev.celeba_crop(model, name) and ev.celeba_crop(model, "celeba") and not ev.celeba_crop(model, "svhn")
+
+
 # ---- bad input ----
 
 @pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
