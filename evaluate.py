@@ -687,17 +687,22 @@ def bn_mode(args, model):
     """dual_mcmc nets in the mode --bn-mode asks for while sampling / reconstructing. train (the authors'
     task_fid.py, which never calls .eval()): BatchNorm normalises with the statistics of each batch of
     --batch-size images and the EBM's spectral norm runs its power iteration; eval: running statistics.
-    Short-run checkpoints (no BatchNorm) are unaffected."""
+    Short-run checkpoints (no BatchNorm) are unaffected. The buffers train mode moves (BatchNorm running
+    statistics, spectral-norm vectors) are restored afterwards: evaluating never changes the model."""
     nets = [net for net in (model.f, model.g, model.encoder) if net is not None]
     modes = [net.training for net in nets]
+    buffers = [{k: v.clone() for k, v in net.named_buffers()} for net in nets]
     if model.script == "dual_mcmc":
         for net in nets:
             net.train(args.bn_mode == "train")
     try:
         yield
     finally:
-        for net, mode in zip(nets, modes):
+        for net, mode, saved in zip(nets, modes, buffers):
             net.train(mode)
+            with torch.no_grad():
+                for k, v in net.named_buffers():
+                    v.copy_(saved[k])
 
 
 def bn_info(args, model):

@@ -462,6 +462,7 @@ def test_export_writes_pngs_and_npz_for_both_scripts(sr_ckpt, dual_ckpt, tmp_pat
 
 def test_bn_mode_train_uses_batch_statistics_and_restores_the_modes(dual_ckpt):
     model = ev.load_model(dual_ckpt, "cpu")
+    before = {k: v.clone() for k, v in model.g.state_dict().items()}
     z = torch.randn(6, model.g.nz)
     outs = {}
     for mode in ("train", "eval"):
@@ -470,6 +471,7 @@ def test_bn_mode_train_uses_batch_statistics_and_restores_the_modes(dual_ckpt):
             with torch.no_grad():
                 outs[mode] = (model.g(z), model.g(z[:3]))
     assert not model.g.training and not model.f.training                   # modes restored (eval)
+    assert all(torch.equal(v, model.g.state_dict()[k]) for k, v in before.items())   # running stats too
     torch.testing.assert_close(outs["eval"][0][:3], outs["eval"][1])          # running stats: per image
     assert not torch.allclose(outs["train"][0][:3], outs["train"][1])          # batch stats: the batch matters
     assert not torch.allclose(outs["train"][0], outs["eval"][0])
