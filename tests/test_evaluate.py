@@ -616,7 +616,8 @@ def test_dual_celeba_crop_checkpoints_evaluate_on_the_authors_crop_box(dual_ckpt
 # ---- bad input ----
 
 @pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
-                                  "bad_mask", "no_subcommand"])
+                                  "bad_mask", "no_subcommand", "bad_optimizer", "negative_lr", "bad_bn_mode",
+                                  "negative_draws", "negative_init_noise", "export_n0"])
 def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
@@ -628,7 +629,13 @@ def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, cap
             "bad_dataset": ["recon", "--ckpt", sr_ckpt, "--dataset", "imagenet", *out],
             "bad_flag": ["recon", "--ckpt", sr_ckpt, "--n", "0", *out],
             "bad_mask": ["inpaint", "--ckpt", dual_ckpt, "--masks", "X10", *out],
-            "no_subcommand": ["--ckpt", sr_ckpt]}[case]
+            "no_subcommand": ["--ckpt", sr_ckpt],
+            "bad_optimizer": ["recon", "--ckpt", sr_ckpt, "--optimizer", "sgd", *out],
+            "negative_lr": ["recon", "--ckpt", sr_ckpt, "--lr", "-0.1", *out],
+            "bad_bn_mode": ["export", "--ckpt", dual_ckpt, "--bn-mode", "frozen", *out],
+            "negative_draws": ["bpd", "--ckpt", sr_ckpt, "--dequant-draws", "-1", *out],
+            "negative_init_noise": ["superres", "--ckpt", sr_ckpt, "--init-noise", "-1", *out],
+            "export_n0": ["export", "--ckpt", sr_ckpt, "--n", "0", *out]}[case]
     code, err = run_eval(argv, capsys)
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
