@@ -105,9 +105,9 @@ def build_parser():
                    help="short-run: noise std of fid / transition / superres / inpaint chains (paper 1e-2); "
                    "recon, interp and bpd always run M_theta with noise off")
     s.add_argument("--k-x", type=int, default=None,
-                   help="dual: x-Langevin steps on f (paper 30; fid: sample preset 70)")
+                   help="dual: x-Langevin steps on f (paper 30; fid / export: sample preset 70)")
     s.add_argument("--x-step-size", type=float, default=None,
-                   help="dual: x-chain step (fid: sample preset 0.08)")
+                   help="dual: x-chain step (fid / export: sample preset 0.08)")
     s.add_argument("--x-noise", type=float, default=None, help="dual: x-chain noise std (paper 1e-3)")
     s.add_argument("--k-z", type=int, default=None, help="dual: z-Langevin steps on log p(z|x) (paper 10)")
     s.add_argument("--z-step-size", type=float, default=None, help="dual: z-chain step (paper 0.005)")
@@ -368,7 +368,7 @@ def load_model(path, device):
 
 def sampler_settings(args, model, for_sampling=False):
     """The chain settings in use: flags where given, else the checkpoint's training values.
-    dual_mcmc's fid uses the authors' test preset (sample_k_x, sample_step_size) by default."""
+    dual_mcmc's fid and export use the authors' test preset (sample_k_x, sample_step_size) by default."""
     c = model.cfg
     pick = lambda flag, key: getattr(args, flag) if getattr(args, flag) is not None else c[key]
     if model.script == "shortrun_ebm":
