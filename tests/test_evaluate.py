@@ -640,3 +640,16 @@ def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, cap
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "out")
+
+
+# ---- layout (issue 12) ----
+
+def test_evaluate_lines_are_at_most_110_characters_and_it_raises_the_training_scripts_usage_error():
+    with open(ev.__file__) as fh:
+        long_lines = [i for i, line in enumerate(fh.read().splitlines(), 1) if len(line) > 110]
+    assert long_lines == []
+    own = [k for k, v in vars(ev).items() if isinstance(v, type) and issubclass(v, Exception)
+           and v.__module__ == ev.__name__]
+    assert own == []                                           # no exception class of its own
+    with pytest.raises(sr.UsageError):
+        ev.load_model("/nonexistent/final.pt", "cpu")
