@@ -493,28 +493,42 @@ def celeba_crop(model, name):
                 and name in ("celeba", model.cfg.get("dataset")))
 
 
+class _CropBox:
+    """PIL image -> its dual_mcmc.CELEBA_BOX crop (a class, not a lambda: DataLoader workers pickle it)."""
+
+    def __call__(self, im):
+        if im.size != (178, 218):
+            raise ValueError(f"the CelebA crop box needs aligned 178x218 images, got "
+                             f"{im.size[0]}x{im.size[1]}")
+        return im.crop(dm.CELEBA_BOX)
+
+
+class _FileImages(torch.utils.data.Dataset):
+    def __init__(self, files, tf):
+        self.files, self.tf = files, tf
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.tf(im.convert("RGB")), 0
+
+
 def _cropped_set(name, root, size, split, download):
     """CelebA (torchvision split) or a folder of aligned 178x218 images through the authors' pipeline:
     crop box dual_mcmc.CELEBA_BOX, resize to size, [-1, 1]. A dataset whose images are decoded on demand."""
     T = torchvision.transforms
-    tf = T.Compose([T.Lambda(lambda im: im.crop(dm.CELEBA_BOX)), T.Resize(size), T.CenterCrop(size),
-                    T.ToTensor(), T.Normalize([.5] * 3, [.5] * 3)])
+    tf = T.Compose([_CropBox(), T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                    T.Normalize([.5] * 3, [.5] * 3)])
     if name.startswith("folder:"):
-        from PIL import Image
         path = os.path.expanduser(name[len("folder:"):])
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
                        if f.lower().endswith(sr.IMAGE_EXTS))
         if not files:
             raise sr.UsageError(f"data folder {path} holds no images")
-
-        class Files(torch.utils.data.Dataset):
-            def __len__(self):
-                return len(files)
-
-            def __getitem__(self, i):
-                with Image.open(files[i]) as im:
-                    return tf(im.convert("RGB")), 0
-        return Files()
+        return _FileImages(files, tf)
     try:
         return torchvision.datasets.CelebA(root, split="train" if split == "train" else "test",
                                            download=download, transform=tf)
@@ -660,15 +674,28 @@ def reference_stats(args, model, net, weights, device):
                     "celeba_crop": crop}
             return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), info
         print(f"{PROG}: {path} was made with other weights or image size: recomputing", file=sys.stderr)
-    x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed,
-                         celeba_crop(model, name))
-    feats, _ = inception_features(net, lambda i, b: x[i:i + b], len(x), args.batch_size, device, "reference")
+    if crop:  # streamed: all 162,770 CelebA training images never sit in memory at once
+        ds = _cropped_set(name, root, model.size, "train", args.download)
+        picked = {"data_seed": args.data_seed, "n_available": len(ds)}
+        ds = torch.utils.data.Subset(ds, subset(len(ds), n_ref, args.data_seed).tolist())
+        picked["n"] = len(ds)
+        batches_in = iter(torch.utils.data.DataLoader(ds, batch_size=args.batch_size,
+                                                      num_workers=min(4, os.cpu_count() or 1)))
+        images = lambda i, b: match_channels(next(batches_in)[0], model.n_c)      # in order, b at a time
+    else:
+        x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed)
+        images = lambda i, b: x[i:i + b]
+    try:
+        feats, _ = inception_features(net, images, picked["n"], args.batch_size, device, "reference")
+    except (OSError, ValueError) as e:                                            # an unreadable image
+        raise sr.UsageError(f"cannot read {name} images ({type(e).__name__}: "
+                            f"{str(e).splitlines()[-1]})") from None
     mu, sigma = feats.mean(0).numpy(), np.cov(feats.numpy(), rowvar=False)
     keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:args.kid_ref]
     feats_kid = feats[keep].float()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=len(x), weights_sha=tag,
+    np.savez(tmp, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=picked["n"], weights_sha=tag,
              image_size=model.size, dataset=name, n_available=picked["n_available"], data_seed=args.data_seed)
     os.replace(tmp, path)
     return mu, sigma, feats_kid, {**picked, "stats": path, "celeba_crop": crop}

@@ -613,6 +613,32 @@ def test_dual_celeba_crop_checkpoints_evaluate_on_the_authors_crop_box(dual_ckpt
     assert ev.celeba_crop(model, name) and ev.celeba_crop(model, "celeba") and not ev.celeba_crop(model, "svhn")
 
 
+def test_celeba_crop_reference_statistics_are_streamed_from_the_cropped_images(dual_ckpt, tmp_path, capsys):
+    folder = tmp_path / "faces"
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    name = f"folder:{folder}"
+    model = ev.load_model(dual_ckpt, "cpu")
+    model.cfg.update(celeba_crop=True, dataset=name)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"any file: only its hash names the cache")
+    net = lambda x: (x.double().flatten(1)[:, :16], x.double().flatten(1)[:, :4])   # stand-in features
+    args = argparse.Namespace(dataset=None, data_root=str(tmp_path), n_ref=5, data_seed=1, stats=None,
+                              download=False, batch_size=2, kid_ref=10)
+    mu, sigma, feats_kid, info = ev.reference_stats(args, model, net, str(weights), "cpu")
+    assert info["n"] == 5 and info["n_available"] == 7 and info["celeba_crop"] and "_crop_" in info["stats"]
+    x, _ = ev.load_set(name, ".", 32, 5, False, "train", 3, seed=1, crop=True)       # the same 5 images
+    expected = ev.to_uint8(x).double().flatten(1)[:, :16]
+    np.testing.assert_allclose(mu, expected.mean(0).numpy(), rtol=1e-12)
+    # images that are not aligned 178x218 CelebA faces: one line, exit 2
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "small.png")
+    args.stats, args.n_ref = str(tmp_path / "other.npz"), 0
+    with pytest.raises(sr.UsageError, match="178x218"):
+        ev.reference_stats(args, model, net, str(weights), "cpu")
+
+
 # ---- bad input ----
 
 @pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
