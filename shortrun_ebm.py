@@ -157,10 +157,11 @@ def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=N
 
 # ---- harness: the parser (paper defaults), data, run folder, checkpoints, training loop, main ----
 
+PROG = "shortrun_ebm.py"
+RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
+REUSE_HINT = "pass --resume to continue it"
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
 CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 # Defaults that depend on --dataset (the parser holds None; resolve_defaults fills them in). CIFAR-10,
 # CelebA, LSUN: the paper's sec. 5.1 (n_f 128 / 64 / 64, 40,000 images, 200,000 iterations, then a
 # decrease of lr and sigma). Its length and shape are unpublished: ours is 50,000 more iterations of
@@ -176,15 +177,6 @@ OLD_RUN_DEFAULTS = {"preset": None, "print_config": False, "cuda_graph": True,
                     "data_seed": None}                 # None: the first n_data images in sorted order
 
 
-class UsageError(Exception):
-    """A mistake in the user's input: main() prints it as one line and exits 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's 20-line usage block
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
         return action.help if action.default is None else super()._get_help_string(action)
@@ -198,7 +190,7 @@ def per_dataset(key):
 
 def build_parser(suppress_defaults=False):
     """The hyperparameter block. Defaults are the paper's appendix setting for CIFAR-10."""
-    p = ArgumentParser(prog="shortrun_ebm.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        formatter_class=HelpFormatter,
                        epilog="--n_f, --n-data, --image-size, --iters and --anneal-start default per "
                               "data set: cifar10, celeba and lsun_bedroom follow the paper's sec. 5.1, "
@@ -330,6 +322,193 @@ def validate(args):
         raise UsageError(f"--lowres-size ({args.lowres_size}) must be <= --image-size ({args.image_size})")
 
 
+# ---- harness, shared: the same text in every script that needs it (tests/test_harness.py compares) ----
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's 20-line usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def resolve_device(name, local_rank=0):
+    """auto -> cuda if present, else cpu; cuda without an index -> this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)                       # rejects "cudafoo", "cuda:abc", "cuda:-1"
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    index = local_rank if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device("cuda", index)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state(device):
+    """Every random stream a run draws from, as types torch.load(weights_only=True) accepts. Only
+    this process's CUDA device: touching the others would open a context on every GPU per rank."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def set_rng_state(state, device):
+    """Inverse of get_rng_state; also reads checkpoints that stored every device's CUDA state."""
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if cuda and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda[device.index] if len(cuda) > 1 else cuda[0], device)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+
+
+def gather_rng(device, world):
+    """RNG states of all ranks (a collective: every rank calls it), so resume is exact per rank."""
+    if world == 1:
+        return [get_rng_state(device)]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, get_rng_state(device))
+    return states
+
+
+def atomic_save(obj, path):
+    """torch.save to a hidden temp file beside path, then rename: a kill leaves the old file or the new."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    """JSON written like atomic_save: a kill at any moment leaves the file whole or absent."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def load_file(path, device="cpu"):
+    """A checkpoint file's dict, or one clear line (UsageError) when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: any unpickling error means unreadable
+        raise UsageError(f"cannot read checkpoint {path}: unreadable ({type(e).__name__}), it may be "
+                         f"truncated; delete it or resume from another copy") from None
+
+
+def check_run_folder(out, force=False):
+    """Refuse to clobber a run (any of RUN_FILES) unless force, and fail early on a folder we could
+    not write. Returns the old run's files that are present (what force replaces)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    old = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+    if old and not force:
+        raise UsageError(f"{out} already holds a run; {REUSE_HINT} or choose another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):              # the nearest folder that exists must be writable
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UsageError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+    return old
+
+
+def truncate_log(path, iteration):
+    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
+    if os.path.exists(path):
+        with open(path) as fh:
+            keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
+        with open(path, "w") as fh:
+            fh.writelines(keep)
+
+
+def folder_path(dataset):
+    """folder:PATH -> PATH with ~ expanded."""
+    return os.path.expanduser(dataset[len("folder:"):])
+
+
+def folder_images(path):
+    """Every image under path (recursive, following links), sorted; one clear line if there is none."""
+    if not os.path.isdir(path):
+        raise UsageError(f"--dataset folder: {path!r} does not exist or is not a directory; pass "
+                         f"folder:PATH with a folder of images")
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
+                   for n in names if n.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise UsageError(f"--dataset folder: {path!r} holds no images ({', '.join(IMAGE_EXTS)}), "
+                         f"searched recursively")
+    return files
+
+
+def save_grid(x, path):
+    """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch)."""
+    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
+    exact); a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        except ValueError:  # not the main thread: keep the default handler
+            pass
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration "
+              f"(Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def any_rank(flags, world):
+    """Element-wise OR of boolean flags (a tensor on the device) over ranks: all ranks must stop on
+    the same iteration, or the others would wait forever in the next all-reduce. One sync per call."""
+    flags = flags.float()
+    if world > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in flags.tolist()]
+
+
 # ---- model and sampler plumbing ----
 
 def build_ebm(n_c, n_f, im_sz, act, device):
@@ -381,17 +560,6 @@ WHERE = {"cifar10": "{root}/cifar-10-batches-py/", "mnist": "{root}/MNIST/raw/",
          "lsun_bedroom": "{root}/bedroom_train_lmdb/ (from the LSUN download scripts)"}
 
 
-def _folder_images(path):
-    if not os.path.isdir(path):
-        raise UsageError(f"data folder {path} does not exist: pass folder:PATH with a folder of images")
-    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
-                   for n in names if n.lower().endswith(IMAGE_EXTS))
-    if not files:
-        raise UsageError(f"data folder {path} holds no images ({', '.join(IMAGE_EXTS)}), "
-                         f"searched recursively")
-    return files
-
-
 def subset_indices(n_available, n_data, seed):
     """Which images to take: all (n_data 0 or >= n_available, in order), else a random n_data of them
     drawn with its own generator from seed (class-sorted folders keep every class); seed None: the
@@ -415,7 +583,7 @@ def load_images(dataset, data_root, image_size, n_data=0, download=False, split=
         torchvision.transforms.Resize(image_size), torchvision.transforms.CenterCrop(image_size),
         torchvision.transforms.ToTensor(), torchvision.transforms.Normalize([0.5] * n_c, [0.5] * n_c)])
     if dataset.startswith("folder:"):
-        files = _folder_images(os.path.expanduser(dataset[len("folder:"):]))
+        files = folder_images(folder_path(dataset))
         if info is not None:
             info["n_available"] = len(files)
         files = [files[i] for i in subset_indices(len(files), n_data, seed)]
@@ -454,72 +622,10 @@ def place_data(data, device):
 
 # ---- run folder, checkpoints, logging ----
 
-def resolve_device(name, local_rank=0):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)                       # rejects "cudafoo", "cuda:abc", "cuda:-1"
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type != "cuda":
-        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    index = local_rank if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return torch.device("cuda", index)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def get_rng_state():
-    """All RNG states as types torch.load(weights_only=True) accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
-
-
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def read_checkpoint(path, device="cpu"):
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: any unpickling error means unreadable
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}): it may be truncated; "
-                         f"delete it or resume from another copy") from None
+    ckpt = load_file(path, device)
     if not isinstance(ckpt, dict) or ckpt.get("script") != "shortrun_ebm":
-        raise UsageError(f"{path} is not a shortrun_ebm.py checkpoint")
+        raise UsageError(f"{path} is not a {PROG} checkpoint")
     return ckpt
 
 
@@ -540,18 +646,8 @@ def make_checkpoint(f, optim, args, it, rng_states, seconds):
 
 def prepare_run_folder(args):
     """Refuse to clobber a run; on --resume return the checkpoint to continue from."""
-    occupied = any(os.path.exists(os.path.join(args.out, n)) for n in ("config.json", "last.pt", "log.jsonl"))
     if not args.resume:
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise UsageError(f"--out {args.out} is a file; choose a folder")
-        if occupied:
-            raise UsageError(f"run folder {args.out} already holds a run: pass --resume to continue it, "
-                             f"or choose another --out")
-        parent = os.path.abspath(args.out)
-        while not os.path.exists(parent):              # the nearest folder that exists must be writable
-            parent = os.path.dirname(parent)
-        if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-            raise UsageError(f"--out {args.out}: {parent} is not a writable folder; choose another --out")
+        check_run_folder(args.out)
         return None
     last, config_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "config.json")
     if os.path.exists(last) or not os.path.isfile(config_path):
@@ -582,48 +678,6 @@ def merge_resume_args(args, given, ckpt):
         raise UsageError(f"the run in {args.out} already reached iteration {ckpt['iteration']}: "
                          f"pass a larger --iters to train further")
     return argparse.Namespace(**config)
-
-
-def truncate_log(path, iteration):
-    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
-    if not os.path.exists(path):
-        return
-    with open(path) as fh:
-        keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
-    with open(path, "w") as fh:
-        fh.writelines(keep)
-
-
-def save_grid(x, path):
-    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class StopFlag:
-    """First Ctrl-C asks the loop to save and stop at the end of the iteration; a second one kills."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint at the end of this iteration (Ctrl-C again to abort)",
-              file=sys.stderr)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
 
 
 # ---- training ----
@@ -836,7 +890,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                 stats = torch.stack([f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std()])
             if guard_due:
                 msg = check_guard(stats.tolist(), step_rms, args, it)
-                diverged = any_rank(msg is not None, world, device)
+                diverged = any_rank(torch.tensor([msg is not None], device=device), world)[0]
             if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
                 f_data, f_q, max_abs, x_std, data_std = stats.tolist()
                 elapsed = time.time() - t_start
@@ -854,15 +908,15 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                       f"ETA {format_eta(rate * (args.iters - it))}", file=sys.stderr, flush=True)
             if diverged:
                 if writer:
-                    print(f"shortrun_ebm.py: diverged at {msg or f'iteration {it} on another rank'}; "
+                    print(f"{PROG}: diverged at {msg or f'iteration {it} on another rank'}; "
                           f"{args.out}/last.pt keeps the last good state (iteration {last_saved})",
                           file=sys.stderr)
                 return EXIT_DIVERGED
             if due(args.plot_every) and writer:
                 curves = plot(f, args, it, data_fixed, chain, amp, device, curves)
-            interrupted = any_rank(stop.requested, world, device)
+            interrupted = any_rank(torch.tensor([stop.requested], device=device), world)[0]
             if due(args.ckpt_every) or interrupted:
-                rng_now = gather_rng(world)
+                rng_now = gather_rng(device, world)
                 if writer:
                     ckpt = make_checkpoint(f, optim, args, it, rng_now, seconds0 + time.time() - t_start)
                     atomic_save(ckpt, os.path.join(args.out, "last.pt"))
@@ -871,29 +925,10 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                 last_saved = it
             if interrupted:
                 if writer:
-                    print(f"stopped at iteration {it}; continue with: python shortrun_ebm.py "
+                    print(f"stopped at iteration {it}; continue with: python {PROG} "
                           f"--out {args.out} --resume", file=sys.stderr)
                 return EXIT_INTERRUPTED
     return 0
-
-
-def any_rank(flag, world, device):
-    """True if flag is set on any rank: all ranks must stop on the same iteration, or the others
-    would wait forever in the next all-reduce."""
-    if world == 1:
-        return bool(flag)
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def gather_rng(world):
-    states = [None] * world
-    if world == 1:
-        states[0] = get_rng_state()
-    else:
-        torch.distributed.all_gather_object(states, get_rng_state())
-    return states
 
 
 # ---- benchmark ----
@@ -957,7 +992,7 @@ def load_data(args, rank, world, device):
                                    args.download and rank == 0, seed=args.data_seed, info=info)
             except UsageError as e:
                 error = e
-        if any_rank(error is not None, world, device):
+        if any_rank(torch.tensor([error is not None], device=device), world)[0]:
             raise error or UsageError("loading the data failed on rank 0")
     args.n_available = info["n_available"]             # recorded in config.json beside n_data, data_seed
     return data
@@ -984,7 +1019,7 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
             return 0
     except UsageError as e:
-        print(f"shortrun_ebm.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if world > 1:
         if device.type == "cuda":
@@ -994,7 +1029,7 @@ def main(argv=None):
         data = load_data(args, rank, world, device)
     except UsageError as e:
         if rank == 0:
-            print(f"shortrun_ebm.py: error: {e}", file=sys.stderr)
+            print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
         return run(args, ckpt, data, device, rank, world, argv)
@@ -1015,7 +1050,7 @@ def run(args, ckpt, data, device, rank, world, argv):
         optim.load_state_dict(ckpt["optimizers"]["ebm"])
         start_it, seconds0 = ckpt["iteration"], ckpt.get("seconds", 0.0)   # log seconds run on
         if len(ckpt["rng_per_rank"]) == world:
-            set_rng_state(ckpt["rng_per_rank"][rank])  # exact: every rank continues its own streams
+            set_rng_state(ckpt["rng_per_rank"][rank], device)  # exact: every rank continues its own streams
         else:                                          # another number of ranks: fresh streams per rank
             seed_everything(args.seed + rank + 1000 * start_it)
     if device.type == "cuda":
@@ -1026,7 +1061,7 @@ def run(args, ckpt, data, device, rank, world, argv):
         if ckpt is None or "models" not in ckpt:
             config = dict(vars(args), argv=argv, world_size=world, torch=torch.__version__,
                           torchvision=torchvision.__version__, python=sys.version.split()[0])
-            atomic_write_text(json.dumps(config, indent=2), os.path.join(args.out, "config.json"))
+            atomic_write_json(config, os.path.join(args.out, "config.json"))
         if ckpt is not None:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
