@@ -89,6 +89,9 @@ def build_parser():
     c("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
     c("--seed", type=int, default=0, help="seed for p_0 draws, masks and chain noise")
     c("--batch-size", type=int, default=100, help="images per batch")
+    c("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+      help="short-run fid/export samples on CUDA: shortrun_ebm.FastChain (one captured Langevin step "
+      "replayed K times; same chain as langevin); ignored on the CPU and for dual checkpoints")
     c("--dataset", default=None,
       help="image set (default: the checkpoint's --dataset); folder:PATH for your own")
     c("--data-root", default=None, help="where torchvision data sets live (default: the checkpoint's)")
@@ -746,12 +749,18 @@ def sample_batches(args, model, chain, n):
     init_data = None
     if model.script == "shortrun_ebm" and model.cfg.get("init") == "lowres":  # chains start from low-res data
         init_data = load_set(*resolve_data(args, model), model.size, 0, args.download, "train", model.n_c)[0]
+    fast = None                  # on CUDA the training harness's captured chain: the same K-step sampler
+    if model.script == "shortrun_ebm" and model.device.type == "cuda" and getattr(args, "cuda_graph", True):
+        fast = sr.FastChain(model.f, graph=True)
     torch.manual_seed(args.seed)
     for i, b in progress(batches(n, args.batch_size), "samples"):
         if model.script == "shortrun_ebm":
             z = draw_p0(model, b) if init_data is None else sr.lowres(
                 init_data[torch.randint(len(init_data), (b,))].to(model.device), model.cfg["lowres_size"])
-            yield i, {"x": M_theta(model, chain, z, noise=chain["noise"])}     # the K-step sampler as trained
+            if fast is not None:
+                yield i, {"x": fast(model.f, z, chain["K"], chain["step_size"], chain["noise"])}
+            else:
+                yield i, {"x": M_theta(model, chain, z, noise=chain["noise"])}  # the sampler as trained
         else:
             with bn_mode(args, model):
                 x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
@@ -1325,6 +1334,7 @@ def write_metrics(args, model, chain, res, seconds, argv):
                           "iteration": model.iteration,
                           "dataset": model.cfg.get("dataset"), "image_size": model.size, "n_c": model.n_c},
            "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
+           "cuda_graph": bool(getattr(args, "cuda_graph", True)) and model.device.type == "cuda",
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                         "python": sys.version.split()[0]}}
     os.makedirs(args.out, exist_ok=True)
