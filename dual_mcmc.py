@@ -385,22 +385,14 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
 # ---- harness: flags (paper values in every help), data-set defaults, validation ----
 
 PROG = "dual_mcmc.py"
+RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
+REUSE_HINT = "pass --resume to continue it"
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ARCH_WIDTHS = {"resnet": dict(nef=512, ngf=512, nif=128), "simple": dict(nef=64, ngf=64, nif=64)}
 
 
-class UsageError(Exception):
-    """A bad flag value or missing input: main prints one line and exits 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block (--help shows it)
-        self.exit(2, f"{PROG}: error: {message}\n")
-
-
 def build_parser(suppress_defaults=False):
-    p = _Parser(prog=PROG, description="Dual-MCMC teaching (Cui & Han, NeurIPS 2023).")
+    p = ArgumentParser(prog=PROG, description="Dual-MCMC teaching (Cui & Han, NeurIPS 2023).")
     a = p.add_argument
     # data
     a("--dataset", default="cifar10",
@@ -548,11 +540,12 @@ def validate(args):
     n_images = CELEBA_N_TRAIN
     if args.dataset.startswith("folder:"):
         path = folder_path(args.dataset)
-        if not os.path.isdir(path):
-            raise UsageError(f"--dataset folder: {path!r} is not a directory")
-        n_images = len(folder_files(path))
-        if not n_images and not args.benchmark:
-            raise UsageError(f"--dataset folder: no images ({' '.join(IMAGE_EXTS)}) under {path!r}")
+        try:
+            n_images = len(folder_images(path))
+        except UsageError:  # --benchmark draws random images: an empty folder is enough
+            if not (args.benchmark and os.path.isdir(path)):
+                raise
+            n_images = 0
     elif args.celeba_crop and args.dataset != "celeba":
         raise UsageError(f"--celeba-crop is for celeba or a folder: of aligned 178x218 CelebA images, "
                          f"not {args.dataset}; drop it")
@@ -587,6 +580,193 @@ def validate(args):
         name = folder_path(args.dataset) if args.dataset.startswith("folder:") else args.dataset
         args.out = os.path.join("runs", "dual_" + name.strip("/").replace("/", "_"))
     return args
+
+
+# ---- harness, shared: the same text in every script that needs it (tests/test_harness.py compares) ----
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's 20-line usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def resolve_device(name, local_rank=0):
+    """auto -> cuda if present, else cpu; cuda without an index -> this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)                       # rejects "cudafoo", "cuda:abc", "cuda:-1"
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    index = local_rank if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device("cuda", index)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state(device):
+    """Every random stream a run draws from, as types torch.load(weights_only=True) accepts. Only
+    this process's CUDA device: touching the others would open a context on every GPU per rank."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def set_rng_state(state, device):
+    """Inverse of get_rng_state; also reads checkpoints that stored every device's CUDA state."""
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if cuda and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda[device.index] if len(cuda) > 1 else cuda[0], device)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+
+
+def gather_rng(device, world):
+    """RNG states of all ranks (a collective: every rank calls it), so resume is exact per rank."""
+    if world == 1:
+        return [get_rng_state(device)]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, get_rng_state(device))
+    return states
+
+
+def atomic_save(obj, path):
+    """torch.save to a hidden temp file beside path, then rename: a kill leaves the old file or the new."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path):
+    """JSON written like atomic_save: a kill at any moment leaves the file whole or absent."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def load_file(path, device="cpu"):
+    """A checkpoint file's dict, or one clear line (UsageError) when it is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: any unpickling error means unreadable
+        raise UsageError(f"cannot read checkpoint {path}: unreadable ({type(e).__name__}), it may be "
+                         f"truncated; delete it or resume from another copy") from None
+
+
+def check_run_folder(out, force=False):
+    """Refuse to clobber a run (any of RUN_FILES) unless force, and fail early on a folder we could
+    not write. Returns the old run's files that are present (what force replaces)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    old = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+    if old and not force:
+        raise UsageError(f"{out} already holds a run; {REUSE_HINT} or choose another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):              # the nearest folder that exists must be writable
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UsageError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+    return old
+
+
+def truncate_log(path, iteration):
+    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
+    if os.path.exists(path):
+        with open(path) as fh:
+            keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
+        with open(path, "w") as fh:
+            fh.writelines(keep)
+
+
+def folder_path(dataset):
+    """folder:PATH -> PATH with ~ expanded."""
+    return os.path.expanduser(dataset[len("folder:"):])
+
+
+def folder_images(path):
+    """Every image under path (recursive, following links), sorted; one clear line if there is none."""
+    if not os.path.isdir(path):
+        raise UsageError(f"--dataset folder: {path!r} does not exist or is not a directory; pass "
+                         f"folder:PATH with a folder of images")
+    files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
+                   for n in names if n.lower().endswith(IMAGE_EXTS))
+    if not files:
+        raise UsageError(f"--dataset folder: {path!r} holds no images ({', '.join(IMAGE_EXTS)}), "
+                         f"searched recursively")
+    return files
+
+
+def save_grid(x, path):
+    """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch)."""
+    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
+    exact); a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        except ValueError:  # not the main thread: keep the default handler
+            pass
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration "
+              f"(Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def any_rank(flags, world):
+    """Element-wise OR of boolean flags (a tensor on the device) over ranks: all ranks must stop on
+    the same iteration, or the others would wait forever in the next all-reduce. One sync per call."""
+    flags = flags.float()
+    if world > 1:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in flags.tolist()]
 
 
 # ---- data ----
@@ -655,20 +835,10 @@ class _Folder(torch.utils.data.Dataset):
             return self.tf(im.convert("RGB")), 0
 
 
-def folder_path(dataset):
-    """folder:PATH -> PATH with ~ expanded."""
-    return os.path.expanduser(dataset[len("folder:"):])
-
-
-def folder_files(path):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(IMAGE_EXTS)]
-    return sorted(files)
-
-
 def load_data(args):
     """All training images as one uint8 tensor (N, n_c, S, S); batches are converted on the fly."""
     if args.dataset.startswith("folder:"):
-        files = folder_files(folder_path(args.dataset))
+        files = folder_images(folder_path(args.dataset))
         if args.n_data:
             files = files[: args.n_data]
         ds = _Folder(files, args.image_size, args.celeba_crop)
@@ -740,58 +910,7 @@ def get_batch(data, order, device, hflip=False):
     return x
 
 
-# ---- device, RNG, run folder, checkpoints, resume ----
-
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (auto | cpu | cuda | cuda:N)")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine")
-        if (dev.index or 0) >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {name!r} is not supported (auto | cpu | cuda | cuda:N)")
-    return dev
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def rng_state(device):
-    """Every random stream a run draws from; numpy's state as plain types (weights_only loading)."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
-                      float(np_state[4])],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
-
-
-def set_rng_state(s, device):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"][0], device)
-    n = s["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-
-
-def gather_rng(device, world):
-    """RNG states of all ranks (a collective: every rank calls it), so resume is exact per rank."""
-    if world == 1:
-        return [rng_state(device)]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state(device))
-    return states
+# ---- checkpoints and resume ----
 
 
 def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, data_order=None):
@@ -802,22 +921,7 @@ def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, d
             "optimizers": {k: o.state_dict() for k, o in opts.items()},
             "schedulers": {k: s.state_dict() for k, s in scheds.items()},
             "rng": rng_states[0], "rng_per_rank": rng_states}
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
-
-
-def check_run_folder(out):
-    """Refuse to clobber a run and fail early on a folder we could not write."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} is a file; choose a folder")
-    if any(os.path.exists(os.path.join(out, f)) for f in ("config.json", "last.pt", "final.pt", "log.jsonl")):
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-        raise UsageError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+    atomic_save(ckpt, path)
 
 
 def merge_resume_args(ckpt, given, out):
@@ -832,23 +936,6 @@ def merge_resume_args(ckpt, given, out):
         raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}; pass a larger "
                          f"--iters to train further")
     return args
-
-
-def truncate_log(path, iteration):
-    """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
-    if os.path.exists(path):
-        with open(path) as fh:
-            keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
-        with open(path, "w") as fh:
-            fh.writelines(keep)
-
-
-def write_json_atomic(path, obj):
-    """Temp file + rename: a kill at any moment leaves the file whole or absent."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def read_run(out):
@@ -868,18 +955,9 @@ def read_run(out):
     return {"config": {**OLD_RUN_DEFAULTS, **config}, "iteration": 0}
 
 
-def _load_file(path, device="cpu"):
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}")
-
-
 def read_checkpoint(path, device="cpu", ckpt=None):
     """Our checkpoint dict (config keys older runs lack filled in); UsageError for anything else."""
-    ckpt = _load_file(path, device) if ckpt is None else ckpt
+    ckpt = load_file(path, device) if ckpt is None else ckpt
     if not isinstance(ckpt, dict) or ckpt.get("script") != "dual_mcmc":
         raise UsageError(f"{path} is not a dual_mcmc.py checkpoint")
     cfg = ckpt["config"] = {**OLD_RUN_DEFAULTS, **ckpt.get("config", {})}  # keys older runs lack
@@ -962,7 +1040,7 @@ def load_checkpoint(path, device="cpu"):
     the authors' released ones (a dict with netG / netE / netI and no "script" key). The run's sampling
     preset: sample(models, n, config["sample_k_x"], config["sample_step_size"], config["x_noise"])."""
     device = torch.device(device)
-    raw = _load_file(path, device)
+    raw = load_file(path, device)
     if is_authors_checkpoint(raw):
         models, cfg = load_authors_checkpoint(raw, device, path)
     else:
@@ -1017,11 +1095,6 @@ def eval_mode(models):
 
 
 
-def save_grid(x, path):
-    """An 8-wide PNG grid of images in [-1, 1]."""
-    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
-
-
 def save_grids(models, fixed_x, fixed_z, args, it):
     """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
     E, G, I = models["ebm"], models["generator"], models["encoder"]
@@ -1073,13 +1146,6 @@ def plot_curves(log_path, png_path):
     return True
 
 
-def fmt_time(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-
-
 def write_log(log_file, args, done, losses, opts, seconds, rate):
     """One log.jsonl line and one progress line (.item() only here and in the divergence guard)."""
     row = {"iteration": done, **{k: v.item() for k, v in losses.items()},
@@ -1088,11 +1154,11 @@ def write_log(log_file, args, done, losses, opts, seconds, rate):
     log_file.flush()
     print(f"it {done}/{args.iters} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} "
           f"I {row['loss_inf']:.4g} | f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | "
-          f"mse {row['mse_recon']:.4f} | {rate:.3g} s/it | ETA {fmt_time(rate * (args.iters - done))}",
+          f"mse {row['mse_recon']:.4f} | {rate:.3g} s/it | ETA {format_eta(rate * (args.iters - done))}",
           file=sys.stderr)
 
 
-# ---- multi-process and Ctrl-C ----
+# ---- multi-process gradients ----
 
 
 def allreduce_grads(models, world):
@@ -1109,41 +1175,6 @@ def allreduce_grads(models, world):
             for g in grads:
                 g.copy_(flat[i:i + g.numel()].view_as(g))
                 i += g.numel()
-
-
-def any_rank(flags, world):
-    """Element-wise OR of boolean flags over ranks: all ranks must stop on the same iteration, or
-    the others would wait forever in the next all-reduce. One sync per iteration."""
-    flags = flags.float()
-    if world > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in flags.tolist()]
-
-
-class StopFlag:
-    """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
-    exact); a second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.requested, self.previous = False, None
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        except ValueError:  # not the main thread: keep the default handler
-            pass
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration "
-              f"(Ctrl-C again to abort)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 # ---- training: one step, the loop, the benchmark ----
@@ -1207,7 +1238,7 @@ def train(args, models, opts, scheds, data, device, start_it=0, seconds0=0.0, ra
             if bad:
                 if rank == 0:
                     report_divergence(args, it, gap, losses)
-                return 3
+                return EXIT_DIVERGED
             update(models, opts, losses, world)
             if (it + 1) % iters_per_epoch == 0:
                 for s in scheds.values():
@@ -1234,7 +1265,7 @@ def train(args, models, opts, scheds, data, device, start_it=0, seconds0=0.0, ra
                 if writer:
                     print(f"{PROG}: stopped at iteration {done}; continue with: "
                           f"python {PROG} --out {args.out} --resume", file=sys.stderr)
-                return 130
+                return EXIT_INTERRUPTED
     return 0
 
 
@@ -1298,7 +1329,7 @@ def main(argv=None):
             check_run_folder(args.out)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.print_config:  # the resolved flags (argparse dests); reads no data, writes nothing
         print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
         return 0
@@ -1334,13 +1365,13 @@ def run(args, ckpt, device, rank, world, argv):
     except UsageError as e:
         if rank == 0:
             print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.data_order == "epochs" and len(data) < args.batch_size * world:
         if rank == 0:
             print(f"{PROG}: error: an epoch of {len(data)} images holds no full batch of --batch-size "
                   f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size "
                   f"or pass --data-order replacement", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     data = place_data(data, device)
     # what config.json and checkpoints record beside the flags
     vars(args).update(n_c=int(data.shape[1]), n_data_used=int(len(data)), argv=argv, world_size=world,
@@ -1376,7 +1407,7 @@ def run(args, ckpt, device, rank, world, argv):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None:
-            write_json_atomic(os.path.join(args.out, "config.json"), vars(args))
+            atomic_write_json(vars(args), os.path.join(args.out, "config.json"))
             save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
         if ckpt is not None or restart:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
