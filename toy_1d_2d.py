@@ -124,23 +124,15 @@ def train_step(f, optim, x_data, K, step_size, noise, sigma, x_0=None, grad_fn=N
 
 # ---- harness: settings and their checks ----
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
+PROG = "toy_1d_2d.py"
+REUSE_HINT = "pass --force to replace it"
 HIST_BINS = 24  # bins per axis of the sample-histogram TV
 RUN_FILES = ("metrics.json", "samples.npy", "log.jsonl", "model.pt", "density.png", "samples.png")
 
 
-class UsageError(Exception):
-    """A mistake in the user's input: main() prints it as one line and exits 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's 20-line usage block
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser():
     """The hyperparameter block. Sampler and learning rule as the paper; sizes tuned for toys on a CPU."""
-    p = ArgumentParser(prog="toy_1d_2d.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--density", default="mog2d",
@@ -246,6 +238,63 @@ def validate(args):
     if args.print_config:       # reads no data: a file: density is checked to exist, not loaded
         return density_file(args.density)
     return make_density(args.density, args.bandwidth)
+
+
+# ---- harness, shared: the same text in every script that needs it (tests/test_harness.py compares) ----
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's 20-line usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def resolve_device(name, local_rank=0):
+    """auto -> cuda if present, else cpu; cuda without an index -> this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)                       # rejects "cudafoo", "cuda:abc", "cuda:-1"
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    index = local_rank if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device("cuda", index)
+
+
+def check_run_folder(out, force=False):
+    """Refuse to clobber a run (any of RUN_FILES) unless force, and fail early on a folder we could
+    not write. Returns the old run's files that are present (what force replaces)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    old = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+    if old and not force:
+        raise UsageError(f"{out} already holds a run; {REUSE_HINT} or choose another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):              # the nearest folder that exists must be writable
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UsageError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+    return old
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ---- densities ----
@@ -656,36 +705,7 @@ def plot_figures(grids, samples, metrics, args, d, out):
     plt.close(fig)
 
 
-# ---- device, run folder ----
-
-def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
-        try:
-            index = int(name.split(":")[1]) if ":" in name else 0
-        except ValueError:
-            raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return torch.device("cuda", index)
-    if name != "cpu":
-        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    return torch.device("cpu")
-
-
-def check_run_folder(out, force):
-    """Refuse to clobber a run unless --force. Returns the old run's files to remove."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} exists and is not a folder")
-    old = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
-    if old and not force:
-        raise UsageError(f"run folder {out} already holds a run ({old[0]}): pass --force to replace it, "
-                         f"or choose another --out")
-    return old
-
+# ---- saving f ----
 
 def save_model(f, args, d):
     torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
@@ -693,13 +713,6 @@ def save_model(f, args, d):
 
 
 # ---- training loop, logging, main ----
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
 
 def schedule(args, it):
     """lr and sigma at iteration it (0-based): constant, then from --anneal-start a geometric decay
@@ -756,7 +769,7 @@ def main(argv=None):
             return 0
         old_files = check_run_folder(args.out, args.force)
     except UsageError as e:
-        print(f"toy_1d_2d.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     os.makedirs(args.out, exist_ok=True)
     for name in old_files:                         # --force: the old run goes, nothing else in --out
@@ -787,7 +800,7 @@ def main(argv=None):
         save_model(f, args, d)
         print(f"toy_1d_2d.py: interrupted; f saved to {os.path.join(args.out, 'model.pt')}, no samples or "
               f"metrics written (rerun with --force to start again)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     metrics.update(train_seconds=train_seconds, eval_seconds=time.time() - t0 - train_seconds, d=d,
                    config=dict(vars(args), argv=argv, torch=torch.__version__, numpy=np.__version__,
                                python=sys.version.split()[0], device_used=str(device)))
