@@ -695,6 +695,39 @@ def check_run_folder(out, force=False):
     return old
 
 
+def read_run(out):
+    """What --resume continues: last.pt, or, for a run stopped before its first checkpoint, the
+    folder's config.json (the run then starts again at iteration 0 with that config)."""
+    path, config_path = os.path.join(out, "last.pt"), os.path.join(out, "config.json")
+    if os.path.isfile(path) or not os.path.isfile(config_path):
+        return read_checkpoint(path)
+    try:
+        with open(config_path) as fh:
+            config = json.load(fh)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
+                         f"delete the folder or choose another --out") from None
+    return {"config": config, "iteration": 0}
+
+
+def merge_resume_args(ckpt, given, out):
+    """On --resume the run's own config wins (keys an older version did not write: OLD_RUN_DEFAULTS);
+    only the run-control flags in RESUME_OVERRIDES may change."""
+    dests = vars(build_parser().parse_args([]))
+    saved = {k: v for k, v in {**OLD_RUN_DEFAULTS, **ckpt["config"]}.items() if k in dests}
+    for key, value in given.items():
+        if key not in RESUME_OVERRIDES and saved.get(key) != value:
+            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
+                             f"{saved.get(key)!r}); drop it, or start a new run in another --out")
+    args = argparse.Namespace(**{**saved, **given, "out": out, "resume": True})
+    if args.iters <= ckpt["iteration"]:
+        raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}: pass a larger "
+                         f"--iters to train further")
+    return args
+
+
 def truncate_log(path, iteration):
     """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
     if os.path.exists(path):
@@ -922,37 +955,6 @@ def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, d
             "schedulers": {k: s.state_dict() for k, s in scheds.items()},
             "rng": rng_states[0], "rng_per_rank": rng_states}
     atomic_save(ckpt, path)
-
-
-def merge_resume_args(ckpt, given, out):
-    """On --resume the checkpoint's config wins; only run-control flags may change."""
-    saved = {k: v for k, v in ckpt["config"].items() if k in vars(build_parser().parse_args([]))}
-    for key, value in given.items():
-        if key not in RESUME_OVERRIDES and saved.get(key) != value:
-            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
-                             f"{saved.get(key)!r}); drop it, or start a new run in another --out")
-    args = argparse.Namespace(**{**saved, **given, "out": out, "resume": True})
-    if args.iters <= ckpt["iteration"]:
-        raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}; pass a larger "
-                         f"--iters to train further")
-    return args
-
-
-def read_run(out):
-    """What --resume continues: last.pt, or, for a run stopped before its first checkpoint, the
-    folder's config.json (the run then starts again at iteration 0 with that config)."""
-    path, config_path = os.path.join(out, "last.pt"), os.path.join(out, "config.json")
-    if os.path.isfile(path) or not os.path.isfile(config_path):
-        return read_checkpoint(path)
-    try:
-        with open(config_path) as fh:
-            config = json.load(fh)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
-                         f"delete the folder or choose another --out") from None
-    return {"config": {**OLD_RUN_DEFAULTS, **config}, "iteration": 0}
 
 
 def read_checkpoint(path, device="cpu", ckpt=None):

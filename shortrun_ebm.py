@@ -173,6 +173,10 @@ DATASET_DEFAULTS = {"cifar10": dict(PAPER_51, n_f=128),
 OTHER_DEFAULTS = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 100000, "anneal_start": 0}
 PRESETS = {"appendix": {"n_f": 64, "n_data": 0, "image_size": 32, "iters": 100000, "anneal_start": 0}}
 # Keys a run folder written by an older version lacks, with the value that reproduces what that version did
+# Flags that may change on --resume (run control); every other flag is the run's own
+RESUME_OVERRIDES = ("iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
+                    "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step", "guard_max_gap",
+                    "print_config", "cuda_graph")
 OLD_RUN_DEFAULTS = {"preset": None, "print_config": False, "cuda_graph": True,
                     "data_seed": None}                 # None: the first n_data images in sorted order
 
@@ -435,6 +439,39 @@ def check_run_folder(out, force=False):
     return old
 
 
+def read_run(out):
+    """What --resume continues: last.pt, or, for a run stopped before its first checkpoint, the
+    folder's config.json (the run then starts again at iteration 0 with that config)."""
+    path, config_path = os.path.join(out, "last.pt"), os.path.join(out, "config.json")
+    if os.path.isfile(path) or not os.path.isfile(config_path):
+        return read_checkpoint(path)
+    try:
+        with open(config_path) as fh:
+            config = json.load(fh)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
+                         f"delete the folder or choose another --out") from None
+    return {"config": config, "iteration": 0}
+
+
+def merge_resume_args(ckpt, given, out):
+    """On --resume the run's own config wins (keys an older version did not write: OLD_RUN_DEFAULTS);
+    only the run-control flags in RESUME_OVERRIDES may change."""
+    dests = vars(build_parser().parse_args([]))
+    saved = {k: v for k, v in {**OLD_RUN_DEFAULTS, **ckpt["config"]}.items() if k in dests}
+    for key, value in given.items():
+        if key not in RESUME_OVERRIDES and saved.get(key) != value:
+            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
+                             f"{saved.get(key)!r}); drop it, or start a new run in another --out")
+    args = argparse.Namespace(**{**saved, **given, "out": out, "resume": True})
+    if args.iters <= ckpt["iteration"]:
+        raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}: pass a larger "
+                         f"--iters to train further")
+    return args
+
+
 def truncate_log(path, iteration):
     """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
     if os.path.exists(path):
@@ -642,42 +679,6 @@ def make_checkpoint(f, optim, args, it, rng_states, seconds):
     return {"script": "shortrun_ebm", "config": vars(args), "iteration": it, "seconds": seconds,
             "models": {"ebm": f.state_dict()}, "optimizers": {"ebm": optim.state_dict()},
             "rng": rng_states[0], "rng_per_rank": rng_states}
-
-
-def prepare_run_folder(args):
-    """Refuse to clobber a run; on --resume return the checkpoint to continue from."""
-    if not args.resume:
-        check_run_folder(args.out)
-        return None
-    last, config_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "config.json")
-    if os.path.exists(last) or not os.path.isfile(config_path):
-        return read_checkpoint(last)
-    try:                                               # killed before its first last.pt: start at 0
-        with open(config_path) as fh:
-            config = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
-                         f"delete the folder or choose another --out") from None
-    dests = {a.dest for a in build_parser()._actions}
-    return {"config": {k: v for k, v in config.items() if k in dests}, "iteration": 0}
-
-
-def merge_resume_args(args, given, ckpt):
-    """On --resume the checkpoint's config wins; only run-control flags may change."""
-    may_change = {"iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
-                  "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step", "guard_max_gap",
-                  "print_config", "cuda_graph"}
-    config = dict(OLD_RUN_DEFAULTS, **ckpt["config"])      # runs written before a key existed
-    for key, value in given.items():
-        if key not in may_change and config.get(key) != value:
-            raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
-                             f"{config.get(key)!r}); start a new run in another --out instead")
-    config.update({k: v for k, v in given.items() if k in may_change})
-    config["resume"] = True
-    if config["iters"] <= ckpt["iteration"]:
-        raise UsageError(f"the run in {args.out} already reached iteration {ckpt['iteration']}: "
-                         f"pass a larger --iters to train further")
-    return argparse.Namespace(**config)
 
 
 # ---- training ----
@@ -1011,10 +1012,14 @@ def main(argv=None):
             seed_everything(args.seed)
             benchmark(args, CHANNELS.get(args.dataset, 3), device)
             return 0
-        ckpt = prepare_run_folder(args)
-        if ckpt is not None:
-            args = merge_resume_args(args, vars(build_parser(suppress_defaults=True).parse_args(argv)), ckpt)
+        ckpt = None
+        if args.resume:                                # the run's own config, run-control flags from argv
+            ckpt = read_run(args.out)
+            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)),
+                                     args.out)
             validate(args)
+        else:
+            check_run_folder(args.out)
         if args.print_config:                          # reads no data, writes nothing
             print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
             return 0
