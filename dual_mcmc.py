@@ -760,6 +760,34 @@ def save_grid(x, path):
     torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
 
 
+def plot_curves(log_path, png_path, panels):
+    """The log's signals against iteration, one panel per (title, (key, label), ...) of panels, written
+    like atomic_save. matplotlib is optional (a copied script needs torch and torchvision only):
+    without it, one line says so and False is returned."""
+    try:
+        from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
+    except ImportError:
+        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return False
+    rows = []
+    if os.path.exists(log_path):
+        with open(log_path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    get = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in rows]
+    its = get("iteration")
+    fig = Figure(figsize=(4 * len(panels), 3.5), layout="constrained")
+    for ax, (title, *lines) in zip(fig.subplots(1, len(panels)), panels):
+        for key, label in lines:
+            ax.plot(its, get(key), label=label)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)                      # labels say more than titles (dual: each loss's terms)
+    tmp = os.path.join(os.path.dirname(png_path), "." + os.path.basename(png_path) + ".tmp")
+    fig.savefig(tmp, format="png", dpi=80)
+    os.replace(tmp, png_path)
+    return True
+
+
 def format_eta(seconds):
     seconds = int(seconds)
     if seconds >= 3600:
@@ -800,6 +828,11 @@ def any_rank(flags, world):
     if world > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in flags.tolist()]
+
+
+def autocast_for(args, device):
+    """A context factory: bf16 autocast with --amp bf16, else a no-op."""
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
 
 # ---- data ----
@@ -1113,39 +1146,14 @@ def save_grids(models, fixed_x, fixed_z, args, it):
         save_grid(img, os.path.join(args.out, f"{name}_{it:06d}.png"))
 
 
-def plot_curves(log_path, png_path):
-    """The log's signals against iteration: the three losses (g's with its two terms), f(data) and f(x~),
-    the reconstruction MSE ||x - g(z~)||^2 per pixel, lr. matplotlib is optional (a copied script needs
-    torch and torchvision only): without it, one line says so and False is returned."""
-    try:
-        from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
-    except ImportError:
-        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-        return False
-    rows = []
-    if os.path.exists(log_path):
-        with open(log_path) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    get = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in rows]
-    its = get("iteration")
-    fig = Figure(figsize=(20, 3.5), layout="constrained")
-    panels = [("loss f (EBM)", ("loss_ebm", "-(f(x) - f(x~)) / T")),
-              ("loss g", ("loss_gen", "weighted sum"), ("loss_recon", "data term"),
-               ("loss_sample", "x~ term (unweighted)")),
-              ("loss q", ("loss_inf", "-log q(z~|x) - w log q(z|x~)")),
-              ("f", ("f_data", "f(data)"), ("f_sample", "f(x~)")),
-              ("reconstruction", ("mse_recon", "MSE x vs g(z~)")),
-              ("lr", ("lr", "lr of f (g, q decay alike)"))]
-    for ax, (title, *lines) in zip(fig.subplots(1, len(panels)), panels):
-        for key, label in lines:
-            ax.plot(its, get(key), label=label)
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.legend(fontsize=8)
-    tmp = f"{png_path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=80)
-    os.replace(tmp, png_path)
-    return True
+# curves.png: one panel per (title, (log key, label), ...)
+CURVE_PANELS = [("loss f (EBM)", ("loss_ebm", "-(f(x) - f(x~)) / T")),
+                ("loss g", ("loss_gen", "weighted sum"), ("loss_recon", "data term"),
+                 ("loss_sample", "x~ term (unweighted)")),
+                ("loss q", ("loss_inf", "-log q(z~|x) - w log q(z|x~)")),
+                ("f", ("f_data", "f(data)"), ("f_sample", "f(x~)")),
+                ("reconstruction", ("mse_recon", "MSE x vs g(z~)")),
+                ("lr", ("lr", "lr of f (g, q decay alike)"))]
 
 
 def write_log(log_file, args, done, losses, opts, seconds, rate):
@@ -1180,11 +1188,6 @@ def allreduce_grads(models, world):
 
 
 # ---- training: one step, the loop, the benchmark ----
-
-
-def autocast_for(args, device):
-    """A context factory: bf16 autocast with --amp bf16, else a no-op."""
-    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
 
 def step_losses(args, models, x, amp):
@@ -1255,7 +1258,8 @@ def train(args, models, opts, scheds, data, device, start_it=0, seconds0=0.0, ra
                 write_log(log_file, args, done, row, opts, seconds0 + elapsed, elapsed / (done - start_it))
             if writer and ((args.plot_every and done % args.plot_every == 0) or done == args.iters):
                 save_grids(models, fixed_x, fixed_z, args, done)
-                curves = curves and plot_curves(log_file.name, os.path.join(args.out, "curves.png"))
+                curves = curves and plot_curves(log_file.name, os.path.join(args.out, "curves.png"),
+                                                CURVE_PANELS)
             last = done == args.iters
             if (args.ckpt_every and done % args.ckpt_every == 0) or last or stopping:
                 states = gather_rng(device, world)  # collective: every rank takes part

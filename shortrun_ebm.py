@@ -504,6 +504,34 @@ def save_grid(x, path):
     torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
 
 
+def plot_curves(log_path, png_path, panels):
+    """The log's signals against iteration, one panel per (title, (key, label), ...) of panels, written
+    like atomic_save. matplotlib is optional (a copied script needs torch and torchvision only):
+    without it, one line says so and False is returned."""
+    try:
+        from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
+    except ImportError:
+        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return False
+    rows = []
+    if os.path.exists(log_path):
+        with open(log_path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    get = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in rows]
+    its = get("iteration")
+    fig = Figure(figsize=(4 * len(panels), 3.5), layout="constrained")
+    for ax, (title, *lines) in zip(fig.subplots(1, len(panels)), panels):
+        for key, label in lines:
+            ax.plot(its, get(key), label=label)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)                      # labels say more than titles (dual: each loss's terms)
+    tmp = os.path.join(os.path.dirname(png_path), "." + os.path.basename(png_path) + ".tmp")
+    fig.savefig(tmp, format="png", dpi=80)
+    os.replace(tmp, png_path)
+    return True
+
+
 def format_eta(seconds):
     seconds = int(seconds)
     if seconds >= 3600:
@@ -544,6 +572,11 @@ def any_rank(flags, world):
     if world > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return [bool(v) for v in flags.tolist()]
+
+
+def autocast_for(args, device):
+    """A context factory: bf16 autocast with --amp bf16, else a no-op."""
+    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
 
 # ---- model and sampler plumbing ----
@@ -798,11 +831,6 @@ def make_chain(args, f, device):
     return FastChain(f, bf16=args.amp == "bf16", graph=graph)
 
 
-def autocast_for(args, device):
-    """A context factory: bf16 autocast with --amp bf16, else a no-op."""
-    return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
-
-
 def check_guard(stats, step_rms, args, it):
     """None if healthy, else a message saying what blew up and what to change."""
     f_data, f_q, max_abs, _, _ = stats
@@ -830,41 +858,16 @@ def plot(f, args, it, data_fixed, chain, amp, device, curves=True):
         with frozen(f), amp():
             x_q = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
     save_grid(x_q, os.path.join(args.out, f"samples_{it:06d}.png"))
-    return curves and plot_curves(os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"))
+    log_path, png_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png")
+    return curves and plot_curves(log_path, png_path, CURVE_PANELS)
 
 
-def plot_curves(log_path, png_path):
-    """The log's signals against iteration: f(data) and f(samples), |grad_x f|, sample range, lr.
-    matplotlib is optional (a copied script needs torch and torchvision only): without it, one line
-    says so and False is returned."""
-    try:
-        from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
-    except ImportError:
-        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-        return False
-    rows = []
-    if os.path.exists(log_path):
-        with open(log_path) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    get = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in rows]
-    its = get("iteration")
-    fig = Figure(figsize=(16, 3.5), layout="constrained")
-    panels = [("f", ("f_data", "f(data)"), ("f_sample", "f(samples)")),
-              ("|grad_x f| per image", ("grad_norm", "at x_q"), ("grad_norm_chain", "mean over the chain")),
-              ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"),
-               ("data_std", "std data")),
-              ("lr", ("lr", "lr"))]
-    for ax, (title, *lines) in zip(fig.subplots(1, len(panels)), panels):
-        for key, label in lines:
-            ax.plot(its, get(key), label=label)
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        if len(lines) > 1:
-            ax.legend(fontsize=8)
-    tmp = f"{png_path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=80)
-    os.replace(tmp, png_path)
-    return True
+# curves.png: one panel per (title, (log key, label), ...)
+CURVE_PANELS = [("f", ("f_data", "f(data)"), ("f_sample", "f(samples)")),
+                ("|grad_x f| per image", ("grad_norm", "at x_q"), ("grad_norm_chain", "mean over the chain")),
+                ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"),
+                 ("data_std", "std data")),
+                ("lr", ("lr", "lr"))]
 
 
 def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0.0):
