@@ -830,6 +830,16 @@ def any_rank(flags, world):
     return [bool(v) for v in flags.tolist()]
 
 
+def setup_distributed(device):
+    """torchrun's (rank, world); with world > 1 joins the process group: nccl on CUDA, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world
+
+
 def autocast_for(args, device):
     """A context factory: bf16 autocast with --amp bf16, else a no-op."""
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
@@ -1307,19 +1317,6 @@ def _versions():
             "python": sys.version.split()[0]}
 
 
-def _setup_distributed(device):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -1330,7 +1327,7 @@ def main(argv=None):
             ckpt = read_run(out)
             args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)), out)
         validate(args)
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
         if not args.resume and not args.benchmark:
             check_run_folder(args.out)
     except UsageError as e:
@@ -1339,7 +1336,7 @@ def main(argv=None):
     if args.print_config:  # the resolved flags (argparse dests); reads no data, writes nothing
         print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
         return 0
-    rank, world, device = _setup_distributed(device)
+    rank, world = setup_distributed(device)
     try:
         return run(args, ckpt, device, rank, world, argv)
     finally:

@@ -574,6 +574,16 @@ def any_rank(flags, world):
     return [bool(v) for v in flags.tolist()]
 
 
+def setup_distributed(device):
+    """torchrun's (rank, world); with world > 1 joins the process group: nccl on CUDA, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world
+
+
 def autocast_for(args, device):
     """A context factory: bf16 autocast with --amp bf16, else a no-op."""
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
@@ -1005,7 +1015,6 @@ def load_data(args, rank, world, device):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         validate(resolve_defaults(args))
         default_out = "shortrun_" + args.dataset.replace(":", "_").replace("/", "_")
@@ -1029,10 +1038,7 @@ def main(argv=None):
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = setup_distributed(device)
     try:
         data = load_data(args, rank, world, device)
     except UsageError as e:
