@@ -3,8 +3,14 @@ definition has the same text in every script that defines it, in the same order,
 copy and not the others fails here. Also: every line of the four scripts is at most 110 characters."""
 import ast
 import os
+import random
 
+import numpy as np
 import pytest
+import torch
+
+import dual_mcmc as dm
+import shortrun_ebm as sr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("shortrun_ebm.py", "dual_mcmc.py", "toy_1d_2d.py")
@@ -68,6 +74,31 @@ def test_the_test_catches_drift(tmp_path, defs):
     assert drifted != src
     (tmp_path / "toy.py").write_text(drifted)
     assert definitions(tmp_path / "toy.py")["format_eta"][0] != defs["shortrun_ebm.py"]["format_eta"][0]
+
+
+def test_rng_state_survives_a_weights_only_checkpoint_in_old_and_new_formats(tmp_path):
+    """get_rng_state -> torch.save -> torch.load(weights_only=True) -> set_rng_state replays the same torch,
+    numpy and python draws; so do the formats older checkpoints hold (dual's python state as lists)."""
+    cpu = torch.device("cpu")
+    sr.seed_everything(3)
+    torch.save(sr.get_rng_state(cpu), tmp_path / "rng.pt")
+    draws = lambda: (torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)])
+    expected = draws()
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    old_dual = dict(state, python=[state["python"][0], list(state["python"][1]), state["python"][2]])
+    for module, s in ((sr, state), (dm, old_dual), (dm, state)):
+        random.seed(99), np.random.seed(99), torch.manual_seed(99)          # move every stream elsewhere
+        module.set_rng_state(s, cpu)
+        assert draws() == expected
+
+
+def test_toy_refuses_an_out_that_is_a_file_in_one_line(tmp_path, capsys):
+    import toy_1d_2d as toy
+    (tmp_path / "run").write_text("my notes")
+    assert toy.main(["--density", "mog1d", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"toy_1d_2d.py: error: --out {tmp_path / 'run'} is a file; choose a folder"]
+    assert (tmp_path / "run").read_text() == "my notes"
 
 
 @pytest.mark.parametrize("script", SCRIPTS + ("evaluate.py",))
