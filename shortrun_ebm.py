@@ -181,11 +181,6 @@ OLD_RUN_DEFAULTS = {"preset": None, "print_config": False, "cuda_graph": True,
                     "data_seed": None}                 # None: the first n_data images in sorted order
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def per_dataset(key):
     """Help text for a default that depends on --dataset."""
     paper = ", ".join(f"{name} {DATASET_DEFAULTS[name][key]:,}" for name in DATASET_DEFAULTS)
@@ -339,6 +334,11 @@ class UsageError(Exception):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's 20-line usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def resolve_device(name, local_rank=0):

@@ -133,7 +133,7 @@ RUN_FILES = ("metrics.json", "samples.npy", "log.jsonl", "model.pt", "density.pn
 def build_parser():
     """The hyperparameter block. Sampler and learning rule as the paper; sizes tuned for toys on a CPU."""
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--density", default="mog2d",
                    help="mog1d, mog2d, rings, or file:PATH.npy ((N, d) points in [-1, 1]^d, d = 1 or 2)")
@@ -252,6 +252,11 @@ class UsageError(Exception):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's 20-line usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def resolve_device(name, local_rank=0):
