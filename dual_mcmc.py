@@ -668,6 +668,12 @@ def atomic_write_json(obj, path):
     os.replace(tmp, path)
 
 
+def versions():
+    """What config.json records beside the flags: the versions the run ran on."""
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "python": sys.version.split()[0]}
+
+
 def load_file(path, device="cpu"):
     """A checkpoint file's dict, or one clear line (UsageError) when it is missing or unreadable."""
     if not os.path.isfile(path):
@@ -1312,11 +1318,6 @@ def benchmark(args, data, device, rank, world):
 # ---- main: processes, data, run ----
 
 
-def _versions():
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": sys.version.split()[0]}
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -1378,7 +1379,7 @@ def run(args, ckpt, device, rank, world, argv):
     data = place_data(data, device)
     # what config.json and checkpoints record beside the flags
     vars(args).update(n_c=int(data.shape[1]), n_data_used=int(len(data)), argv=argv, world_size=world,
-                      net_version=NET_VERSION, **_versions())
+                      net_version=NET_VERSION, **versions())
     seed_everything(args.seed)  # same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -412,6 +412,12 @@ def atomic_write_json(obj, path):
     os.replace(tmp, path)
 
 
+def versions():
+    """What config.json records beside the flags: the versions the run ran on."""
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "python": sys.version.split()[0]}
+
+
 def load_file(path, device="cpu"):
     """A checkpoint file's dict, or one clear line (UsageError) when it is missing or unreadable."""
     if not os.path.isfile(path):
@@ -1073,8 +1079,7 @@ def run(args, ckpt, data, device, rank, world, argv):
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None or "models" not in ckpt:
-            config = dict(vars(args), argv=argv, world_size=world, torch=torch.__version__,
-                          torchvision=torchvision.__version__, python=sys.version.split()[0])
+            config = dict(vars(args), argv=argv, world_size=world, **versions())
             atomic_write_json(config, os.path.join(args.out, "config.json"))
         if ckpt is not None:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
