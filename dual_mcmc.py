@@ -592,6 +592,13 @@ class UsageError(Exception):
     """A mistake in the user's input: main() prints it as one line and exits 2."""
 
 
+def usage_error(error, rank=0):
+    """main()'s answer to a UsageError: one stderr line (from rank 0 only), exit code 2."""
+    if rank == 0:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's 20-line usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -1332,8 +1339,7 @@ def main(argv=None):
         if not args.resume and not args.benchmark:
             check_run_folder(args.out)
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(e)
     if args.print_config:  # the resolved flags (argparse dests); reads no data, writes nothing
         print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
         return 0
@@ -1367,15 +1373,11 @@ def run(args, ckpt, device, rank, world, argv):
     try:
         data = load_data_once(args, device, rank, world)
     except UsageError as e:
-        if rank == 0:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(e, rank)
     if args.data_order == "epochs" and len(data) < args.batch_size * world:
-        if rank == 0:
-            print(f"{PROG}: error: an epoch of {len(data)} images holds no full batch of --batch-size "
-                  f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; lower --batch-size "
-                  f"or pass --data-order replacement", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(f"an epoch of {len(data)} images holds no full batch of --batch-size "
+                           f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; lower "
+                           f"--batch-size or pass --data-order replacement", rank)
     data = place_data(data, device)
     # what config.json and checkpoints record beside the flags
     vars(args).update(n_c=int(data.shape[1]), n_data_used=int(len(data)), argv=argv, world_size=world,

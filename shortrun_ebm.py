@@ -331,6 +331,13 @@ class UsageError(Exception):
     """A mistake in the user's input: main() prints it as one line and exits 2."""
 
 
+def usage_error(error, rank=0):
+    """main()'s answer to a UsageError: one stderr line (from rank 0 only), exit code 2."""
+    if rank == 0:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's 20-line usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -1042,15 +1049,12 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
             return 0
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(e)
     rank, world = setup_distributed(device)
     try:
         data = load_data(args, rank, world, device)
     except UsageError as e:
-        if rank == 0:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(e, rank)
     try:
         return run(args, ckpt, data, device, rank, world, argv)
     finally:

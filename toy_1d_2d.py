@@ -249,6 +249,13 @@ class UsageError(Exception):
     """A mistake in the user's input: main() prints it as one line and exits 2."""
 
 
+def usage_error(error, rank=0):
+    """main()'s answer to a UsageError: one stderr line (from rank 0 only), exit code 2."""
+    if rank == 0:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's 20-line usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
@@ -774,8 +781,7 @@ def main(argv=None):
             return 0
         old_files = check_run_folder(args.out, args.force)
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(e)
     os.makedirs(args.out, exist_ok=True)
     for name in old_files:                         # --force: the old run goes, nothing else in --out
         os.remove(os.path.join(args.out, name))

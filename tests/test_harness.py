@@ -17,8 +17,8 @@ SCRIPTS = ("shortrun_ebm.py", "dual_mcmc.py", "toy_1d_2d.py")
 # Every concept the scripts share, in the order it stands in each file (a script may skip what it
 # does not use: toy has no checkpoints, images or ranks). What differs per script is a constant of
 # that script (PROG, RUN_FILES, REUSE_HINT, RESUME_OVERRIDES, OLD_RUN_DEFAULTS), not a variant of these.
-SHARED = ("EXIT_USAGE", "IMAGE_EXTS", "UsageError", "ArgumentParser", "HelpFormatter", "resolve_device",
-          "seed_everything", "get_rng_state", "set_rng_state", "gather_rng", "atomic_save",
+SHARED = ("EXIT_USAGE", "IMAGE_EXTS", "UsageError", "usage_error", "ArgumentParser", "HelpFormatter",
+          "resolve_device", "seed_everything", "get_rng_state", "set_rng_state", "gather_rng", "atomic_save",
           "atomic_write_json", "versions", "load_file", "check_run_folder", "read_run", "merge_resume_args",
           "truncate_log", "folder_path", "folder_images", "save_grid", "plot_curves", "format_eta",
           "StopFlag", "any_rank", "setup_distributed", "autocast_for")
@@ -61,8 +61,8 @@ def test_shared_definitions_stand_in_the_same_order_and_each_script_has_the_esse
     for script, d in defs.items():
         positions = [d[name][1] for name in SHARED if name in d]
         assert positions == sorted(positions), f"{script}: shared definitions out of order"
-        for name in ("EXIT_USAGE", "UsageError", "ArgumentParser", "resolve_device", "check_run_folder",
-                     "format_eta", *PER_SCRIPT):
+        for name in ("EXIT_USAGE", "UsageError", "usage_error", "ArgumentParser", "resolve_device",
+                     "check_run_folder", "format_eta", *PER_SCRIPT):
             assert name in d, f"{script} lacks {name}"
         assert d["PROG"][0] == f'PROG = "{script}"'
 
