@@ -768,6 +768,17 @@ def folder_images(path):
     return files
 
 
+def place_data(data, device, share):
+    """Keep the data set on the GPU when it takes under `share` of the free memory (the appendix keeps
+    the whole set on the device); otherwise batches are copied from pinned host memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if data.numel() * data.element_size() < share * free:
+            return data.to(device)
+        return data.pin_memory()
+    return data
+
+
 def save_grid(x, path):
     """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch)."""
     torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
@@ -943,14 +954,6 @@ def load_data(args):
         lines = [line for line in str(e).splitlines() if line.strip()]
         raise UsageError(f"cannot read images of {args.dataset}: {lines[-1] if lines else type(e).__name__}")
     return data
-
-
-def place_data(data, device):
-    """Keep the uint8 set on the GPU when it takes under a quarter of free memory (the appendix keeps
-    the whole set on the device); otherwise batches are copied from (pinned) host memory."""
-    if device.type == "cuda" and data.numel() < torch.cuda.mem_get_info(device)[0] // 4:
-        return data.to(device)
-    return data.pin_memory() if device.type == "cuda" else data
 
 
 class DataOrder:
@@ -1378,7 +1381,7 @@ def run(args, ckpt, device, rank, world, argv):
         return usage_error(f"an epoch of {len(data)} images holds no full batch of --batch-size "
                            f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; lower "
                            f"--batch-size or pass --data-order replacement", rank)
-    data = place_data(data, device)
+    data = place_data(data, device, 0.25)  # uint8 images: a quarter of free memory
     # what config.json and checkpoints record beside the flags
     vars(args).update(n_c=int(data.shape[1]), n_data_used=int(len(data)), argv=argv, world_size=world,
                       net_version=NET_VERSION, **versions())

@@ -512,6 +512,17 @@ def folder_images(path):
     return files
 
 
+def place_data(data, device, share):
+    """Keep the data set on the GPU when it takes under `share` of the free memory (the appendix keeps
+    the whole set on the device); otherwise batches are copied from pinned host memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if data.numel() * data.element_size() < share * free:
+            return data.to(device)
+        return data.pin_memory()
+    return data
+
+
 def save_grid(x, path):
     """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch)."""
     torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
@@ -701,16 +712,6 @@ def load_images(dataset, data_root, image_size, n_data=0, download=False, split=
     subset = torch.utils.data.Subset(ds, subset_indices(len(ds), n_data, seed))
     loader = torch.utils.data.DataLoader(subset, batch_size=500)
     return torch.cat([x for x, _ in loader])
-
-
-def place_data(data, device):
-    """Keep the data on the device when it fits (as the appendix does), else in pinned CPU memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if data.numel() * data.element_size() < 0.4 * free:
-            return data.to(device)
-        return data.pin_memory()
-    return data
 
 
 # ---- run folder, checkpoints, logging ----
@@ -1090,7 +1091,8 @@ def run(args, ckpt, data, device, rank, world, argv):
         print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
               f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "
               f"run folder {args.out}", file=sys.stderr)
-    return train(args, f, f_ddp, optim, place_data(data, device), start_it, rank, world, device, seconds0)
+    data = place_data(data, device, 0.4)               # float images: up to 0.4 of free memory
+    return train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0)
 
 
 if __name__ == "__main__":

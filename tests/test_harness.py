@@ -20,8 +20,8 @@ SCRIPTS = ("shortrun_ebm.py", "dual_mcmc.py", "toy_1d_2d.py")
 SHARED = ("EXIT_USAGE", "IMAGE_EXTS", "UsageError", "usage_error", "ArgumentParser", "HelpFormatter",
           "resolve_device", "seed_everything", "get_rng_state", "set_rng_state", "gather_rng", "atomic_save",
           "atomic_write_json", "versions", "load_file", "check_run_folder", "read_run", "merge_resume_args",
-          "truncate_log", "folder_path", "folder_images", "save_grid", "plot_curves", "format_eta",
-          "StopFlag", "any_rank", "setup_distributed", "autocast_for")
+          "truncate_log", "folder_path", "folder_images", "place_data", "save_grid", "plot_curves",
+          "format_eta", "StopFlag", "any_rank", "setup_distributed", "autocast_for")
 PER_SCRIPT = ("PROG", "REUSE_HINT")
 
 
