@@ -616,8 +616,8 @@ def autocast_for(args, device):
 # ---- model and sampler plumbing ----
 
 def build_ebm(n_c, n_f, im_sz, act, device):
-    """EBM on device. On the CPU the weights go channels_last: oneDNN's convolutions then run ~15%
-    faster (measured); on CUDA the default layout measured faster (TF32 cuDNN, H100)."""
+    """EBM on device. On the CPU the weights go channels_last (oneDNN's convolutions are faster in it;
+    README has the figures); on CUDA the default layout, which the captured chain expects."""
     f = EBM(n_c, n_f, im_sz, act).to(device)
     return f.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else f
 
@@ -981,7 +981,7 @@ def conv_flops(f, n_c, im_sz):
 
 def benchmark(args, n_c, device):
     """Time args.benchmark iterations of training (same chain, same cuDNN autotuning) on random data
-    of the configured shape. FLOPs per iteration, as ../shared/bench/gpu_bench.py counts them:
+    of the configured shape. FLOPs per iteration (the usual convention, 2 per multiply-add):
     conv_flops x (2 m K + 3 x 2m): each chain step is one forward and one input-gradient pass
     (2 forward-equivalents) per image, the update one forward and a backward for input and weight
     gradients (3 forward-equivalents) on the 2m data and sample images."""
