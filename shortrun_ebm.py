@@ -617,7 +617,8 @@ def autocast_for(args, device):
 
 def build_ebm(n_c, n_f, im_sz, act, device):
     """EBM on device. On the CPU the weights go channels_last (oneDNN's convolutions are faster in it;
-    README has the figures); on CUDA the default layout, which the captured chain expects."""
+    README has the figures); on CUDA the default layout (the bf16 chain keeps its own channels_last
+    copy of the weights)."""
     f = EBM(n_c, n_f, im_sz, act).to(device)
     return f.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else f
 
