@@ -903,7 +903,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
     if writer and start_it == 0:
         save_grid(data_fixed, os.path.join(args.out, "data.png"))
     log_path, t_start, it_start = os.path.join(args.out, "log.jsonl"), time.time(), start_it
-    last_saved, curves = start_it if start_it else "none yet", True
+    last_saved, curves = start_it, True                   # iteration of the newest last.pt (0: none)
     with StopFlag() as stop:
         for it in range(start_it + 1, args.iters + 1):
             is_last = it == args.iters
@@ -937,8 +937,9 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                       f"ETA {format_eta(rate * (args.iters - it))}", file=sys.stderr, flush=True)
             if diverged:
                 if writer:
-                    print(f"{PROG}: diverged at {msg or f'iteration {it} on another rank'}; "
-                          f"{args.out}/last.pt keeps the last good state (iteration {last_saved})",
+                    kept = (f"{args.out}/last.pt keeps the last good state (iteration {last_saved})"
+                            if last_saved else "no checkpoint was written before it")
+                    print(f"{PROG}: diverged at {msg or f'iteration {it} on another rank'}; {kept}",
                           file=sys.stderr)
                 return EXIT_DIVERGED
             if due(args.plot_every) and writer:
