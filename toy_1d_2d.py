@@ -616,8 +616,6 @@ def evaluate(f, density, samples, args, device, exact=None):
     p_kde = kde_raw / kde_raw.sum()
     t = fit_temperature(p_truth, f_grid)
     T = args.noise ** 2 / (2 * args.step_size)       # the chain's temperature: it targets exp(f / T)
-    p_ebm_T = normalise_log(f_grid / T) if T > 0 else None        # noise 0: no temperature, no density
-    t_T = fit_temperature(p_truth, f_grid / T) if T > 0 else None
     truth_bins = truth_bin_masses(density, d)
     m = {"tv": tv(p_truth, p_kde), "kl": kl(p_truth, p_kde), "tv_hist": hist_tv(samples, truth_bins, d),
          "entropy_truth": entropy(p_truth, vol), "entropy_ebm": entropy(p_ebm, vol),
@@ -625,10 +623,8 @@ def evaluate(f, density, samples, args, device, exact=None):
          "temperature": t, "ebm_temperature": 1.0 / t,
          "tv_truth_ebm": tv(p_truth, p_ebm), "kl_truth_ebm": kl(p_truth, p_ebm),
          "kl_truth_ebm_at_temperature": kl(p_truth, normalise_log(f_grid / t)),
-         "entropy_ebm_T": None if t_T is None else entropy(p_ebm_T, vol),
-         "temperature_T": t_T, "ebm_temperature_T": None if t_T is None else 1.0 / t_T,
-         "tv_truth_ebm_T": None if t_T is None else tv(p_truth, p_ebm_T),
-         "kl_truth_ebm_T": None if t_T is None else kl(p_truth, p_ebm_T),
+         **dict.fromkeys(("entropy_ebm_T", "temperature_T", "ebm_temperature_T", "tv_truth_ebm_T",
+                          "kl_truth_ebm_T")),                  # null at noise 0: no temperature, no density
          "kde_bandwidth": h.tolist(), "kde_bandwidth_rule": args.bandwidth,
          "kde_mass_in_box": float(kde_raw.sum() * vol),
          "frac_outside_box": float(np.mean(np.any(np.abs(samples) > 1, 1))),
@@ -642,7 +638,10 @@ def evaluate(f, density, samples, args, device, exact=None):
         m.update(tv_exact=tv(p_truth, k_ex), kl_exact=kl(p_truth, k_ex),
                  entropy_kde_exact=entropy(k_ex, vol), tv_hist_exact=hist_tv(exact, truth_bins, d))
     grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
-    if p_ebm_T is not None:
+    if T > 0:               # exp(f/T): the KL-best temperature against it is t / T exactly, no second fit
+        p_ebm_T = normalise_log(f_grid / T)
+        m.update(entropy_ebm_T=entropy(p_ebm_T, vol), temperature_T=t / T, ebm_temperature_T=T / t,
+                 tv_truth_ebm_T=tv(p_truth, p_ebm_T), kl_truth_ebm_T=kl(p_truth, p_ebm_T))
         grids["ebm_T"] = p_ebm_T / vol
     return m, grids
 
