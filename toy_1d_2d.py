@@ -227,6 +227,8 @@ def validate(args):
             raise UsageError(f"{name} must be in (0, 1] (got {v})")
     if args.anneal_start < 0:
         raise UsageError(f"--anneal-start must be >= 0 (got {args.anneal_start})")
+    if not 0 <= args.seed < 2 ** 63:                 # numpy refuses a negative seed, torch one past 2^64
+        raise UsageError(f"--seed must be in [0, 2^63) (got {args.seed})")
     if args.bandwidth not in ("scott", "silverman", "cv"):
         try:
             h = float(args.bandwidth)

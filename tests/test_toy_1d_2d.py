@@ -227,7 +227,9 @@ def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, c
 @pytest.mark.parametrize("flags,message", [(["--K", "0"], "--K must be >= 1"),
                                            (["--density", "file:nowhere.npy"], "no such file"),
                                            (["--bandwidth", "wide"], "--bandwidth"),
-                                           (["--lr", "fast"], "invalid float value")])
+                                           (["--lr", "fast"], "invalid float value"),
+                                           (["--seed=-1"], "--seed must be in [0, 2^63)"),
+                                           (["--seed", str(2 ** 64)], "--seed must be in [0, 2^63)")])
 def test_print_config_with_a_bad_value_exits_2_like_a_run(flags, message, tmp_path, capsys):
     code, out, err = print_config(flags, capsys, tmp_path)
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
