@@ -481,14 +481,6 @@ def match_channels(x, n_c):
     return x.mean(1, keepdim=True) if n_c == 1 else x.expand(-1, n_c, -1, -1).contiguous()
 
 
-def subset(n_available, n, seed):
-    """Indices of a seeded random subset of n of n_available images (n = 0 or n >= n_available: all, in
-    order). A random subset, not the first n: folders and some torchvision sets are sorted by class."""
-    if not n or n >= n_available:
-        return torch.arange(n_available)
-    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:n]
-
-
 def celeba_crop(model, name):
     """True when images of set `name` must take the Dual-MCMC authors' CelebA crop box, as the model's
     training images did (dual_mcmc --celeba-crop: celeba, or the folder it was trained on)."""
@@ -541,13 +533,13 @@ def _cropped_set(name, root, size, split, download):
 
 
 def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
-    """A seeded random subset of n images (0 = all) of a named set, (n, n_c, size, size) in [-1, 1] on the
-    CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the Dual-MCMC authors' CelebA
+    """A seeded random subset (shortrun_ebm.subset_indices) of n images (0 = all) of a named set, (n, n_c,
+    size, size) in [-1, 1] on the CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the Dual-MCMC authors' CelebA
     crop box instead of resize + centre crop (see celeba_crop)."""
     if crop:
         ds = _cropped_set(name, root, size, split, download)
         available = len(ds)
-        ds = torch.utils.data.Subset(ds, subset(available, n, seed).tolist())
+        ds = torch.utils.data.Subset(ds, sr.subset_indices(available, n, seed))
         try:
             x = torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)])
         except (OSError, ValueError) as e:
@@ -561,15 +553,15 @@ def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
             raise sr.UsageError(f"cifar100 not found under {root} ({str(e).splitlines()[0]}): put "
                                 f"cifar-100-python/ there or allow --download") from None
         available = len(ds)
-        ds = torch.utils.data.Subset(ds, subset(available, n, seed).tolist())
+        ds = torch.utils.data.Subset(ds, sr.subset_indices(available, n, seed))
         x = torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)])
     else:
         if name not in sr.DATASETS and not name.startswith("folder:"):
             raise sr.UsageError(f"unknown data set {name!r}: use one of {', '.join(sr.DATASETS)}, cifar100 "
                                 f"or folder:PATH")
-        x = sr.load_images(name, root, size, 0, download, split=split)     # all, then the random subset
-        available = len(x)
-        x = x[subset(available, n, seed)]
+        picked = {}
+        x = sr.load_images(name, root, size, n, download, split=split, seed=seed, info=picked)
+        available = picked["n_available"]
     if len(x) == 0:
         raise sr.UsageError(f"{name} ({split}) holds no images")
     return match_channels(x, n_c), {"data_seed": seed, "n": len(x), "n_available": available}
@@ -680,7 +672,7 @@ def reference_stats(args, model, net, weights, device):
     if crop:  # streamed: all 162,770 CelebA training images never sit in memory at once
         ds = _cropped_set(name, root, model.size, "train", args.download)
         picked = {"data_seed": args.data_seed, "n_available": len(ds)}
-        ds = torch.utils.data.Subset(ds, subset(len(ds), n_ref, args.data_seed).tolist())
+        ds = torch.utils.data.Subset(ds, sr.subset_indices(len(ds), n_ref, args.data_seed))
         picked["n"] = len(ds)
         batches_in = iter(torch.utils.data.DataLoader(ds, batch_size=args.batch_size,
                                                       num_workers=min(4, os.cpu_count() or 1)))
