@@ -458,6 +458,7 @@ def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
     (["--noise", "-1"], "--noise"),
     (["--bandwidth", "wide"], "--bandwidth"),
     (["--anneal-lr-final", "2"], "--anneal-lr-final"),
+    (["--seed=-1"], "--seed must be in [0, 2^63)"),
     (["--device", "tpu"], "--device"),
     (["--K", "ten"], "invalid int value"),
 ])
