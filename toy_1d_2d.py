@@ -238,7 +238,8 @@ def validate(args):
             raise UsageError(f"--bandwidth must be cv, scott, silverman or a positive number "
                              f"(got {args.bandwidth!r})")
     if args.print_config:       # reads no data: a file: density is checked to exist, not loaded
-        return density_file(args.density)
+        density_file(args.density)
+        return None
     return make_density(args.density, args.bandwidth)
 
 
