@@ -657,7 +657,7 @@ def plot_figures(grids, samples, metrics, args, d, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("toy_1d_2d.py: matplotlib is missing (pip install matplotlib); no figures written "
+        print(f"{PROG}: matplotlib is missing (pip install matplotlib); no figures written "
               "(pass --no-plots to silence this)", file=sys.stderr)
         return
     title = (f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, {args.iters} its | "
@@ -801,7 +801,7 @@ def main(argv=None):
     t0 = time.time()
     try:                                           # Ctrl-C while training or evaluating keeps f
         if not train(f, optim, data, args, device):
-            print("toy_1d_2d.py: f or the samples became NaN/inf; start again with a lower --lr or "
+            print(f"{PROG}: f or the samples became NaN/inf; start again with a lower --lr or "
                   "--step-size", file=sys.stderr)
             return EXIT_DIVERGED
         train_seconds = time.time() - t0
@@ -811,7 +811,7 @@ def main(argv=None):
         metrics, grids = evaluate(f, density, samples, args, device, exact)
     except KeyboardInterrupt:
         save_model(f, args, d)
-        print(f"toy_1d_2d.py: interrupted; f saved to {os.path.join(args.out, 'model.pt')}, no samples or "
+        print(f"{PROG}: interrupted; f saved to {os.path.join(args.out, 'model.pt')}, no samples or "
               f"metrics written (rerun with --force to start again)", file=sys.stderr)
         return EXIT_INTERRUPTED
     metrics.update(train_seconds=train_seconds, eval_seconds=time.time() - t0 - train_seconds, d=d,
