@@ -265,7 +265,8 @@ def test_hand_written_gradient_equals_autograd(act, d):
     assert all(p.grad is None for p in f.parameters())
 
 
-METHOD_IMPORTS = "import math\nimport contextlib\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+METHOD_IMPORTS = ("import math\nimport contextlib\nimport torch\nimport torch.nn as nn\n"
+                  "import torch.nn.functional as F\n")
 
 
 def method_block():
