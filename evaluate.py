@@ -488,42 +488,13 @@ def celeba_crop(model, name):
                 and name in ("celeba", model.cfg.get("dataset")))
 
 
-class _CropBox:
-    """PIL image -> its dual_mcmc.CELEBA_BOX crop (a class, not a lambda: DataLoader workers pickle it)."""
-
-    def __call__(self, im):
-        if im.size != (178, 218):
-            raise ValueError(f"the CelebA crop box needs aligned 178x218 images, got "
-                             f"{im.size[0]}x{im.size[1]}")
-        return im.crop(dm.CELEBA_BOX)
-
-
-class _FileImages(torch.utils.data.Dataset):
-    def __init__(self, files, tf):
-        self.files, self.tf = files, tf
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return self.tf(im.convert("RGB")), 0
-
-
 def _cropped_set(name, root, size, split, download):
-    """CelebA (torchvision split) or a folder of aligned 178x218 images through the authors' pipeline:
-    crop box dual_mcmc.CELEBA_BOX, resize to size, [-1, 1]. A dataset whose images are decoded on demand."""
-    T = torchvision.transforms
-    tf = T.Compose([_CropBox(), T.Resize(size), T.CenterCrop(size), T.ToTensor(),
-                    T.Normalize([.5] * 3, [.5] * 3)])
+    """CelebA (torchvision split) or a folder of aligned 178x218 images through the authors' pipeline
+    (dual_mcmc's: crop box CELEBA_BOX, resize to size): uint8 images decoded on demand (dual_mcmc.to_pixels
+    maps them to [-1, 1])."""
     if name.startswith("folder:"):
-        path = os.path.expanduser(name[len("folder:"):])
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs
-                       if f.lower().endswith(sr.IMAGE_EXTS))
-        if not files:
-            raise sr.UsageError(f"data folder {path} holds no images")
-        return _FileImages(files, tf)
+        return dm._Folder(sr.folder_images(sr.folder_path(name)), size, celeba_crop=True)
+    tf = dm._image_transform(size, celeba_crop=True)
     try:
         return torchvision.datasets.CelebA(root, split="train" if split == "train" else "test",
                                            download=download, transform=tf)
@@ -534,14 +505,14 @@ def _cropped_set(name, root, size, split, download):
 
 def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
     """A seeded random subset (shortrun_ebm.subset_indices) of n images (0 = all) of a named set, (n, n_c,
-    size, size) in [-1, 1] on the CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the Dual-MCMC authors' CelebA
-    crop box instead of resize + centre crop (see celeba_crop)."""
+    size, size) in [-1, 1] on the CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the
+    Dual-MCMC authors' CelebA crop box instead of resize + centre crop (see celeba_crop)."""
     if crop:
         ds = _cropped_set(name, root, size, split, download)
         available = len(ds)
         ds = torch.utils.data.Subset(ds, sr.subset_indices(available, n, seed))
         try:
-            x = torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)])
+            x = dm.to_pixels(torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)]))
         except (OSError, ValueError) as e:
             raise sr.UsageError(f"cannot read {name} images ({type(e).__name__}: {e})") from None
     elif name == "cifar100":  # not a training set of the scripts, only an OOD reference
@@ -676,7 +647,7 @@ def reference_stats(args, model, net, weights, device):
         picked["n"] = len(ds)
         batches_in = iter(torch.utils.data.DataLoader(ds, batch_size=args.batch_size,
                                                       num_workers=min(4, os.cpu_count() or 1)))
-        images = lambda i, b: match_channels(next(batches_in)[0], model.n_c)      # in order, b at a time
+        images = lambda i, b: match_channels(dm.to_pixels(next(batches_in)[0]), model.n_c)  # in order
     else:
         x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed)
         images = lambda i, b: x[i:i + b]
