@@ -345,7 +345,7 @@ def load_model(path, device):
         raise sr.UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a "
                             f"checkpoint") from None
     script = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if script is None and isinstance(ckpt, dict) and {"netG", "netE", "netI"} <= set(ckpt):
+    if dm.is_authors_checkpoint(ckpt):
         script = "dual_mcmc"                                         # the authors' released checkpoints
     try:
         if script == "shortrun_ebm":
