@@ -1246,11 +1246,10 @@ def report_divergence(args, it, gap, losses):
           f"lower --lr-e or --x-step-size", file=sys.stderr)
 
 
-def train(args, models, opts, scheds, data, device, start_it=0, seconds0=0.0, rank=0, world=1, order=None):
-    """Algorithm 1 of the paper, then three gated side jobs (log, grids + curves, checkpoint).
+def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=0.0, rank=0, world=1):
+    """Algorithm 1 of the paper, then three gated side jobs (log, grids + curves, checkpoint); order: the
+    DataOrder, whose epoch length also paces the lr decay.
     Returns the exit code: 0 done, 130 stopped by Ctrl-C (last.pt written), 3 diverged."""
-    order = order or DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
-    iters_per_epoch = max(1, args.n_data_used // (args.batch_size * world))
     amp, writer, curves = autocast_for(args, device), rank == 0, True
     if writer:  # fixed grid inputs: first 64 images, z from its own generator
         fixed_x = to_pixels(data[:64].to(device))
@@ -1271,7 +1270,7 @@ def train(args, models, opts, scheds, data, device, start_it=0, seconds0=0.0, ra
                     report_divergence(args, it, gap, losses)
                 return EXIT_DIVERGED
             update(models, opts, losses, world)
-            if (it + 1) % iters_per_epoch == 0:
+            if (it + 1) % order.per_epoch == 0:
                 for s in scheds.values():
                     s.step()
             done = it + 1
@@ -1424,7 +1423,7 @@ def run(args, ckpt, device, rank, world, argv):
               f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; "
               f"{len(data)} images; {device}, world {world}; "
               f"{'resuming at ' + str(start_it) + ', ' if ckpt else ''}writing {args.out}", file=sys.stderr)
-    return train(args, models, opts, scheds, data, device, start_it, seconds0, rank, world, order)
+    return train(args, models, opts, scheds, data, order, device, start_it, seconds0, rank, world)
 
 
 if __name__ == "__main__":
