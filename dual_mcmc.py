@@ -485,7 +485,8 @@ def build_parser(suppress_defaults=False):
     a("--amp", default="off", choices=("off", "bf16"),
       help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
     a("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-      help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
+      help="accepted as in shortrun_ebm.py and recorded in config.json; no effect here yet (the dual "
+           "chains run eager); may change on --resume")
     a("--benchmark", type=int, default=0, metavar="N",
       help="time N training steps on random data (median after 2 warm-ups), print s/iter and "
            "images*steps/s, write nothing")
