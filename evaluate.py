@@ -441,13 +441,14 @@ def reconstruct_z(model, chain, x, steps, lr, optimizer="gd", clamp=False, keep=
     the batch), frames = list of (t, M(z_t)) at `snapshots` evenly spaced steps."""
     z = (draw_p0(model, len(x)) if z0 is None else z0).clone().requires_grad_(True)
     keep = torch.ones_like(x) if keep is None else keep.expand_as(x)
+    n_obs = keep.flatten(1).sum(1)                                                    # observed pixels (B,)
     opt = torch.optim.Adam([z], lr=lr) if optimizer == "adam" else None
     frame_at = set(np.linspace(0, steps, snapshots + 1).round().astype(int).tolist()) if snapshots else set()
     curve, frames = [], []
     for t in range(steps + 1):
         x_hat = M_theta(model, chain, z, create_graph=t < steps)                     # (B, C, S, S)
         sq = (keep * (x_hat - x)).flatten(1).pow(2).sum(1)                            # (B,)
-        err = sq / keep.flatten(1).sum(1)                                             # per-pixel mse (B,)
+        err = sq / n_obs                                                              # per-pixel mse (B,)
         curve.append(err.mean().item())
         if t in frame_at:
             frames.append((t, x_hat.detach()))
