@@ -874,11 +874,10 @@ def z_start(model, x):
         return model.encoder(x)[0]
 
 
-def infer_z(model, chain, x, steps=True):
-    """dual_mcmc inference: z^ = mu(x) (Inf; N(0, I) without an inference model) and, with steps, k_z
-    z-Langevin steps from it (Inf+L)."""
-    z = z_start(model, x)
-    return z_chain(model, chain, x, z) if steps else z
+def infer_z(model, chain, x):
+    """dual_mcmc inference (Inf+L): k_z z-Langevin steps from z_start (mu(x); N(0, I) without an inference
+    model)."""
+    return z_chain(model, chain, x, z_start(model, x))
 
 
 def recon_dual(args, model, chain, x_all, info):
@@ -887,11 +886,10 @@ def recon_dual(args, model, chain, x_all, info):
     with bn_mode(args, model):
         for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
             x = x_all[i:i + b].to(model.device)
-            z0 = infer_z(model, chain, x, steps=False)
+            z0 = z_start(model, x)                                                    # Inf
+            z_l = z_chain(model, chain, x, z0)                                        # Inf+L
             with torch.no_grad():
-                x_inf = model.g(z0).float()
-            with torch.no_grad():
-                x_infl = model.g(z_chain(model, chain, x, z0)).float()
+                x_inf, x_infl = model.g(z0).float(), model.g(z_l).float()
             outs["inf"].append((x_inf.cpu(), x.cpu()))
             outs["inf+l"].append((x_infl.cpu(), x.cpu()))
             if i == 0:
