@@ -565,14 +565,17 @@ def validate(args):
     for name, lo in checks:
         if getattr(args, name) < lo:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
-    for name in ("sigma_g", "lr_e", "lr_g", "lr_i", "gap_limit"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("sigma_g", "lr_e", "lr_g", "lr_i"):
+        v = getattr(args, name)
+        if not (v > 0 and math.isfinite(v)):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+    if not args.gap_limit > 0:  # inf: the guard only stops on NaN
+        raise UsageError(f"--gap-limit must be > 0, got {args.gap_limit}")
     for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_recon",
                  "w_sample", "w_inf_data", "w_inf_sample", "wd_g", "wd_i"):
         v = getattr(args, name)
         if not (v >= 0 and math.isfinite(v)):
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         raise UsageError("--beta1 and --beta2 must lie in [0, 1)")
     if not 0 < args.lr_decay <= 1:

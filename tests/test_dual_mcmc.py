@@ -659,6 +659,8 @@ def test_lines_at_most_110_characters():
     (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"), (["--beta2", "1"], "--beta2"),
     (["--sample-step-size", "nan"], "--sample-step-size"), (["--log-every", "0"], "--log-every"),
     (["--n-data", "-1"], "--n-data"), (["--gap-limit", "0"], "--gap-limit"),
+    (["--lr-e", "inf"], "--lr-e must be a finite number"), (["--sigma-g", "inf"], "--sigma-g must be a finite"),
+    (["--x-step-size", "inf"], "--x-step-size must be a finite number >= 0"),
     (["--arch", "resnet", "--image-size", "64", "--nef", "8"], "--nef must be >= 16"),
 ])
 def test_bad_values_exit_2_and_write_nothing(images, tmp_path, capsys, flags, msg):
