@@ -769,15 +769,16 @@ def harness_step(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None
 class FastChain:
     """The Langevin chain of `langevin` (same update, same noise law), made fast for training.
 
-    Called like `langevin`: chain(f, x_0, K, step_size, noise) -> x_K. Two independent switches:
+    Called like `langevin`: chain(f, x_0, K, step_size, noise, stats=None) -> x_K. Two switches:
     - bf16: f runs on a bf16 copy of its weights (channels_last), refreshed from f at every call;
       x, the update and the noise stay fp32 (bf16 cannot accumulate 0.01-sized noise at |x| ~ 1).
     - graph (CUDA only): one Langevin step is captured once per input shape as a CUDA graph and
       replayed K times, so the ~60 kernel launches and the autograd bookkeeping of a step become one
       replay (dynamic K costs nothing extra). Adam updates the weights in place, so one capture
       serves the whole run; the default CUDA generator is graph-safe: every replay draws fresh noise.
-    Each call also leaves `grad_norm_chain`: the mean over the K steps of the per-image L2 norm of
-    grad_x f (a 0-dim tensor, accumulated inside the step so reading it costs no extra pass).
+    stats (a list, as for `langevin`): the call also accumulates the per-image L2 norm of grad_x f
+    inside each step and appends its mean over the K steps (one 0-dim tensor); only such calls (the
+    log iterations) pay for it: they replay a second graph captured with the accumulation.
     """
 
     def __init__(self, f, bf16=False, graph=False):
@@ -786,24 +787,25 @@ class FastChain:
         if bf16:
             self.net = copy.deepcopy(f).to(torch.bfloat16, memory_format=torch.channels_last)
             self.net.requires_grad_(False)
-        self.graphs = {}              # (shape, device) -> (graph, x buffer, step, noise, grad-norm sum)
-        self.grad_norm_chain = None
+        self.graphs = {}      # (shape, device, track) -> (graph, x buffer, step, noise, grad-norm sum)
 
-    def _step(self, x, step_t, noise_t, norm_sum):
+    def _step(self, x, step_t, noise_t, norm_sum=None):
         """One Langevin step updating the fp32 buffer x in place (capturable: no host sync)."""
         x_in = x.to(torch.bfloat16, memory_format=torch.channels_last) if self.bf16 else x
         x_in = x_in.detach().requires_grad_(True)
         with torch.enable_grad():
             grad = torch.autograd.grad(self.net(x_in).sum(), x_in)[0].float()     # (m, C, S, S)
-        norm_sum.add_(grad.flatten(1).norm(dim=1).mean())
+        if norm_sum is not None:
+            norm_sum.add_(grad.flatten(1).norm(dim=1).mean())
         x.add_(step_t * grad)                                  # x + step_size * grad_x f(x)
         x.add_(noise_t * torch.randn_like(x))                  # + noise * N(0, I)
 
-    def _captured(self, x):
-        key = (tuple(x.shape), str(x.device))
+    def _captured(self, x, track):
+        key = (tuple(x.shape), str(x.device), track)
         if key not in self.graphs:
             buf = x.detach().clone(memory_format=torch.contiguous_format)
             step_t, noise_t, norm_sum = (torch.zeros((), device=x.device) for _ in range(3))
+            norm_sum = norm_sum if track else None
             stream = torch.cuda.Stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))
             # Warm up on the capture stream (cuDNN autotuning and workspaces must not be created
@@ -823,28 +825,29 @@ class FastChain:
     def __call__(self, f, x, K, step_size=1.0, noise=1e-2, stats=None):
         if f is not self.f:
             raise ValueError("FastChain was built for another model")
+        track = stats is not None
         with torch.no_grad():
             if self.bf16:                                      # shadow weights <- f's, once per chain
                 torch._foreach_copy_(list(self.net.parameters()), list(f.parameters()))
         with frozen(self.net):                                 # autograd w.r.t. x only
             if self.graph and x.is_cuda:
-                graph, buf, step_t, noise_t, norm_sum = self._captured(x)
+                graph, buf, step_t, noise_t, norm_sum = self._captured(x, track)
                 buf.copy_(x)
                 step_t.fill_(step_size)
                 noise_t.fill_(noise)
-                norm_sum.zero_()
+                if track:
+                    norm_sum.zero_()
                 for _ in range(K):
                     graph.replay()
                 x_K = buf.clone()
             else:
                 x_K = x.detach().clone(memory_format=torch.contiguous_format)
-                step_t, noise_t, norm_sum = (torch.tensor(float(v), device=x.device)
-                                             for v in (step_size, noise, 0.0))
+                step_t, noise_t = (torch.tensor(float(v), device=x.device) for v in (step_size, noise))
+                norm_sum = torch.zeros((), device=x.device) if track else None
                 for _ in range(K):
                     self._step(x_K, step_t, noise_t, norm_sum)
-        self.grad_norm_chain = norm_sum / max(K, 1)
-        if stats is not None:                                  # langevin's stats list, one entry: the mean
-            stats.append(self.grad_norm_chain.clone())
+        if track:                                              # mean over the K steps
+            stats.append(norm_sum / max(K, 1))
         return x_K
 
 
