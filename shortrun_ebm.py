@@ -174,11 +174,11 @@ DATASET_DEFAULTS = {"cifar10": dict(PAPER_51, n_f=128),
                     "celeba": dict(PAPER_51, image_size=64), "lsun_bedroom": dict(PAPER_51, image_size=64)}
 OTHER_DEFAULTS = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 100000, "anneal_start": 0}
 PRESETS = {"appendix": {"n_f": 64, "n_data": 0, "image_size": 32, "iters": 100000, "anneal_start": 0}}
-# Keys a run folder written by an older version lacks, with the value that reproduces what that version did
 # Flags that may change on --resume (run control); every other flag is the run's own
 RESUME_OVERRIDES = ("iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
                     "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step", "guard_max_gap",
                     "print_config", "cuda_graph")
+# Keys a run folder written by an older version lacks, with the value that reproduces what that version did
 OLD_RUN_DEFAULTS = {"preset": None, "print_config": False, "cuda_graph": True,
                     "data_seed": None}                 # None: the first n_data images in sorted order
 
@@ -190,7 +190,8 @@ def per_dataset(key):
 
 
 def build_parser(suppress_defaults=False):
-    """The hyperparameter block. Defaults are the paper's appendix setting for CIFAR-10."""
+    """The hyperparameter block: the appendix code's values, and per data set (resolve_defaults) the
+    paper's sec. 5.1 setting."""
     p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                        formatter_class=HelpFormatter,
                        epilog="--n_f, --n-data, --image-size, --iters and --anneal-start default per "
@@ -257,7 +258,8 @@ def build_parser(suppress_defaults=False):
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    r.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16 autocast (GPUs)")
+    r.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16: the chain on bf16 copies of the weights (x kept fp32), the update under bf16 "
+                        "autocast (GPUs)")
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     r.add_argument("--out", default=None, help="run folder (default runs/shortrun_<dataset>)")
