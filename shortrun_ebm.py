@@ -258,8 +258,9 @@ def build_parser(suppress_defaults=False):
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    r.add_argument("--amp", choices=("off", "bf16"), default="off", help="bf16: the chain on bf16 copies of the weights (x kept fp32), the update under bf16 "
-                        "autocast (GPUs)")
+    r.add_argument("--amp", choices=("off", "bf16"), default="off",
+                   help="bf16: the chain on bf16 copies of the weights (x kept fp32), the update under "
+                        "bf16 autocast (GPUs)")
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     r.add_argument("--out", default=None, help="run folder (default runs/shortrun_<dataset>)")
