@@ -516,6 +516,7 @@ DATASET_DEFAULTS = {"celeba": dict(image_size=64, x_step_size=0.045, w_sample=70
 OTHER_DEFAULTS = dict(image_size=32, x_step_size=0.125, w_sample=50.0, celeba_crop=False, iters=150000)
 ARCH_WIDTHS_CELEBA = {"resnet": dict(nef=1024, ngf=1024, nif=128), "simple": ARCH_WIDTHS["simple"]}
 
+
 def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
     """Fill the flags left unset (None) whose default depends on the data set or the arch. A folder: of
     aligned CelebA images with --celeba-crop takes the celeba defaults; n_images: the folder's count."""
@@ -1158,8 +1159,6 @@ def eval_mode(models):
             m.train(modes[k])
 
 
-
-
 def save_grids(models, fixed_x, fixed_z, args, it):
     """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
     E, G, I = models["ebm"], models["generator"], models["encoder"]
@@ -1321,7 +1320,8 @@ def benchmark(args, data, device, rank, world):
         update(models, opts, (loss_e, loss_g, loss_i), world)
         sync()
         times.append(time.perf_counter() - t0)
-    per_iter = sorted(times[2:])[len(times[2:]) // 2]
+    timed = sorted(times[2:])                                          # the warm-ups dropped
+    per_iter = timed[len(timed) // 2]
     if rank == 0:
         print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * (args.k_x + args.k_z) / per_iter:.0f} "
               f"images*steps/s")
@@ -1374,6 +1374,8 @@ def load_data_once(args, device, rank, world):
     if any_rank(torch.tensor([err is not None], device=device), world)[0]:
         raise err or UsageError("rank 0 could not load the data")
     return data if rank == 0 else load_data(args)
+
+
 def run(args, ckpt, device, rank, world, argv):
     """Load data, build (or restore) the three models, write config.json, train (or --benchmark)."""
     try:
