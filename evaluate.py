@@ -706,6 +706,12 @@ def bn_info(args, model):
     return {"bn_mode": args.bn_mode, "batch_size": args.batch_size}
 
 
+def uses_cuda_graph(args, model):
+    """Whether --cuda-graph applies: short-run fid / export samples on CUDA (see sample_batches)."""
+    return (args.cuda_graph and args.cmd in ("fid", "export") and model.script == "shortrun_ebm"
+            and model.device.type == "cuda")
+
+
 def sample_batches(args, model, chain, n):
     """Yield (i, {kind: images}) for n samples in batches of --batch-size, as a user samples each model.
     short-run: {"x": M_theta(z) with the trained noise}, z ~ p_0 (low-res training images for --init lowres
@@ -714,7 +720,7 @@ def sample_batches(args, model, chain, n):
     if model.script == "shortrun_ebm" and model.cfg.get("init") == "lowres":  # chains start from low-res data
         init_data = load_set(*resolve_data(args, model), model.size, 0, args.download, "train", model.n_c)[0]
     fast = None                  # on CUDA the training harness's captured chain: the same K-step sampler
-    if model.script == "shortrun_ebm" and model.device.type == "cuda" and getattr(args, "cuda_graph", True):
+    if uses_cuda_graph(args, model):
         fast = sr.FastChain(model.f, graph=True)
     torch.manual_seed(args.seed)
     for i, b in progress(batches(n, args.batch_size), "samples"):
@@ -1296,7 +1302,7 @@ def write_metrics(args, model, chain, res, seconds, argv):
                           "iteration": model.iteration,
                           "dataset": model.cfg.get("dataset"), "image_size": model.size, "n_c": model.n_c},
            "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
-           "cuda_graph": bool(getattr(args, "cuda_graph", True)) and model.device.type == "cuda",
+           "cuda_graph": uses_cuda_graph(args, model),
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                         "python": sys.version.split()[0]}}
     os.makedirs(args.out, exist_ok=True)
