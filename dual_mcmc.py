@@ -143,14 +143,14 @@ class EBM(nn.Module):
 
     def __init__(self, n_c=3, nef=512, im_sz=32, arch="resnet", sn=True):
         super().__init__()
-        if arch == "resnet" and im_sz == 64:
-            chans = [max(1, nef >> k) for k in (4, 3, 2, 1, 0)]                  # nef/16 ... nef
-            blocks = [_EBMBlock(n_c, chans[0], True, True, sn)]
-            blocks += [_EBMBlock(c_in, c_out, True, False, sn) for c_in, c_out in zip(chans, chans[1:])]
-        elif arch == "resnet":
-            blocks = [_EBMBlock(n_c, nef, True, True, sn), _EBMBlock(nef, nef, True, False, sn)]
-            blocks += [_EBMBlock(nef, nef, False, False, sn) for _ in range(2)]
         if arch == "resnet":
+            if im_sz == 64:
+                chans = [max(1, nef >> k) for k in (4, 3, 2, 1, 0)]              # nef/16 ... nef
+                blocks = [_EBMBlock(n_c, chans[0], True, True, sn)]
+                blocks += [_EBMBlock(c_in, c_out, True, False, sn) for c_in, c_out in zip(chans, chans[1:])]
+            else:
+                blocks = [_EBMBlock(n_c, nef, True, True, sn), _EBMBlock(nef, nef, True, False, sn)]
+                blocks += [_EBMBlock(nef, nef, False, False, sn) for _ in range(2)]
             self.body = nn.Sequential(*blocks, nn.ReLU())
             lin = nn.Linear(nef, 1, bias=False)
             self.head = nn.utils.parametrizations.spectral_norm(lin) if sn else lin
