@@ -791,12 +791,11 @@ def cmd_export(args, model, chain):
         for key, x in xs.items():
             folder = os.path.join(args.out, key)
             os.makedirs(folder, exist_ok=True)
-            u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()   # (b, C, S, S)
-            for j, im in enumerate(u8):
-                arr = im.permute(1, 2, 0).numpy()                                    # (S, S, C)
-                Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(
-                    os.path.join(folder, f"{i + j:06d}.png"))
-            arrays.setdefault(key, []).append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())   # (b, S, S, 3)
+            u8 = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()                 # (b, S, S, 3), grey repeated
+            for j, arr in enumerate(u8):
+                png = os.path.join(folder, f"{i + j:06d}.png")
+                Image.fromarray(arr[..., 0] if model.n_c == 1 else arr).save(png)
+            arrays.setdefault(key, []).append(u8)
     for key, parts in arrays.items():
         path = os.path.join(args.out, f"{key}.npz")
         np.savez(path + ".tmp.npz", arr_0=np.concatenate(parts))
