@@ -98,7 +98,8 @@ def build_parser():
     c("--data-seed", type=int, default=0,
       help="seed of the random subset of --n images taken from a data set "
       "(recorded in metrics.json with n and the number available)")
-    c("--split", default="test", help="split of --dataset for held-out images (folders have none)")
+    c("--split", choices=("test", "train"), default="test",
+      help="split of --dataset for held-out images (folders have none)")
     c("--download", action=argparse.BooleanOptionalAction, default=True,
       help="download missing data / weights")
     s = common.add_argument_group("sampler (default: the checkpoint's training values)")

@@ -644,7 +644,7 @@ def test_celeba_crop_reference_statistics_are_streamed_from_the_cropped_images(d
 
 @pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
                                   "bad_mask", "no_subcommand", "bad_optimizer", "negative_lr", "bad_bn_mode",
-                                  "negative_draws", "negative_init_noise", "export_n0"])
+                                  "negative_draws", "negative_init_noise", "export_n0", "bad_split"])
 def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
@@ -662,7 +662,8 @@ def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, cap
             "bad_bn_mode": ["export", "--ckpt", dual_ckpt, "--bn-mode", "frozen", *out],
             "negative_draws": ["bpd", "--ckpt", sr_ckpt, "--dequant-draws", "-1", *out],
             "negative_init_noise": ["superres", "--ckpt", sr_ckpt, "--init-noise", "-1", *out],
-            "export_n0": ["export", "--ckpt", sr_ckpt, "--n", "0", *out]}[case]
+            "export_n0": ["export", "--ckpt", sr_ckpt, "--n", "0", *out],
+            "bad_split": ["recon", "--ckpt", sr_ckpt, "--dataset", "svhn", "--split", "extra", *out]}[case]
     code, err = run_eval(argv, capsys)
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
