@@ -635,12 +635,17 @@ def reference_stats(args, model, net, weights, device):
     path = args.stats or os.path.join(root, "fid_stats",
                                       f"{safe}_{model.size}px_n{n_ref}_s{args.data_seed}_{tag}.npz")
     if os.path.isfile(path):
-        z = np.load(path)
-        if str(z["weights_sha"]) == tag and int(z["image_size"]) == model.size:
-            info = {"n": int(z["n"]), "n_available": int(z["n_available"]) if "n_available" in z else None,
-                    "data_seed": int(z["data_seed"]) if "data_seed" in z else None, "stats": path,
-                    "celeba_crop": crop}
-            return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), info
+        try:
+            z = np.load(path)
+            if str(z["weights_sha"]) == tag and int(z["image_size"]) == model.size:
+                info = {"n": int(z["n"]),
+                        "n_available": int(z["n_available"]) if "n_available" in z else None,
+                        "data_seed": int(z["data_seed"]) if "data_seed" in z else None, "stats": path,
+                        "celeba_crop": crop}
+                return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), info
+        except Exception as e:  # not an .npz, or one without our keys
+            raise sr.UsageError(f"{path} is not a reference-statistics cache of {PROG} ({type(e).__name__}): "
+                                f"delete it or pass another --stats") from None
         print(f"{PROG}: {path} was made with other weights or image size: recomputing", file=sys.stderr)
     if crop:  # streamed: all 162,770 CelebA training images never sit in memory at once
         ds = _cropped_set(name, root, model.size, "train", args.download)

@@ -640,6 +640,19 @@ def test_celeba_crop_reference_statistics_are_streamed_from_the_cropped_images(d
         ev.reference_stats(args, model, net, str(weights), "cpu")
 
 
+def test_a_foreign_stats_file_is_one_clear_error(dual_ckpt, tmp_path):
+    model = ev.load_model(dual_ckpt, "cpu")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    for i, junk in enumerate((b"not an npz", None)):
+        stats = tmp_path / f"s{i}.npz"
+        stats.write_bytes(junk) if junk else np.savez(stats, other=np.zeros(2))   # garbage; keys not ours
+        args = argparse.Namespace(dataset=None, data_root=str(tmp_path), n_ref=5, data_seed=0, stats=str(stats),
+                                  download=False, batch_size=2, kid_ref=10)
+        with pytest.raises(sr.UsageError, match="not a reference-statistics cache"):
+            ev.reference_stats(args, model, None, str(weights), "cpu")
+
+
 # ---- bad input ----
 
 @pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
