@@ -1182,6 +1182,7 @@ def cmd_inpaint(args, model, chain):
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     table, mask_info, kept_exact = {"psnr": {}, "ssim": {}, "psnr_full": {}, "ssim_full": {}}, {}, True
+    opt = descent_settings(args)                                                  # short-run "Rec"
     for name in progress(args.masks, "inpaint"):
         keep_all, mask_info[name] = make_masks(name, len(x_all), model.size, gen)
         outs, fulls, fig = {}, {}, None
@@ -1202,8 +1203,7 @@ def cmd_inpaint(args, model, chain):
                                                                chain["x_step_size"], chain["x_noise"])
             else:
                 z0 = keep * x + (1 - keep) * draw_p0(model, b)
-                results["Rec"] = reconstruct_z(model, chain, x, **descent_settings(args), keep=keep,
-                                               z0=z0).x_final
+                results["Rec"] = reconstruct_z(model, chain, x, **opt, keep=keep, z0=z0).x_final
                 start = keep * x + (1 - keep) * draw_p0(model, b)
                 results["T_x"] = langevin_x_masked(model.f, start, keep, x, chain["K"], chain["step_size"],
                                                    chain["noise"], sampler=sr.langevin)  # its own chain
@@ -1222,7 +1222,8 @@ def cmd_inpaint(args, model, chain):
                 table[metric].setdefault(name, {})[key] = fn(img, x_all).mean().item()
         save_grid(torch.cat(fig), os.path.join(args.out, f"inpaint_{name}.png"), nrow=len(fig[0]), mkdir=True)
     methods = list(table["psnr"][args.masks[0]])
-    return {**table, "masks": mask_info, "methods": methods, "n": len(x_all),
+    rec = {"z_descent": {**opt, "how": describe_descent(opt)}} if model.script == "shortrun_ebm" else {}
+    return {**table, "masks": mask_info, "methods": methods, "n": len(x_all), **rec,
             "observed_pixels_kept_exactly": kept_exact, "test_set": info,
             "notes": "psnr (dB) and ssim on [0, 1] pixels against the full image, of the composite "
                      "(observed pixels from the image, holes from the method); psnr_full / ssim_full: of the "

@@ -361,6 +361,8 @@ def test_shortrun_inpaint_ood_transition_superres(sr_ckpt, data, tmp_path, capsy
     assert code == 0, err
     m = metrics(tmp_path / "inpaint")
     assert m["observed_pixels_kept_exactly"] and m["methods"] == ["occluded", "Rec", "T_x"]
+    assert m["z_descent"] == {"optimizer": "gd", "lr": ev.GD_LR, "steps": 10, "clamp": False,
+                              "how": m["z_descent"]["how"]} and "10 steps" in m["z_descent"]["how"]
     code, err = run_eval(["ood", "--ckpt", sr_ckpt, *test, "--ood", f"folder:{data['noise']}",
                           "--out", tmp_path / "ood"], capsys)
     assert code == 0, err
