@@ -490,11 +490,23 @@ def merge_resume_args(ckpt, given, out):
     return args
 
 
+def read_log(path):
+    """[(line, row)] of log.jsonl, [] if it is missing; a line a kill left half-written is skipped."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rows.append((line, json.loads(line)))
+                except ValueError:                     # blank, or cut off mid-write
+                    continue
+    return rows
+
+
 def truncate_log(path, iteration):
     """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
     if os.path.exists(path):
-        with open(path) as fh:
-            keep = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
+        keep = [line for line, row in read_log(path) if row["iteration"] <= iteration]
         with open(path, "w") as fh:
             fh.writelines(keep)
 
@@ -542,10 +554,7 @@ def plot_curves(log_path, png_path, panels):
     except ImportError:
         print("curves.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return False
-    rows = []
-    if os.path.exists(log_path):
-        with open(log_path) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+    rows = [row for _, row in read_log(log_path)]
     get = lambda key: [r.get(key) if r.get(key) is not None else math.nan for r in rows]
     its = get("iteration")
     fig = Figure(figsize=(4 * len(panels), 3.5), layout="constrained")

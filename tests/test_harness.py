@@ -20,8 +20,8 @@ SCRIPTS = ("shortrun_ebm.py", "dual_mcmc.py", "toy_1d_2d.py")
 SHARED = ("EXIT_USAGE", "IMAGE_EXTS", "UsageError", "usage_error", "ArgumentParser", "HelpFormatter",
           "resolve_device", "seed_everything", "get_rng_state", "set_rng_state", "gather_rng", "atomic_save",
           "atomic_write_json", "versions", "load_file", "check_run_folder", "read_run", "merge_resume_args",
-          "truncate_log", "folder_path", "folder_images", "place_data", "save_grid", "plot_curves",
-          "format_eta", "StopFlag", "any_rank", "setup_distributed", "autocast_for")
+          "read_log", "truncate_log", "folder_path", "folder_images", "place_data", "save_grid",
+          "plot_curves", "format_eta", "StopFlag", "any_rank", "setup_distributed", "autocast_for")
 PER_SCRIPT = ("PROG", "REUSE_HINT")
 
 
@@ -106,3 +106,14 @@ def test_lines_are_at_most_110_characters(script):
     with open(os.path.join(REPO, script)) as fh:
         long = [i for i, line in enumerate(fh, 1) if len(line.rstrip("\n")) > 110]
     assert not long, f"{script}: lines longer than 110 characters: {long}"
+
+
+@pytest.mark.parametrize("module", ["shortrun_ebm", "dual_mcmc"])
+def test_resume_log_truncation_survives_a_line_cut_off_by_a_kill(module, tmp_path):
+    script = __import__(module)
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iteration": 10, "f": 1.0}\n{"iteration": 20, "f": 2.0}\n'
+                   '{"iteration": 30, "f": 3.0}\n{"iteration": 40, "f"')       # killed mid-write
+    assert [row["iteration"] for _, row in script.read_log(log)] == [10, 20, 30]
+    script.truncate_log(log, 20)
+    assert log.read_text() == '{"iteration": 10, "f": 1.0}\n{"iteration": 20, "f": 2.0}\n'
