@@ -667,11 +667,16 @@ def reference_stats(args, model, net, weights, device):
     keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:args.kid_ref]
     feats_kid = feats[keep].float()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=picked["n"], weights_sha=tag,
-             image_size=model.size, dataset=name, n_available=picked["n_available"], data_seed=args.data_seed)
-    os.replace(tmp, path)
+    savez_atomic(path, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=picked["n"], weights_sha=tag,
+                 image_size=model.size, dataset=name, n_available=picked["n_available"],
+                 data_seed=args.data_seed)
     return mu, sigma, feats_kid, {**picked, "stats": path, "celeba_crop": crop}
+
+
+def savez_atomic(path, **arrays):
+    """np.savez to path + ".tmp.npz", then rename: a kill leaves the old file or the new, never half a one."""
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
 
 
 def reference_size(args, name):
@@ -804,8 +809,7 @@ def cmd_export(args, model, chain):
             arrays.setdefault(key, []).append(u8)
     for key, parts in arrays.items():
         path = os.path.join(args.out, f"{key}.npz")
-        np.savez(path + ".tmp.npz", arr_0=np.concatenate(parts))
-        os.replace(path + ".tmp.npz", path)
+        savez_atomic(path, arr_0=np.concatenate(parts))
         written[key] = {"png_folder": os.path.join(args.out, key), "npz": path,
                         "n": sum(len(a) for a in parts)}
     return {"n": args.n, "samples": written, **bn_info(args, model),
