@@ -1313,8 +1313,7 @@ def write_metrics(args, model, chain, res, seconds, argv):
                           "dataset": model.cfg.get("dataset"), "image_size": model.size, "n_c": model.n_c},
            "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
            "cuda_graph": uses_cuda_graph(args, model),
-           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                        "python": sys.version.split()[0]}}
+           "versions": sr.versions()}
     os.makedirs(args.out, exist_ok=True)
     tmp = os.path.join(args.out, ".metrics.json.tmp")
     with open(tmp, "w") as fh:
