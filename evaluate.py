@@ -498,8 +498,7 @@ def _cropped_set(name, root, size, split, download):
         return dm._Folder(sr.folder_images(sr.folder_path(name)), size, celeba_crop=True)
     tf = dm._image_transform(size, celeba_crop=True)
     try:
-        return torchvision.datasets.CelebA(root, split="train" if split == "train" else "test",
-                                           download=download, transform=tf)
+        return torchvision.datasets.CelebA(root, split=split, download=download, transform=tf)  # test | train
     except (RuntimeError, OSError) as e:
         raise sr.UsageError(f"celeba not found under {root} ({str(e).splitlines()[0]}): put celeba/ there "
                             f"(img_align_celeba/ + list_eval_partition.txt) or allow --download") from None
