@@ -419,14 +419,12 @@ def langevin_z_masked(g, x, keep, z, K, step_size, noise, sigma, posterior="pape
     """K steps of z <- z + step * grad_z log p(z | observed pixels) + noise * eps with
     log p(z | x_obs) = -||keep * (x - g(z))||^2 / (2 sigma^2) - ||z||^2 / 2 (dual_mcmc's posterior,
     restricted to the observed pixels; posterior "authors": likelihood term doubled, as their code)."""
-    lik_scale = 2.0 if posterior == "authors" else 1.0
+    x_obs, g_obs = keep * x, lambda v: keep * g(v)                # dual_mcmc.log_posterior on the kept pixels
     z = z.detach().clone()
     with torch.enable_grad():
         for _ in range(K):
             z.requires_grad_(True)
-            err = (keep * (x - g(z).float())).flatten(1).pow(2).sum(1)
-            logp = -lik_scale * err / (2 * sigma ** 2) - z.pow(2).sum(1) / 2
-            grad = torch.autograd.grad(logp.sum(), z)[0]
+            grad = torch.autograd.grad(dm.log_posterior(g_obs, x_obs, z, sigma, posterior).sum(), z)[0]
             z = (z + step_size * grad + noise * torch.randn_like(z)).detach()
     return z
 
