@@ -648,15 +648,15 @@ def test_masked_z_langevin_is_dual_mcmcs_chain_on_the_observed_pixels():
     x, z = torch.randn(2, 12), torch.randn(2, 3)
     for posterior in ("paper", "authors"):
         full = dm.langevin_z(g, x, z, 5, 0.05, 0.0, 0.3, posterior)
-        torch.testing.assert_close(ev.langevin_z_masked(g, x, torch.ones(1, 12), z, 5, 0.05, 0.0, 0.3, posterior),
-                                   full)
+        masked = ev.langevin_z_masked(g, x, torch.ones(1, 12), z, 5, 0.05, 0.0, 0.3, posterior)
+        torch.testing.assert_close(masked, full)
     keep = (torch.arange(12) < 6).float()                                        # the last 6 pixels unseen
     other = x.clone()
     other[:, 6:] = 5.0                                                           # do not move the chain
     torch.testing.assert_close(ev.langevin_z_masked(g, other, keep, z, 5, 0.05, 0.0, 0.3),
                                ev.langevin_z_masked(g, x, keep, z, 5, 0.05, 0.0, 0.3))
     assert not torch.allclose(ev.langevin_z_masked(g, x, keep, z, 5, 0.05, 0.0, 0.3),
-                              dm.langevin_z(g, x, z, 5, 0.05, 0.0, 0.3))                # the hidden pixels count
+                              dm.langevin_z(g, x, z, 5, 0.05, 0.0, 0.3))         # the hidden pixels count
 
 
 def test_a_foreign_stats_file_is_one_clear_error(dual_ckpt, tmp_path):
