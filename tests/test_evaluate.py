@@ -209,8 +209,8 @@ def test_fid_without_weights_and_download_says_which_file_to_get(sr_ckpt, tmp_pa
 def test_recon_lowers_mse_well_below_the_start(sr_ckpt, data, tmp_path, capsys):
     # Adam with the [-1, 1] projection: the optimizer before the paper's gd became the default
     code, err = run_eval(["recon", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
-                          "--steps", "40", "--optimizer", "adam", "--lr", "0.05", "--clamp", "--device", "cpu",
-                          "--out", tmp_path], capsys)
+                          "--steps", "40", "--optimizer", "adam", "--lr", "0.05", "--clamp",
+                          "--device", "cpu", "--out", tmp_path], capsys)
     assert code == 0, err
     m = metrics(tmp_path)
     assert m["n"] == 8 and m["pixel_scale"] == "[-1, 1]" and m["sampler"]["K"] == 10
@@ -280,9 +280,9 @@ def test_bpd_log_determinant_matches_finite_differences(tmp_path):
 
 def test_bpd_cli_on_a_gelu_checkpoint(data, tmp_path, capsys):
     ckpt = _gelu_checkpoint(tmp_path / "g.pt")
-    code, err = run_eval(["bpd", "--ckpt", ckpt, "--dataset", f"folder:{data['test']}", "--n", "2", "--steps", "5",
-                          "--dequant-draws", "1", "--jac-batch", "512", "--device", "cpu", "--out", tmp_path / "out"],
-                         capsys)
+    code, err = run_eval(["bpd", "--ckpt", ckpt, "--dataset", f"folder:{data['test']}", "--n", "2",
+                          "--steps", "5", "--dequant-draws", "1", "--jac-batch", "512", "--device", "cpu",
+                          "--out", tmp_path / "out"], capsys)
     assert code == 0, err
     m = metrics(tmp_path / "out")
     assert m["n"] == 2 and m["dim"] == 1024 and math.isfinite(m["bits_per_dim"])
@@ -476,7 +476,7 @@ def test_bn_mode_train_uses_batch_statistics_and_restores_the_modes(dual_ckpt):
     assert not model.g.training and not model.f.training                   # modes restored (eval)
     assert all(torch.equal(v, model.g.state_dict()[k]) for k, v in before.items())   # running stats too
     torch.testing.assert_close(outs["eval"][0][:3], outs["eval"][1])          # running stats: per image
-    assert not torch.allclose(outs["train"][0][:3], outs["train"][1])          # batch stats: the batch matters
+    assert not torch.allclose(outs["train"][0][:3], outs["train"][1])    # batch stats: the batch matters
     assert not torch.allclose(outs["train"][0], outs["eval"][0])
 
 
@@ -517,34 +517,35 @@ def test_random_masks_are_unions_of_blocks_covering_the_fraction(size):
         side = info["block_side_px"]
         assert side == size // 8
         # a union of side x side squares equals its morphological opening by that square
-        full = -F.max_pool2d(-missing, side, stride=1)                         # 1 where a whole square is missing
+        full = -F.max_pool2d(-missing, side, stride=1)             # 1 where a whole square is missing
         opened = F.max_pool2d(F.pad(full, (side - 1,) * 4), side, stride=1)
         assert torch.equal(opened, missing), name
         assert len({tuple(m.flatten().tolist()) for m in keep}) == 20          # a new mask per image
 
 
-def test_inpaint_reports_full_output_metrics_and_short_run_uses_its_own_chain(sr_ckpt, dual_ckpt, data, tmp_path,
-                                                                             capsys, monkeypatch):
+def test_inpaint_reports_full_output_metrics_and_short_run_uses_its_own_chain(sr_ckpt, dual_ckpt, data,
+                                                                             tmp_path, capsys, monkeypatch):
     code, err = run_eval(["inpaint", "--ckpt", dual_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
-                          "--masks", "R30", "--k-x", "3", "--k-z", "3", "--device", "cpu", "--out", tmp_path / "d"],
-                         capsys)
+                          "--masks", "R30", "--k-x", "3", "--k-z", "3", "--device", "cpu",
+                          "--out", tmp_path / "d"], capsys)
     assert code == 0, err
     m = metrics(tmp_path / "d")
     for method in m["methods"]:
         # pasting the observed pixels back can only lower the error: composite >= full output
         assert m["psnr"]["R30"][method] >= m["psnr_full"]["R30"][method] - 1e-6
-    for method in ("occluded", "Inf+T_z+Gen+T_x"):                              # outputs that hold observed pixels
+    for method in ("occluded", "Inf+T_z+Gen+T_x"):                    # outputs that hold observed pixels
         assert m["psnr_full"]["R30"][method] == pytest.approx(m["psnr"]["R30"][method], abs=1e-4)
         assert m["ssim_full"]["R30"][method] == pytest.approx(m["ssim"]["R30"][method], abs=1e-5)
     assert m["psnr_full"]["R30"]["Inf+Gen"] < m["psnr"]["R30"]["Inf+Gen"]
     # a short-run checkpoint runs shortrun_ebm.langevin, never dual's chain
-    monkeypatch.setattr(ev.dm, "langevin_x", lambda *a, **k: pytest.fail("dual's sampler on a short-run model"))
+    monkeypatch.setattr(ev.dm, "langevin_x",
+                        lambda *a, **k: pytest.fail("dual's sampler on a short-run model"))
     calls = []
     real = ev.sr.langevin
     monkeypatch.setattr(ev.sr, "langevin", lambda *a, **k: calls.append(1) or real(*a, **k))
     code, err = run_eval(["inpaint", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "2",
-                          "--masks", "M20", "--steps", "2", "--K", "3", "--device", "cpu", "--out", tmp_path / "s"],
-                         capsys)
+                          "--masks", "M20", "--steps", "2", "--K", "3", "--device", "cpu",
+                          "--out", tmp_path / "s"], capsys)
     assert code == 0, err
     assert len(calls) >= 3 and "psnr_full" in metrics(tmp_path / "s")
 
@@ -560,9 +561,9 @@ def test_superres_init_noise_keeps_the_lowres_image_and_makes_draws_differ(sr_ck
     spread = {}
     for noise in ("0.2", "0"):
         out = tmp_path / f"n{noise}"
-        code, err = run_eval(["superres", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "4",
-                              "--seeds", "2", "--sizes", "8", "--K", "4", "--init-noise", noise, "--device", "cpu",
-                              "--out", out], capsys)
+        code, err = run_eval(["superres", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}",
+                              "--n", "4", "--seeds", "2", "--sizes", "8", "--K", "4", "--init-noise", noise,
+                              "--device", "cpu", "--out", out], capsys)
         assert code == 0, err
         spread[noise] = metrics(out)["per_size"]["8x8"]["pixel_std_across_seeds"]
     print("pixel std across seeds:", spread)
@@ -574,7 +575,8 @@ def test_superres_of_a_lowres_checkpoint_defaults_to_its_trained_size(sr_ckpt, d
     ckpt["config"].update(init="lowres", lowres_size=16)
     torch.save(ckpt, tmp_path / "low.pt")
     code, err = run_eval(["superres", "--ckpt", tmp_path / "low.pt", "--dataset", f"folder:{data['test']}",
-                          "--n", "2", "--seeds", "1", "--K", "2", "--device", "cpu", "--out", tmp_path / "a"], capsys)
+                          "--n", "2", "--seeds", "1", "--K", "2", "--device", "cpu", "--out", tmp_path / "a"],
+                         capsys)
     assert code == 0, err
     m = metrics(tmp_path / "a")
     assert m["sizes"] == [16] and set(m["per_size"]) == {"16x16"} and m["trained_lowres_size"] == 16
@@ -585,13 +587,14 @@ def test_authors_released_format_is_routed_to_dual_mcmc_loader(dual_ckpt, tmp_pa
     torch.save({"epoch": 300, "netG": {}, "netE": {}, "netI": {}}, tmp_path / "authors.pth")
     seen = []
     real = ev.dm.load_checkpoint
-    monkeypatch.setattr(ev.dm, "load_checkpoint", lambda path, device: seen.append(path) or real(dual_ckpt, device))
+    monkeypatch.setattr(ev.dm, "load_checkpoint",
+                        lambda path, device: seen.append(path) or real(dual_ckpt, device))
     model = ev.load_model(str(tmp_path / "authors.pth"), "cpu")
     assert seen == [str(tmp_path / "authors.pth")] and model.script == "dual_mcmc" and model.g is not None
     monkeypatch.undo()
     # empty state dicts are no authors' nets: one line, exit 2, nothing written
-    code, err = run_eval(["recon", "--ckpt", tmp_path / "authors.pth", "--device", "cpu", "--out", tmp_path / "o"],
-                         capsys)
+    code, err = run_eval(["recon", "--ckpt", tmp_path / "authors.pth", "--device", "cpu",
+                          "--out", tmp_path / "o"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not os.path.exists(tmp_path / "o")
 
@@ -613,7 +616,8 @@ def test_dual_celeba_crop_checkpoints_evaluate_on_the_authors_crop_box(dual_ckpt
     model = ev.load_model(dual_ckpt, "cpu")
     assert not ev.celeba_crop(model, "celeba")
     model.cfg.update(celeba_crop=True, dataset=name)
-    assert ev.celeba_crop(model, name) and ev.celeba_crop(model, "celeba") and not ev.celeba_crop(model, "svhn")
+    assert ev.celeba_crop(model, name) and ev.celeba_crop(model, "celeba")
+    assert not ev.celeba_crop(model, "svhn")
 
 
 def test_celeba_crop_reference_statistics_are_streamed_from_the_cropped_images(dual_ckpt, tmp_path, capsys):
@@ -666,8 +670,8 @@ def test_a_foreign_stats_file_is_one_clear_error(dual_ckpt, tmp_path):
     for i, junk in enumerate((b"not an npz", None)):
         stats = tmp_path / f"s{i}.npz"
         stats.write_bytes(junk) if junk else np.savez(stats, other=np.zeros(2))   # garbage; keys not ours
-        args = argparse.Namespace(dataset=None, data_root=str(tmp_path), n_ref=5, data_seed=0, stats=str(stats),
-                                  download=False, batch_size=2, kid_ref=10)
+        args = argparse.Namespace(dataset=None, data_root=str(tmp_path), n_ref=5, data_seed=0,
+                                  stats=str(stats), download=False, batch_size=2, kid_ref=10)
         with pytest.raises(sr.UsageError, match="not a reference-statistics cache"):
             ev.reference_stats(args, model, None, str(weights), "cpu")
 
