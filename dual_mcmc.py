@@ -359,14 +359,16 @@ def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, 
     return loss_e, loss_g, loss_i, out
 
 
-def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
+def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100, chain=None):
     """Draw n images as a user would: x0 = g(z), z ~ N(0, I), then k_x x-Langevin steps on f.
 
     Returns (x0, x_tilde), each (n, n_c, S, S). None means the authors' test-time preset: 70 steps with
     s = 0.4 (step 0.08), noise 1e-3 (the training default); a load_checkpoint config holds a run's own
     values as sample_k_x, sample_step_size, x_noise. Models keep their mode (load_checkpoint returns
-    them in eval mode, so BatchNorm uses its running statistics and nothing here changes them).
+    them in eval mode, so BatchNorm uses its running statistics and nothing here changes them). chain: a
+    sampler with langevin_x's signature (None: langevin_x; the harness's FastChains(...).x on CUDA).
     """
+    chain = langevin_x if chain is None else chain
     ebm, gen = models["ebm"], models["generator"]
     k_x = 70 if k_x is None else k_x
     step_size = 0.08 if step_size is None else step_size
@@ -378,7 +380,7 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100):
         with torch.no_grad():
             x0 = gen(z).float()                                          # (b, n_c, S, S)
         x0s.append(x0)
-        xts.append(langevin_x(ebm, x0, k_x, step_size, noise))           # the chain takes its own grads
+        xts.append(chain(ebm, x0, k_x, step_size, noise))                # the chain takes its own grads
     return torch.cat(x0s), torch.cat(xts)
 
 
@@ -485,8 +487,9 @@ def build_parser(suppress_defaults=False):
     a("--amp", default="off", choices=("off", "bf16"),
       help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
     a("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-      help="accepted as in shortrun_ebm.py and recorded in config.json; no effect here yet (the dual "
-           "chains run eager); may change on --resume")
+      help="CUDA: the x- and z-chains as captured one-step CUDA graphs replayed k times (FastChains; "
+           "same numbers as the eager langevin_x / langevin_z); --no-cuda-graph runs those eagerly; ignored "
+           "on the CPU; may change on --resume")
     a("--benchmark", type=int, default=0, metavar="N",
       help="time N training steps on random data (median after 2 warm-ups), print s/iter and "
            "images*steps/s, write nothing")
@@ -1225,16 +1228,119 @@ def allreduce_grads(models, world):
                 i += g.numel()
 
 
+# ---- fast chains on CUDA (speed only: the same chains as langevin_x / langevin_z) ----
+
+
+class FastChains:
+    """langevin_x and langevin_z (same updates, same noise law, same spectral-norm power iterations) with
+    each step updating a buffer in place; on CUDA (graph=True) one step is captured as a CUDA graph and
+    replayed K times, so the hundreds of kernel launches and the autograd bookkeeping of a step become
+    one replay. Use as dual_losses(..., chain_x=chains.x, chain_z=chains.z) or sample(..., chain=chains.x).
+
+    One graph per (chain, net, input shapes, train/eval mode, sigma_g, posterior), captured on first use.
+    Why a capture stays right: Adam updates parameters in place (new values, same addresses); inside
+    chains BatchNorm momentum is 0 (_bn_stats_frozen is entered before capture and around each replay);
+    each f forward keeps its one spectral-norm power iteration, as eager: the in-place update of the u, v
+    buffers is part of the graph; the default CUDA generator is graph-safe (fresh noise every replay).
+    amp_dtype (--amp bf16): the captured step runs under autocast with its weight-cast cache off (a cached
+    cast would be a stale copy after the next Adam step), so the bf16 casts are inside the graph. The
+    warm-up passes before a capture run under fork_rng and the nets' buffers are restored after them, so
+    a run's numbers do not depend on when a capture happens. Without CUDA (or graph=False) the same
+    in-place steps run eagerly under the caller's autocast; they equal langevin_x / langevin_z exactly.
+    """
+
+    def __init__(self, graph=True, amp_dtype=None):
+        self.graph, self.amp_dtype, self.graphs = graph, amp_dtype, {}
+
+    def x(self, f, x, K, step_size, noise):
+        """langevin_x(f, x, K, step_size, noise)."""
+        def step(x_b, step_t, noise_t):
+            x_in = x_b.detach().requires_grad_(True)
+            grad = torch.autograd.grad(f(x_in).float().sum(), x_in)[0]        # (m, C, S, S)
+            x_b.add_(step_t * grad)                                          # x + step_size * grad_x f(x)
+            x_b.add_(noise_t * torch.randn_like(x_b))                        # + noise * N(0, I)
+        return self._chain(("x", id(f)), f, step, (x,), K, step_size, noise)
+
+    def z(self, g, x, z, K, step_size, noise, sigma, posterior="paper"):
+        """langevin_z(g, x, z, K, step_size, noise, sigma, posterior)."""
+        if posterior not in ("paper", "authors"):
+            raise ValueError(f"posterior must be 'paper' or 'authors', got {posterior!r}")
+
+        def step(x_b, z_b, step_t, noise_t):
+            z_in = z_b.detach().requires_grad_(True)
+            grad = torch.autograd.grad(log_posterior(g, x_b, z_in, sigma, posterior).sum(), z_in)[0]
+            z_b.add_(step_t * grad)                                          # z + step_size * grad_z log p
+            z_b.add_(noise_t * torch.randn_like(z_b))                        # + noise * N(0, I)
+        return self._chain(("z", id(g), sigma, posterior), g, step, (x, z), K, step_size, noise)
+
+    def _chain(self, key, net, step, inputs, K, step_size, noise):
+        """K in-place steps on float32 copies of inputs; returns the copy of the last input after them."""
+        device = inputs[0].device
+        graph = self.graph and device.type == "cuda"
+        with _bn_stats_frozen(net), torch.enable_grad():
+            if not graph:
+                bufs = [v.detach().clone().float() for v in inputs]
+                step_t, noise_t = (torch.tensor(float(v), device=device) for v in (step_size, noise))
+                for _ in range(K):
+                    step(*bufs, step_t, noise_t)
+                return bufs[-1]
+            key += (tuple(tuple(v.shape) for v in inputs), str(device), net.training)
+            if key not in self.graphs or self.graphs[key][0] is not net:   # id() of a freed net reused
+                self.graphs[key] = (net,) + self._capture(net, step, inputs, device)
+            _, graph, bufs, step_t, noise_t = self.graphs[key]
+            for b, v in zip(bufs, inputs):
+                b.copy_(v)
+            step_t.fill_(step_size)
+            noise_t.fill_(noise)
+            for _ in range(K):
+                graph.replay()
+            return bufs[-1].clone()
+
+    def _capture(self, net, step, inputs, device):
+        bufs = [v.detach().clone().float() for v in inputs]
+        step_t, noise_t = torch.zeros((), device=device), torch.zeros((), device=device)
+        amp = (torch.autocast(device.type, self.amp_dtype, cache_enabled=False) if self.amp_dtype
+               else contextlib.nullcontext())
+        saved = [b.clone() for b in net.buffers()]              # the power iterations of the warm-up
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        # warm up on the capture stream (cuDNN autotuning and workspaces must not be created mid-capture)
+        with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream), amp:
+            for _ in range(3):
+                step(*bufs, step_t, noise_t)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.no_grad():
+            for b, v in zip(net.buffers(), saved):
+                b.copy_(v)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream), amp:
+            step(*bufs, step_t, noise_t)
+        torch.cuda.synchronize(device)
+        return graph, bufs, step_t, noise_t
+
+
+def make_chains(args, device):
+    """(chain_x, chain_z) for dual_losses: FastChains on CUDA with --cuda-graph (the default), else the
+    method block's eager langevin_x / langevin_z."""
+    if args.cuda_graph and device.type == "cuda":
+        chains = FastChains(True, torch.bfloat16 if args.amp == "bf16" else None)
+        return chains.x, chains.z
+    return langevin_x, langevin_z
+
+
 # ---- training: one step, the loop, the benchmark ----
 
 
-def step_losses(args, models, x, amp):
-    """dual_losses on the batch x with the run's flags and a fresh prior draw z (m, nz) ~ p(z)."""
+def step_losses(args, models, x, amp, chains=(langevin_x, langevin_z)):
+    """dual_losses on the batch x with the run's flags and a fresh prior draw z (m, nz) ~ p(z); chains:
+    (chain_x, chain_z), see make_chains."""
     z = torch.randn(x.shape[0], args.nz, device=x.device)                  # (m, nz)
     return dual_losses(models["ebm"], models["generator"], models["encoder"], x, z, args.k_x,
                        args.x_step_size, args.x_noise, args.k_z, args.z_step_size, args.z_noise, args.sigma_g,
                        args.w_recon, args.w_sample, args.w_inf_data, args.w_inf_sample, args.posterior,
-                       no_inference=args.no_inference, gen_only_init=args.gen_only_init, autocast=amp)
+                       no_inference=args.no_inference, gen_only_init=args.gen_only_init, autocast=amp,
+                       chain_x=chains[0], chain_z=chains[1])
 
 
 def update(models, opts, losses, world):
@@ -1263,6 +1369,7 @@ def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=
     DataOrder, whose epoch length also paces the lr decay.
     Returns the exit code: 0 done, 130 stopped by Ctrl-C (last.pt written), 3 diverged."""
     amp, writer, curves = autocast_for(args, device), rank == 0, True
+    chains = make_chains(args, device)
     if writer:  # fixed grid inputs: first 64 images, z from its own generator
         fixed_x = to_pixels(data[:64].to(device))
         fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -1271,7 +1378,7 @@ def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=
         log_file = files.enter_context(open(os.path.join(args.out, "log.jsonl"), "a")) if writer else None
         for it in range(start_it, args.iters):
             x = get_batch(data, order, device, args.hflip)                     # (m, n_c, S, S)
-            loss_e, loss_g, loss_i, out = step_losses(args, models, x, amp)    # the five steps
+            loss_e, loss_g, loss_i, out = step_losses(args, models, x, amp, chains)  # the five steps
             # checked before any parameter moves; every rank stops on the same iteration
             losses = (loss_e, loss_g, loss_i)
             gap = out["f_data"] - out["f_sample"]
@@ -1319,13 +1426,14 @@ def benchmark(args, data, device, rank, world):
     models = build_models(args, device)
     opts, _ = make_optimizers(args, models)
     order = DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
-    amp = autocast_for(args, device)
+    amp, chains = autocast_for(args, device), make_chains(args, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed + rank)
     times = []
     for _ in range(args.benchmark + 2):
         t0 = time.perf_counter()
-        loss_e, loss_g, loss_i, _ = step_losses(args, models, get_batch(data, order, device, args.hflip), amp)
+        x = get_batch(data, order, device, args.hflip)
+        loss_e, loss_g, loss_i, _ = step_losses(args, models, x, amp, chains)
         update(models, opts, (loss_e, loss_g, loss_i), world)
         sync()
         times.append(time.perf_counter() - t0)

@@ -1,0 +1,119 @@
+"""dual_mcmc.FastChains: the x- and z-chains' fast path (in-place steps; on CUDA captured one-step graphs)
+computes the same chains as the method block's langevin_x / langevin_z."""
+import argparse
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dual_mcmc as dm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_nets(arch="resnet", seed=0, device="cpu"):
+    """f with spectral norm (its power iteration runs on every train-mode forward), g with BatchNorm."""
+    torch.manual_seed(seed)
+    nets = dm.EBM(3, 16, 32, arch), dm.Generator(8, 16, 3, 32, arch), dm.Encoder(8, 16, 3, 32, arch)
+    for n in nets:
+        n.to(device).train()
+    return nets
+
+
+def state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+@pytest.mark.parametrize("arch", ["resnet", "simple"])
+def test_in_place_x_chain_equals_langevin_x_with_noise_and_power_iterations(arch):
+    f, _, _ = tiny_nets(arch)
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    start = state(f)
+    torch.manual_seed(1)
+    ref = dm.langevin_x(f, x0, 5, 0.1, 0.01)
+    ref_state = state(f)
+    f.load_state_dict(start)
+    torch.manual_seed(1)
+    out = dm.FastChains().x(f, x0, 5, 0.1, 0.01)          # no CUDA here: the in-place steps run eagerly
+    assert (ref - x0).abs().max() > 1e-3                   # the chain moved, so equality means something
+    assert torch.equal(out, ref) and out.dtype == torch.float32
+    u = [k for k in ref_state if k.endswith("_u")]
+    assert u and any(not torch.equal(start[k], ref_state[k]) for k in u)   # the power iterations ran
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in ref_state.items())  # and ran alike
+
+
+@pytest.mark.parametrize("posterior", ["paper", "authors"])
+def test_in_place_z_chain_equals_langevin_z_and_leaves_batchnorm_alone(posterior):
+    _, g, _ = tiny_nets()
+    g(torch.randn(8, 8))                                   # running stats away from their init
+    before = state(g)
+    x, z0 = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
+    torch.manual_seed(2)
+    ref = dm.langevin_z(g, x, z0, 6, 0.005, 0.1, 0.3, posterior)
+    torch.manual_seed(2)
+    out = dm.FastChains().z(g, x, z0, 6, 0.005, 0.1, 0.3, posterior)
+    assert (ref - z0).abs().max() > 1e-3 and torch.equal(out, ref)
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in before.items())
+    assert all(m.momentum == 0.1 for m in g.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="posterior"):
+        dm.FastChains().z(g, x, z0, 1, 0.005, 0.1, 0.3, "other")
+
+
+def test_dual_losses_and_sample_are_unchanged_by_the_fast_chains():
+    f, g, q = tiny_nets()
+    x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
+    start = [state(n) for n in (f, g, q)]
+    chains = dm.FastChains()
+    runs = []
+    for kw in ({}, dict(chain_x=chains.x, chain_z=chains.z)):
+        for n, s in zip((f, g, q), start):
+            n.load_state_dict(s)
+        torch.manual_seed(3)
+        loss_e, loss_g, loss_i, out = dm.dual_losses(f, g, q, x, z, k_x=3, k_z=3, **kw)
+        runs.append([loss_e, loss_g, loss_i, out["x_tilde"], out["z_tilde"]])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    models = {"ebm": f.eval(), "generator": g.eval(), "encoder": q.eval()}
+    torch.manual_seed(4)
+    x0, xt = dm.sample(models, 3, 4, 0.08, 1e-3)
+    torch.manual_seed(4)
+    x0_f, xt_f = dm.sample(models, 3, 4, 0.08, 1e-3, chain=chains.x)
+    assert torch.equal(x0, x0_f) and torch.equal(xt, xt_f) and not torch.equal(x0, xt)
+
+
+def test_make_chains_is_eager_on_the_cpu_and_with_no_cuda_graph():
+    args = argparse.Namespace(cuda_graph=True, amp="off")
+    assert dm.make_chains(args, torch.device("cpu")) == (dm.langevin_x, dm.langevin_z)
+    args.cuda_graph = False
+    assert dm.make_chains(args, torch.device("cuda")) == (dm.langevin_x, dm.langevin_z)
+    args = dm.build_parser().parse_args(["--no-cuda-graph"])
+    assert args.cuda_graph is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_chains_match_eager_on_cuda():
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    f, g, _ = tiny_nets(device="cuda")
+    x0 = torch.rand(8, 3, 32, 32, device="cuda") * 2 - 1
+    z0 = torch.randn(8, 8, device="cuda")
+    f_start, g_start = state(f), state(g)
+    ref_x = dm.langevin_x(f, x0, 10, 0.1, 0.0)
+    ref_z = dm.langevin_z(g, x0, z0, 10, 0.005, 0.0, 0.3)
+    f_ref, g_ref = state(f), state(g)
+    f.load_state_dict(f_start)
+    g.load_state_dict(g_start)
+    chains = dm.FastChains(graph=True)
+    out_x = chains.x(f, x0, 10, 0.1, 0.0)
+    out_z = chains.z(g, x0, z0, 10, 0.005, 0.0, 0.3)
+    assert len(chains.graphs) == 2
+    assert (out_x - ref_x).abs().max() < 1e-4 and (out_z - ref_z).abs().max() < 1e-4
+    assert all(torch.allclose(v, f.state_dict()[k], atol=1e-5) for k, v in f_ref.items())  # u, v alike
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in g_ref.items())              # BN untouched
+    again = chains.x(f, x0, 3, 0.1, 0.01)                   # a replay with noise: new draws, no recapture
+    assert len(chains.graphs) == 2 and not torch.equal(again, chains.x(f, x0, 3, 0.1, 0.01))
