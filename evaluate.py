@@ -90,8 +90,9 @@ def build_parser():
     c("--seed", type=int, default=0, help="seed for p_0 draws, masks and chain noise")
     c("--batch-size", type=int, default=100, help="images per batch")
     c("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-      help="short-run fid/export samples on CUDA: shortrun_ebm.FastChain (one captured Langevin step "
-      "replayed K times; same chain as langevin); ignored on the CPU and for dual checkpoints")
+      help="fid/export samples on CUDA: one captured Langevin step replayed K times (short-run: "
+      "shortrun_ebm.FastChain; dual: dual_mcmc.FastChains; the same chains as the eager ones); ignored on "
+      "the CPU")
     c("--dataset", default=None,
       help="image set (default: the checkpoint's --dataset); folder:PATH for your own")
     c("--data-root", default=None, help="where torchvision data sets live (default: the checkpoint's)")
@@ -715,9 +716,8 @@ def bn_info(args, model):
 
 
 def uses_cuda_graph(args, model):
-    """Whether --cuda-graph applies: short-run fid / export samples on CUDA (see sample_batches)."""
-    return (args.cuda_graph and args.cmd in ("fid", "export") and model.script == "shortrun_ebm"
-            and model.device.type == "cuda")
+    """Whether --cuda-graph applies: fid / export samples on CUDA (see sample_batches)."""
+    return args.cuda_graph and args.cmd in ("fid", "export") and model.device.type == "cuda"
 
 
 def sample_batches(args, model, chain, n):
@@ -729,7 +729,7 @@ def sample_batches(args, model, chain, n):
         init_data = load_set(*resolve_data(args, model), model.size, 0, args.download, "train", model.n_c)[0]
     fast = None                  # on CUDA the training harness's captured chain: the same K-step sampler
     if uses_cuda_graph(args, model):
-        fast = sr.FastChain(model.f, graph=True)
+        fast = sr.FastChain(model.f, graph=True) if model.script == "shortrun_ebm" else dm.FastChains().x
     torch.manual_seed(args.seed)
     for i, b in progress(batches(n, args.batch_size), "samples"):
         if model.script == "shortrun_ebm":
@@ -742,7 +742,7 @@ def sample_batches(args, model, chain, n):
         else:
             with bn_mode(args, model):
                 x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
-                                   batch_size=b)
+                                   batch_size=b, chain=fast)
             yield i, {"x0": x0, "x_tilde": xt}
 
 
