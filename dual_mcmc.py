@@ -1247,6 +1247,8 @@ class FastChains:
     warm-up passes before a capture run under fork_rng and the nets' buffers are restored after them, so
     a run's numbers do not depend on when a capture happens. Without CUDA (or graph=False) the same
     in-place steps run eagerly under the caller's autocast; they equal langevin_x / langevin_z exactly.
+    The recording logic (static buffers, caching, warm-up reset, detached results) is tested on the CPU
+    with _graphable / _record replaced by an eager stand-in (tests/test_dual_fast_chain.py).
     """
 
     def __init__(self, graph=True, amp_dtype=None):
@@ -1276,9 +1278,8 @@ class FastChains:
     def _chain(self, key, net, step, inputs, K, step_size, noise):
         """K in-place steps on float32 copies of inputs; returns the copy of the last input after them."""
         device = inputs[0].device
-        graph = self.graph and device.type == "cuda"
         with _bn_stats_frozen(net), torch.enable_grad():
-            if not graph:
+            if not (self.graph and self._graphable(device)):
                 bufs = [v.detach().clone().float() for v in inputs]
                 step_t, noise_t = (torch.tensor(float(v), device=device) for v in (step_size, noise))
                 for _ in range(K):
@@ -1287,37 +1288,57 @@ class FastChains:
             key += (tuple(tuple(v.shape) for v in inputs), str(device), net.training)
             if key not in self.graphs or self.graphs[key][0] is not net:   # id() of a freed net reused
                 self.graphs[key] = (net,) + self._capture(net, step, inputs, device)
-            _, graph, bufs, step_t, noise_t = self.graphs[key]
-            for b, v in zip(bufs, inputs):
-                b.copy_(v)
-            step_t.fill_(step_size)
-            noise_t.fill_(noise)
+            _, replay, bufs, step_t, noise_t = self.graphs[key]
+            with torch.no_grad():                              # x0 = g(z) and z^ carry autograd graphs
+                for b, v in zip(bufs, inputs):
+                    b.copy_(v)
+                step_t.fill_(step_size)
+                noise_t.fill_(noise)
             for _ in range(K):
-                graph.replay()
-            return bufs[-1].clone()
+                replay()
+            return bufs[-1].clone()                            # no autograd history, as langevin_x / _z
 
     def _capture(self, net, step, inputs, device):
+        """The step on static buffers, recorded: (replay, buffers, step-size tensor, noise tensor)."""
         bufs = [v.detach().clone().float() for v in inputs]
         step_t, noise_t = torch.zeros((), device=device), torch.zeros((), device=device)
         amp = (torch.autocast(device.type, self.amp_dtype, cache_enabled=False) if self.amp_dtype
                else contextlib.nullcontext())
-        saved = [b.clone() for b in net.buffers()]              # the power iterations of the warm-up
+
+        def run():
+            with amp:
+                step(*bufs, step_t, noise_t)
+        saved = [b.clone() for b in net.buffers()]
+
+        def reset():          # undo the warm-up's power iterations (and BatchNorm's batch counts)
+            with torch.no_grad():
+                for b, v in zip(net.buffers(), saved):
+                    if not torch.equal(b, v):                  # BatchNorm statistics are saved for the
+                        b.copy_(v)                             # backward of x0 = g(z): not a write more
+        return (self._record(run, reset, device), bufs, step_t, noise_t)
+
+    @staticmethod
+    def _graphable(device):
+        return device.type == "cuda"
+
+    @staticmethod
+    def _record(run, reset, device):
+        """Warm run() up on a side stream (cuDNN autotuning and workspaces must not be created mid-capture;
+        fork_rng: its noise draws leave the run's RNG alone), reset(), capture run() as a CUDA graph on that
+        stream; returns the graph's replay."""
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        # warm up on the capture stream (cuDNN autotuning and workspaces must not be created mid-capture)
-        with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream), amp:
+        with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
             for _ in range(3):
-                step(*bufs, step_t, noise_t)
+                run()
         torch.cuda.current_stream(device).wait_stream(stream)
-        with torch.no_grad():
-            for b, v in zip(net.buffers(), saved):
-                b.copy_(v)
+        reset()
         torch.cuda.synchronize(device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream), amp:
-            step(*bufs, step_t, noise_t)
+        with torch.cuda.graph(graph, stream=stream):
+            run()
         torch.cuda.synchronize(device)
-        return graph, bufs, step_t, noise_t
+        return graph.replay
 
 
 def make_chains(args, device):

@@ -86,6 +86,70 @@ def test_dual_losses_and_sample_are_unchanged_by_the_fast_chains():
     assert torch.equal(x0, x0_f) and torch.equal(xt, xt_f) and not torch.equal(x0, xt)
 
 
+class RecordedOnCPU(dm.FastChains):
+    """FastChains' graph path on the CPU: the 'capture' warms up like _record (3 steps under fork_rng, then
+    reset) and its 'replay' runs the step eagerly on the static buffers, as a CUDA graph replays it."""
+
+    def __init__(self):
+        super().__init__(graph=True)
+        self.recorded = 0
+
+    @staticmethod
+    def _graphable(device):
+        return True
+
+    def _record(self, run, reset, device):
+        self.recorded += 1
+        with torch.random.fork_rng():
+            for _ in range(3):
+                run()
+        reset()
+        return run
+
+
+def test_recorded_path_caches_per_shape_and_mode_and_equals_eager_with_noise():
+    f, g, _ = tiny_nets()
+    x0, z0 = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
+    f_start = state(f)
+    torch.manual_seed(5)
+    ref = [dm.langevin_x(f, x0, 4, 0.1, 0.01), dm.langevin_x(f, x0, 2, 0.05, 0.02)]
+    ref_z = dm.langevin_z(g, x0, z0, 3, 0.005, 0.1, 0.3)
+    f_ref = state(f)
+    f.load_state_dict(f_start)
+    chains = RecordedOnCPU()
+    torch.manual_seed(5)
+    out = [chains.x(f, x0, 4, 0.1, 0.01), chains.x(f, x0, 2, 0.05, 0.02)]  # other K, step, noise: same record
+    out_z = chains.z(g, x0, z0, 3, 0.005, 0.1, 0.3)
+    assert chains.recorded == 2 and all(torch.equal(a, b) for a, b in zip(ref + [ref_z], out + [out_z]))
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f_ref.items())   # warm-up's power iterations undone
+    assert out[0].data_ptr() != chains.x(f, x0, 1, 0.1, 0.0).data_ptr()      # results are copies of the buffer
+    chains.x(f, x0[:2], 1, 0.1, 0.0)
+    f.eval()
+    chains.x(f, x0, 1, 0.1, 0.0)
+    chains.z(g, x0, z0, 1, 0.005, 0.1, 0.3, "authors")
+    assert chains.recorded == 5                                                 # new shape, eval mode, posterior
+
+
+def test_recorded_chains_in_dual_losses_give_the_same_losses_and_gradients():
+    """x0 = g(z) and z^ carry autograd graphs into the chains; the chains' results must not (else loss_e
+    would send gradients into g and q through x~)."""
+    nets = tiny_nets()
+    x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
+    start = [state(n) for n in nets]
+    runs = []
+    for chains in (None, RecordedOnCPU()):
+        for n, s in zip(nets, start):
+            n.load_state_dict(s)
+            n.zero_grad(set_to_none=True)
+        kw = {} if chains is None else dict(chain_x=chains.x, chain_z=chains.z)
+        torch.manual_seed(6)
+        loss_e, loss_g, loss_i, out = dm.dual_losses(*nets, x, z, k_x=3, k_z=3, **kw)
+        assert not out["x_tilde"].requires_grad and not out["z_tilde"].requires_grad
+        (loss_e + loss_g + loss_i).backward()
+        runs.append([loss_e, loss_g, loss_i] + [p.grad for n in nets for p in n.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_make_chains_is_eager_on_the_cpu_and_with_no_cuda_graph():
     args = argparse.Namespace(cuda_graph=True, amp="off")
     assert dm.make_chains(args, torch.device("cpu")) == (dm.langevin_x, dm.langevin_z)
