@@ -118,16 +118,17 @@ def test_recorded_path_caches_per_shape_and_mode_and_equals_eager_with_noise():
     f.load_state_dict(f_start)
     chains = RecordedOnCPU()
     torch.manual_seed(5)
-    out = [chains.x(f, x0, 4, 0.1, 0.01), chains.x(f, x0, 2, 0.05, 0.02)]  # other K, step, noise: same record
+    out = [chains.x(f, x0, 4, 0.1, 0.01), chains.x(f, x0, 2, 0.05, 0.02)]  # other K, step, noise: one record
     out_z = chains.z(g, x0, z0, 3, 0.005, 0.1, 0.3)
     assert chains.recorded == 2 and all(torch.equal(a, b) for a, b in zip(ref + [ref_z], out + [out_z]))
-    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f_ref.items())   # warm-up's power iterations undone
-    assert out[0].data_ptr() != chains.x(f, x0, 1, 0.1, 0.0).data_ptr()      # results are copies of the buffer
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f_ref.items())   # warm-up power iterations undone
+    chains.x(f, -x0, 2, 0.1, 0.0)                    # the next chain refills the buffer: results are copies
+    assert torch.equal(out[1], ref[1])
     chains.x(f, x0[:2], 1, 0.1, 0.0)
     f.eval()
     chains.x(f, x0, 1, 0.1, 0.0)
     chains.z(g, x0, z0, 1, 0.005, 0.1, 0.3, "authors")
-    assert chains.recorded == 5                                                 # new shape, eval mode, posterior
+    assert chains.recorded == 5                                # a new shape, eval mode, another posterior
 
 
 def test_recorded_chains_in_dual_losses_give_the_same_losses_and_gradients():
