@@ -121,7 +121,7 @@ def test_recorded_path_caches_per_shape_and_mode_and_equals_eager_with_noise():
     out = [chains.x(f, x0, 4, 0.1, 0.01), chains.x(f, x0, 2, 0.05, 0.02)]  # other K, step, noise: one record
     out_z = chains.z(g, x0, z0, 3, 0.005, 0.1, 0.3)
     assert chains.recorded == 2 and all(torch.equal(a, b) for a, b in zip(ref + [ref_z], out + [out_z]))
-    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f_ref.items())   # warm-up power iterations undone
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f_ref.items())   # warm-up iterations undone
     chains.x(f, -x0, 2, 0.1, 0.0)                    # the next chain refills the buffer: results are copies
     assert torch.equal(out[1], ref[1])
     chains.x(f, x0[:2], 1, 0.1, 0.0)
@@ -182,3 +182,21 @@ def test_captured_chains_match_eager_on_cuda():
     assert all(torch.equal(v, g.state_dict()[k]) for k, v in g_ref.items())              # BN untouched
     again = chains.x(f, x0, 3, 0.1, 0.01)                   # a replay with noise: new draws, no recapture
     assert len(chains.graphs) == 2 and not torch.equal(again, chains.x(f, x0, 3, 0.1, 0.01))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_generator_upsampling_in_channels_last_gives_the_same_numbers(size):
+    """_up2 runs F.interpolate on a channels_last copy (a parallel CUDA kernel): the generator must give
+    the numbers of the plain NCHW interpolation, forward and gradient, at both resnet sizes."""
+    torch.manual_seed(0)
+    g = dm.Generator(8, 32, 3, size, "resnet").train()
+    z = torch.randn(4, 8, requires_grad=True)
+    out = g(z)
+    grad, = torch.autograd.grad(out.square().sum(), z)
+    plain = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dm, "_up2", plain)
+        ref = g(z)
+        ref_grad, = torch.autograd.grad(ref.square().sum(), z)
+    assert ref.is_contiguous() and out.is_contiguous()
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
