@@ -71,7 +71,8 @@ Run recipes
   multi-GPU (data parallel; gloo on CPU, nccl on CUDA):
       torchrun --nproc_per_node=4 dual_mcmc.py --dataset cifar10
   benchmark (median of N timed steps after 2 warm-ups; writes nothing; last line
-  "benchmark: S s/iter, R images*steps/s" with images*steps = batch x (k_x + k_z)):
+  "benchmark: S s/iter, R images*steps/s" with images*steps = batch x (k_x + k_z)); on CUDA both chains
+  run as captured one-step CUDA graphs (FastChains; --no-cuda-graph: the eager langevin_x / langevin_z):
       python dual_mcmc.py --benchmark 20
   sampling after training:
       models, cfg = load_checkpoint("runs/dual_cifar10/final.pt", "cuda")
