@@ -178,7 +178,8 @@ def _up2(t):
     contiguous NCHW inputs PyTorch's CUDA kernel runs one thread per output pixel that loops over all
     B x C maps (51,200 serial passes per thread at batch 100, 512 channels), while its channels_last
     kernel (used from 16 channels on) runs one thread per output value, as do both backward kernels."""
-    t = t.contiguous(memory_format=torch.channels_last)
+    if t.shape[1] >= 16 and 4 * t.numel() < 2 ** 31 - 1:     # where PyTorch has the channels_last kernel
+        t = t.contiguous(memory_format=torch.channels_last)
     return F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True).contiguous()
 
 
@@ -1323,8 +1324,8 @@ class FastChains:
         def reset():          # undo the warm-up's power iterations (and BatchNorm's batch counts)
             with torch.no_grad():
                 for b, v in zip(net.buffers(), saved):
-                    if not torch.equal(b, v):                  # BatchNorm statistics are saved for the
-                        b.copy_(v)                             # backward of x0 = g(z): not a write more
+                    b.data.copy_(v)   # .data: no version bump on BatchNorm statistics saved for the
+                                      # backward of x0 = g(z), which runs after the chains
         return (self._record(run, reset, device), bufs, step_t, noise_t)
 
     @staticmethod

@@ -161,9 +161,9 @@ def test_make_chains_is_eager_on_the_cpu_and_with_no_cuda_graph():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_chains_match_eager_on_cuda():
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_captured_chains_match_eager_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     f, g, _ = tiny_nets(device="cuda")
     x0 = torch.rand(8, 3, 32, 32, device="cuda") * 2 - 1
     z0 = torch.randn(8, 8, device="cuda")

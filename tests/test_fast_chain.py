@@ -93,9 +93,9 @@ def test_make_chain_on_the_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_chain_matches_eager_on_cuda():
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
+def test_captured_chain_matches_eager_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     f = tiny_f().cuda()
     x0 = S.sample_p_0(8, 3, 32, "cuda")
     with S.frozen(f):
