@@ -461,20 +461,21 @@ def test_export_writes_pngs_and_npz_for_both_scripts(sr_ckpt, dual_ckpt, tmp_pat
     assert len(os.listdir(tmp_path / "dual" / "x_tilde")) == 3
 
 
-def test_export_through_the_training_harness_fast_chains_gives_the_same_samples(sr_ckpt, dual_ckpt, tmp_path,
-                                                                                capsys, monkeypatch):
+def test_export_through_the_harness_fast_chains_gives_the_same_samples(sr_ckpt, dual_ckpt, tmp_path, capsys,
+                                                                       monkeypatch):
     """On CUDA fid/export sample through shortrun_ebm.FastChain / dual_mcmc.FastChains; here (no CUDA)
     those run their in-place steps eagerly, which must give exactly the eager chains' images."""
     calls = []
     fast = dm.FastChains.x
     monkeypatch.setattr(dm.FastChains, "x", lambda self, *a: calls.append(a[2]) or fast(self, *a))
-    for name, ckpt, flags, key in (("sr", sr_ckpt, ["--K", "2"], "x"), ("dual", dual_ckpt, ["--k-x", "3"], "x_tilde")):
+    cases = (("sr", sr_ckpt, ["--K", "2"], "x"), ("dual", dual_ckpt, ["--k-x", "3"], "x_tilde"))
+    for name, ckpt, flags, key in cases:
         arrays = []
         for forced in (False, True):
             monkeypatch.setattr(ev, "uses_cuda_graph", lambda args, model, forced=forced: forced)
             out = tmp_path / f"{name}{forced}"
-            code, err = run_eval(["export", "--ckpt", ckpt, "--n", "3", *flags, "--device", "cpu", "--out", out],
-                                 capsys)
+            argv = ["export", "--ckpt", ckpt, "--n", "3", *flags, "--device", "cpu", "--out", out]
+            code, err = run_eval(argv, capsys)
             assert code == 0, err
             arrays.append(np.load(out / f"{key}.npz")["arr_0"])
         assert np.array_equal(*arrays)
