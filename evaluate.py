@@ -672,9 +672,11 @@ def reference_stats(args, model, net, weights, device):
 
 
 def savez_atomic(path, **arrays):
-    """np.savez to path + ".tmp.npz", then rename: a kill leaves the old file or the new, never half a one."""
-    np.savez(path + ".tmp.npz", **arrays)
-    os.replace(path + ".tmp.npz", path)
+    """np.savez written like shortrun_ebm.atomic_write: a kill leaves the old file or the new."""
+    def write(tmp):
+        with open(tmp, "wb") as fh:                    # a file object: np.savez adds no ".npz" to it
+            np.savez(fh, **arrays)
+    sr.atomic_write(path, write)
 
 
 def reference_size(args, name):
@@ -1312,10 +1314,7 @@ def write_metrics(args, model, chain, res, seconds, argv):
            "cuda_graph": uses_cuda_graph(args, model),
            "versions": sr.versions()}
     os.makedirs(args.out, exist_ok=True)
-    tmp = os.path.join(args.out, ".metrics.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(out, fh, indent=1, default=float)
-    os.replace(tmp, os.path.join(args.out, "metrics.json"))
+    sr.atomic_write_json(out, os.path.join(args.out, "metrics.json"), default=float)
     return out
 
 

@@ -409,19 +409,22 @@ def gather_rng(device, world):
     return states
 
 
+def atomic_write(path, write):
+    """write(tmp) to a hidden temp file beside path, then rename: a kill leaves the old file or the new."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def atomic_save(obj, path):
-    """torch.save to a hidden temp file beside path, then rename: a kill leaves the old file or the new."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_write_json(obj, path):
-    """JSON written like atomic_save: a kill at any moment leaves the file whole or absent."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+def atomic_write_json(obj, path, **dump_kw):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, **dump_kw)
+    atomic_write(path, write)
 
 
 def versions():
@@ -547,7 +550,7 @@ def save_grid(x, path):
 
 def plot_curves(log_path, png_path, panels):
     """The log's signals against iteration, one panel per (title, (key, label), ...) of panels, written
-    like atomic_save. matplotlib is optional (a copied script needs torch and torchvision only):
+    atomically. matplotlib is optional (a copied script needs torch and torchvision only):
     without it, one line says so and False is returned."""
     try:
         from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
@@ -564,9 +567,7 @@ def plot_curves(log_path, png_path, panels):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)                      # labels say more than titles (dual: each loss's terms)
-    tmp = os.path.join(os.path.dirname(png_path), "." + os.path.basename(png_path) + ".tmp")
-    fig.savefig(tmp, format="png", dpi=80)
-    os.replace(tmp, png_path)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     return True
 
 
