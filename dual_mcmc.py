@@ -297,11 +297,15 @@ def log_posterior(g, x, z, sigma, posterior="paper"):
     return -lik_scale * err / (2 * sigma ** 2) - z.flatten(1).pow(2).sum(1) / 2
 
 
+def check_posterior(posterior):
+    if posterior not in ("paper", "authors"):
+        raise ValueError(f"posterior must be 'paper' or 'authors', got {posterior!r}")
+
+
 def langevin_z(g, x, z, K, step_size, noise, sigma, posterior="paper"):
     """K steps of z <- z + step_size * grad_z log p(z|x) + noise * N(0, I). Returns detached z_K.
     posterior: "paper" (default) or "authors" (see log_posterior)."""
-    if posterior not in ("paper", "authors"):
-        raise ValueError(f"posterior must be 'paper' or 'authors', got {posterior!r}")
+    check_posterior(posterior)
     z, x = z.detach().clone().float(), x.detach()
     with _bn_stats_frozen(g), torch.enable_grad():
         for _ in range(K):
@@ -1277,8 +1281,7 @@ class FastChains:
 
     def z(self, g, x, z, K, step_size, noise, sigma, posterior="paper"):
         """langevin_z(g, x, z, K, step_size, noise, sigma, posterior)."""
-        if posterior not in ("paper", "authors"):
-            raise ValueError(f"posterior must be 'paper' or 'authors', got {posterior!r}")
+        check_posterior(posterior)
 
         def step(x_b, z_b, step_t, noise_t):
             z_in = z_b.detach().requires_grad_(True)
