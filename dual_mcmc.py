@@ -902,6 +902,27 @@ def autocast_for(args, device):
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
 
+def cuda_graph_replay(run, device, reset=None):
+    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay.
+    First three warm-up runs on the capture's side stream (cuDNN autotuning and workspaces must not be
+    created mid-capture), under fork_rng (their noise draws leave the run's RNG alone); then reset()
+    (undo what the warm-up changed in the nets' buffers), then the capture."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if reset is not None:
+        reset()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        run()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
 # ---- data ----
 
 
@@ -1330,30 +1351,13 @@ class FastChains:
                 for b, v in zip(net.buffers(), saved):
                     b.data.copy_(v)   # .data: no version bump on BatchNorm statistics saved for the
                                       # backward of x0 = g(z), which runs after the chains
-        return (self._record(run, reset, device), bufs, step_t, noise_t)
+        return (self._record(run, device, reset), bufs, step_t, noise_t)
 
     @staticmethod
     def _graphable(device):
         return device.type == "cuda"
 
-    @staticmethod
-    def _record(run, reset, device):
-        """Warm run() up on a side stream (cuDNN autotuning and workspaces must not be created mid-capture;
-        fork_rng: its noise draws leave the run's RNG alone), reset(), capture run() as a CUDA graph on that
-        stream; returns the graph's replay."""
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
-            for _ in range(3):
-                run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        reset()
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            run()
-        torch.cuda.synchronize(device)
-        return graph.replay
+    _record = staticmethod(cuda_graph_replay)   # tests replace it (and _graphable) to run on the CPU
 
 
 def make_chains(args, device):

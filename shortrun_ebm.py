@@ -628,6 +628,27 @@ def autocast_for(args, device):
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
 
 
+def cuda_graph_replay(run, device, reset=None):
+    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay.
+    First three warm-up runs on the capture's side stream (cuDNN autotuning and workspaces must not be
+    created mid-capture), under fork_rng (their noise draws leave the run's RNG alone); then reset()
+    (undo what the warm-up changed in the nets' buffers), then the capture."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if reset is not None:
+        reset()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        run()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
 # ---- model and sampler plumbing ----
 
 def build_ebm(n_c, n_f, im_sz, act, device):
@@ -800,7 +821,7 @@ class FastChain:
         if bf16:
             self.net = copy.deepcopy(f).to(torch.bfloat16, memory_format=torch.channels_last)
             self.net.requires_grad_(False)
-        self.graphs = {}      # (shape, device, track) -> (graph, x buffer, step, noise, grad-norm sum)
+        self.graphs = {}      # (shape, device, track) -> (replay, x buffer, step, noise, grad-norm sum)
 
     def _step(self, x, step_t, noise_t, norm_sum=None):
         """One Langevin step updating the fp32 buffer x in place (capturable: no host sync)."""
@@ -819,20 +840,8 @@ class FastChain:
             buf = x.detach().clone(memory_format=torch.contiguous_format)
             step_t, noise_t, norm_sum = (torch.zeros((), device=x.device) for _ in range(3))
             norm_sum = norm_sum if track else None
-            stream = torch.cuda.Stream(x.device)
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-            # Warm up on the capture stream (cuDNN autotuning and workspaces must not be created
-            # mid-capture); fork_rng: the warm-up's noise draws leave the run's RNG untouched.
-            with torch.random.fork_rng(devices=[x.device]), torch.cuda.stream(stream):
-                for _ in range(3):
-                    self._step(buf, step_t, noise_t, norm_sum)
-            torch.cuda.current_stream(x.device).wait_stream(stream)
-            torch.cuda.synchronize(x.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                self._step(buf, step_t, noise_t, norm_sum)
-            torch.cuda.synchronize(x.device)
-            self.graphs[key] = (graph, buf, step_t, noise_t, norm_sum)
+            replay = cuda_graph_replay(lambda: self._step(buf, step_t, noise_t, norm_sum), x.device)
+            self.graphs[key] = (replay, buf, step_t, noise_t, norm_sum)
         return self.graphs[key]
 
     def __call__(self, f, x, K, step_size=1.0, noise=1e-2, stats=None):
@@ -844,14 +853,14 @@ class FastChain:
                 torch._foreach_copy_(list(self.net.parameters()), list(f.parameters()))
         with frozen(self.net):                                 # autograd w.r.t. x only
             if self.graph and x.is_cuda:
-                graph, buf, step_t, noise_t, norm_sum = self._captured(x, track)
+                replay, buf, step_t, noise_t, norm_sum = self._captured(x, track)
                 buf.copy_(x)
                 step_t.fill_(step_size)
                 noise_t.fill_(noise)
                 if track:
                     norm_sum.zero_()
                 for _ in range(K):
-                    graph.replay()
+                    replay()
                 x_K = buf.clone()
             else:
                 x_K = x.detach().clone(memory_format=torch.contiguous_format)

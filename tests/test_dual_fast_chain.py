@@ -98,7 +98,7 @@ class RecordedOnCPU(dm.FastChains):
     def _graphable(device):
         return True
 
-    def _record(self, run, reset, device):
+    def _record(self, run, device, reset):
         self.recorded += 1
         with torch.random.fork_rng():
             for _ in range(3):

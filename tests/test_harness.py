@@ -18,11 +18,11 @@ SCRIPTS = ("shortrun_ebm.py", "dual_mcmc.py", "toy_1d_2d.py")
 # does not use: toy has no checkpoints, images or ranks). What differs per script is a constant of
 # that script (PROG, RUN_FILES, REUSE_HINT, RESUME_OVERRIDES, OLD_RUN_DEFAULTS), not a variant of these.
 SHARED = ("EXIT_USAGE", "IMAGE_EXTS", "UsageError", "usage_error", "ArgumentParser", "HelpFormatter",
-          "resolve_device", "seed_everything", "get_rng_state", "set_rng_state", "gather_rng", "atomic_write",
-          "atomic_save",
-          "atomic_write_json", "versions", "load_file", "check_run_folder", "read_run", "merge_resume_args",
-          "read_log", "truncate_log", "folder_path", "folder_images", "place_data", "save_grid",
-          "plot_curves", "format_eta", "StopFlag", "any_rank", "setup_distributed", "autocast_for")
+          "resolve_device", "seed_everything", "get_rng_state", "set_rng_state", "gather_rng",
+          "atomic_write", "atomic_save", "atomic_write_json", "versions", "load_file", "check_run_folder",
+          "read_run", "merge_resume_args", "read_log", "truncate_log", "folder_path", "folder_images",
+          "place_data", "save_grid", "plot_curves", "format_eta", "StopFlag", "any_rank", "setup_distributed",
+          "autocast_for", "cuda_graph_replay")
 PER_SCRIPT = ("PROG", "REUSE_HINT")
 
 
