@@ -405,13 +405,11 @@ def x_chain(model, chain):
     return (lambda v, k: dm.langevin_x(model.f, v, k, chain["x_step_size"], chain["x_noise"])), chain["k_x"]
 
 
-def langevin_x_masked(f, x, keep, x_obs, K, step_size, noise, sampler=None):
-    """x-Langevin on f that holds the observed pixels (keep = 1) at x_obs: only holes move. sampler: the
-    checkpoint's own chain, (f, x, K, step_size, noise) -> x_K: shortrun_ebm.langevin or (None)
-    dual_mcmc.langevin_x."""
-    sampler = dm.langevin_x if sampler is None else sampler
+def langevin_x_masked(run, x, keep, x_obs, K):
+    """K steps of the checkpoint's own x-chain run(x, k) (x_chain) that hold the observed pixels
+    (keep = 1) at x_obs: only holes move."""
     for _ in range(K):
-        x = sampler(f, x, 1, step_size, noise)
+        x = run(x, 1)
         x = keep * x_obs + (1 - keep) * x
     return x
 
@@ -1185,6 +1183,7 @@ def cmd_inpaint(args, model, chain):
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     table, mask_info, kept_exact = {"psnr": {}, "ssim": {}, "psnr_full": {}, "ssim_full": {}}, {}, True
+    run, K = x_chain(model, chain)                                   # T_x: the checkpoint's own x-chain
     opt = descent_settings(args)                                                  # short-run "Rec"
     for name in progress(args.masks, "inpaint"):
         keep_all, mask_info[name] = make_masks(name, len(x_all), model.size, gen)
@@ -1202,14 +1201,12 @@ def cmd_inpaint(args, model, chain):
                 with torch.no_grad():
                     results["Inf+T_z+Gen"] = model.g(z).float()
                 start = keep * x + (1 - keep) * results["Inf+T_z+Gen"]
-                results["Inf+T_z+Gen+T_x"] = langevin_x_masked(model.f, start, keep, x, chain["k_x"],
-                                                               chain["x_step_size"], chain["x_noise"])
+                results["Inf+T_z+Gen+T_x"] = langevin_x_masked(run, start, keep, x, K)
             else:
                 z0 = keep * x + (1 - keep) * draw_p0(model, b)
                 results["Rec"] = reconstruct_z(model, chain, x, **opt, keep=keep, z0=z0).x_final
                 start = keep * x + (1 - keep) * draw_p0(model, b)
-                results["T_x"] = langevin_x_masked(model.f, start, keep, x, chain["K"], chain["step_size"],
-                                                   chain["noise"], sampler=sr.langevin)  # its own chain
+                results["T_x"] = langevin_x_masked(run, start, keep, x, K)
             for key, v in results.items():
                 fulls.setdefault(key, []).append(v.detach().float().cpu())             # the method's output
                 v = keep * x + (1 - keep) * v                                   # observed pixels exactly kept

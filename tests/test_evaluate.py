@@ -349,7 +349,8 @@ def test_masked_chains_never_touch_observed_pixels():
     f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     keep, _ = ev.make_masks("R40", 2, 8, torch.Generator().manual_seed(0))
-    out = ev.langevin_x_masked(f, torch.zeros_like(x), keep, x, 5, 0.1, 0.05)
+    run = lambda v, k: dm.langevin_x(f, v, k, 0.1, 0.05)
+    out = ev.langevin_x_masked(run, torch.zeros_like(x), keep, x, 5)
     assert torch.equal(out * keep.expand_as(x), x * keep.expand_as(x))
     assert not torch.equal(out * (1 - keep), torch.zeros_like(out))
 
