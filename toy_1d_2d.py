@@ -204,8 +204,8 @@ def apply_presets(args):
 
 
 def validate(args):
-    """Every check that needs no compute. Raises UsageError. Returns the density object
-    (with --print-config: nothing, as no data is read)."""
+    """Every check that needs no compute and reads no data (a file: density is checked to exist; main
+    loads it after the run-folder check). Raises UsageError."""
     for name, v in {"--K": args.K, "--hidden": args.hidden, "--batch-size": args.batch_size,
                     "--iters": args.iters, "--n-data": args.n_data, "--log-every": args.log_every,
                     "--threads": args.threads}.items():
@@ -237,10 +237,7 @@ def validate(args):
         if not (math.isfinite(h) and h > 0):
             raise UsageError(f"--bandwidth must be cv, scott, silverman or a positive number "
                              f"(got {args.bandwidth!r})")
-    if args.print_config:       # reads no data: a file: density is checked to exist, not loaded
-        density_file(args.density)
-        return None
-    return make_density(args.density, args.bandwidth)
+    density_file(args.density)  # a known name or an existing file; main reads it (make_density)
 
 
 # ---- harness, shared: the same text in every script that needs it (tests/test_harness.py compares) ----
@@ -462,16 +459,6 @@ def hand_gradient(f):
                 g = (g * slope) @ lin.weight                                    # (n, fan_in)
             return g
     return grad_fn
-
-
-def grad_x(f, x):
-    """grad_x f(x), (n, d): the hand-written path for an EBM, autograd for any other f.
-    Only the gradient w.r.t. x is taken: f's parameter .grad is never touched."""
-    if isinstance(f, EBM):
-        return hand_gradient(f)(x)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        return torch.autograd.grad(f(x).sum(), x)[0]
 
 
 # ---- evaluation: fresh samples, grid, KDE, metrics ----
@@ -750,12 +737,12 @@ def train(f, optim, data, args, device):
         x_q, f_data, f_q = train_step(f, optim, x_data, args.K, args.step_size, args.noise, sigma,
                                       grad_fn=grad_fn)                          # (m, d), (), ()
         if it % args.log_every == 0 or it == args.iters:
-            grad = grad_x(f, x_q)                                               # (m, d)
+            grad = grad_fn(x_q)                                                 # (m, d)
             elapsed = time.time() - t_start
             row = {"iteration": it, "f_data": f_data.item(), "f_sample": f_q.item(),
                    "f_gap": f_data.item() - f_q.item(), "grad_norm": grad.norm(dim=1).mean().item(),
                    "sample_max_abs": x_q.abs().max().item(), "sample_std": x_q.std(0).mean().item(),
-                   "data_std": (x_data.var(0) + sigma ** 2).sqrt().mean().item(),   # of the smoothed batch
+                   "data_std": x_data.std(0).mean().item(),            # the batch, as sample_std
                    "lr": lr, "sigma": sigma,
                    "seconds": elapsed, "s_per_iter": elapsed / it}
             with open(log_path, "a") as fh:
@@ -774,7 +761,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     apply_presets(args)
     try:
-        density = validate(args)
+        validate(args)
         stem = os.path.splitext(os.path.basename(args.density))[0].replace("file:", "")
         args.out = args.out or os.path.join("runs", "toy_" + stem)
         device = resolve_device(args.device)
@@ -782,6 +769,7 @@ def main(argv=None):
             print(json.dumps(vars(args), indent=2))
             return 0
         old_files = check_run_folder(args.out, args.force)
+        density = make_density(args.density, args.bandwidth)    # a file's KDE bandwidth: after the checks
     except UsageError as e:
         return usage_error(e)
     os.makedirs(args.out, exist_ok=True)
