@@ -641,12 +641,6 @@ def test_curves_png_at_plot_steps_and_one_line_without_matplotlib(images, tmp_pa
     assert (tmp_path / "without" / "gen_000003.png").exists()  # the grids do not need matplotlib
 
 
-def test_lines_at_most_110_characters():
-    with open(os.path.join(ROOT, "dual_mcmc.py")) as fh:
-        long = [(i, len(line)) for i, line in enumerate(fh.read().splitlines(), 1) if len(line) > 110]
-    assert not long, long
-
-
 # ---- bad input ----
 
 
