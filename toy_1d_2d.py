@@ -92,15 +92,14 @@ def langevin(f, x, K, step_size, noise, grad_fn=None):
     """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K (detached, no graph).
     grad_x f is taken by autograd w.r.t. x only (f's parameter .grad is never touched); grad_fn(x), if
     given, computes it instead (a faster path giving the same numbers)."""
+    def autograd_grad(x):
+        with torch.enable_grad():
+            x_k = x.detach().requires_grad_(True)
+            return torch.autograd.grad(f(x_k).sum(), x_k)[0]                   # (n, d)
+    grad_fn = autograd_grad if grad_fn is None else grad_fn
     x = x.detach()
     for _ in range(K):
-        if grad_fn is None:
-            with torch.enable_grad():
-                x_k = x.detach().requires_grad_(True)
-                g = torch.autograd.grad(f(x_k).sum(), x_k)[0]                  # (n, d)
-        else:
-            g = grad_fn(x)                                                      # (n, d)
-        x = x + step_size * g
+        x = x + step_size * grad_fn(x)
         if noise > 0:
             x = x + noise * torch.randn_like(x)
     return x
