@@ -141,12 +141,12 @@ def build_parser():
     q.add_argument("--isc-splits", type=int, default=10, help="Inception Score splits (standard 10)")
     q = add("recon", "reconstruct held-out images (short-run Table 1(b) / Figure 4; dual Inf, Inf+L)", 1000,
             "held-out images")
-    z_descent_flags(q, clamp_default="off")
+    z_descent_flags(q, clamp_default=False)
     q.add_argument("--snapshots", type=int, default=10, help="trajectory frames in the figure")
     q = add("bpd", "bits/dim via log p(x) = log p_0(z) - log|det dM/dz| (GELU short-run model): bits_per_dim "
             "at the 8-bit pixel values, bits_per_dim_dequantized at x + u, u ~ U(0, 2/255)^D", 16,
             "images (reply to reviewers: 16 CIFAR-10 images, ~4.12)")
-    z_descent_flags(q, clamp_default="on: log p_0(z) is finite on [-1, 1]^D only")
+    z_descent_flags(q, clamp_default=True, why="on here: log p_0(z) is finite on [-1, 1]^D only")
     q.add_argument("--dequant-draws", type=int, default=4,
                    help="draws of u ~ U(0, 2/255)^D averaged per image for "
                    "bits_per_dim_dequantized (each one more reconstruction + Jacobian); 0 = skip")
@@ -170,7 +170,7 @@ def build_parser():
     q = add("inpaint", "inpainting, dual-MCMC A.3 (masks M20/M30/M40, R20/R30/R40)", 1000, "test images")
     q.add_argument("--masks", nargs="+", default=list(MASKS), help="Mxx: centre block of side xx px at 64 px "
                    "(scaled with the image size); Rxx: xx%% of the pixels missing at random")
-    z_descent_flags(q, clamp_default="off", what="short-run only: ")
+    z_descent_flags(q, clamp_default=False, what="short-run only: ")
     q = add("export", "write --n samples as PNGs and one uint8 NHWC .npz per kind for external FID tools "
             "(short-run: x; dual: x0 and x_tilde)", 50000, "samples")
     for q in (sub.choices["fid"], sub.choices["recon"], q):
@@ -185,16 +185,16 @@ def build_parser():
     return p
 
 
-def z_descent_flags(q, clamp_default, what=""):
+def z_descent_flags(q, clamp_default, why="", what=""):
     """--steps, --optimizer, --lr, --clamp: the short-run reconstruction argmin_z ||x - M_theta(z)||^2."""
     q.add_argument("--steps", type=int, default=200, help=what + "gradient steps on z (paper Figure 4: 200)")
     q.add_argument("--optimizer", choices=("gd", "adam"), default="gd",
                    help=what + "gd: the paper's plain gradient descent on z from z0 ~ p_0; adam: Adam on z")
     q.add_argument("--lr", type=float, default=None, help=what + f"step size on z (default: gd {GD_LR}, our "
                    f"choice, the paper gives none; adam {ADAM_LR})")
-    q.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
-                   help=what + "project z onto [-1, 1] (p_0's support) after each step (default "
-                   f"{clamp_default}; the paper does not project)")
+    q.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=clamp_default,
+                   help=what + "project z onto [-1, 1] (p_0's support) after each step (the paper does not "
+                   "project" + (f"; {why}" if why else "") + ")")
 
 
 def validate(args):
@@ -860,8 +860,7 @@ def cmd_recon(args, model, chain):
 def descent_settings(args):
     """Resolved z-descent settings of recon / bpd / inpaint: flags where given, else the defaults."""
     lr = args.lr if args.lr is not None else (GD_LR if args.optimizer == "gd" else ADAM_LR)
-    clamp = args.clamp if args.clamp is not None else args.cmd == "bpd"
-    return {"optimizer": args.optimizer, "lr": lr, "steps": args.steps, "clamp": clamp}
+    return {"optimizer": args.optimizer, "lr": lr, "steps": args.steps, "clamp": args.clamp}
 
 
 def describe_descent(opt):
