@@ -89,10 +89,6 @@ def build_parser():
     c("--device", default="auto", help="auto (cuda if present) | cpu | cuda | cuda:N")
     c("--seed", type=int, default=0, help="seed for p_0 draws, masks and chain noise")
     c("--batch-size", type=int, default=100, help="images per batch")
-    c("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-      help="fid/export samples on CUDA: one captured Langevin step replayed K times (short-run: "
-      "shortrun_ebm.FastChain; dual: dual_mcmc.FastChains; the same chains as the eager ones); ignored on "
-      "the CPU")
     c("--dataset", default=None,
       help="image set (default: the checkpoint's --dataset); folder:PATH for your own")
     c("--data-root", default=None, help="where torchvision data sets live (default: the checkpoint's)")
@@ -173,6 +169,11 @@ def build_parser():
     z_descent_flags(q, clamp_default=False, what="short-run only: ")
     q = add("export", "write --n samples as PNGs and one uint8 NHWC .npz per kind for external FID tools "
             "(short-run: x; dual: x0 and x_tilde)", 50000, "samples")
+    for q in (sub.choices["fid"], q):
+        q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                       help="samples on CUDA: one captured Langevin step replayed K times (short-run: "
+                       "shortrun_ebm.FastChain; dual: dual_mcmc.FastChains; the same chains as the eager "
+                       "ones); ignored on the CPU")
     for q in (sub.choices["fid"], sub.choices["recon"], q):
         q.add_argument("--bn-mode", choices=("train", "eval"), default="train",
                        help="dual_mcmc BatchNorm: train (the authors' task_fid.py: statistics of each "
@@ -716,8 +717,8 @@ def bn_info(args, model):
 
 
 def uses_cuda_graph(args, model):
-    """Whether --cuda-graph applies: fid / export samples on CUDA (see sample_batches)."""
-    return args.cuda_graph and args.cmd in ("fid", "export") and model.device.type == "cuda"
+    """Whether --cuda-graph (a flag of fid / export only) applies: samples on CUDA (see sample_batches)."""
+    return getattr(args, "cuda_graph", False) and model.device.type == "cuda"
 
 
 def sample_batches(args, model, chain, n):
