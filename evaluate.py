@@ -488,18 +488,21 @@ def celeba_crop(model, name):
                 and name in ("celeba", model.cfg.get("dataset")))
 
 
-def _cropped_set(name, root, size, split, download):
-    """CelebA (torchvision split) or a folder of aligned 178x218 images through the authors' pipeline
-    (dual_mcmc's: crop box CELEBA_BOX, resize to size): uint8 images decoded on demand (dual_mcmc.to_pixels
-    maps them to [-1, 1])."""
+def cropped_subset(name, root, size, split, download, n, seed):
+    """A seeded random subset (shortrun_ebm.subset_indices) of n images (0 = all) of CelebA (torchvision
+    split) or of a folder of aligned 178x218 images through the authors' pipeline (dual_mcmc's: crop box
+    CELEBA_BOX, resize to size), uint8 images decoded on demand (dual_mcmc.to_pixels maps them to
+    [-1, 1]); and the number available."""
     if name.startswith("folder:"):
-        return dm._Folder(sr.folder_images(sr.folder_path(name)), size, celeba_crop=True)
-    tf = dm._image_transform(size, celeba_crop=True)
-    try:
-        return torchvision.datasets.CelebA(root, split=split, download=download, transform=tf)  # test | train
-    except (RuntimeError, OSError) as e:
-        raise sr.UsageError(f"celeba not found under {root} ({str(e).splitlines()[0]}): put celeba/ there "
-                            f"(img_align_celeba/ + list_eval_partition.txt) or allow --download") from None
+        ds = dm._Folder(sr.folder_images(sr.folder_path(name)), size, celeba_crop=True)
+    else:
+        tf = dm._image_transform(size, celeba_crop=True)
+        try:
+            ds = sr._torchvision_set("celeba", root, split, download, tf)            # test | train
+        except (RuntimeError, OSError) as e:
+            raise sr.UsageError(f"celeba not found under {root} ({str(e).splitlines()[0]}): put "
+                                f"{sr.WHERE['celeba'].format(root=root)} there or allow --download") from None
+    return torch.utils.data.Subset(ds, sr.subset_indices(len(ds), n, seed)), len(ds)
 
 
 def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
@@ -507,9 +510,7 @@ def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
     size, size) in [-1, 1] on the CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the
     Dual-MCMC authors' CelebA crop box instead of resize + centre crop (see celeba_crop)."""
     if crop:
-        ds = _cropped_set(name, root, size, split, download)
-        available = len(ds)
-        ds = torch.utils.data.Subset(ds, sr.subset_indices(available, n, seed))
+        ds, available = cropped_subset(name, root, size, split, download, n, seed)
         try:
             x = dm.to_pixels(torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)]))
         except (OSError, ValueError) as e:
@@ -645,10 +646,8 @@ def reference_stats(args, model, net, weights, device):
                                 f"delete it or pass another --stats") from None
         print(f"{PROG}: {path} was made with other weights or image size: recomputing", file=sys.stderr)
     if crop:  # streamed: all 162,770 CelebA training images never sit in memory at once
-        ds = _cropped_set(name, root, model.size, "train", args.download)
-        picked = {"data_seed": args.data_seed, "n_available": len(ds)}
-        ds = torch.utils.data.Subset(ds, sr.subset_indices(len(ds), n_ref, args.data_seed))
-        picked["n"] = len(ds)
+        ds, available = cropped_subset(name, root, model.size, "train", args.download, n_ref, args.data_seed)
+        picked = {"data_seed": args.data_seed, "n_available": available, "n": len(ds)}
         batches_in = iter(torch.utils.data.DataLoader(ds, batch_size=args.batch_size,
                                                       num_workers=min(4, os.cpu_count() or 1)))
         images = lambda i, b: match_channels(dm.to_pixels(next(batches_in)[0]), model.n_c)  # in order
