@@ -610,14 +610,19 @@ def inception(args, device):
 
 
 @torch.no_grad()
+def inception_batch(net, x, device):
+    """Pool-3 features (b, 2048) and unbiased logits (b, 1008) of images x in [-1, 1], float64 on the CPU."""
+    f2048, lg = net(to_uint8(x).to(device))
+    return f2048.double().cpu(), lg.double().cpu()
+
+
 def inception_features(net, images_fn, n, batch_size, device, desc):
     """Pool-3 features (n, 2048) and unbiased logits (n, 1008) of n images from images_fn(i, b)."""
     feats, logits = [], []
     for i, b in progress(batches(n, batch_size), desc):
-        x = to_uint8(images_fn(i, b)).to(device)
-        f2048, lg = net(x)
-        feats.append(f2048.double().cpu())
-        logits.append(lg.double().cpu())
+        f2048, lg = inception_batch(net, images_fn(i, b), device)
+        feats.append(f2048)
+        logits.append(lg)
     return torch.cat(feats), torch.cat(logits)
 
 
@@ -768,11 +773,10 @@ def cmd_fid(args, model, chain):
     for _, xs in sample_batches(args, model, chain, args.n):                # dual: x0 and x~ of the same z
         for key, x in xs.items():
             grids.setdefault(key, x[:64].cpu())
-            with torch.no_grad():
-                f2048, lg = net(to_uint8(x).to(device))
+            f2048, lg = inception_batch(net, x, device)
             feats.setdefault(key, ([], []))
-            feats[key][0].append(f2048.double().cpu())
-            feats[key][1].append(lg.double().cpu())
+            feats[key][0].append(f2048)
+            feats[key][1].append(lg)
     scores = {k: score(torch.cat(a), torch.cat(b)) for k, (a, b) in feats.items()}
     if model.script == "shortrun_ebm":
         res, extra = scores["x"], {}
