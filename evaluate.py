@@ -827,12 +827,12 @@ def cmd_recon(args, model, chain):
     if model.script == "dual_mcmc":
         return recon_dual(args, model, chain, x_all, info)
     opt = descent_settings(args)
-    curve_sum, rows, mse, mse_init, mse_z0 = None, None, [], [], []
+    curve_sum, rows, finals, mse_init, mse_z0 = None, None, [], [], []
     for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
         x = x_all[i:i + b].to(model.device)
         z0 = draw_p0(model, b)
         r = reconstruct_z(model, chain, x, **opt, z0=z0, snapshots=args.snapshots if i == 0 else 0)
-        mse.append(mse_per_image(r.x_final, x).cpu())
+        finals.append(r.x_final.cpu())
         mse_init.append(mse_per_image(r.x_init, x).cpu())
         mse_z0.append(mse_per_image(z0, x).cpu())
         curve_sum = np.array(r.curve) * b + (0 if curve_sum is None else curve_sum)
@@ -840,25 +840,24 @@ def cmd_recon(args, model, chain):
             k = min(8, b)
             rows = [x[:k].cpu()] + [fr[:k].cpu() for _, fr in r.frames]
             frame_steps = [t for t, _ in r.frames]
-    mse, mse_init, mse_z0 = torch.cat(mse), torch.cat(mse_init), torch.cat(mse_z0)
+    q, mse_init, mse_z0 = quality(torch.cat(finals), x_all), torch.cat(mse_init), torch.cat(mse_z0)
     curve = (curve_sum / len(x_all)).tolist()
     # figure: one row per image: the target, then M_theta(z_t) for t = 0 .. T (paper Figure 4)
     grid = torch.stack(rows, 1).flatten(0, 1)                                         # (k*(1+F), C, S, S)
     save_grid(grid, os.path.join(args.out, "recon_trajectory.png"), nrow=len(rows), mkdir=True)
     plot_curve(curve, "gradient step t on z", "per-pixel MSE ([-1, 1] scale)",
                os.path.join(args.out, "recon_curve.png"))
-    return {"mse": mse.mean().item(), "mse_init": mse_init.mean().item(), "mse_z0": mse_z0.mean().item(),
+    return {"mse": q["mse"], "mse_init": mse_init.mean().item(), "mse_z0": mse_z0.mean().item(),
             "n": len(x_all),
-            "pixel_scale": "[-1, 1]", "mse_01": mse.mean().item() / 4,
-            "mse_init_01": mse_init.mean().item() / 4,
-            "psnr": float((10 * torch.log10(4 / mse.clamp_min(1e-10))).mean()),
+            "pixel_scale": "[-1, 1]", "mse_01": q["mse_01"],
+            "mse_init_01": mse_init.mean().item() / 4, "psnr": q["psnr"], "ssim": q["ssim"],
             "mse_curve": curve,
             "figure_steps": frame_steps, "test_set": info,
             "method": {**opt, "z_descent": describe_descent(opt),
                        "z0": "p_0 = uniform on [-1, 1]", "M_theta": "K Langevin steps, noise off"},
             "notes": "mse: mean over images of the per-pixel squared error on [-1, 1] pixels (mse_01: on "
-                     "[0, 1] = mse / 4; the paper states no scale); mse_init: M_theta(z0) before "
-                     "optimisation; mse_z0: z0 itself"}
+                     "[0, 1] = mse / 4; the paper states no scale); psnr / ssim on [0, 1] (evaluate.quality, "
+                     "as dual's recon); mse_init: M_theta(z0) before optimisation; mse_z0: z0 itself"}
 
 
 def descent_settings(args):
