@@ -904,12 +904,12 @@ def recon_dual(args, model, chain, x_all, info):
             z_l = z_chain(model, chain, x, z0)                                        # Inf+L
             with torch.no_grad():
                 x_inf, x_infl = model.g(z0).float(), model.g(z_l).float()
-            outs["inf"].append((x_inf.cpu(), x.cpu()))
-            outs["inf+l"].append((x_infl.cpu(), x.cpu()))
+            outs["inf"].append(x_inf.cpu())
+            outs["inf+l"].append(x_infl.cpu())
             if i == 0:
                 k = min(8, b)
                 fig = torch.cat([x[:k].cpu(), x_inf[:k].cpu(), x_infl[:k].cpu()])
-    res = {k: quality(torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in outs.items()}
+    res = {k: quality(torch.cat(v), x_all) for k, v in outs.items()}
     save_grid(fig, os.path.join(args.out, "recon.png"), nrow=len(fig) // 3, mkdir=True)
     start = "z ~ N(0, I) (--no-inference checkpoint)" if model.cfg.get("no_inference") else "mu(x)"
     return {"mse": res["inf+l"]["mse"], "mse_init": res["inf"]["mse"], "n": len(x_all),
