@@ -1111,19 +1111,19 @@ def cmd_bpd(args, model, chain):
     x_all = x_all.to(dtype)
     # targets: the images themselves, then --dequant-draws dequantised copies of each
     targets = torch.cat([x_all] + [dequantize(x_all, gen) for _ in range(args.dequant_draws)])
-    z_all = []
+    z_all, mse_all = [], []
     for i, b in progress(batches(len(targets), args.batch_size), "bpd: recon z"):
         x = targets[i:i + b].to(model.device)
-        z_all.append(reconstruct_z(model, chain, x, **opt, z0=draw_p0(model, b).to(dtype)).z)
-    z_all = torch.cat(z_all)
+        r = reconstruct_z(model, chain, x, **opt, z0=draw_p0(model, b).to(dtype))
+        z_all.append(r.z)
+        mse_all.append(mse_per_image(r.x_final, x).cpu())               # x_final = M(z) at the returned z
+    z_all, mse_all = torch.cat(z_all), torch.cat(mse_all)
     fn = lambda v: M_theta(model, chain, v, create_graph=True)
     per_target = []
     for j in progress(range(len(targets)), "bpd: Jacobians"):
-        x, z = targets[j:j + 1].to(model.device), z_all[j:j + 1]
-        log_px, logdet, log_p0 = log_density(fn, z, args.jac_batch)
-        with torch.no_grad():
-            mse = mse_per_image(M_theta(model, chain, z), x).item()
-        per_target.append({"log_px": log_px, "log_det": logdet, "log_p0": log_p0, "recon_mse": mse})
+        log_px, logdet, log_p0 = log_density(fn, z_all[j:j + 1], args.jac_batch)
+        per_target.append({"log_px": log_px, "log_det": logdet, "log_p0": log_p0,
+                           "recon_mse": mse_all[j].item()})
     model.f.float()
     rows = []
     for j in range(n):
