@@ -770,9 +770,10 @@ def cmd_fid(args, model, chain):
                 "kid_subset_size": kid_size}
 
     feats, grids = {}, {}
-    for _, xs in sample_batches(args, model, chain, args.n):                # dual: x0 and x~ of the same z
+    for i, xs in sample_batches(args, model, chain, args.n):                # dual: x0 and x~ of the same z
         for key, x in xs.items():
-            grids.setdefault(key, x[:64].cpu())
+            if i == 0:
+                grids[key] = x[:64].cpu()
             f2048, lg = inception_batch(net, x, device)
             feats.setdefault(key, ([], []))
             feats[key][0].append(f2048)
