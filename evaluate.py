@@ -727,27 +727,26 @@ def uses_cuda_graph(args, model):
 
 def sample_batches(args, model, chain, n):
     """Yield (i, {kind: images}) for n samples in batches of --batch-size, as a user samples each model.
-    short-run: {"x": M_theta(z) with the trained noise}, z ~ p_0 (low-res training images for --init lowres
-    checkpoints); dual_mcmc: {"x0": g(z), "x_tilde": k_x x-Langevin steps from it}, one chain for both."""
+    short-run: {"x": M_theta(z) with the trained noise}, z ~ p_0 (--init lowres checkpoints: low-res versions
+    of a seeded subset (--data-seed) of n training images, in order, cycled if the set holds fewer);
+    dual_mcmc: {"x0": g(z), "x_tilde": k_x x-Langevin steps from it}, one chain for both."""
     init_data = None
     if model.script == "shortrun_ebm" and model.cfg.get("init") == "lowres":  # chains start from low-res data
-        init_data = load_set(*resolve_data(args, model), model.size, 0, args.download, "train", model.n_c)[0]
-    fast = None                  # on CUDA the training harness's captured chain: the same K-step sampler
-    if uses_cuda_graph(args, model):
-        fast = sr.FastChain(model.f, graph=True) if model.script == "shortrun_ebm" else dm.FastChains().x
+        name, root = resolve_data(args, model)
+        init_data = load_set(name, root, model.size, n, args.download, "train", model.n_c, args.data_seed)[0]
+    run = sr.langevin if model.script == "shortrun_ebm" else None          # dual None: dm.sample's langevin_x
+    if uses_cuda_graph(args, model):  # on CUDA the training harness's captured chain: the same K-step sampler
+        run = sr.FastChain(model.f, graph=True) if model.script == "shortrun_ebm" else dm.FastChains().x
     torch.manual_seed(args.seed)
     for i, b in progress(batches(n, args.batch_size), "samples"):
         if model.script == "shortrun_ebm":
             z = draw_p0(model, b) if init_data is None else sr.lowres(
-                init_data[torch.randint(len(init_data), (b,))].to(model.device), model.cfg["lowres_size"])
-            if fast is not None:
-                yield i, {"x": fast(model.f, z, chain["K"], chain["step_size"], chain["noise"])}
-            else:
-                yield i, {"x": M_theta(model, chain, z, noise=chain["noise"])}  # the sampler as trained
+                init_data[torch.arange(i, i + b) % len(init_data)].to(model.device), model.cfg["lowres_size"])
+            yield i, {"x": run(model.f, z, chain["K"], chain["step_size"], chain["noise"])}  # as trained
         else:
             with bn_mode(args, model):
                 x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
-                                   batch_size=b, chain=fast)
+                                   batch_size=b, chain=run)
             yield i, {"x0": x0, "x_tilde": xt}
 
 

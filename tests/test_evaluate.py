@@ -462,6 +462,20 @@ def test_export_writes_pngs_and_npz_for_both_scripts(sr_ckpt, dual_ckpt, tmp_pat
     assert len(os.listdir(tmp_path / "dual" / "x_tilde")) == 3
 
 
+def test_export_of_a_lowres_checkpoint_starts_from_a_seeded_subset_of_n_training_images(sr_ckpt, data, tmp_path,
+                                                                                        capsys):
+    ckpt = torch.load(sr_ckpt, weights_only=True)
+    name = f"folder:{data['test']}"
+    ckpt["config"].update(init="lowres", lowres_size=8, dataset=name)
+    torch.save(ckpt, tmp_path / "low.pt")
+    code, err = run_eval(["export", "--ckpt", tmp_path / "low.pt", "--n", "5", "--batch-size", "2", "--K", "0",
+                          "--data-seed", "3", "--device", "cpu", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    x, _ = ev.load_set(name, "./data", 32, 5, False, "train", 3, seed=3)         # 5 of the 16, data seed 3
+    expected = ev.to_uint8(sr.lowres(x, 8)).permute(0, 2, 3, 1).numpy()        # K 0: the chains' starts
+    assert np.array_equal(np.load(tmp_path / "o" / "x.npz")["arr_0"], expected)
+
+
 def test_export_through_the_harness_fast_chains_gives_the_same_samples(sr_ckpt, dual_ckpt, tmp_path, capsys,
                                                                        monkeypatch):
     """On CUDA fid/export sample through shortrun_ebm.FastChain / dual_mcmc.FastChains; here (no CUDA)
