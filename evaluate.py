@@ -1008,9 +1008,9 @@ def superres_init(x_low, size, noise, gen):
 
 
 def cmd_superres(args, model, chain):
-    sizes = args.sizes
-    if sizes is None:  # --init lowres checkpoints were trained from one low-res size: evaluate at it
-        sizes = [int(model.cfg["lowres_size"])] if model.cfg.get("init") == "lowres" else [4, 8, 16]
+    lowres_init = model.cfg.get("init") == "lowres"   # trained from one low-res size: by default at it
+    trained = int(model.cfg["lowres_size"]) if lowres_init else None
+    sizes = args.sizes if args.sizes is not None else [trained] if lowres_init else [4, 8, 16]
     for size in sizes:
         if not 1 <= size <= model.size:
             raise sr.UsageError(f"--sizes {size}: must be between 1 and the image size {model.size}")
@@ -1037,7 +1037,6 @@ def cmd_superres(args, model, chain):
                                  "lowres_input": quality(x_low, x)}
         rows += [x[:k], x_low[:k]] + [o[:k] for o in outs]
     save_grid(torch.cat([r.cpu() for r in rows]), os.path.join(args.out, "superres.png"), nrow=k, mkdir=True)
-    trained = model.cfg.get("lowres_size") if model.cfg.get("init") == "lowres" else None
     return {"per_size": res, "sizes": sizes, "seeds": args.seeds, "init_noise": args.init_noise,
             "test_set": info, "trained_lowres_size": trained,
             "chain": "K Langevin steps on f (trained noise) from the low-res image blown up (nearest) plus "
