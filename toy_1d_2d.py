@@ -3,54 +3,27 @@
 Nijkamp, Hill, Zhu, Wu. "Learning Non-Convergent Non-Persistent Short-Run MCMC Toward
 Energy-Based Model." NeurIPS 2019.  https://arxiv.org/abs/1904.09770  (appendix 7.7, Figure 8)
 
-The paper's toy finding, which this script lets you see and measure: after learning, the kernel
-density estimate (KDE) of the K-step short-run samples matches the true density closely, while
-the learned EBM exp(f) itself has the right modes but a much lower temperature (lower entropy,
-mass piled on the global minimum of the energy -f). The short-run chain, not exp(f), is the model.
+The paper's toy finding, which this script lets you see and measure: the kernel density estimate
+(KDE) of the K-step short-run samples matches the true density, while the learned EBM exp(f) has
+the right modes but a much lower temperature (lower entropy). The short-run chain is the model.
 
 Learning is exactly shortrun_ebm.py's, with an MLP f(x) on x in [-1, 1]^d, d in {1, 2}:
     x_data ~ data, smoothed by + sigma * N(0, I)
     x_q    = K Langevin steps from p_0 = uniform noise on [-1, 1]^d:
              x <- x + step_size * grad_x f(x) + noise * N(0, I)
     Adam step ascending  mean f(x_data) - mean f(x_q)
-The chain samples exp(f / T), T = noise^2 / (2 step_size), only if run to convergence:
-short-run it never gets there, which is the point. Why this T: Langevin on a density exp(g) with
-noise std s moves x by (s^2 / 2) grad g + s N(0, I); s = noise and (s^2 / 2) grad g = step_size grad f
-give g = f / T. Sec. 7.3 of the paper writes the energy as -f/T ("for an a priori chosen small
-temperature T") and the update as x + f'/2 + N(0, T), but its code adds the whole f' (step 1, noise
-1e-2): the note's drift is half the code's. T above is our derivation from the code, not the note's.
+Run to convergence the chain would sample exp(f / T), T = noise^2 / (2 step_size) (our reading of
+the paper's code; README derives it); metrics.json reports the EBM both as exp(f) and exp(f/T).
+The block under "# ---- method" runs copied alone into a file that imports math, contextlib,
+torch, torch.nn and torch.nn.functional.
 
-The method (EBM, sample_p_0, langevin, train_step) is the block under "# ---- method": it runs
-copied alone into a file that imports math, contextlib, torch, torch.nn and torch.nn.functional.
+    python toy_1d_2d.py --density mog1d               # 1D Gaussian mixture (like Figure 8)
+    python toy_1d_2d.py --density mog2d               # 2D Gaussian mixture
+    python toy_1d_2d.py --density rings               # two concentric rings (its own step and noise)
+    python toy_1d_2d.py --density file:points.npy     # your own (N, d) points in [-1, 1]^d
 
-Run recipes
-    python toy_1d_2d.py --density mog1d                       # 1D Gaussian mixture (like Figure 8)
-    python toy_1d_2d.py --density mog2d                       # 2D Gaussian mixture, 2 x 4 panels
-    python toy_1d_2d.py --density rings                       # two concentric rings (its own step/noise)
-    python toy_1d_2d.py --density file:points.npy             # your own (N, d) points in [-1, 1]^d
-    python toy_1d_2d.py --density mog2d --iters 300 --out runs/quick   # a quick look
-    python toy_1d_2d.py --density mog1d --force               # replace the earlier run in runs/toy_mog1d
-    python toy_1d_2d.py --density mog2d --anneal-start 2000   # paper sec. 5.1: decay lr at the end
-
-Run folder (--out, default runs/toy_<density>): samples.npy (N >= 10,000 fresh K-step samples,
-(N, d)), metrics.json (numbers + every setting), density.png (the figure), samples.png (the
-samples), log.jsonl (training), model.pt (f's state_dict and settings). An --out that already
-holds a run is refused (exit 2); --force replaces that run's files (and only those). Ctrl-C saves
-f to model.pt (no samples or metrics) and exits 130; a run is minutes long, so there is no --resume.
-
-Metrics (on a grid of --grid cells per axis over [-1, 1]^d; densities as cell masses):
-    tv, kl            TV(truth, KDE) and KL(truth || KDE)
-    tv_hist           TV between a 24-bins-per-axis histogram of the samples and the truth's bin
-                      masses (samples outside [-1, 1]^d count as mass in no bin)
-    entropy_*         differential entropies (nats) of truth, exp(f)/Z and the KDE on the grid
-    temperature       the t minimising KL(truth || exp(f/t)/Z). t > 1: exp(f) is colder (sharper)
-                      than the truth; ebm_temperature = 1/t, i.e. exp(f) ~ truth^(1/ebm_temperature)
-    *_T               entropy_ebm_T, temperature_T, ebm_temperature_T, tv_truth_ebm_T, kl_truth_ebm_T:
-                      the same against exp(f/T)/Z, T = noise^2 / (2 step_size) (langevin_temperature),
-                      the density sec. 7.3 calls the model; temperature_T = temperature / T. null if noise 0
-    *_exact           the same numbers for exact samples of the truth (built-in densities): the
-                      floor set by the sample size and the KDE bandwidth
-For file:PATH.npy there is no true density: "truth" is a KDE of the file's points (same rule).
+The run folder (--out, default runs/toy_<density>) gets samples.npy, metrics.json, density.png,
+samples.png, log.jsonl and model.pt; README lists what each holds.
 """
 import argparse
 import json
