@@ -98,8 +98,12 @@ def train_step(f, optim, x_data, K, step_size, noise, sigma, x_0=None, grad_fn=N
 
 PROG = "toy_1d_2d.py"
 REUSE_HINT = "pass --force to replace it"
-HIST_BINS = 24  # bins per axis of the sample-histogram TV
 RUN_FILES = ("metrics.json", "samples.npy", "log.jsonl", "model.pt", "density.png", "samples.png")
+# Values nobody tunes, so constants rather than flags:
+GRID_CELLS = {1: 480, 2: 192}  # grid cells per axis over [-1, 1]^d for the metrics and figures
+HIST_BINS = 24                 # bins per axis of the sample-histogram TV
+ANNEAL_LR_FINAL = 0.1          # --anneal-start decays lr geometrically to this fraction at --iters
+THREADS = 1                    # torch CPU threads: a small MLP gains nothing from more on a shared CPU
 
 
 def build_parser():
@@ -112,16 +116,13 @@ def build_parser():
     d.add_argument("--n-data", type=int, default=50000,
                    help="training points drawn once from a built-in density (files use all their points)")
     s = p.add_argument_group("short-run sampler")
-    s.add_argument("--K", type=int, default=50,
-                   help="Langevin steps per chain (paper images: 100); fewer = faster but cruder samples")
+    s.add_argument("--K", type=int, default=50, help="Langevin steps per chain (paper images: 100)")
     s.add_argument("--step-size", type=float, default=None,
                    help="Langevin step on grad f (paper images: 1.0); default 5e-4, rings 1e-3. f's scale "
-                        "grows as 1/step_size: 1e-2 leaves exp(f) nearly flat, 5e-4 makes it much colder "
-                        "than the truth")
+                        "grows as 1/step_size")
     s.add_argument("--noise", type=float, default=None,
                    help="Langevin noise std (paper: 1e-2); default 2e-2, rings 3e-2. The chain's temperature "
-                        "is T = noise^2 / (2 step_size). Below 1e-2, slow chains leave streaks between "
-                        "2D modes")
+                        "is T = noise^2 / (2 step_size)")
     m = p.add_argument_group("model and learning")
     m.add_argument("--hidden", type=int, default=64, help="MLP width (3 hidden layers)")
     m.add_argument("--act", choices=("lrelu", "silu"), default="silu",
@@ -130,36 +131,25 @@ def build_parser():
     m.add_argument("--lr", type=float, default=1e-3,
                    help="Adam lr, betas .9/.999 (paper images: 1e-4; a small MLP takes 1e-3)")
     m.add_argument("--batch-size", type=int, default=128, help="m, points per step (paper images: 64)")
-    m.add_argument("--iters", type=int, default=None,
-                   help="iterations; default 6000, mog1d 3000")
+    m.add_argument("--iters", type=int, default=None, help="iterations; default 6000, mog1d 3000")
     m.add_argument("--anneal-start", type=int, default=0,
-                   help="iteration where lr (and sigma) start to decay geometrically (paper sec. 5.1: "
-                        "'gradually decrease lr and sigma'); it settles f, whose last state is the model; "
-                        "0 = off")
-    m.add_argument("--anneal-lr-final", type=float, default=0.1, help="lr factor reached at --iters")
-    m.add_argument("--anneal-sigma-final", type=float, default=1.0, help="sigma factor reached at --iters")
+                   help=f"iteration from which lr decays geometrically, reaching {ANNEAL_LR_FINAL:g} x lr at "
+                        "--iters (paper sec. 5.1: 'gradually decrease lr'); 0 = off")
     e = p.add_argument_group("evaluation")
     e.add_argument("--n-samples", type=int, default=10000,
                    help="fresh K-step samples for samples.npy, the KDE and the metrics (>= 10,000)")
-    e.add_argument("--grid", type=int, default=0,
-                   help="grid cells per axis over [-1, 1]^d; 0 = 480 (1D) or 192 (2D)")
     e.add_argument("--bandwidth", default="cv",
                    help="KDE bandwidth per axis: cv (Scott's rule times a factor chosen by held-out "
-                        "likelihood), scott (std * N^(-1/(d+4)); over-smooths narrow modes), silverman, "
-                        "or a number")
+                        "likelihood), scott (std * N^(-1/(d+4)); over-smooths narrow modes) or a number")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    r.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch; a small MLP gains nothing from more, "
-                        "and one thread leaves the other cores free")
     r.add_argument("--out", default=None, help="run folder (default runs/toy_<density>)")
     r.add_argument("--force", action="store_true", help="replace the run already in --out")
     r.add_argument("--log-every", type=int, default=100, help="log.jsonl + progress line every N its")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG figures (no matplotlib needed)")
     r.add_argument("--print-config", action="store_true",
-                   help="print the resolved settings (per-density defaults filled in) as one JSON object "
-                        "and exit; reads no data (a file: density is only checked to exist), writes nothing")
+                   help="print the resolved settings as one JSON object and exit; reads and writes nothing")
     return p
 
 
@@ -179,36 +169,27 @@ def validate(args):
     """Every check that needs no compute and reads no data (a file: density is checked to exist; main
     loads it after the run-folder check). Raises UsageError."""
     for name, v in {"--K": args.K, "--hidden": args.hidden, "--batch-size": args.batch_size,
-                    "--iters": args.iters, "--n-data": args.n_data, "--log-every": args.log_every,
-                    "--threads": args.threads}.items():
+                    "--iters": args.iters, "--n-data": args.n_data, "--log-every": args.log_every}.items():
         if v < 1:
             raise UsageError(f"{name} must be >= 1 (got {v})")
     if args.n_samples < 10000:
         raise UsageError(f"--n-samples must be >= 10000 (got {args.n_samples}): the KDE needs them")
-    if args.grid != 0 and not 16 <= args.grid <= 4096:
-        raise UsageError(f"--grid must be 0 (auto) or in [16, 4096] (got {args.grid})")
     for name, v in {"--lr": args.lr, "--step-size": args.step_size}.items():
         if not (math.isfinite(v) and v > 0):
             raise UsageError(f"{name} must be a positive finite number (got {v})")
     for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"{name} must be >= 0 (got {v})")
-    for name, v in {"--anneal-lr-final": args.anneal_lr_final,
-                    "--anneal-sigma-final": args.anneal_sigma_final}.items():
-        if not (0 < v <= 1):
-            raise UsageError(f"{name} must be in (0, 1] (got {v})")
     if args.anneal_start < 0:
         raise UsageError(f"--anneal-start must be >= 0 (got {args.anneal_start})")
     if not 0 <= args.seed < 2 ** 63:                 # numpy refuses a negative seed, torch one past 2^64
         raise UsageError(f"--seed must be in [0, 2^63) (got {args.seed})")
-    if args.bandwidth not in ("scott", "silverman", "cv"):
-        try:
-            h = float(args.bandwidth)
-        except ValueError:
-            h = float("nan")
-        if not (math.isfinite(h) and h > 0):
-            raise UsageError(f"--bandwidth must be cv, scott, silverman or a positive number "
-                             f"(got {args.bandwidth!r})")
+    try:
+        ok = args.bandwidth in ("cv", "scott") or 0 < float(args.bandwidth) < math.inf
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(f"--bandwidth must be cv, scott or a positive number (got {args.bandwidth!r})")
     density_file(args.density)  # a known name or an existing file; main reads it (make_density)
 
 
@@ -298,8 +279,7 @@ class Mixture:
         self.d = self.means.shape[1]
 
     def log_prob(self, x):
-        """Log density at x (n, d) of the unrestricted mixture; the [-1, 1]^d normaliser comes from
-        the grid."""
+        """Log density at x (n, d) of the unrestricted mixture (the grid normalises it on [-1, 1]^d)."""
         z2 = (((x[:, None, :] - self.means[None]) / self.stds[None, :, None]) ** 2).sum(-1)   # (n, k)
         log_c = np.log(self.weights) - self.d * np.log(self.stds * math.sqrt(2 * math.pi))   # (k,)
         return logsumexp(log_c - 0.5 * z2, axis=1)
@@ -369,8 +349,6 @@ def density_file(name):
     if not name.startswith("file:"):
         raise UsageError(f"unknown --density {name!r}: use one of {', '.join(BUILTIN)} or file:PATH.npy")
     path = os.path.expanduser(name[len("file:"):])
-    if not path:
-        raise UsageError("--density file: needs a path, e.g. file:points.npy")
     if not os.path.isfile(path):
         raise UsageError(f"--density {name}: no such file")
     return path
@@ -390,18 +368,16 @@ def make_density(name, bandwidth_rule="cv"):
     if x.ndim != 2 or x.shape[1] not in (1, 2):
         raise UsageError(f"--density {name}: need points of shape (N, d) with d = 1 or 2, "
                          f"got shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+    if x.dtype.kind not in "iuf":
         raise UsageError(f"--density {name}: need real numbers, got dtype {x.dtype}")
     x = x.astype(np.float64)
-    if len(x) < 2:
-        raise UsageError(f"--density {name}: need at least 2 points, got {len(x)}")
+    if len(x) < 2 or np.any(x.max(0) == x.min(0)):
+        raise UsageError(f"--density {name}: need points that are not all equal on an axis (got {len(x)})")
     if not np.all(np.isfinite(x)):
         raise UsageError(f"--density {name}: holds NaN or inf values")
     if np.abs(x).max() > 1:
         raise UsageError(f"--density {name}: points must lie in [-1, 1] (found values in "
                          f"[{x.min():.3g}, {x.max():.3g}]); rescale them first")
-    if np.any(x.std(0) == 0):
-        raise UsageError(f"--density {name}: an axis has all points equal, no density to learn")
     return FilePoints(x, path, bandwidth(x, bandwidth_rule))
 
 
@@ -410,8 +386,7 @@ def make_density(name, bandwidth_rule="cv"):
 def hand_gradient(f):
     """grad_fn for langevin: x (n, d) -> grad_x f(x) (n, d) for an EBM, backprop through its MLP written
     out by hand. The same numbers as autograd (tested), but faster on a CPU, where autograd's per-op
-    overhead dominates a net this small. Training and sampling use it; langevin's autograd path is the
-    reference. f's Linear layers are listed once here, not on every Langevin step."""
+    overhead dominates a net this small. Training and sampling use it; autograd is the reference."""
     linears, silu = list(f.f[0::2]), f.act == "silu"
 
     def grad_fn(x):
@@ -448,45 +423,37 @@ def make_grid(d, cells):
     """Cell centres of a regular grid over [-1, 1]^d: (axis (cells,), points (cells^d, d), cell volume).
     2D points are in row-major (y, x) order, so values reshape to an image with y as rows."""
     axis = -1 + (np.arange(cells) + 0.5) * (2.0 / cells)
-    if d == 1:
-        return axis, axis[:, None], 2.0 / cells
-    yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    return axis, np.stack([xx.ravel(), yy.ravel()], 1), (2.0 / cells) ** 2
+    pts = np.stack(np.meshgrid(*[axis] * d, indexing="ij")[::-1], -1).reshape(-1, d)     # columns x, y
+    return axis, pts, (2.0 / cells) ** d
 
 
 def kde(x, at, h):
     """Gaussian KDE of points x (n, d) with per-axis bandwidths h (d,), evaluated at `at` (g, d).
-    Integrates to 1 over R^d. The product kernel factorises per axis, so 2D evaluation on a full
-    grid is one matrix product; scattered points are summed in chunks."""
+    Integrates to 1 over R^d. In 2D the product kernel factorises per axis: the KDE on the grid of
+    at's distinct x and y values is one matrix product (cheap for the grids it is asked about)."""
     def k1(u, c, hj):                                                           # (len(u), len(c))
         return np.exp(-0.5 * ((u[:, None] - c[None, :]) / hj) ** 2) / (hj * math.sqrt(2 * math.pi))
     n, step = len(x), 4096
     if x.shape[1] == 1:
         return sum(k1(at[:, 0], x[i:i + step, 0], h[0]).sum(1) for i in range(0, n, step)) / n
     ux, uy = np.unique(at[:, 0]), np.unique(at[:, 1])
-    if len(ux) * len(uy) == len(at) and len(at) > 1024:                         # a full grid
-        dens = (k1(uy, x[:, 1], h[1]) @ k1(ux, x[:, 0], h[0]).T) / n            # (len(uy), len(ux))
-        return dens[np.searchsorted(uy, at[:, 1]), np.searchsorted(ux, at[:, 0])]
-    return sum((k1(at[:, 0], x[i:i + step, 0], h[0]) * k1(at[:, 1], x[i:i + step, 1], h[1])).sum(1)
-               for i in range(0, n, step)) / n
+    dens = (k1(uy, x[:, 1], h[1]) @ k1(ux, x[:, 0], h[0]).T) / n                # (len(uy), len(ux))
+    return dens[np.searchsorted(uy, at[:, 1]), np.searchsorted(ux, at[:, 0])]
 
 
 def bandwidth(x, rule):
     """Per-axis Gaussian KDE bandwidth h (d,).
     scott:     std * N^(-1/(d+4))  (Scott 1992; right for one Gaussian, over-smooths narrow modes)
-    silverman: std * (4 / (d+2))^(1/(d+4)) * N^(-1/(d+4))
     cv:        Scott's h times the factor c in 0.05..1.5 (20 values, geometric) that maximises the
                log-likelihood of a held-out fifth of the points (at most 1,000) under a KDE of the
                other four fifths (likelihood cross-validation), rescaled by (N_fit / N)^(1/(d+4))
     a number:  that, on every axis."""
     n, d = x.shape
-    if rule not in ("scott", "silverman", "cv"):
+    if rule not in ("scott", "cv"):
         return np.full(d, float(rule))
     scott = np.maximum(x.std(0, ddof=1), 1e-6) * n ** (-1.0 / (d + 4))
     if rule == "scott":
         return scott
-    if rule == "silverman":
-        return scott * (4.0 / (d + 2)) ** (1.0 / (d + 4))
     n_fit = n - n // 5
     x = x[np.random.default_rng(0).permutation(n)]      # a file's points may come sorted
     fit, held = x[:n_fit] / scott, x[n_fit:][:1000] / scott                     # in units of Scott's h
@@ -535,42 +502,29 @@ def fit_temperature(p, f_grid):
     return 1.0 / math.exp(0.5 * (lo + hi))
 
 
-def hist_masses(x, d, bins=HIST_BINS):
-    """Fraction of the points x (n, d) in each of bins^d equal cells of [-1, 1]^d; points outside the
-    box are in no cell, so the masses sum to the fraction inside. 2D in (y, x) row-major order."""
-    edges = np.linspace(-1, 1, bins + 1)
-    if d == 1:
-        h = np.histogram(x[:, 0], bins=edges)[0]
-    else:
-        h = np.histogram2d(x[:, 1], x[:, 0], bins=[edges, edges])[0].ravel()
-    return h / len(x)
+def truth_bin_masses(density, bins=HIST_BINS):
+    """The truth's mass in each of bins^d equal cells of [-1, 1]^d (2D in (y, x) row-major order),
+    summed over a finer grid of `sub` points per bin and axis."""
+    d, sub = density.d, (40 if density.d == 1 else 8)
+    mass = normalise_log(density.log_prob(make_grid(d, bins * sub)[1]))
+    return mass.reshape((bins, sub) * d).sum(tuple(range(1, 2 * d, 2))).ravel()     # sum within bins
 
 
-def truth_bin_masses(density, d, bins=HIST_BINS, sub=None):
-    """The truth's mass in each histogram cell, integrated on a sub-grid of `sub` points per bin and axis."""
-    sub = sub or (40 if d == 1 else 8)
-    _, pts, _ = make_grid(d, bins * sub)
-    mass = normalise_log(density.log_prob(pts))
-    if d == 1:
-        return mass.reshape(bins, sub).sum(1)
-    return mass.reshape(bins, sub, bins, sub).sum((1, 3)).ravel()
-
-
-def hist_tv(samples, truth_bins, d):
-    """TV(24-bin histogram of the samples, truth's bin masses); samples outside [-1, 1]^d are mass
-    the truth does not have, so each adds 1/(2N) through the missing histogram mass."""
-    h = hist_masses(samples, d)
+def hist_tv(samples, truth_bins, bins=HIST_BINS):
+    """TV(histogram of the samples (n, d), truth's bin masses). Samples outside [-1, 1]^d fall in no
+    bin: mass the truth does not have, so each adds 1/(2n)."""
+    edges = [np.linspace(-1, 1, bins + 1)] * samples.shape[1]
+    h = np.histogramdd(samples[:, ::-1], bins=edges)[0].ravel() / len(samples)   # (y, x) order
     return tv(truth_bins, h) + 0.5 * (1.0 - float(h.sum()))
 
 
 def evaluate(f, density, samples, args, device, exact=None):
     """Everything metrics.json reports, plus the grids the figures draw."""
     d = density.d
-    cells = args.grid or (480 if d == 1 else 192)
+    cells = GRID_CELLS[d]
     axis, pts, vol = make_grid(d, cells)
     with torch.no_grad():
-        f_grid = torch.cat([f(torch.as_tensor(c, dtype=torch.float32, device=device))
-                            for c in np.array_split(pts, max(1, len(pts) // 8192))]).double().cpu().numpy()
+        f_grid = f(torch.as_tensor(pts, dtype=torch.float32, device=device)).double().cpu().numpy()
     h = bandwidth(samples, args.bandwidth)
     p_truth = normalise_log(density.log_prob(pts))
     p_ebm = normalise_log(f_grid)
@@ -578,8 +532,8 @@ def evaluate(f, density, samples, args, device, exact=None):
     p_kde = kde_raw / kde_raw.sum()
     t = fit_temperature(p_truth, f_grid)
     T = args.noise ** 2 / (2 * args.step_size)       # the chain's temperature: it targets exp(f / T)
-    truth_bins = truth_bin_masses(density, d)
-    m = {"tv": tv(p_truth, p_kde), "kl": kl(p_truth, p_kde), "tv_hist": hist_tv(samples, truth_bins, d),
+    truth_bins = truth_bin_masses(density)
+    m = {"tv": tv(p_truth, p_kde), "kl": kl(p_truth, p_kde), "tv_hist": hist_tv(samples, truth_bins),
          "entropy_truth": entropy(p_truth, vol), "entropy_ebm": entropy(p_ebm, vol),
          "entropy_kde": entropy(p_kde, vol),
          "temperature": t, "ebm_temperature": 1.0 / t,
@@ -598,7 +552,7 @@ def evaluate(f, density, samples, args, device, exact=None):
         k_ex = kde(exact, pts, bandwidth(exact, args.bandwidth))
         k_ex = k_ex / k_ex.sum()
         m.update(tv_exact=tv(p_truth, k_ex), kl_exact=kl(p_truth, k_ex),
-                 entropy_kde_exact=entropy(k_ex, vol), tv_hist_exact=hist_tv(exact, truth_bins, d))
+                 entropy_kde_exact=entropy(k_ex, vol), tv_hist_exact=hist_tv(exact, truth_bins))
     grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
     if T > 0:               # exp(f/T): the KL-best temperature against it is t / T exactly, no second fit
         p_ebm_T = normalise_log(f_grid / T)
@@ -610,6 +564,16 @@ def evaluate(f, density, samples, args, device, exact=None):
 
 # ---- figures ----
 
+def headline(m):
+    """The main numbers of metrics.json in one line: the last stderr line and the figure's title."""
+    at_T = "" if m["temperature_T"] is None else (f" | exp(f/T), T = {m['langevin_temperature']:.3g}: "
+                                                   f"entropy {m['entropy_ebm_T']:.3f}, "
+                                                   f"temperature_T {m['temperature_T']:.3g}")
+    return (f"TV(truth, KDE) {m['tv']:.3f}, KL {m['kl']:.3f}, hist TV {m['tv_hist']:.3f} | entropy truth "
+            f"{m['entropy_truth']:.3f}, EBM {m['entropy_ebm']:.3f}, KDE {m['entropy_kde']:.3f} | "
+            f"temperature {m['temperature']:.3g}{at_T}")
+
+
 def plot_figures(grids, samples, metrics, args, d, out):
     try:
         import matplotlib
@@ -619,14 +583,10 @@ def plot_figures(grids, samples, metrics, args, d, out):
         print(f"{PROG}: matplotlib is missing (pip install matplotlib); no figures written "
               "(pass --no-plots to silence this)", file=sys.stderr)
         return
-    title = (f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, {args.iters} its | "
-             f"TV(truth, KDE) {metrics['tv']:.3f}, hist TV {metrics['tv_hist']:.3f} | "
-             f"entropy truth {metrics['entropy_truth']:.2f}, EBM {metrics['entropy_ebm']:.2f}, "
-             f"KDE {metrics['entropy_kde']:.2f} | temperature {metrics['temperature']:.2f}")
+    title = (f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, {args.iters} its\n"
+             + headline(metrics))
     names = [("truth", "truth", "k"), ("ebm", "EBM exp(f)/Z", "tab:red")]
     if "ebm_T" in grids:                     # the chain's target exp(f / T), T = noise^2 / (2 step_size)
-        title += (f"\nexp(f/T), T = {metrics['langevin_temperature']:.3g}: entropy "
-                  f"{metrics['entropy_ebm_T']:.2f}, temperature_T {metrics['temperature_T']:.2f}")
         names.append(("ebm_T", f"EBM exp(f/T)/Z, T={metrics['langevin_temperature']:.3g}", "tab:orange"))
     names.append(("kde", "KDE of K-step samples", "tab:blue"))
     if d == 1:
@@ -653,9 +613,6 @@ def plot_figures(grids, samples, metrics, args, d, out):
             axes[1, j].imshow(np.maximum(log_img, log_img.max() - 12), origin="lower", extent=(-1, 1, -1, 1),
                               cmap="viridis")
             axes[1, j].set_title(f"{label}: log-density (top 12 nats)", fontsize=9)
-        for ax in axes.ravel():
-            ax.set_xticks([-1, 0, 1])
-            ax.set_yticks([-1, 0, 1])
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "density.png"), dpi=80)
@@ -678,35 +635,32 @@ def plot_figures(grids, samples, metrics, args, d, out):
     plt.close(fig)
 
 
-# ---- saving f ----
+# ---- training loop, logging, main ----
 
 def save_model(f, args, d):
     torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
                os.path.join(args.out, "model.pt"))
 
 
-# ---- training loop, logging, main ----
-
 def schedule(args, it):
-    """lr and sigma at iteration it (0-based): constant, then from --anneal-start a geometric decay
-    reaching the final fractions at --iters. Off (constant) when --anneal-start is 0 or >= --iters."""
+    """lr at iteration it (0-based): constant, then from --anneal-start a geometric decay reaching
+    ANNEAL_LR_FINAL * lr at --iters. Off (constant) when --anneal-start is 0 or >= --iters."""
     if not args.anneal_start or it < args.anneal_start or args.anneal_start >= args.iters:
-        return args.lr, args.sigma
-    progress = (it - args.anneal_start) / (args.iters - args.anneal_start)
-    return args.lr * args.anneal_lr_final ** progress, args.sigma * args.anneal_sigma_final ** progress
+        return args.lr
+    return args.lr * ANNEAL_LR_FINAL ** ((it - args.anneal_start) / (args.iters - args.anneal_start))
 
 
 def train(f, optim, data, args, device):
-    """Algorithm 1: lr and sigma of this iteration, a batch, train_step (sigma noise, p_0, K Langevin
-    steps, Adam step), a log row on log steps. Returns False if f or the samples became NaN/inf."""
+    """Algorithm 1: lr of this iteration, a batch, train_step (sigma noise, p_0, K Langevin steps, Adam
+    step), a log row on log steps. Returns False if f or the samples became NaN/inf."""
     log_path, t_start = os.path.join(args.out, "log.jsonl"), time.time()
     grad_fn = hand_gradient(f)                 # the speed path; Adam updates f's weights in place
     for it in range(1, args.iters + 1):
-        lr, sigma = schedule(args, it - 1)
+        lr = schedule(args, it - 1)
         for group in optim.param_groups:
             group["lr"] = lr
         x_data = data[torch.randint(0, len(data), (args.batch_size,), device=device)]   # (m, d)
-        x_q, f_data, f_q = train_step(f, optim, x_data, args.K, args.step_size, args.noise, sigma,
+        x_q, f_data, f_q = train_step(f, optim, x_data, args.K, args.step_size, args.noise, args.sigma,
                                       grad_fn=grad_fn)                          # (m, d), (), ()
         if it % args.log_every == 0 or it == args.iters:
             grad = grad_fn(x_q)                                                 # (m, d)
@@ -715,7 +669,7 @@ def train(f, optim, data, args, device):
                    "f_gap": f_data.item() - f_q.item(), "grad_norm": grad.norm(dim=1).mean().item(),
                    "sample_max_abs": x_q.abs().max().item(), "sample_std": x_q.std(0).mean().item(),
                    "data_std": x_data.std(0).mean().item(),            # the batch, as sample_std
-                   "lr": lr, "sigma": sigma,
+                   "lr": lr, "sigma": args.sigma,
                    "seconds": elapsed, "s_per_iter": elapsed / it}
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -747,7 +701,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for name in old_files:                         # --force: the old run goes, nothing else in --out
         os.remove(os.path.join(args.out, name))
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(THREADS)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     d, is_file = density.d, isinstance(density, FilePoints)
@@ -783,12 +737,7 @@ def main(argv=None):
         json.dump(metrics, fh, indent=2)
     if not args.no_plots:
         plot_figures(grids, samples, metrics, args, d, args.out)
-    at_T = ("" if metrics["temperature_T"] is None else f" | exp(f/T): entropy "
-            f"{metrics['entropy_ebm_T']:.3f}, temperature_T {metrics['temperature_T']:.3g}")
-    print(f"{args.density}: TV(truth, KDE) {metrics['tv']:.3f}, KL {metrics['kl']:.3f}, "
-          f"hist TV {metrics['tv_hist']:.3f} | entropy truth {metrics['entropy_truth']:.3f}, "
-          f"EBM {metrics['entropy_ebm']:.3f}, KDE {metrics['entropy_kde']:.3f} | "
-          f"temperature {metrics['temperature']:.3g}{at_T} | trained in {train_seconds:.0f} s | {args.out}",
+    print(f"{args.density}: {headline(metrics)} | trained in {train_seconds:.0f} s | {args.out}",
           file=sys.stderr)
     return 0
 

@@ -43,17 +43,24 @@ def metrics_of(out):
 @pytest.mark.parametrize("name", ["mog1d", "mog2d", "rings"])
 def test_histogram_tv_separates_exact_samples_from_uniform_noise(name):
     density = toy.make_density(name)
-    truth_bins = toy.truth_bin_masses(density, density.d)
-    assert truth_bins.sum() == pytest.approx(1.0)
+    truth_bins = toy.truth_bin_masses(density)
+    assert truth_bins.shape == (24 ** density.d,) and truth_bins.sum() == pytest.approx(1.0)
     rng = np.random.default_rng(0)
     exact = toy.sample_truth(density, 5000, rng)
     uniform = rng.uniform(-1, 1, (5000, density.d))
-    tv_exact, tv_uniform = toy.hist_tv(exact, truth_bins, density.d), toy.hist_tv(uniform, truth_bins, density.d)
-    assert tv_exact < 0.1            # the issue: ~0.07 for 5,000 exact points
-    assert tv_uniform > 0.4          # the issue: ~0.75 for uniform noise on its 2D density
+    tv_exact, tv_uniform = toy.hist_tv(exact, truth_bins), toy.hist_tv(uniform, truth_bins)
+    assert tv_exact < 0.1            # ~0.07 for 5,000 exact points
+    assert tv_uniform > 0.4          # ~0.75 for uniform noise on the 2D mixture
     assert tv_exact < tv_uniform / 4
     # samples outside the box are mass the truth does not have
-    assert toy.hist_tv(exact + 3, truth_bins, density.d) == pytest.approx(1.0)
+    assert toy.hist_tv(exact + 3, truth_bins) == pytest.approx(1.0)
+
+
+def test_histogram_cells_are_in_y_x_order_like_the_grid():
+    truth = np.zeros(24 * 24)
+    truth[0 * 24 + 18] = 1.0                 # all mass in row y = 0 ([-1, -.92)), column x = 18 ([.5, .58))
+    assert toy.hist_tv(np.array([[0.52, -0.95]]), truth) == pytest.approx(0.0)
+    assert toy.hist_tv(np.array([[-0.95, 0.52]]), truth) == pytest.approx(1.0)
 
 
 def test_exact_samples_stay_in_the_box_and_have_the_mixture_moments():
@@ -146,8 +153,7 @@ def test_metrics_against_exp_f_over_T_match_a_known_gaussian(T0):
     entropy_ebm_T = log(2 pi e T0 s^2) / 2, temperature_T = 1/T0, ebm_temperature_T = T0, and the
     exp(f) numbers keep their own meaning: entropy_ebm = log(2 pi e T0 s^2 / T) / 2, temperature = T/T0."""
     s = 0.1
-    args = toy.build_parser().parse_args(["--step-size", "5e-4", "--noise", "2e-2", "--bandwidth", "scott",
-                                          "--grid", "2000"])
+    args = toy.build_parser().parse_args(["--step-size", "5e-4", "--noise", "2e-2", "--bandwidth", "scott"])
     toy.apply_presets(args)
     T = 0.4
     assert args.noise ** 2 / (2 * args.step_size) == pytest.approx(T)
@@ -161,12 +167,12 @@ def test_metrics_against_exp_f_over_T_match_a_known_gaussian(T0):
     assert m["entropy_ebm"] == pytest.approx(0.5 * math.log(2 * math.pi * math.e * T0 * s ** 2 / T), abs=2e-3)
     assert m["temperature"] == pytest.approx(T / T0, rel=1e-6)
     assert (m["kl_truth_ebm_T"] < 1e-6) == (T0 == 1.0)          # exp(f/T) is the truth only at T0 = 1
-    assert grids["ebm_T"].sum() * 2 / 2000 == pytest.approx(1.0)
+    assert grids["cells"] == 480 and grids["ebm_T"].sum() * 2 / 480 == pytest.approx(1.0)
     assert grids["ebm_T"].max() == pytest.approx((2 * math.pi * T0 * s ** 2) ** -0.5, rel=1e-3)
 
 
 def test_without_noise_the_chain_has_no_temperature_and_the_T_metrics_are_null():
-    args = toy.build_parser().parse_args(["--noise", "0", "--bandwidth", "scott", "--grid", "200"])
+    args = toy.build_parser().parse_args(["--noise", "0", "--bandwidth", "scott"])
     toy.apply_presets(args)
     density = toy.Mixture(means=[[0.0]], stds=[0.1], weights=[1.0])
     exact = toy.sample_truth(density, 10000, np.random.default_rng(0))
@@ -176,13 +182,13 @@ def test_without_noise_the_chain_has_no_temperature_and_the_T_metrics_are_null()
 
 
 def test_annealing_is_geometric_from_anneal_start_and_off_when_it_is_zero():
-    args = toy.build_parser().parse_args(["--iters", "300", "--anneal-start", "100", "--lr", "1e-3",
-                                          "--anneal-lr-final", "0.01", "--anneal-sigma-final", "0.5"])
-    assert toy.schedule(args, 99) == (1e-3, 0.03)
-    lr, sigma = toy.schedule(args, 200)                                 # halfway through the decay
-    assert lr == pytest.approx(1e-4) and sigma == pytest.approx(0.03 * 0.5 ** 0.5)
+    args = toy.build_parser().parse_args(["--iters", "300", "--anneal-start", "100", "--lr", "1e-3"])
+    assert toy.ANNEAL_LR_FINAL == 0.1
+    assert toy.schedule(args, 99) == 1e-3
+    assert toy.schedule(args, 200) == pytest.approx(1e-3 * 0.1 ** 0.5)   # halfway through the decay
+    assert toy.schedule(args, 300) == pytest.approx(1e-4)
     args.anneal_start = 0
-    assert toy.schedule(args, 299) == (1e-3, 0.03)
+    assert toy.schedule(args, 299) == 1e-3
 
 
 def test_per_density_defaults_fill_only_the_flags_left_out():
@@ -223,9 +229,6 @@ def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, c
 
 @pytest.mark.parametrize("flags,message", [(["--K", "0"], "--K must be >= 1"),
                                            (["--density", "file:nowhere.npy"], "no such file"),
-                                           (["--bandwidth", "wide"], "--bandwidth"),
-                                           (["--lr", "fast"], "invalid float value"),
-                                           (["--seed=-1"], "--seed must be in [0, 2^63)"),
                                            (["--seed", str(2 ** 64)], "--seed must be in [0, 2^63)")])
 def test_print_config_with_a_bad_value_exits_2_like_a_run(flags, message, tmp_path, capsys, monkeypatch):
     code, out, err = print_config(flags, capsys, tmp_path, monkeypatch)
@@ -250,6 +253,7 @@ def test_hand_written_gradient_equals_autograd(act, d):
     torch.manual_seed(0)
     f = toy.EBM(d, 16, act).double()
     x = (torch.rand(64, d, dtype=torch.float64) * 2 - 1).requires_grad_(True)
+    assert f(x[:1]).shape == (1,)                                       # one number per point, at B = 1
     auto = torch.autograd.grad(f(x).sum(), x)[0]
     assert torch.allclose(toy.hand_gradient(f)(x.detach()), auto, rtol=1e-10, atol=1e-12)
     # the chain on the speed path is the chain on langevin's autograd path: same draws, same steps
@@ -333,13 +337,6 @@ def test_training_runs_the_method_blocks_train_step(tmp_path, capsys, monkeypatc
     assert len(calls) == 4 and all(callable(g) for g in calls)             # with the hand-written gradient
 
 
-def test_ebm_returns_one_number_per_point_and_sampler_leaves_parameter_grads_alone():
-    f = toy.EBM(2, 16)
-    assert f(torch.zeros(1, 2)).shape == (1,)
-    x = toy.langevin(f, toy.sample_p_0(5, 2, "cpu"), 3, 0.01, 0.005)
-    assert x.shape == (5, 2) and all(p.grad is None for p in f.parameters())
-
-
 # ---- short runs ----
 
 @pytest.mark.parametrize("name", ["mog1d", "mog2d"])
@@ -359,11 +356,10 @@ def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, c
     assert m["temperature_T"] == pytest.approx(m["temperature"] / m["langevin_temperature"], rel=1e-6)
     assert m["config"]["K"] == 50 and m["config"]["iters"] == 150 and m["config"]["density"] == name
     # measured, not assumed: 150 iterations already pull the chains away from uniform noise
-    density = toy.make_density(name)
-    truth_bins = toy.truth_bin_masses(density, d)
+    truth_bins = toy.truth_bin_masses(toy.make_density(name))
     uniform = np.random.default_rng(0).uniform(-1, 1, (10000, d))
-    assert m["tv_hist"] == pytest.approx(toy.hist_tv(samples.astype(np.float64), truth_bins, d), abs=1e-6)
-    assert m["tv_hist"] < toy.hist_tv(uniform, truth_bins, d) - 0.03
+    assert m["tv_hist"] == pytest.approx(toy.hist_tv(samples.astype(np.float64), truth_bins), abs=1e-6)
+    assert m["tv_hist"] < toy.hist_tv(uniform, truth_bins) - 0.03
     assert m["tv_hist_exact"] < 0.1 and m["tv_exact"] < m["tv"] and m["kde_bandwidth_rule"] == "scott"
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["iteration"] for r in rows] == [50, 100, 150]
@@ -411,14 +407,15 @@ def bad_files(tmp_path):
     np.save(tmp_path / "d3.npy", np.zeros((10, 3)))
     np.save(tmp_path / "outside.npy", np.array([[0.0, 0.5], [1.5, -0.2], [0.1, 0.1]]))
     np.save(tmp_path / "nan.npy", np.array([[0.0], [np.nan], [0.3]]))
+    np.save(tmp_path / "flat.npy", np.array([[0.1, 0.2], [0.3, 0.2], [0.5, 0.2]]))
     (tmp_path / "junk.npy").write_text("not an array")
     return tmp_path
 
 
 def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy_1d_2d.py"),
-           "--density", "mog1d", "--iters", "1000000", "--log-every", "1", "--device", "cpu", "--out", str(out)]
+    cmd = [sys.executable, os.path.abspath(toy.__file__), "--density", "mog1d", "--iters", "1000000",
+           "--log-every", "1", "--device", "cpu", "--out", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
     while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
@@ -448,7 +445,8 @@ def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
     (["--step-size", "0"], "--step-size"),
     (["--noise", "-1"], "--noise"),
     (["--bandwidth", "wide"], "--bandwidth"),
-    (["--anneal-lr-final", "2"], "--anneal-lr-final"),
+    (["--anneal-start", "-1"], "--anneal-start"),
+    (["--density", "file:{tmp}/flat.npy"], "not all equal"),
     (["--seed=-1"], "--seed must be in [0, 2^63)"),
     (["--device", "tpu"], "--device"),
     (["--K", "ten"], "invalid int value"),
