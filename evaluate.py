@@ -25,8 +25,10 @@ number of images, reference set, feature extractor, checkpoint, seed) and PNG fi
                 of the composite and of the full output
     ood         AUROC of f(x) on the training data's test split against other sets
 
-Images taken from a data set are a seeded random subset (--data-seed), recorded in metrics.json.
-Dual-MCMC checkpoints sample with train-mode BatchNorm by default (--bn-mode, the authors' protocol).
+Images taken from a data set are a seeded random subset (--data-seed), recorded in metrics.json;
+held-out lsun_bedroom images are training images outside the run's training subset (bedroom_val holds
+300). Dual-MCMC nets run with train-mode BatchNorm in every subcommand by default (--bn-mode, the
+authors' protocol); their captured CUDA-graph chains are opt-in (--cuda-graph).
 
 Recipes
     # FID of a short-run CIFAR-10 model, 50,000 samples, offline Inception weights
@@ -99,6 +101,10 @@ def build_parser():
       help="split of --dataset for held-out images (folders have none)")
     c("--download", action=argparse.BooleanOptionalAction, default=True,
       help="download missing data / weights")
+    c("--bn-mode", choices=("train", "eval"), default="train",
+      help="dual_mcmc nets: train (the authors' task_fid.py: BatchNorm statistics of each batch of "
+      "--batch-size, the EBM's spectral-norm power iteration running) or eval (running statistics); no "
+      "effect on short-run checkpoints (no BatchNorm)")
     s = common.add_argument_group("sampler (default: the checkpoint's training values)")
     s.add_argument("--K", type=int, default=None, help="short-run: Langevin steps of M_theta (paper 100)")
     s.add_argument("--step-size", type=float, default=None, help="short-run: step on grad f (paper 1.0)")
@@ -170,15 +176,11 @@ def build_parser():
     q = add("export", "write --n samples as PNGs and one uint8 NHWC .npz per kind for external FID tools "
             "(short-run: x; dual: x0 and x_tilde)", 50000, "samples")
     for q in (sub.choices["fid"], q):
-        q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                       help="samples on CUDA: one captured Langevin step replayed K times (short-run: "
-                       "shortrun_ebm.FastChain; dual: dual_mcmc.FastChains; the same chains as the eager "
-                       "ones); ignored on the CPU")
-    for q in (sub.choices["fid"], sub.choices["recon"], q):
-        q.add_argument("--bn-mode", choices=("train", "eval"), default="train",
-                       help="dual_mcmc BatchNorm: train (the authors' task_fid.py: statistics of each "
-                       "batch of --batch-size, spectral-norm power iteration running) or eval (running "
-                       "statistics)")
+        q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default="auto",
+                       help="samples on CUDA: one captured Langevin step replayed K times, the same chains "
+                       "as the eager ones; auto: on for short-run checkpoints (shortrun_ebm.FastChain), off "
+                       "for dual_mcmc ones (dual_mcmc.FastChains has not yet run on a GPU: opt in with "
+                       "--cuda-graph); ignored on the CPU; metrics.json's cuda_graph says whether it ran")
     q = add("ood", "AUROC of f(x): test split of the training data vs other sets (dual-MCMC Table 8)", 10000,
             "images per set")
     q.add_argument("--ood", nargs="+", default=["svhn"], help="svhn | cifar10 | cifar100 | celeba | mnist | "
@@ -505,26 +507,58 @@ def cropped_subset(name, root, size, split, download, n, seed):
     return torch.utils.data.Subset(ds, sr.subset_indices(len(ds), n, seed)), len(ds)
 
 
-def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
+def lsun_held_out(n_available, train_cfg, n, seed):
+    """Held-out LSUN images (bedroom_val holds only 300): a seeded random n (0 = all, in order) of the
+    n_available bedroom_train indices outside the training subset of train_cfg (the config of a run
+    trained on it: its --n-data picked by shortrun_ebm.subset_indices with its --data-seed; a run that
+    recorded no data seed took the first --n-data), and how many there are."""
+    taken = []
+    if train_cfg:
+        n_data, data_seed = train_cfg.get("n_data") or 0, train_cfg.get("data_seed")
+        taken = (range(min(n_data, n_available) if n_data else n_available) if data_seed is None
+                 else sr.subset_indices(n_available, n_data, data_seed))
+    free = torch.ones(n_available, dtype=torch.bool)
+    free[torch.as_tensor(list(taken), dtype=torch.long)] = False
+    perm = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))
+    perm = perm[free[perm]]                                                   # still in random order
+    return (perm[:n] if n and n < len(perm) else perm.sort().values).tolist(), len(perm)
+
+
+def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False, train_cfg=None):
     """A seeded random subset (shortrun_ebm.subset_indices) of n images (0 = all) of a named set, (n, n_c,
     size, size) in [-1, 1] on the CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the
-    Dual-MCMC authors' CelebA crop box instead of resize + centre crop (see celeba_crop)."""
+    Dual-MCMC authors' CelebA crop box instead of resize + centre crop (see celeba_crop). lsun_bedroom's
+    test split: bedroom_val holds only 300 images, so its test images are bedroom_train images outside the
+    training subset of train_cfg (the config of a checkpoint trained on it)."""
+    info = {}
     if crop:
         ds, available = cropped_subset(name, root, size, split, download, n, seed)
         try:
             x = dm.to_pixels(torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)]))
         except (OSError, ValueError) as e:
             raise sr.UsageError(f"cannot read {name} images ({type(e).__name__}: {e})") from None
-    elif name == "cifar100":  # not a training set of the scripts, only an OOD reference
+    elif name == "cifar100" or (name == "lsun_bedroom" and split == "test"):   # cifar100: an OOD set only
         T = torchvision.transforms
         tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([.5] * 3, [.5] * 3)])
+        D, lsun = torchvision.datasets, name == "lsun_bedroom"
         try:
-            ds = torchvision.datasets.CIFAR100(root, train=split == "train", download=download, transform=tf)
+            ds = (D.LSUN(root, classes=["bedroom_train"], transform=tf) if lsun else
+                  D.CIFAR100(root, train=split == "train", download=download, transform=tf))
+        except ImportError:
+            raise sr.UsageError("lsun_bedroom needs the lmdb package: pip install lmdb") from None
         except (RuntimeError, OSError) as e:
-            raise sr.UsageError(f"cifar100 not found under {root} ({str(e).splitlines()[0]}): put "
-                                f"cifar-100-python/ there or allow --download") from None
-        available = len(ds)
-        ds = torch.utils.data.Subset(ds, sr.subset_indices(available, n, seed))
+            where = "bedroom_train_lmdb/ there" if lsun else "cifar-100-python/ there or allow --download"
+            raise sr.UsageError(f"{name} not found under {root} ({str(e).splitlines()[0]}): put "
+                                f"{where}") from None
+        if lsun:
+            idx, available = lsun_held_out(len(ds), train_cfg, n, seed)
+            info["images"] = "bedroom_train minus the run's training images (bedroom_val holds only 300)"
+            if not idx:
+                raise sr.UsageError(f"lsun_bedroom: the run trained on all {len(ds)} bedroom_train images: "
+                                    "none is held out (pass --split train or --dataset folder:PATH)")
+        else:
+            idx, available = sr.subset_indices(len(ds), n, seed), len(ds)
+        ds = torch.utils.data.Subset(ds, idx)
         x = torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)])
     else:
         if name not in sr.DATASETS and not name.startswith("folder:"):
@@ -535,13 +569,13 @@ def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False):
         available = picked["n_available"]
     if len(x) == 0:
         raise sr.UsageError(f"{name} ({split}) holds no images")
-    return match_channels(x, n_c), {"data_seed": seed, "n": len(x), "n_available": available}
+    return match_channels(x, n_c), {"data_seed": seed, "n": len(x), "n_available": available, **info}
 
 
 def held_out(args, model, n):
     name, root = resolve_data(args, model)
     x, picked = load_set(name, root, model.size, n, args.download, args.split, model.n_c, args.data_seed,
-                         celeba_crop(model, name))
+                         celeba_crop(model, name), model.cfg if name == model.cfg["dataset"] else None)
     info = {"dataset": name, "split": args.split if not name.startswith("folder:") else "folder (no split)",
             **picked, "celeba_crop": celeba_crop(model, name)}
     if name.startswith("folder:") and name == model.cfg["dataset"]:
@@ -692,7 +726,7 @@ def reference_size(args, name):
 
 @contextlib.contextmanager
 def bn_mode(args, model):
-    """dual_mcmc nets in the mode --bn-mode asks for while sampling / reconstructing. train (the authors'
+    """dual_mcmc nets in the mode --bn-mode asks for, around a whole subcommand (main). train (the authors'
     task_fid.py, which never calls .eval()): BatchNorm normalises with the statistics of each batch of
     --batch-size images and the EBM's spectral norm runs its power iteration; eval: running statistics.
     Short-run checkpoints (no BatchNorm) are unaffected. The buffers train mode moves (BatchNorm running
@@ -713,16 +747,13 @@ def bn_mode(args, model):
                     v.copy_(saved[k])
 
 
-def bn_info(args, model):
-    """metrics.json entry: the BatchNorm mode and the batch its statistics come from (dual_mcmc)."""
-    if model.script != "dual_mcmc":
-        return {}
-    return {"bn_mode": args.bn_mode, "batch_size": args.batch_size}
-
-
 def uses_cuda_graph(args, model):
-    """Whether --cuda-graph (a flag of fid / export only) applies: samples on CUDA (see sample_batches)."""
-    return getattr(args, "cuda_graph", False) and model.device.type == "cuda"
+    """--cuda-graph (fid / export) resolved: samples on CUDA through the training harness's captured chains;
+    auto: on for short-run checkpoints (FastChain, measured on GPUs), off for dual_mcmc ones (FastChains,
+    not yet run on a GPU)."""
+    flag = getattr(args, "cuda_graph", False)
+    on = model.script == "shortrun_ebm" if flag == "auto" else flag
+    return bool(on) and model.device.type == "cuda"
 
 
 def sample_batches(args, model, chain, n):
@@ -744,9 +775,8 @@ def sample_batches(args, model, chain, n):
                 init_data[torch.arange(i, i + b) % len(init_data)].to(model.device), model.cfg["lowres_size"])
             yield i, {"x": run(model.f, z, chain["K"], chain["step_size"], chain["noise"])}  # as trained
         else:
-            with bn_mode(args, model):
-                x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
-                                   batch_size=b, chain=run)
+            x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
+                               batch_size=b, chain=run)
             yield i, {"x0": x0, "x_tilde": xt}
 
 
@@ -784,7 +814,7 @@ def cmd_fid(args, model, chain):
         res, extra = scores["x_tilde"], {"generator_x0": scores["x0"], "ebm_x_tilde": scores["x_tilde"]}
     for key, x in grids.items():
         save_grid(x, os.path.join(args.out, f"samples_{key}.png"), mkdir=True)
-    return {**res, "n": args.n, **extra, **bn_info(args, model),
+    return {**res, "n": args.n, **extra,
             "reference": {"dataset": resolve_data(args, model)[0], "split": "train", **ref_info},
             "feature_extractor": {"name": "torch-fidelity inception-v3-compat (TF FID Inception, pool3 "
                                   "2048 / unbiased logits)", "weights": weights},
@@ -813,7 +843,7 @@ def cmd_export(args, model, chain):
         savez_atomic(path, arr_0=np.concatenate(parts))
         written[key] = {"png_folder": os.path.join(args.out, key), "npz": path,
                         "n": sum(len(a) for a in parts)}
-    return {"n": args.n, "samples": written, **bn_info(args, model),
+    return {"n": args.n, "samples": written,
             "notes": "PNG: uint8 round((x + 1) * 127.5) of the clamped samples, the model's channels; npz: "
                      "key arr_0, uint8 (N, H, W, 3), grey images repeated to RGB (what FID tools expect). "
                      + ("short-run: x = M_theta(z), the K-step sampler with its trained noise"
@@ -897,24 +927,23 @@ def infer_z(model, chain, x):
 def recon_dual(args, model, chain, x_all, info):
     outs = {"inf": [], "inf+l": []}
     fig = None
-    with bn_mode(args, model):
-        for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
-            x = x_all[i:i + b].to(model.device)
-            z0 = z_start(model, x)                                                    # Inf
-            z_l = z_chain(model, chain, x, z0)                                        # Inf+L
-            with torch.no_grad():
-                x_inf, x_infl = model.g(z0).float(), model.g(z_l).float()
-            outs["inf"].append(x_inf.cpu())
-            outs["inf+l"].append(x_infl.cpu())
-            if i == 0:
-                k = min(8, b)
-                fig = torch.cat([x[:k].cpu(), x_inf[:k].cpu(), x_infl[:k].cpu()])
+    for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
+        x = x_all[i:i + b].to(model.device)
+        z0 = z_start(model, x)                                                    # Inf
+        z_l = z_chain(model, chain, x, z0)                                        # Inf+L
+        with torch.no_grad():
+            x_inf, x_infl = model.g(z0).float(), model.g(z_l).float()
+        outs["inf"].append(x_inf.cpu())
+        outs["inf+l"].append(x_infl.cpu())
+        if i == 0:
+            k = min(8, b)
+            fig = torch.cat([x[:k].cpu(), x_inf[:k].cpu(), x_infl[:k].cpu()])
     res = {k: quality(torch.cat(v), x_all) for k, v in outs.items()}
     save_grid(fig, os.path.join(args.out, "recon.png"), nrow=len(fig) // 3, mkdir=True)
     start = "z ~ N(0, I) (--no-inference checkpoint)" if model.cfg.get("no_inference") else "mu(x)"
     return {"mse": res["inf+l"]["mse"], "mse_init": res["inf"]["mse"], "n": len(x_all),
             "pixel_scale": "[-1, 1]", "methods": res, "test_set": info, "z0": start,
-            "posterior": chain["posterior"], **bn_info(args, model),
+            "posterior": chain["posterior"],
             "notes": f"inf: g(z0), z0 = {start}; inf+l: g(z~) after k_z z-Langevin steps from z0 on the "
                      f"{chain['posterior']} posterior; mse on [-1, 1] pixels, mse_01 = mse / 4 on [0, 1]; "
                      "psnr / ssim on [0, 1]; figure rows: data, Inf, Inf+L"}
@@ -1310,6 +1339,7 @@ def write_metrics(args, model, chain, res, seconds, argv):
                           "dataset": model.cfg.get("dataset"), "image_size": model.size, "n_c": model.n_c},
            "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
            "cuda_graph": uses_cuda_graph(args, model),
+           **({"bn_mode": args.bn_mode, "batch_size": args.batch_size} if model.g is not None else {}),
            "versions": sr.versions()}
     os.makedirs(args.out, exist_ok=True)
     sr.atomic_write_json(out, os.path.join(args.out, "metrics.json"), default=float)
@@ -1331,7 +1361,8 @@ def main(argv=None):
         model = load_model(args.ckpt, device)
         chain = sampler_settings(args, model, for_sampling=args.cmd in ("fid", "export"))
         torch.manual_seed(args.seed)
-        res = COMMANDS[args.cmd](args, model, chain)
+        with bn_mode(args, model):
+            res = COMMANDS[args.cmd](args, model, chain)
     except (sr.UsageError, dm.UsageError) as e:  # bad input, from here or from a training script's loader
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -384,16 +384,71 @@ def test_shortrun_inpaint_ood_transition_superres(sr_ckpt, data, tmp_path, capsy
                                                                ("ood", "ood_scores.png")])
 
 
-def test_dual_transition_superres_interp_ood(dual_ckpt, data, tmp_path, capsys):
+def test_every_dual_subcommand_runs_in_the_asked_batchnorm_mode(dual_ckpt, data, tmp_path, capsys):
     test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
-    for argv in (["transition", "--n", "2", "--k2-max", "4", "--k2-every", "2"],
-                 ["superres", *test, "--n", "4", "--seeds", "2", "--sizes", "8"],
-                 ["interp", *test, "--n", "2", "--n-rho", "3"],
-                 ["ood", *test, "--ood", f"folder:{data['noise']}"]):
-        code, err = run_eval([*argv, "--ckpt", dual_ckpt, "--out", tmp_path / argv[0]], capsys)
-        assert code == 0, (argv, err)
-    assert os.path.isfile(tmp_path / "interp" / "interp_recon.png")
-    assert metrics(tmp_path / "transition")["K2"] == [0, 2, 4]
+    runs = {"inpaint": ([*test, "--n", "8", "--masks", "M20", "--k-x", "2", "--k-z", "2"], "inpaint_M20.png"),
+            "interp": ([*test, "--n", "2", "--n-rho", "3"], "interp_generator.png"),
+            "transition": (["--n", "2", "--k2-max", "4", "--k2-every", "2"], "transition.png"),
+            "superres": ([*test, "--n", "4", "--seeds", "2", "--sizes", "8"], None),        # f only: no BatchNorm
+            "ood": ([*test, "--ood", f"folder:{data['noise']}"], None)}
+    for cmd, (flags, png) in runs.items():
+        images = {}
+        for mode in ("default", "eval"):
+            out = tmp_path / f"{cmd}_{mode}"
+            code, err = run_eval([cmd, "--ckpt", dual_ckpt, *flags, *(["--bn-mode", mode] if mode == "eval" else []),
+                                  "--out", out], capsys)
+            assert code == 0, (cmd, err)
+            m = metrics(out)
+            assert m["bn_mode"] == ("train" if mode == "default" else "eval") and m["batch_size"] == 100, cmd
+            images[mode] = np.asarray(Image.open(out / png)) if png else None
+        if png:                              # the generator's batch statistics against its running ones
+            assert not np.array_equal(images["default"], images["eval"]), cmd
+    assert os.path.isfile(tmp_path / "interp_eval" / "interp_recon.png")
+    assert metrics(tmp_path / "transition_eval")["K2"] == [0, 2, 4]
+
+
+def test_cuda_graph_is_on_by_default_for_short_run_and_opt_in_for_dual_checkpoints(capsys):
+    parse = lambda cmd, *a: ev.build_parser().parse_args([cmd, "--ckpt", "c", "--out", "o", *a])
+    model = lambda script, device: argparse.Namespace(script=script, device=torch.device(device))
+    auto, on, off = parse("fid"), parse("export", "--cuda-graph"), parse("fid", "--no-cuda-graph")
+    for script, default in (("shortrun_ebm", True), ("dual_mcmc", False)):
+        assert ev.uses_cuda_graph(auto, model(script, "cuda")) is default
+        assert ev.uses_cuda_graph(on, model(script, "cuda")) and not ev.uses_cuda_graph(off, model(script, "cuda"))
+        assert not any(ev.uses_cuda_graph(a, model(script, "cpu")) for a in (auto, on, off))
+    assert not ev.uses_cuda_graph(parse("recon"), model("shortrun_ebm", "cuda"))      # no sampling there
+    with pytest.raises(SystemExit):
+        ev.main(["export", "--help"])
+    assert "off for dual_mcmc ones" in " ".join(capsys.readouterr().out.split())
+
+
+def test_lsun_held_out_images_are_training_images_outside_the_runs_subset(sr_ckpt, tmp_path, monkeypatch):
+    class FakeLSUN(torch.utils.data.Dataset):     # image i is grey level i; bedroom_val is the small one
+        def __init__(self, root, classes, transform):
+            self.n, self.tf = {"bedroom_train": 40, "bedroom_val": 3}[classes[0]], transform
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return self.tf(Image.new("RGB", (40, 32), (i, i, i))), 0
+    monkeypatch.setattr(ev.torchvision.datasets, "LSUN", FakeLSUN)
+    model = ev.load_model(sr_ckpt, "cpu")
+    model.cfg.update(dataset="lsun_bedroom", n_data=25, data_seed=2)
+    args = argparse.Namespace(dataset=None, data_root=str(tmp_path), download=False, split="test", data_seed=1)
+    ids = lambda x: [round(v) for v in ((x[:, 0, 0, 0] + 1) * 127.5).tolist()]
+    x, info = ev.held_out(args, model, 100)
+    trained = set(sr.subset_indices(40, 25, 2))
+    assert info["n"] == info["n_available"] == 15 and sorted(ids(x)) == sorted(set(range(40)) - trained)
+    x5, info5 = ev.held_out(args, model, 5)                        # a seeded random 5 of those 15
+    assert info5["n"] == 5 and set(ids(x5)) < set(ids(x)) and ids(x5) != sorted(ids(x))[:5]
+    assert ids(ev.held_out(args, model, 5)[0]) == ids(x5)
+    model.cfg["data_seed"] = None                                  # a run that took the first 25
+    assert sorted(ids(ev.held_out(args, model, 0)[0])) == list(range(25, 40))
+    args.dataset, model.cfg["dataset"] = "lsun_bedroom", "cifar10"     # not its training set: all 40
+    assert ev.held_out(args, model, 0)[1]["n_available"] == 40
+    model.cfg.update(dataset="lsun_bedroom", n_data=0)                 # trained on all: nothing held out
+    with pytest.raises(sr.UsageError, match="none is held out"):
+        ev.held_out(args, model, 10)
 
 
 # ---- recon optimizer (issue 10 item 4) ----
