@@ -177,11 +177,10 @@ def validate(args):
     for name, v in {"--lr": args.lr, "--step-size": args.step_size}.items():
         if not (math.isfinite(v) and v > 0):
             raise UsageError(f"{name} must be a positive finite number (got {v})")
-    for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
+    for name, v in {"--sigma": args.sigma, "--noise": args.noise,
+                    "--anneal-start": args.anneal_start}.items():
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"{name} must be >= 0 (got {v})")
-    if args.anneal_start < 0:
-        raise UsageError(f"--anneal-start must be >= 0 (got {args.anneal_start})")
     if not 0 <= args.seed < 2 ** 63:                 # numpy refuses a negative seed, torch one past 2^64
         raise UsageError(f"--seed must be in [0, 2^63) (got {args.seed})")
     try:
@@ -520,39 +519,36 @@ def hist_tv(samples, truth_bins, bins=HIST_BINS):
 
 def evaluate(f, density, samples, args, device, exact=None):
     """Everything metrics.json reports, plus the grids the figures draw."""
-    d = density.d
-    cells = GRID_CELLS[d]
+    d, cells = density.d, GRID_CELLS[density.d]
     axis, pts, vol = make_grid(d, cells)
     with torch.no_grad():
         f_grid = f(torch.as_tensor(pts, dtype=torch.float32, device=device)).double().cpu().numpy()
-    h = bandwidth(samples, args.bandwidth)
-    p_truth = normalise_log(density.log_prob(pts))
-    p_ebm = normalise_log(f_grid)
-    kde_raw = kde(samples, pts, h)
-    p_kde = kde_raw / kde_raw.sum()
+    p_truth, p_ebm = normalise_log(density.log_prob(pts)), normalise_log(f_grid)
+    truth_bins = truth_bin_masses(density)
+
+    def kde_scores(x):      # the KDE of points x (n, d) on the grid (cell masses) against the truth
+        h = bandwidth(x, args.bandwidth)
+        q = kde(x, pts, h)
+        q = q / q.sum()
+        return q, h, {"tv": tv(p_truth, q), "kl": kl(p_truth, q), "tv_hist": hist_tv(x, truth_bins),
+                      "entropy_kde": entropy(q, vol)}
+    p_kde, h, scores = kde_scores(samples)
     t = fit_temperature(p_truth, f_grid)
     T = args.noise ** 2 / (2 * args.step_size)       # the chain's temperature: it targets exp(f / T)
-    truth_bins = truth_bin_masses(density)
-    m = {"tv": tv(p_truth, p_kde), "kl": kl(p_truth, p_kde), "tv_hist": hist_tv(samples, truth_bins),
-         "entropy_truth": entropy(p_truth, vol), "entropy_ebm": entropy(p_ebm, vol),
-         "entropy_kde": entropy(p_kde, vol),
+    m = {**scores, "entropy_truth": entropy(p_truth, vol), "entropy_ebm": entropy(p_ebm, vol),
          "temperature": t, "ebm_temperature": 1.0 / t,
          "tv_truth_ebm": tv(p_truth, p_ebm), "kl_truth_ebm": kl(p_truth, p_ebm),
          "kl_truth_ebm_at_temperature": kl(p_truth, normalise_log(f_grid / t)),
          **dict.fromkeys(("entropy_ebm_T", "temperature_T", "ebm_temperature_T", "tv_truth_ebm_T",
                           "kl_truth_ebm_T")),                  # null at noise 0: no temperature, no density
          "kde_bandwidth": h.tolist(), "kde_bandwidth_rule": args.bandwidth,
-         "kde_mass_in_box": float(kde_raw.sum() * vol),
          "frac_outside_box": float(np.mean(np.any(np.abs(samples) > 1, 1))),
          "n_samples": len(samples), "grid_cells_per_axis": cells, "hist_bins_per_axis": HIST_BINS,
          "langevin_temperature": T,
          "truth": ("exact density" if exact is not None else
                    f"KDE of the {len(density.points)} points in {density.path} (no true density for a file)")}
     if exact is not None:   # the floor: the same numbers for exact samples of the truth
-        k_ex = kde(exact, pts, bandwidth(exact, args.bandwidth))
-        k_ex = k_ex / k_ex.sum()
-        m.update(tv_exact=tv(p_truth, k_ex), kl_exact=kl(p_truth, k_ex),
-                 entropy_kde_exact=entropy(k_ex, vol), tv_hist_exact=hist_tv(exact, truth_bins))
+        m.update({key + "_exact": v for key, v in kde_scores(exact)[2].items()})
     grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
     if T > 0:               # exp(f/T): the KL-best temperature against it is t / T exactly, no second fit
         p_ebm_T = normalise_log(f_grid / T)
@@ -574,7 +570,9 @@ def headline(m):
             f"temperature {m['temperature']:.3g}{at_T}")
 
 
-def plot_figures(grids, samples, metrics, args, d, out):
+def plot_figures(grids, samples, metrics, args):
+    """density.png: truth, exp(f), exp(f/T) and the KDE by density and log-density (1D curves, 2D
+    images); samples.png: the K-step samples."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -583,8 +581,7 @@ def plot_figures(grids, samples, metrics, args, d, out):
         print(f"{PROG}: matplotlib is missing (pip install matplotlib); no figures written "
               "(pass --no-plots to silence this)", file=sys.stderr)
         return
-    title = (f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, {args.iters} its\n"
-             + headline(metrics))
+    d, log = samples.shape[1], lambda q: np.log(np.maximum(q, 1e-300))
     names = [("truth", "truth", "k"), ("ebm", "EBM exp(f)/Z", "tab:red")]
     if "ebm_T" in grids:                     # the chain's target exp(f / T), T = noise^2 / (2 step_size)
         names.append(("ebm_T", f"EBM exp(f/T)/Z, T={metrics['langevin_temperature']:.3g}", "tab:orange"))
@@ -593,31 +590,25 @@ def plot_figures(grids, samples, metrics, args, d, out):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for key, label, color in names:
             axes[0].plot(grids["axis"], grids[key], color=color, label=label, lw=1.6)
-            axes[1].plot(grids["axis"], np.log(np.maximum(grids[key], 1e-300)), color=color, label=label,
-                         lw=1.6)
-        axes[0].set_title("density")
-        axes[1].set_title("log-density")
+            axes[1].plot(grids["axis"], log(grids[key]), color=color, label=label, lw=1.6)
         top = np.log(max(grids[k].max() for k, _, _ in names))
-        axes[1].set_ylim(top - 15, top + 1)
+        axes[0].set_title("density")
+        axes[1].set(title="log-density", ylim=(top - 15, top + 1))
         for ax in axes:
             ax.set_xlim(-1, 1)
             ax.legend(fontsize=8)
     else:
         fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 8.2))
-        c = grids["cells"]
         for j, (key, label, _) in enumerate(names):
-            img = grids[key].reshape(c, c)                                      # rows = y
-            axes[0, j].imshow(img, origin="lower", extent=(-1, 1, -1, 1), cmap="viridis")
-            axes[0, j].set_title(f"{label}: density", fontsize=9)
-            log_img = np.log(np.maximum(img, 1e-300))
-            axes[1, j].imshow(np.maximum(log_img, log_img.max() - 12), origin="lower", extent=(-1, 1, -1, 1),
-                              cmap="viridis")
-            axes[1, j].set_title(f"{label}: log-density (top 12 nats)", fontsize=9)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "density.png"), dpi=80)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 5) if d == 2 else (6, 3.5))
+            img = grids[key].reshape(grids["cells"], grids["cells"])           # rows = y
+            floor = log(img).max() - 12
+            for ax, shown, what in ((axes[0, j], img, "density"),
+                                    (axes[1, j], np.maximum(log(img), floor), "log-density (top 12 nats)")):
+                ax.imshow(shown, origin="lower", extent=(-1, 1, -1, 1), cmap="viridis")
+                ax.set_title(f"{label}: {what}", fontsize=9)
+    fig.suptitle(f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, "
+                 f"{args.iters} its\n{headline(metrics)}", fontsize=8)
+    fig_s, ax = plt.subplots(figsize=(6, 3.5) if d == 1 else (5, 5))
     if d == 1:
         ax.hist(samples[:, 0], bins=120, range=(-1, 1), density=True, color="tab:blue", alpha=0.6,
                 label="samples")
@@ -625,14 +616,14 @@ def plot_figures(grids, samples, metrics, args, d, out):
         ax.legend(fontsize=8)
     else:
         ax.scatter(samples[:5000, 0], samples[:5000, 1], s=1, alpha=0.4)
-        ax.set_ylim(-1, 1)
-        ax.set_aspect("equal")
+        ax.set(ylim=(-1, 1), aspect="equal")
     ax.set_xlim(-1, 1)
-    shown = len(samples) if d == 1 else min(5000, len(samples))
-    ax.set_title(f"{shown} K-step samples ({args.density})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "samples.png"), dpi=80)
-    plt.close(fig)
+    ax.set_title(f"{len(samples) if d == 1 else min(5000, len(samples))} K-step samples ({args.density})",
+                 fontsize=9)
+    for figure, name in ((fig, "density.png"), (fig_s, "samples.png")):
+        figure.tight_layout()
+        figure.savefig(os.path.join(args.out, name), dpi=80)
+        plt.close(figure)
 
 
 # ---- training loop, logging, main ----
@@ -736,7 +727,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2)
     if not args.no_plots:
-        plot_figures(grids, samples, metrics, args, d, args.out)
+        plot_figures(grids, samples, metrics, args)
     print(f"{args.density}: {headline(metrics)} | trained in {train_seconds:.0f} s | {args.out}",
           file=sys.stderr)
     return 0

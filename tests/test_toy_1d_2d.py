@@ -4,6 +4,7 @@ CPU only, no network. The full-length check (default flags: histogram TV <= 0.15
 than the truth, for mog1d, mog2d and rings) is marked slow: `pytest -m slow tests/test_toy_1d_2d.py`.
 """
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import toy_1d_2d as toy
 # short runs: bigger Langevin steps learn faster; Scott's bandwidth skips the cross-validation
 SHORT = ["--iters", "150", "--log-every", "50", "--device", "cpu", "--no-plots", "--step-size", "1e-3",
          "--bandwidth", "scott"]
+TINY = ["--iters", "4", "--log-every", "2", "--device", "cpu", "--no-plots", "--bandwidth", "scott"]
 
 
 def run_main(argv, capsys=None):
@@ -331,8 +333,7 @@ def test_training_runs_the_method_blocks_train_step(tmp_path, capsys, monkeypatc
         calls.append(k.get("grad_fn"))
         return real(*a, **k)
     monkeypatch.setattr(toy, "train_step", counting)
-    code, err = run_main(["--density", "mog1d", "--out", tmp_path / "run", "--iters", "4", "--log-every", "2",
-                          "--device", "cpu", "--no-plots", "--bandwidth", "scott"], capsys)
+    code, err = run_main(["--density", "mog1d", "--out", tmp_path / "run"] + TINY, capsys)
     assert code == 0, err
     assert len(calls) == 4 and all(callable(g) for g in calls)             # with the hand-written gradient
 
@@ -342,9 +343,12 @@ def test_training_runs_the_method_blocks_train_step(tmp_path, capsys, monkeypatc
 @pytest.mark.parametrize("name", ["mog1d", "mog2d"])
 def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run_main(["--density", name, "--out", out] + SHORT, capsys)
+    plots = importlib.util.find_spec("matplotlib") is not None         # figures, or one line saying why not
+    code, err = run_main(["--density", name, "--out", out] + [a for a in SHORT if a != "--no-plots"], capsys)
     assert code == 0, err
-    assert "ETA" in err and "it 150/150" in err
+    assert "ETA" in err and "it 150/150" in err and ("matplotlib is missing" in err) != plots
+    for png in ("density.png", "samples.png"):
+        assert (out / png).exists() == plots and (not plots or (out / png).stat().st_size > 10000)
     samples = np.load(out / "samples.npy")
     d = 1 if name == "mog1d" else 2
     assert samples.shape == (10000, d) and np.all(np.isfinite(samples))
@@ -366,22 +370,11 @@ def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, c
     assert {"f_data", "f_sample", "grad_norm", "seconds"} <= set(rows[0])
 
 
-def test_figures_are_written(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    for name in ("mog1d", "mog2d"):
-        out = tmp_path / name
-        code, err = run_main(["--density", name, "--out", out, "--iters", "5", "--device", "cpu",
-                              "--bandwidth", "scott"], capsys)
-        assert code == 0, err
-        for png in ("density.png", "samples.png"):
-            assert (out / png).stat().st_size > 10000
-
-
 def test_a_file_density_round_trips(tmp_path, capsys):
     """Exact mog2d samples saved to a file: the file's KDE truth is close to the exact density,
     and a run on the file learns 2D points and says its truth is a KDE."""
     density = toy.make_density("mog2d")
-    pts = toy.sample_truth(density, 20000, np.random.default_rng(3))
+    pts = toy.sample_truth(density, 10000, np.random.default_rng(3))
     path = tmp_path / "points.npy"
     np.save(path, pts.astype(np.float32))
     fd = toy.make_density(f"file:{path}", "cv")                        # the KDE truth's bandwidth rule
@@ -466,13 +459,13 @@ def test_an_existing_run_is_refused_and_force_replaces_it(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "metrics.json").write_text("{}")
-    code, err = run_main(["--density", "mog1d", "--out", out] + SHORT, capsys)
+    code, err = run_main(["--density", "mog1d", "--out", out] + TINY, capsys)
     assert code == 2 and "--force" in err and (out / "metrics.json").read_text() == "{}"
-    code, err = run_main(["--density", "mog1d", "--out", out, "--force"] + SHORT, capsys)
+    code, err = run_main(["--density", "mog1d", "--out", out, "--force"] + TINY, capsys)
     assert code == 0, err
     assert metrics_of(out)["config"]["density"] == "mog1d"
     assert (out / "notes.txt").read_text() == "mine"              # only the old run's files go
-    assert len(open(out / "log.jsonl").readlines()) == 3
+    assert len(open(out / "log.jsonl").readlines()) == 2
 
 
 # ---- the paper's finding at default flags (minutes) ----
