@@ -654,10 +654,9 @@ def train(f, optim, data, args, device):
         x_q, f_data, f_q = train_step(f, optim, x_data, args.K, args.step_size, args.noise, args.sigma,
                                       grad_fn=grad_fn)                          # (m, d), (), ()
         if it % args.log_every == 0 or it == args.iters:
-            grad = grad_fn(x_q)                                                 # (m, d)
             elapsed = time.time() - t_start
             row = {"iteration": it, "f_data": f_data.item(), "f_sample": f_q.item(),
-                   "f_gap": f_data.item() - f_q.item(), "grad_norm": grad.norm(dim=1).mean().item(),
+                   "f_gap": f_data.item() - f_q.item(), "grad_norm": grad_fn(x_q).norm(dim=1).mean().item(),
                    "sample_max_abs": x_q.abs().max().item(), "sample_std": x_q.std(0).mean().item(),
                    "data_std": x_data.std(0).mean().item(),            # the batch, as sample_std
                    "lr": lr, "sigma": args.sigma,
@@ -694,9 +693,9 @@ def main(argv=None):
         os.remove(os.path.join(args.out, name))
     torch.set_num_threads(THREADS)
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     d, is_file = density.d, isinstance(density, FilePoints)
-    points = density.points if is_file else sample_truth(density, args.n_data, rng)     # (N, d)
+    points = (density.points if is_file else                                    # (N, d)
+              sample_truth(density, args.n_data, np.random.default_rng(args.seed)))
     data = torch.as_tensor(points, dtype=torch.float32, device=device)
     f = EBM(d, args.hidden, args.act).to(device)
     optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
