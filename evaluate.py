@@ -650,21 +650,11 @@ def inception_batch(net, x, device):
     return f2048.double().cpu(), lg.double().cpu()
 
 
-def inception_features(net, images_fn, n, batch_size, device, desc):
-    """Pool-3 features (n, 2048) and unbiased logits (n, 1008) of n images from images_fn(i, b)."""
-    feats, logits = [], []
-    for i, b in progress(batches(n, batch_size), desc):
-        f2048, lg = inception_batch(net, images_fn(i, b), device)
-        feats.append(f2048)
-        logits.append(lg)
-    return torch.cat(feats), torch.cat(logits)
-
-
 def reference_stats(args, model, net, weights, device):
     """mu, sigma (and up to --kid-ref features for KID) of the training set, cached as .npz; and
     {"n", "n_available", "data_seed", "stats"} for metrics.json."""
     name, root = resolve_data(args, model)
-    n_ref = reference_size(args, name)
+    n_ref = args.n_ref if args.n_ref is not None else 0 if name == "celeba" else 50000   # see --n-ref
     with open(weights, "rb") as fh:
         tag = hashlib.sha256(fh.read()).hexdigest()[:8]
     crop = celeba_crop(model, name)
@@ -675,11 +665,9 @@ def reference_stats(args, model, net, weights, device):
         try:
             z = np.load(path)
             if str(z["weights_sha"]) == tag and int(z["image_size"]) == model.size:
-                info = {"n": int(z["n"]),
-                        "n_available": int(z["n_available"]) if "n_available" in z else None,
-                        "data_seed": int(z["data_seed"]) if "data_seed" in z else None, "stats": path,
-                        "celeba_crop": crop}
-                return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), info
+                info = {k: int(z[k]) for k in ("n", "n_available", "data_seed")}
+                return z["mu"], z["sigma"], torch.from_numpy(z["feats_kid"]), {**info, "stats": path,
+                                                                                "celeba_crop": crop}
         except Exception as e:  # not an .npz, or one without our keys
             raise sr.UsageError(f"{path} is not a reference-statistics cache of {PROG} ({type(e).__name__}): "
                                 f"delete it or pass another --stats") from None
@@ -694,7 +682,8 @@ def reference_stats(args, model, net, weights, device):
         x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed)
         images = lambda i, b: x[i:i + b]
     try:
-        feats, _ = inception_features(net, images, picked["n"], args.batch_size, device, "reference")
+        feats = torch.cat([inception_batch(net, images(i, b), device)[0]                 # (n, 2048)
+                           for i, b in progress(batches(picked["n"], args.batch_size), "reference")])
     except (OSError, ValueError) as e:                                            # an unreadable image
         raise sr.UsageError(f"cannot read {name} images ({type(e).__name__}: "
                             f"{str(e).splitlines()[-1]})") from None
@@ -714,14 +703,6 @@ def savez_atomic(path, **arrays):
         with open(tmp, "wb") as fh:                    # a file object: np.savez adds no ".npz" to it
             np.savez(fh, **arrays)
     sr.atomic_write(path, write)
-
-
-def reference_size(args, name):
-    """--n-ref, or its default: the whole training split for celeba (162,770 images, as FID on CelebA-64
-    is usually computed, and as the Dual-MCMC authors do), else 50,000 (all of CIFAR-10's)."""
-    if args.n_ref is not None:
-        return args.n_ref
-    return 0 if name == "celeba" else 50000
 
 
 @contextlib.contextmanager
@@ -803,17 +784,14 @@ def cmd_fid(args, model, chain):
         for key, x in xs.items():
             if i == 0:
                 grids[key] = x[:64].cpu()
-            f2048, lg = inception_batch(net, x, device)
-            feats.setdefault(key, ([], []))
-            feats[key][0].append(f2048)
-            feats[key][1].append(lg)
-    scores = {k: score(torch.cat(a), torch.cat(b)) for k, (a, b) in feats.items()}
+            feats.setdefault(key, []).append(inception_batch(net, x, device))
+    scores = {k: score(*(torch.cat(t) for t in zip(*v))) for k, v in feats.items()}
     if model.script == "shortrun_ebm":
         res, extra = scores["x"], {}
     else:
         res, extra = scores["x_tilde"], {"generator_x0": scores["x0"], "ebm_x_tilde": scores["x_tilde"]}
     for key, x in grids.items():
-        save_grid(x, os.path.join(args.out, f"samples_{key}.png"), mkdir=True)
+        save_grid(x, os.path.join(args.out, f"samples_{key}.png"))
     return {**res, "n": args.n, **extra,
             "reference": {"dataset": resolve_data(args, model)[0], "split": "train", **ref_info},
             "feature_extractor": {"name": "torch-fidelity inception-v3-compat (TF FID Inception, pool3 "
@@ -874,14 +852,11 @@ def cmd_recon(args, model, chain):
     curve = (curve_sum / len(x_all)).tolist()
     # figure: one row per image: the target, then M_theta(z_t) for t = 0 .. T (paper Figure 4)
     grid = torch.stack(rows, 1).flatten(0, 1)                                         # (k*(1+F), C, S, S)
-    save_grid(grid, os.path.join(args.out, "recon_trajectory.png"), nrow=len(rows), mkdir=True)
-    plot_curve(curve, "gradient step t on z", "per-pixel MSE ([-1, 1] scale)",
-               os.path.join(args.out, "recon_curve.png"))
-    return {"mse": q["mse"], "mse_init": mse_init.mean().item(), "mse_z0": mse_z0.mean().item(),
-            "n": len(x_all),
-            "pixel_scale": "[-1, 1]", "mse_01": q["mse_01"],
-            "mse_init_01": mse_init.mean().item() / 4, "psnr": q["psnr"], "ssim": q["ssim"],
-            "mse_curve": curve,
+    save_grid(grid, os.path.join(args.out, "recon_trajectory.png"), nrow=len(rows))
+    plot(os.path.join(args.out, "recon_curve.png"), lambda ax: ax.plot(curve), "gradient step t on z",
+         "per-pixel MSE ([-1, 1] scale)")
+    return {**q, "mse_init": mse_init.mean().item(), "mse_z0": mse_z0.mean().item(), "n": len(x_all),
+            "pixel_scale": "[-1, 1]", "mse_init_01": mse_init.mean().item() / 4, "mse_curve": curve,
             "figure_steps": frame_steps, "test_set": info,
             "method": {**opt, "z_descent": describe_descent(opt),
                        "z0": "p_0 = uniform on [-1, 1]", "M_theta": "K Langevin steps, noise off"},
@@ -918,12 +893,6 @@ def z_start(model, x):
         return model.encoder(x)[0]
 
 
-def infer_z(model, chain, x):
-    """dual_mcmc inference (Inf+L): k_z z-Langevin steps from z_start (mu(x); N(0, I) without an inference
-    model)."""
-    return z_chain(model, chain, x, z_start(model, x))
-
-
 def recon_dual(args, model, chain, x_all, info):
     outs = {"inf": [], "inf+l": []}
     fig = None
@@ -939,7 +908,7 @@ def recon_dual(args, model, chain, x_all, info):
             k = min(8, b)
             fig = torch.cat([x[:k].cpu(), x_inf[:k].cpu(), x_infl[:k].cpu()])
     res = {k: quality(torch.cat(v), x_all) for k, v in outs.items()}
-    save_grid(fig, os.path.join(args.out, "recon.png"), nrow=len(fig) // 3, mkdir=True)
+    save_grid(fig, os.path.join(args.out, "recon.png"), nrow=len(fig) // 3)
     start = "z ~ N(0, I) (--no-inference checkpoint)" if model.cfg.get("no_inference") else "mu(x)"
     return {"mse": res["inf+l"]["mse"], "mse_init": res["inf"]["mse"], "n": len(x_all),
             "pixel_scale": "[-1, 1]", "methods": res, "test_set": info, "z0": start,
@@ -965,10 +934,8 @@ def cmd_interp(args, model, chain):
     if model.script == "shortrun_ebm":
         z1, z2 = draw_p0(model, args.n, gen), draw_p0(model, args.n, gen)                      # (n, C, S, S)
         x = interpolate(model, chain, z1, z2, rho, args.batch_size)                          # (n, R, C, S, S)
-        ends = torch.cat([M_theta(model, chain, z1), M_theta(model, chain, z2)])
-        err = max((x[:, 0] - ends[:args.n]).abs().max().item(), (x[:, -1] - ends[args.n:]).abs().max().item())
-        save_grid(x.flatten(0, 1), os.path.join(args.out, "interp.png"), nrow=args.n_rho, mkdir=True)
-        return {"rho": rho.tolist(), "n_pairs": args.n, "endpoint_max_abs_diff": err,
+        save_grid(x.flatten(0, 1), os.path.join(args.out, "interp.png"), nrow=args.n_rho)
+        return {"rho": rho.tolist(), "n_pairs": args.n,
                 "formula": "z_rho = rho z1 + sqrt(1 - rho^2) z2, x_rho = M_theta(z_rho), noise off",
                 "notes": "rows: pairs; columns: rho from 1 (M(z1)) to 0 (M(z2))"}
     # dual: linear latent interpolation, for synthesis and for two reconstructed test images
@@ -983,11 +950,11 @@ def cmd_interp(args, model, chain):
         raise sr.UsageError("interp needs at least two held-out images")
     n_pairs = len(x_test) // 2
     xa, xb = x_test[:n_pairs].to(model.device), x_test[n_pairs:2 * n_pairs].to(model.device)
-    za, zb = infer_z(model, chain, xa), infer_z(model, chain, xb)
+    za, zb = (z_chain(model, chain, v, z_start(model, v)) for v in (xa, xb))      # Inf+L
     with torch.no_grad():
         x_rec = model.g(lerp(za, zb)).float().view(n_pairs, args.n_rho, model.n_c, model.size, model.size)
     rec_rows = torch.cat([xa[:, None].cpu(), x_rec.cpu(), xb[:, None].cpu()], 1).flatten(0, 1)
-    save_grid(x_gen, os.path.join(args.out, "interp_generator.png"), nrow=args.n_rho, mkdir=True)
+    save_grid(x_gen, os.path.join(args.out, "interp_generator.png"), nrow=args.n_rho)
     save_grid(x_ebm, os.path.join(args.out, "interp_ebm.png"), nrow=args.n_rho)
     save_grid(rec_rows, os.path.join(args.out, "interp_recon.png"), nrow=args.n_rho + 2)
     return {"t": t.flatten().tolist(), "n_pairs": args.n, "n_recon_pairs": n_pairs, "test_set": info,
@@ -1016,9 +983,9 @@ def cmd_transition(args, model, chain):
         stats.append({"K2": k2, "f_mean": fx.mean().item(), "pixel_std": x.std().item(),
                       "max_abs": x.abs().max().item(), "frac_saturated": (x.abs() > 1).float().mean().item()})
     grid = torch.stack(frames, 1).flatten(0, 1)                                    # rows: chains, columns: K2
-    save_grid(grid, os.path.join(args.out, "transition.png"), nrow=len(k2s), mkdir=True)
-    plot_curve([r["f_mean"] for r in stats], "K2", "mean f(x_K2)", os.path.join(args.out, "transition_f.png"),
-               x=k2s)
+    save_grid(grid, os.path.join(args.out, "transition.png"), nrow=len(k2s))
+    plot(os.path.join(args.out, "transition_f.png"), lambda ax: ax.plot(k2s, [r["f_mean"] for r in stats]),
+         "K2", "mean f(x_K2)")
     return {"K2": k2s, "trained_K": trained, "per_K2": stats, "n_chains": args.n,
             "init": "p_0 (uniform)" if model.script == "shortrun_ebm" else "x0 = g(z), z ~ N(0, I)",
             "notes": "one row per chain, columns K2 = 0, every, ..., max; frac_saturated: pixels with "
@@ -1058,14 +1025,11 @@ def cmd_superres(args, model, chain):
                                    for i, b in batches(len(x), args.batch_size)]))
         per_seed = [quality(o, x) for o in outs]
         spread = torch.stack(outs).std(0).mean().item() if len(outs) > 1 else 0.0
-        res[f"{size}x{size}"] = {"mse": float(np.mean([q["mse"] for q in per_seed])),
-                                 "psnr": float(np.mean([q["psnr"] for q in per_seed])),
-                                 "ssim": float(np.mean([q["ssim"] for q in per_seed])),
-                                 "mse_seed_std": float(np.std([q["mse"] for q in per_seed])),
-                                 "pixel_std_across_seeds": spread,
-                                 "lowres_input": quality(x_low, x)}
+        res[f"{size}x{size}"] = {k: float(np.mean([q[k] for q in per_seed])) for k in ("mse", "psnr", "ssim")}
+        res[f"{size}x{size}"].update(mse_seed_std=float(np.std([q["mse"] for q in per_seed])),
+                                     pixel_std_across_seeds=spread, lowres_input=quality(x_low, x))
         rows += [x[:k], x_low[:k]] + [o[:k] for o in outs]
-    save_grid(torch.cat([r.cpu() for r in rows]), os.path.join(args.out, "superres.png"), nrow=k, mkdir=True)
+    save_grid(torch.cat([r.cpu() for r in rows]), os.path.join(args.out, "superres.png"), nrow=k)
     return {"per_size": res, "sizes": sizes, "seeds": args.seeds, "init_noise": args.init_noise,
             "test_set": info, "trained_lowres_size": trained,
             "chain": "K Langevin steps on f (trained noise) from the low-res image blown up (nearest) plus "
@@ -1163,13 +1127,13 @@ def cmd_bpd(args, model, chain):
                                                     for k in range(1, args.dequant_draws + 1)]))
         rows.append(r)
     bpd = [r["bits_per_dim"] for r in rows]
-    plot_curve(bpd, "image", "bits/dim", os.path.join(args.out, "bpd.png"), marker="o")
+    plot(os.path.join(args.out, "bpd.png"), lambda ax: ax.plot(bpd, marker="o"), "image", "bits/dim")
     res = {"bits_per_dim": float(np.mean(bpd)), "bits_per_dim_std": float(np.std(bpd)), "n": n, "dim": d,
            "mean_log_det": float(np.mean([r["log_det"] for r in rows])),
            "mean_recon_mse": float(np.mean([r["recon_mse"] for r in rows])), "per_image": rows,
            "test_set": info,
            "dequant_draws": args.dequant_draws, "bin_width": BIN,
-           "method": {"z": describe_descent(opt), **opt,
+           "method": {"z_descent": describe_descent(opt), **opt,
                       "jacobian": "exact, reverse mode through the K steps", "dtype": args.dtype},
            "notes": "log p(x) = log p_0(z) - log|det dM/dz| at z reconstructed from x (recon_mse says how "
                     "close M(z) is to x), p_0 uniform on [-1, 1]^D; bits = -(log p + D log(2/255)) / "
@@ -1250,7 +1214,7 @@ def cmd_inpaint(args, model, chain):
             for metric, fn, img in (("psnr", psnr, v), ("ssim", ssim, v), ("psnr_full", psnr, full),
                                     ("ssim_full", ssim, full)):
                 table[metric].setdefault(name, {})[key] = fn(img, x_all).mean().item()
-        save_grid(torch.cat(fig), os.path.join(args.out, f"inpaint_{name}.png"), nrow=len(fig[0]), mkdir=True)
+        save_grid(torch.cat(fig), os.path.join(args.out, f"inpaint_{name}.png"), nrow=len(fig[0]))
     methods = list(table["psnr"][args.masks[0]])
     rec = {"z_descent": {**opt, "how": describe_descent(opt)}} if model.script == "shortrun_ebm" else {}
     return {**table, "masks": mask_info, "methods": methods, "n": len(x_all), **rec,
@@ -1282,7 +1246,12 @@ def cmd_ood(args, model, chain):
         res[name] = auroc(f_in, f_out)
         sets[name] = {**picked, "split": split, "f_mean": float(f_out.mean())}
         all_scores[name] = f_out
-    plot_hist(all_scores, os.path.join(args.out, "ood_scores.png"))
+
+    def hist(ax):
+        for name, v in all_scores.items():
+            ax.hist(v, bins=50, alpha=0.5, density=True, label=name)
+        ax.legend()
+    plot(os.path.join(args.out, "ood_scores.png"), hist, "f(x)")
     return {"auroc": res, "in_distribution": {**info, "f_mean": float(f_in.mean())}, "ood_sets": sets,
             "score": "f(x) (negative energy; higher = in-distribution)",
             "notes": "AUROC = P(f(x_in) > f(x_ood)) + P(=) / 2; 0.5 = chance, 1 = perfect separation"}
@@ -1290,43 +1259,25 @@ def cmd_ood(args, model, chain):
 
 # ---- figures and output ----
 
-def save_grid(x, path, nrow=8, mkdir=False):
-    if mkdir:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_grid(x, path, nrow=8):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torchvision.utils.save_image(x.detach().float().cpu(), path, nrow=nrow, normalize=True,
                                  value_range=(-1, 1))
 
 
-def _plt():
+def plot(path, draw, xlabel, ylabel=None):
+    """One matplotlib figure: draw(ax), axis labels, saved as path."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise sr.UsageError("figures need matplotlib: pip install matplotlib") from None
-    return plt
-
-
-def plot_curve(y, xlabel, ylabel, path, x=None, marker=None):
-    plt = _plt()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(range(len(y)) if x is None else x, y, marker=marker)
+    draw(ax)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_hist(scores, path):
-    plt = _plt()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, v in scores.items():
-        ax.hist(v, bins=50, alpha=0.5, density=True, label=name)
-    ax.set_xlabel("f(x)")
-    ax.legend()
+    ax.set_ylabel(ylabel or "")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
