@@ -64,7 +64,6 @@ import dual_mcmc as dm
 import shortrun_ebm as sr
 
 PROG = "evaluate.py"
-SUBCOMMANDS = ("fid", "recon", "interp", "transition", "superres", "bpd", "inpaint", "ood", "export")
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 GD_LR, ADAM_LR = 0.005, 0.05  # default steps on z, recon / bpd / inpaint (our choice; README: gd vs Adam)
@@ -72,17 +71,12 @@ SUPERRES_NOISE = 0.05  # superres: std of the per-draw noise on the low-res init
 MASKS = ("M20", "M30", "M40", "R20", "R30", "R40")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser():
     """Flags per subcommand. Defaults are the papers' evaluation settings; sampler flags left unset
     take the checkpoint's training values."""
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", parser_class=ArgumentParser)
-    common = ArgumentParser(add_help=False)
+    p = sr.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])   # one-line errors, exit 2
+    sub = p.add_subparsers(dest="cmd", metavar="SUBCOMMAND", parser_class=sr.ArgumentParser)
+    common = sr.ArgumentParser(add_help=False)
     c = common.add_argument
     c("--ckpt", required=True, help="final.pt / last.pt of shortrun_ebm.py or dual_mcmc.py")
     c("--out", required=True, help="folder for metrics.json and figures")
@@ -122,7 +116,7 @@ def build_parser():
 
     def add(name, help_, n_default, n_help):
         q = sub.add_parser(name, parents=[common], help=help_, description=help_,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=sr.HelpFormatter)
         q.add_argument("--n", type=int, default=n_default, help=n_help)
         return q
 
@@ -202,7 +196,7 @@ def z_descent_flags(q, clamp_default, why="", what=""):
 
 def validate(args):
     if args.cmd is None:
-        raise sr.UsageError(f"name a subcommand: {', '.join(SUBCOMMANDS)}")
+        raise sr.UsageError(f"name a subcommand: {', '.join(COMMANDS)}")
     positive = {"--n": args.n, "--batch-size": args.batch_size}
     for name in ("steps", "n_rho", "k2_every", "seeds", "jac_batch", "kid_subsets", "kid_subset_size",
                  "isc_splits", "snapshots"):
@@ -1120,11 +1114,11 @@ def cmd_bpd(args, model, chain):
     rows = []
     for j in range(n):
         r = dict(per_target[j], bits_per_dim=bits_from_log_density(per_target[j]["log_px"], d))
-        draws = [per_target[j + n * k]["log_px"] for k in range(1, args.dequant_draws + 1)]
+        draws = per_target[j + n::n]                                      # image j's dequantised copies
         if draws:
-            r["bits_per_dim_dequantized"] = bits_from_log_density(float(np.mean(draws)), d)
-            r["dequant_recon_mse"] = float(np.mean([per_target[j + n * k]["recon_mse"]
-                                                    for k in range(1, args.dequant_draws + 1)]))
+            mean = lambda key: float(np.mean([t[key] for t in draws]))
+            r.update(bits_per_dim_dequantized=bits_from_log_density(mean("log_px"), d),
+                     dequant_recon_mse=mean("recon_mse"))
         rows.append(r)
     bpd = [r["bits_per_dim"] for r in rows]
     plot(os.path.join(args.out, "bpd.png"), lambda ax: ax.plot(bpd, marker="o"), "image", "bits/dim")
