@@ -107,7 +107,7 @@ import torchvision
 def _conv(n_in, n_out, k, s, p, sn=False, bias=True):
     c = nn.Conv2d(n_in, n_out, k, s, p, bias=bias)
     nn.init.xavier_normal_(c.weight)  # authors' init for every conv
-    return nn.utils.parametrizations.spectral_norm(c) if sn else c
+    return nn.utils.spectral_norm(c) if sn else c   # the authors' spectral norm (see EBM)
 
 
 class _EBMBlock(nn.Module):
@@ -139,7 +139,9 @@ class EBM(nn.Module):
     resnet, 32 px (authors' _Cifar10_netE): start block 3 -> nef (down), one down block, two plain blocks
     at 8x8, all nef wide. resnet, 64 px (authors' _CelebA64_netE): start block 3 -> nef/16 (down), four
     down blocks doubling the width up to nef (64 -> 2 px). Both end in ReLU, global average pooling and
-    a bias-free linear layer; spectral norm on every conv and the linear layer (authors' add_sn).
+    a bias-free linear layer; spectral norm on every conv and the linear layer (authors' add_sn), with
+    torch.nn.utils.spectral_norm as theirs: its power iteration updates v then u, the parametrization's u
+    then v, which gives a different sigma in every train-mode forward.
     """
 
     def __init__(self, n_c=3, nef=512, im_sz=32, arch="resnet", sn=True):
@@ -154,7 +156,7 @@ class EBM(nn.Module):
                 blocks += [_EBMBlock(nef, nef, False, False, sn) for _ in range(2)]
             self.body = nn.Sequential(*blocks, nn.ReLU())
             lin = nn.Linear(nef, 1, bias=False)
-            self.head = nn.utils.parametrizations.spectral_norm(lin) if sn else lin
+            self.head = nn.utils.spectral_norm(lin) if sn else lin
         else:  # 3x3 conv s1; 4x4 s2 convs to 4x4 maps; 4x4 valid conv -> 1
             n_down = int(math.log2(im_sz)) - 3
             layers = [_conv(n_c, nef, 3, 1, 1, sn), nn.LeakyReLU(0.2)]
@@ -327,21 +329,25 @@ def chain_temperature(step_size, noise):
 
 
 def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, z_step_size=0.005,
-                z_noise=0.1, sigma_g=0.3, w_recon=1.0, w_sample=50.0, w_inf_data=1.0, w_inf_sample=0.1,
-                posterior="paper", temperature=None, no_inference=False, gen_only_init=False, *,
+                z_noise=0.1, sigma_g=0.3, w_sample=50.0, w_inf_sample=0.1, posterior="paper",
+                gen_loss="paper", no_inference=False, gen_only_init=False, update=None, *,
                 chain_x=langevin_x, chain_z=langevin_z, autocast=contextlib.nullcontext):
     """One Dual-MCMC iteration (the paper's Algorithm 1) on a data batch x (m, C, S, S) and a prior draw
     z (m, nz): the losses of f, g and q to *descend*, and a dict of detached tensors for logs and guards
-    (f_data, f_sample, loss_recon, loss_sample, mse_recon, x0, x_tilde, z_tilde). The three losses
-    touch disjoint parameters (x~ and z~ are detached), so one backward of their sum serves all three.
+    (f_data, f_sample, loss_recon, loss_sample, mse_recon, x0, x_tilde, z_tilde).
 
-    Defaults are the authors' CIFAR-10 setting. temperature: the EBM loss divisor T (None:
-    chain_temperature(x_step_size, x_noise)). no_inference: the z-chain starts from N(0, I) and q is
+    update None (the paper): nothing is updated here; the three losses touch disjoint parameters (x~ and
+    z~ are detached), so one backward of their sum serves all three. update(name, loss) (the authors'
+    code): called with "generator", then "encoder", then "ebm" as each loss is ready (it should step that
+    model), and f learns from x~ re-run from the just-updated generator on the same z (their fine_tune).
+    gen_loss: "paper" -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2); "authors" their plain ||x - g(z)||^2.
+    Defaults are the authors' CIFAR-10 setting. no_inference: the z-chain starts from N(0, I) and q is
     not trained (loss_i = 0); gen_only_init: g learns only from x~ (cooperative learning). chain_x /
     chain_z: samplers with langevin_x's / langevin_z's signatures; autocast: a context factory for
     mixed precision (chains and losses are computed in float32).
     """
-    T = chain_temperature(x_step_size, x_noise) if temperature is None else temperature
+    T = chain_temperature(x_step_size, x_noise)
+    scale = 1.0 if gen_loss == "authors" else 1 / (2 * sigma_g ** 2)
     with autocast():
         # 1. MCMC sampling: generator proposes x0, k_x Langevin steps on f revise it to x~
         x0 = G(z).float()                                                 # (m, C, S, S), graph kept for 4.
@@ -353,21 +359,29 @@ def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, 
             mu, logvar = (t.float() for t in I(x))                        # (m, nz) each
             z_hat = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)   # z^ ~ q(z|x)
         z_t = chain_z(G, x, z_hat, k_z, z_step_size, z_noise, sigma_g, posterior)  # z~, detached
-        # 3. EBM: maximum likelihood, data up and x~ down (divided by the chain temperature T)
-        f_data, f_samp = E(x).float().mean(), E(x_t).float().mean()
-        loss_e = -(f_data - f_samp) / T
         # 4. generator: -log p(x, z~) (data through inferred z~) - log p(x~, z) (EBM teaches x0 -> x~)
         rec = G(z_t).float()                                              # (m, C, S, S)
-        loss_rec = (x - rec).flatten(1).pow(2).sum(1).mean() / (2 * sigma_g ** 2)
-        loss_samp = (x_t - x0).flatten(1).pow(2).sum(1).mean() / (2 * sigma_g ** 2)
-        loss_g = (0.0 if gen_only_init else w_recon) * loss_rec + w_sample * loss_samp
+        loss_rec = (x - rec).flatten(1).pow(2).sum(1).mean() * scale
+        loss_samp = (x_t - x0).flatten(1).pow(2).sum(1).mean() * scale
+        loss_g = (0.0 if gen_only_init else loss_rec) + w_sample * loss_samp
+        if update:
+            update("generator", loss_g)
         # 5. inference model: -log q(z~|x) - log q(z|x~) (q learns where both chains end)
         if no_inference:
             loss_i = torch.zeros((), device=x.device)
         else:
             mu_t, logvar_t = (t.float() for t in I(x_t))
-            loss_i = (w_inf_data * neg_log_q(z_t, mu, logvar).mean()
-                      + w_inf_sample * neg_log_q(z, mu_t, logvar_t).mean())
+            loss_i = neg_log_q(z_t, mu, logvar).mean() + w_inf_sample * neg_log_q(z, mu_t, logvar_t).mean()
+            if update:
+                update("encoder", loss_i)
+        # 3. EBM (computed last: the authors update it after g and q): maximum likelihood, data up and x~
+        # down, divided by the chain temperature T; the authors' x~ is re-run from the updated g
+        f_data = E(x).float().mean()
+        x_e = chain_x(E, G(z).float(), k_x, x_step_size, x_noise) if update else x_t
+        f_samp = E(x_e).float().mean()
+        loss_e = -(f_data - f_samp) / T
+        if update:
+            update("ebm", loss_e)
     out = dict(f_data=f_data.detach(), f_sample=f_samp.detach(), loss_recon=loss_rec.detach(),
                loss_sample=loss_samp.detach(), mse_recon=F.mse_loss(rec.detach(), x),
                x0=x0.detach(), x_tilde=x_t, z_tilde=z_t)
@@ -405,93 +419,87 @@ PROG = "dual_mcmc.py"
 RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
 REUSE_HINT = "pass --resume to continue it"
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
-ARCH_WIDTHS = {"resnet": dict(nef=512, ngf=512, nif=128), "simple": dict(nef=64, ngf=64, nif=64)}
 
 
 def build_parser(suppress_defaults=False):
-    p = ArgumentParser(prog=PROG, description="Dual-MCMC teaching (Cui & Han, NeurIPS 2023).")
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                       epilog="Defaults marked 'celeba' switch with --dataset celeba (the authors' celeba64 "
+                              "config); --recipe authors switches four choices to the authors' code; "
+                              "--print-config shows the resolved values.")
     a = p.add_argument
     # data
     a("--dataset", default="cifar10",
-      help="cifar10 | celeba | lsun_bedroom | mnist | fashion_mnist | svhn | folder:PATH (paper: cifar10, "
-           "celeba 64px)")
+      help=f"{' | '.join(DATASETS)} | folder:PATH (paper: cifar10 32 px, celeba 64 px)")
     a("--data-root", default="./data", help="where torchvision data sets live / are downloaded")
     a("--download", action=argparse.BooleanOptionalAction, default=True,
       help="download the data set if missing")
     a("--n-data", type=int, default=0,
-      help="use the first N training images (0 = all; paper: all 50k CIFAR-10)")
-    a("--image-size", type=int, default=None,
-      help="32 or 64 px (default: celeba 64, else 32; paper: 32 CIFAR-10, 64 CelebA)")
+      help="use N training images, a random subset drawn with --data-seed (0 = all; paper: all)")
+    a("--data-seed", type=int, default=0, help="seed of the random n_data subset (independent of --seed)")
+    a("--image-size", type=int, default=None, help="32 or 64 px (celeba 64, else 32)")
     a("--celeba-crop", action=argparse.BooleanOptionalAction, default=None,
       help="authors' CelebA pipeline: crop box (15, 40, 163, 188) of the aligned 178x218 images, then "
            "resize (default: on for celeba; on a folder: it also takes the celeba defaults); "
            "off: resize + centre crop")
     a("--hflip", action=argparse.BooleanOptionalAction, default=None,
-      help="random horizontal flip of each training image, drawn per batch "
-           "(default: with --celeba-crop; authors: CelebA)")
-    a("--data-order", default="epochs", choices=("epochs", "replacement"),
-      help="epochs: shuffled epochs without replacement, as the authors' DataLoader; "
-           "replacement: uniform draws (runs written before this flag)")
+      help="random horizontal flip of each training image (default: with --celeba-crop; authors: CelebA)")
     # models
     a("--arch", default="resnet", choices=("resnet", "simple"),
-      help="resnet: paper's main nets (authors' code); simple: Appendix A.1 DCGAN-style nets")
-    a("--nz", type=int, default=128,
-      help="latent size (paper 128); smaller trains faster, reconstructs worse")
-    a("--nef", type=int, default=None,
-      help="EBM width (resnet 512, celeba 1024; simple 64); resnet at 64 px runs nef/16 .. nef")
-    a("--ngf", type=int, default=None,
-      help="generator width (resnet 512, celeba 1024; simple 64); resnet at 64 px runs ngf .. ngf/16")
+      help="resnet: the authors' nets (paper Table 1); simple: our DCGAN-style nets at the parameter counts "
+           "of the paper's Table 9 (the paper used Divergence Triangle's nets, not published with it)")
+    a("--nz", type=int, default=128, help="latent size (paper 128)")
+    a("--nef", type=int, default=None, help="EBM width (resnet 512, celeba 1024; simple 64; paper Table 7)")
+    a("--ngf", type=int, default=None, help="generator width (resnet 512, celeba 1024; simple 64)")
     a("--nif", type=int, default=None, help="inference-model width (resnet 128; simple 64)")
-    a("--spectral-norm", action=argparse.BooleanOptionalAction, default=True,
-      help="spectral norm on every EBM layer (authors: on); off lets f grow sharper and diverge sooner")
     # MCMC
     a("--k-x", dest="k_x", type=int, default=30,
-      help="x-Langevin steps on f from x0 = g(z) (paper 30); more steps revise g's samples further")
+      help="x-Langevin steps on f from x0 = g(z) (paper 30; Table 5 varies it)")
     a("--k-z", dest="k_z", type=int, default=10, help="z-Langevin steps on log p(z|x) from z^ ~ q (paper 10)")
     a("--x-step-size", type=float, default=None,
-      help="x-chain step on grad f: s^2/2 with s = 0.5 -> 0.125 (celeba s = 0.3 -> 0.045); "
-           "lower if f(x~) explodes")
+      help="x-chain step on grad f: s^2/2 with the authors' s = 0.5 -> 0.125 (celeba s = 0.3 -> 0.045)")
     a("--x-noise", type=float, default=1e-3,
-      help="x-chain noise std n (paper 1e-3); the EBM loss is divided by T = n^2 / (2 step)")
+      help="x-chain noise std n (authors 1e-3); the EBM loss is divided by T = n^2 / (2 step)")
     a("--z-step-size", type=float, default=0.005,
-      help="z-chain step on grad log p(z|x): s^2/2 with s = 0.1 (paper)")
-    a("--z-noise", type=float, default=0.1, help="z-chain noise std (paper 0.1)")
-    a("--sigma-g", dest="sigma_g", type=float, default=0.3,
-      help="generator noise std sigma_g in p(x|z) (paper 0.3); smaller weights reconstruction more")
-    a("--posterior", default="paper", choices=("paper", "authors"),
-      help="z-chain target: paper: -||x - g(z)||^2 / (2 sigma_g^2) - ||z||^2 / 2; authors: their code's "
-           "||x - g(z)||^2 / sigma_g^2 (likelihood drift doubled; behind the paper's Table 3 numbers)")
-    a("--sample-k-x", type=int, default=70,
-      help="x-steps used by sample() after training (authors' test preset 70)")
+      help="z-chain step on grad log p(z|x): s^2/2 with s = 0.1 (authors)")
+    a("--z-noise", type=float, default=0.1, help="z-chain noise std (authors 0.1)")
+    a("--sigma-g", dest="sigma_g", type=float, default=0.3, help="generator noise std in p(x|z) (paper 0.3)")
+    a("--sample-k-x", type=int, default=70, help="x-steps used by sample() after training (authors' test 70)")
     a("--sample-step-size", type=float, default=0.08,
       help="x-step used by sample(): s^2/2 with s = 0.4 (authors' test preset)")
+    # paper vs. the authors' code
+    a("--recipe", default="paper", choices=tuple(RECIPES),
+      help="paper: the paper's method; authors: their code's choices for the four flags below (each "
+           "still overridable), as behind the published numbers")
+    a("--posterior", default=None, choices=("paper", "authors"),
+      help="z-chain target: paper -||x - g(z)||^2 / (2 sigma_g^2) - ||z||^2 / 2; authors: their code's "
+           "||x - g(z)||^2 / sigma_g^2 (likelihood drift doubled) (default: the recipe's)")
+    a("--update-order", default=None, choices=("joint", "authors"),
+      help="joint: one backward, all three from the same x~ (paper's Algorithm 1); authors: g, then q, "
+           "then f on x~ re-run from the updated g (twice the x-chain work) (default: the recipe's)")
+    a("--gen-loss", default=None, choices=("paper", "authors"),
+      help="generator terms: paper ||.||^2 / (2 sigma_g^2) (the log-likelihood); authors: plain ||.||^2, "
+           "so --wd-g acts 1 / (2 sigma_g^2) times stronger (default: the recipe's)")
+    a("--bn-init", default=None, choices=("pytorch", "authors"),
+      help="generator BatchNorm scales: pytorch 1; authors N(0, 1) (default: the recipe's)")
     # losses and optimisation
-    a("--w-recon", type=float, default=1.0,
-      help="generator weight of the data term ||x - g(z~)||^2 / (2 sigma_g^2) (paper 1)")
     a("--w-sample", type=float, default=None,
-      help="generator weight of the EBM term ||x~ - g(z)||^2 / (2 sigma_g^2) (authors 50; celeba 70)")
-    a("--w-inf-data", type=float, default=1.0, help="inference weight of -log q(z~|x) (paper 1)")
+      help="generator weight of the x~ term ||x~ - g(z)||^2 (authors 50; celeba 70)")
     a("--w-inf-sample", type=float, default=0.1, help="inference weight of -log q(z|x~) (authors 0.1)")
     a("--batch-size", type=int, default=100, help="m, images per iteration (paper 100)")
-    a("--lr-e", type=float, default=1e-4, help="EBM Adam lr (paper 1e-4); lower first if training diverges")
+    a("--lr-e", type=float, default=1e-4, help="EBM Adam lr (paper 1e-4)")
     a("--lr-g", type=float, default=3e-4, help="generator Adam lr (paper 3e-4)")
     a("--lr-i", type=float, default=1e-4, help="inference-model Adam lr (paper 1e-4)")
-    a("--beta1", type=float, default=0.0, help="Adam beta1 for all three models (authors 0)")
-    a("--beta2", type=float, default=0.9, help="Adam beta2 for all three models (authors 0.9)")
     a("--wd-g", type=float, default=5e-4, help="generator weight decay (authors 5e-4)")
     a("--wd-i", type=float, default=5e-4, help="inference-model weight decay (authors 5e-4)")
-    a("--lr-decay", type=float, default=0.998,
-      help="exponential lr decay per epoch = n_data/batch iterations (authors 0.998)")
-    a("--gap-limit", type=float, default=1e4, help="stop when |f(x) - f(x~)| exceeds this (authors 1e4)")
     # ablations
     a("--no-inference", action="store_true",
-      help="ablation: start the z-chain from N(0, I) instead of q(z|x); q is not trained")
+      help="ablation (Table 4): start the z-chain from N(0, I) instead of q(z|x); q is not trained")
     a("--gen-only-init", action="store_true",
       help="ablation (cooperative learning): the generator learns only from x~, not from data")
     # run
     a("--iters", type=int, default=None,
-      help="training iterations (default 150,000 = ~300 epochs of CIFAR-10 at batch 100; "
-           "celeba: the authors' 301 epochs of 162,770 images, 489,727 at batch 100 on one process)")
+      help="iterations (150,000 = ~300 epochs of CIFAR-10 at batch 100; celeba: the authors' 301 epochs "
+           "of 162,770 images, 489,727 at batch 100 on one process)")
     a("--seed", type=int, default=1234, help="random seed (authors 1234)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default=None, help="run folder (default runs/dual_<dataset>)")
@@ -501,46 +509,44 @@ def build_parser(suppress_defaults=False):
     a("--ckpt-every", type=int, default=1000, help="iterations between last.pt writes (0 = only at the end)")
     a("--amp", default="off", choices=("off", "bf16"),
       help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
-    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-      help="CUDA: the x- and z-chains as captured one-step CUDA graphs replayed k times (FastChains; "
-           "same numbers as the eager langevin_x / langevin_z); --no-cuda-graph runs those eagerly; ignored "
-           "on the CPU; may change on --resume")
+    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+      help="CUDA: the x- and z-chains as captured one-step CUDA graphs (FastChains; equal to the eager chains "
+           "on the CPU, not yet run on a GPU, hence opt-in); ignored on the CPU; may change on --resume")
     a("--benchmark", type=int, default=0, metavar="N",
       help="time N training steps on random data (median after 2 warm-ups), print s/iter and "
            "images*steps/s, write nothing")
     a("--print-config", action="store_true",
-      help="print the resolved configuration (with --resume: the run's own) as JSON and exit; "
-           "reads no data, writes nothing")
+      help="print the resolved configuration (with --resume: the run's own) as JSON and exit")
     if suppress_defaults:  # parse_args then returns only the flags the user typed (see --resume)
         for action in p._actions:
             action.default = argparse.SUPPRESS
     return p
 
 
-# Version of the nets in checkpoints (config key net_version). 2: at 64 px, --arch resnet builds the
-# authors' CelebA-64 nets. Checkpoints without the key hold version 1 nets, whose 64 px resnet layout
-# (the 32 px nets with more blocks) no longer exists; their 32 px and simple nets are unchanged.
-NET_VERSION = 2
-
 # Flags a resumed run may change; everything else is taken from the checkpoint's config.
 RESUME_OVERRIDES = ("iters", "device", "out", "resume", "log_every", "plot_every", "ckpt_every",
-                    "data_root", "download", "gap_limit", "print_config", "cuda_graph")
-# Keys a run written by an older version lacks, with the value that reproduces what that version did.
-OLD_RUN_DEFAULTS = {"celeba_crop": False, "hflip": False, "data_order": "replacement", "posterior": "paper",
-                    "cuda_graph": True, "print_config": False}
+                    "data_root", "download", "print_config", "cuda_graph")
+CKPT_FORMAT = 2          # written into checkpoints; read_checkpoint refuses others in one line
+GAP_LIMIT = 1e4          # divergence guard: stop when |f(x) - f(x~)| exceeds it, or a loss is NaN (authors)
+BETAS, LR_DECAY = (0.0, 0.9), 0.998   # Adam betas, lr decay per epoch of all three models (authors)
 # Defaults that depend on the data set (authors' config.py: celeba64_config); None in the parser.
 CELEBA_N_TRAIN, CELEBA_EPOCHS = 162770, 301
 DATASET_DEFAULTS = {"celeba": dict(image_size=64, x_step_size=0.045, w_sample=70.0, celeba_crop=True)}
 OTHER_DEFAULTS = dict(image_size=32, x_step_size=0.125, w_sample=50.0, celeba_crop=False, iters=150000)
+ARCH_WIDTHS = {"resnet": dict(nef=512, ngf=512, nif=128), "simple": dict(nef=64, ngf=64, nif=64)}
 ARCH_WIDTHS_CELEBA = {"resnet": dict(nef=1024, ngf=1024, nif=128), "simple": ARCH_WIDTHS["simple"]}
+# --recipe: the paper's method, or the choices of the authors' train.py / config.py / nets.py
+RECIPES = {"paper": dict(posterior="paper", update_order="joint", gen_loss="paper", bn_init="pytorch"),
+           "authors": dict(posterior="authors", update_order="authors", gen_loss="authors", bn_init="authors")}
 
 
 def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
-    """Fill the flags left unset (None) whose default depends on the data set or the arch. A folder: of
-    aligned CelebA images with --celeba-crop takes the celeba defaults; n_images: the folder's count."""
+    """Fill the flags left unset (None) whose default depends on the data set, the arch or the recipe. A
+    folder: of aligned CelebA images with --celeba-crop takes the celeba defaults; n_images: its count."""
     celeba = args.dataset == "celeba" or (args.dataset.startswith("folder:") and args.celeba_crop)
     base = DATASET_DEFAULTS["celeba"] if celeba else OTHER_DEFAULTS
-    for key, value in {**base, **(ARCH_WIDTHS_CELEBA if celeba else ARCH_WIDTHS)[args.arch]}.items():
+    widths = (ARCH_WIDTHS_CELEBA if celeba else ARCH_WIDTHS)[args.arch]
+    for key, value in {**base, **widths, **RECIPES[args.recipe]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.hflip is None:
@@ -553,7 +559,7 @@ def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
 
 
 def validate(args):
-    """Check every flag before anything is loaded or written; fill the data-set and arch defaults."""
+    """Check every flag before anything is loaded or written; fill the data-set, arch and recipe defaults."""
     if not (args.dataset in DATASETS or args.dataset.startswith("folder:")):
         raise UsageError(f"unknown --dataset {args.dataset!r} (choose from {', '.join(DATASETS)} "
                          f"or folder:PATH)")
@@ -571,8 +577,7 @@ def validate(args):
                          f"not {args.dataset}; drop it")
     resolve_defaults(args, n_images)
     if args.image_size not in (32, 64):
-        raise UsageError(f"--image-size {args.image_size} is not supported by --arch {args.arch} "
-                         f"(use 32 or 64)")
+        raise UsageError(f"--image-size {args.image_size} is not supported (use 32 or 64)")
     if args.arch == "resnet" and args.image_size == 64:
         for name in ("nef", "ngf"):
             if getattr(args, name) < 16:
@@ -580,7 +585,7 @@ def validate(args):
                                  f"{name}/16 channels at 64 px), got {getattr(args, name)}")
     checks = [("nz", 1), ("nef", 1), ("ngf", 1), ("nif", 1), ("k_x", 0), ("k_z", 0), ("sample_k_x", 0),
               ("batch_size", 2), ("iters", 1), ("log_every", 1), ("plot_every", 0), ("ckpt_every", 0),
-              ("n_data", 0), ("benchmark", 0)]
+              ("n_data", 0), ("data_seed", 0), ("benchmark", 0)]
     for name, lo in checks:
         if getattr(args, name) < lo:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
@@ -588,17 +593,11 @@ def validate(args):
         v = getattr(args, name)
         if not (v > 0 and math.isfinite(v)):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
-    if not args.gap_limit > 0:  # inf: the guard only stops on NaN
-        raise UsageError(f"--gap-limit must be > 0, got {args.gap_limit}")
-    for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_recon",
-                 "w_sample", "w_inf_data", "w_inf_sample", "wd_g", "wd_i"):
+    for name in ("x_step_size", "x_noise", "z_step_size", "z_noise", "sample_step_size", "w_sample",
+                 "w_inf_sample", "wd_g", "wd_i"):
         v = getattr(args, name)
         if not (v >= 0 and math.isfinite(v)):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        raise UsageError("--beta1 and --beta2 must lie in [0, 1)")
-    if not 0 < args.lr_decay <= 1:
-        raise UsageError(f"--lr-decay must lie in (0, 1], got {args.lr_decay}")
     if args.out is None:
         name = folder_path(args.dataset) if args.dataset.startswith("folder:") else args.dataset
         args.out = os.path.join("runs", "dual_" + name.strip("/").replace("/", "_"))
@@ -625,6 +624,11 @@ def usage_error(error, rank=0):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's 20-line usage block
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def resolve_device(name, local_rank=0):
@@ -752,10 +756,9 @@ def read_run(out):
 
 
 def merge_resume_args(ckpt, given, out):
-    """On --resume the run's own config wins (keys an older version did not write: OLD_RUN_DEFAULTS);
-    only the run-control flags in RESUME_OVERRIDES may change."""
+    """On --resume the run's own config wins; only the run-control flags in RESUME_OVERRIDES may change."""
     dests = vars(build_parser().parse_args([]))
-    saved = {k: v for k, v in {**OLD_RUN_DEFAULTS, **ckpt["config"]}.items() if k in dests}
+    saved = {k: v for k, v in ckpt["config"].items() if k in dests}
     for key, value in given.items():
         if key not in RESUME_OVERRIDES and saved.get(key) != value:
             raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
@@ -1011,25 +1014,21 @@ def load_data(args):
 
 
 class DataOrder:
-    """Which images each batch takes. "epochs" (the authors' DataLoader(shuffle=True, drop_last=True)):
-    shuffled epochs without replacement; epoch e's permutation comes from its own generator seeded by
-    (seed, e), the same on every rank, and rank r takes the r-th of every `world` consecutive batches,
-    so the ranks' shards of an epoch are disjoint. "replacement": m uniform draws from the global RNG.
-    The state (epoch, position, permutation) goes into checkpoints, so --resume continues exactly."""
+    """Which images each batch takes: shuffled epochs without replacement, as the authors'
+    DataLoader(shuffle=True, drop_last=True). Epoch e's permutation comes from its own generator seeded by
+    (seed, e), the same on every rank, and rank r takes the r-th of every `world` consecutive batches, so
+    the ranks' shards of an epoch are disjoint. The state goes into checkpoints: --resume is exact."""
 
-    def __init__(self, n, m, seed, rank=0, world=1, mode="epochs"):
-        self.n, self.m, self.seed, self.rank, self.world, self.mode = n, m, seed, rank, world, mode
+    def __init__(self, n, m, seed, rank=0, world=1):
+        self.n, self.m, self.seed, self.rank, self.world = n, m, seed, rank, world
         self.per_epoch = max(1, n // (m * world))  # iterations per epoch; the last partial batch is dropped
-        self.epoch, self.position = 0, 0
-        self.perm = self._permutation(0) if mode == "epochs" else None
+        self.epoch, self.position, self.perm = 0, 0, self._permutation(0)
 
     def _permutation(self, epoch):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
 
     def next(self):
         """Indices of this rank's next batch, (m,) int64 on the CPU."""
-        if self.mode == "replacement":
-            return torch.randint(self.n, (self.m,))  # CPU RNG: part of the checkpointed state
         if self.position >= self.per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
             self.perm = self._permutation(self.epoch)
@@ -1038,11 +1037,10 @@ class DataOrder:
         return self.perm[start:start + self.m]
 
     def state_dict(self):
-        return {"mode": self.mode, "epoch": self.epoch, "position": self.position, "perm": self.perm}
+        return {"epoch": self.epoch, "position": self.position, "perm": self.perm}
 
     def load_state_dict(self, state):
-        if state["mode"] == self.mode == "epochs" and len(state["perm"]) == self.n:
-            self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"].clone()
+        self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"].clone()
 
 
 def get_batch(data, order, device, hflip=False):
@@ -1059,9 +1057,10 @@ def get_batch(data, order, device, hflip=False):
 # ---- checkpoints and resume ----
 
 
-def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, data_order=None):
+def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, data_order):
     """The run as one dict (config: the flags as a plain dict), written atomically."""
-    ckpt = {"script": "dual_mcmc", "config": dict(vars(args)), "iteration": it, "seconds": seconds,
+    ckpt = {"script": "dual_mcmc", "format": CKPT_FORMAT, "config": dict(vars(args)), "iteration": it,
+            "seconds": seconds,
             "data_order": data_order,
             "models": {k: m.state_dict() for k, m in models.items()},
             "optimizers": {k: o.state_dict() for k, o in opts.items()},
@@ -1071,14 +1070,13 @@ def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, d
 
 
 def read_checkpoint(path, device="cpu", ckpt=None):
-    """Our checkpoint dict (config keys older runs lack filled in); UsageError for anything else."""
+    """Our checkpoint dict; UsageError for anything else, or for one of an older format."""
     ckpt = load_file(path, device) if ckpt is None else ckpt
     if not isinstance(ckpt, dict) or ckpt.get("script") != "dual_mcmc":
         raise UsageError(f"{path} is not a dual_mcmc.py checkpoint")
-    cfg = ckpt["config"] = {**OLD_RUN_DEFAULTS, **ckpt.get("config", {})}  # keys older runs lack
-    if cfg.get("arch") == "resnet" and cfg.get("image_size") == 64 and cfg.get("net_version", 1) < 2:
-        raise UsageError(f"{path} was trained with the pre-fix 64 px resnet nets (not the authors' CelebA-64 "
-                         f"nets), which this dual_mcmc.py no longer builds; train a new run")
+    if ckpt.get("format") != CKPT_FORMAT:
+        raise UsageError(f"{path} was written by an older dual_mcmc.py (format {ckpt.get('format', 1)}); "
+                         f"this one reads format {CKPT_FORMAT}: train a new run")
     return ckpt
 
 
@@ -1090,7 +1088,7 @@ def is_authors_checkpoint(ckpt):
 
 def _authors_key(net, key, n_blocks):
     """One key of the authors' nets.py state dicts -> ours. EBM: conv_1, block2.. -> body.0..; lin_5 / lin_6
-    -> head; old-style spectral norm weight_orig / weight_u / weight_v -> the parametrization's. Generator:
+    -> head (spectral-norm keys as theirs: weight_orig / weight_u / weight_v). Generator:
     lin_1 -> lin, block2.. -> body.0.. (bn_1 / bn_2 -> bn1 / bn2), bn_5 / bn_6 and conv5 / conv6 -> the
     tail of body. Encoder: main -> body, conv51 / conv52 -> mu / logvar."""
     head, _, rest = key.partition(".")
@@ -1099,7 +1097,6 @@ def _authors_key(net, key, n_blocks):
             head = "head"
         else:
             head = "body.0" if head == "conv_1" else f"body.{int(head[5:]) - 1}"
-        rest = _sn_suffix(rest)
     elif net == "generator":
         if head == "lin_1":
             head = "lin"
@@ -1112,19 +1109,12 @@ def _authors_key(net, key, n_blocks):
     return f"{head}.{rest}"
 
 
-def _sn_suffix(rest):
-    """Old-style spectral norm -> parametrization: conv1.weight_orig ->
-    conv1.parametrizations.weight.original, weight_u / weight_v -> parametrizations.weight.0._u / _v."""
-    module, _, leaf = rest.rpartition(".")
-    new = {"weight_orig": "parametrizations.weight.original", "weight_u": "parametrizations.weight.0._u",
-           "weight_v": "parametrizations.weight.0._v"}.get(leaf, leaf)
-    return f"{module}.{new}" if module else new
-
-
 def load_authors_checkpoint(ckpt, device, path="checkpoint"):
     """Map the authors' netE / netG / netI state dicts onto our resnet nets; size and widths from the shapes:
-    32 px (_Cifar10_*) or 64 px (_CelebA64_*). The config is the matching data set's defaults here, with
-    the authors' z-chain posterior (the one their nets were trained with)."""
+    32 px (_Cifar10_*) or 64 px (_CelebA64_*). Their netE is an energy (their chains descend it), our f its
+    negative: the head's weight and its spectral-norm vector u are negated (W / sigma flips, sigma = u^T W v
+    stays; negating W alone would change nothing), so f = -netE. The config is the matching data set's
+    defaults with --recipe authors (how their nets were trained)."""
     sds = {net: {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt[key].items()}
            for net, key in (("ebm", "netE"), ("generator", "netG"), ("encoder", "netI"))}
     try:
@@ -1136,14 +1126,18 @@ def load_authors_checkpoint(ckpt, device, path="checkpoint"):
     except (KeyError, StopIteration, IndexError):
         raise UsageError(f"{path}: netE / netG / netI are not the authors' Cifar10 / CelebA64 nets") from None
     flags = ["--dataset", "celeba" if size == 64 else "cifar10", "--nz", str(nz), "--nef", str(nef),
-             "--ngf", str(ngf), "--nif", str(nif), "--posterior", "authors"]
-    cfg = {**vars(validate(build_parser().parse_args(flags))), "n_c": int(n_c), "net_version": NET_VERSION,
+             "--ngf", str(ngf), "--nif", str(nif), "--recipe", "authors"]
+    cfg = {**vars(validate(build_parser().parse_args(flags))), "n_c": int(n_c),
            "source": "authors", "epoch": ckpt.get("epoch")}
     models = build_models(argparse.Namespace(**cfg), device)
     n_blocks = {"ebm": 5 if size == 64 else 4, "generator": 4 if size == 64 else 3, "encoder": 0}
     for net, model in models.items():
         try:
-            model.load_state_dict({_authors_key(net, k, n_blocks[net]): v for k, v in sds[net].items()})
+            sd = {_authors_key(net, k, n_blocks[net]): v for k, v in sds[net].items()}
+            if net == "ebm":                                     # f = -netE
+                for k in ("head.weight_orig", "head.weight_u"):
+                    sd[k] = -sd[k]
+            model.load_state_dict(sd)
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"{path}: cannot map the authors' {net} onto ours ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]})") from None
@@ -1172,11 +1166,16 @@ def load_checkpoint(path, device="cpu"):
 
 
 def build_models(args, device):
-    """The three nets from the run's flags (args.n_c: image channels)."""
+    """The three nets from the run's flags (args.n_c: image channels); --bn-init authors draws the
+    generator's BatchNorm scales from N(0, 1), as their weights_init."""
     n_c, s = args.n_c, args.image_size
-    models = {"ebm": EBM(n_c, args.nef, s, args.arch, args.spectral_norm),
+    models = {"ebm": EBM(n_c, args.nef, s, args.arch),
               "generator": Generator(args.nz, args.ngf, n_c, s, args.arch),
               "encoder": Encoder(args.nz, args.nif, n_c, s, args.arch)}
+    if args.bn_init == "authors":
+        for m in models["generator"].modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight)
     return {k: m.to(device) for k, m in models.items()}
 
 
@@ -1186,13 +1185,13 @@ def n_params(model):
 
 def make_optimizers(args, models):
     """Adam per model (the authors' betas, weight decay on g and q) and an exponential lr decay per epoch."""
-    betas = (args.beta1, args.beta2)
+    betas = BETAS
     opts = {"ebm": torch.optim.Adam(models["ebm"].parameters(), args.lr_e, betas),
             "generator": torch.optim.Adam(models["generator"].parameters(), args.lr_g, betas,
                                           weight_decay=args.wd_g),
             "encoder": torch.optim.Adam(models["encoder"].parameters(), args.lr_i, betas,
                                         weight_decay=args.wd_i)}
-    scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, args.lr_decay) for k, o in opts.items()}
+    scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, LR_DECAY) for k, o in opts.items()}
     return opts, scheds
 
 
@@ -1249,20 +1248,17 @@ def write_log(log_file, args, done, losses, opts, seconds, rate):
 # ---- multi-process gradients ----
 
 
-def allreduce_grads(models, world):
+def allreduce_grads(nets, world):
     """Average gradients over ranks: one flat all-reduce per model. We do not wrap in DDP because the
     chains run many forward passes whose backward never reaches the parameters, which DDP's reducer
-    would wait for; a plain all-reduce after the single backward is simpler and exact."""
-    for m in models.values():
+    would wait for; a plain all-reduce after each backward is simpler and exact."""
+    for m in nets:
         grads = [p.grad for p in m.parameters() if p.grad is not None]
         if grads:
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat)
-            flat /= world
-            i = 0
-            for g in grads:
-                g.copy_(flat[i:i + g.numel()].view_as(g))
-                i += g.numel()
+            for g, v in zip(grads, (flat / world).split([g.numel() for g in grads])):
+                g.copy_(v.view_as(g))
 
 
 # ---- fast chains on CUDA (speed only: the same chains as langevin_x / langevin_z) ----
@@ -1361,7 +1357,7 @@ class FastChains:
 
 
 def make_chains(args, device):
-    """(chain_x, chain_z) for dual_losses: FastChains on CUDA with --cuda-graph (the default), else the
+    """(chain_x, chain_z) for dual_losses: FastChains on CUDA with --cuda-graph (opt-in), else the
     method block's eager langevin_x / langevin_z."""
     if args.cuda_graph and device.type == "cuda":
         chains = FastChains(True, torch.bfloat16 if args.amp == "bf16" else None)
@@ -1372,28 +1368,30 @@ def make_chains(args, device):
 # ---- training: one step, the loop, the benchmark ----
 
 
-def step_losses(args, models, x, amp, chains=(langevin_x, langevin_z)):
-    """dual_losses on the batch x with the run's flags and a fresh prior draw z (m, nz) ~ p(z); chains:
-    (chain_x, chain_z), see make_chains."""
+def train_step(args, models, opts, x, amp, chains=(langevin_x, langevin_z), world=1):
+    """One iteration on the batch x: dual_losses with the run's flags and a fresh prior draw z (m, nz), and
+    the updates. --update-order joint: one backward of the summed losses (they touch disjoint parameters);
+    authors: dual_losses steps g, q, then f as each loss is ready. Gradients are averaged over ranks.
+    chains: (chain_x, chain_z), see make_chains. Returns ((loss_e, loss_g, loss_i), out)."""
+    def step(names, loss):
+        for k in names:
+            opts[k].zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            allreduce_grads([models[k] for k in names], world)
+        for k in names:
+            opts[k].step()
+    joint = args.update_order == "joint"
     z = torch.randn(x.shape[0], args.nz, device=x.device)                  # (m, nz)
-    return dual_losses(models["ebm"], models["generator"], models["encoder"], x, z, args.k_x,
-                       args.x_step_size, args.x_noise, args.k_z, args.z_step_size, args.z_noise, args.sigma_g,
-                       args.w_recon, args.w_sample, args.w_inf_data, args.w_inf_sample, args.posterior,
-                       no_inference=args.no_inference, gen_only_init=args.gen_only_init, autocast=amp,
-                       chain_x=chains[0], chain_z=chains[1])
-
-
-def update(models, opts, losses, world):
-    """One backward of the summed losses (they touch disjoint parameters), gradients averaged over ranks,
-    one optimiser step per model."""
-    for o in opts.values():
-        o.zero_grad(set_to_none=True)
-    loss_e, loss_g, loss_i = losses
-    (loss_e + loss_g + loss_i).backward()
-    if world > 1:
-        allreduce_grads(models, world)
-    for o in opts.values():
-        o.step()
+    loss_e, loss_g, loss_i, out = dual_losses(
+        models["ebm"], models["generator"], models["encoder"], x, z, args.k_x, args.x_step_size, args.x_noise,
+        args.k_z, args.z_step_size, args.z_noise, args.sigma_g, args.w_sample, args.w_inf_sample,
+        args.posterior, args.gen_loss, args.no_inference, args.gen_only_init,
+        None if joint else lambda name, loss: step([name], loss), chain_x=chains[0], chain_z=chains[1],
+        autocast=amp)
+    if joint:
+        step(list(models), loss_e + loss_g + loss_i)
+    return (loss_e, loss_g, loss_i), out
 
 
 def report_divergence(args, it, gap, losses):
@@ -1418,17 +1416,16 @@ def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=
         log_file = files.enter_context(open(os.path.join(args.out, "log.jsonl"), "a")) if writer else None
         for it in range(start_it, args.iters):
             x = get_batch(data, order, device, args.hflip)                     # (m, n_c, S, S)
-            loss_e, loss_g, loss_i, out = step_losses(args, models, x, amp, chains)  # the five steps
-            # checked before any parameter moves; every rank stops on the same iteration
-            losses = (loss_e, loss_g, loss_i)
+            losses, out = train_step(args, models, opts, x, amp, chains, world)   # the five steps, updates
+            # the guard: nothing of a diverged iteration is saved; every rank stops on the same iteration
             gap = out["f_data"] - out["f_sample"]
-            bad = ~torch.isfinite(torch.stack(losses).detach()).all() | (gap.abs() > args.gap_limit)
+            bad = ~torch.isfinite(torch.stack(losses).detach()).all() | (gap.abs() > GAP_LIMIT)
             bad, stopping = any_rank(torch.stack([bad, torch.tensor(stop.requested, device=device)]), world)
             if bad:
                 if rank == 0:
                     report_divergence(args, it, gap, losses)
                 return EXIT_DIVERGED
-            update(models, opts, losses, world)
+            loss_e, loss_g, loss_i = losses
             if (it + 1) % order.per_epoch == 0:
                 for s in scheds.values():
                     s.step()
@@ -1465,7 +1462,7 @@ def benchmark(args, data, device, rank, world):
     shortrun_ebm.py's --benchmark. Writes nothing; images*steps counts both chains (m (k_x + k_z))."""
     models = build_models(args, device)
     opts, _ = make_optimizers(args, models)
-    order = DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
+    order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
     amp, chains = autocast_for(args, device), make_chains(args, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(args.seed + rank)
@@ -1473,8 +1470,7 @@ def benchmark(args, data, device, rank, world):
     for _ in range(args.benchmark + 2):
         t0 = time.perf_counter()
         x = get_batch(data, order, device, args.hflip)
-        loss_e, loss_g, loss_i, _ = step_losses(args, models, x, amp, chains)
-        update(models, opts, (loss_e, loss_g, loss_i), world)
+        train_step(args, models, opts, x, amp, chains, world)
         sync()
         times.append(time.perf_counter() - t0)
     timed = sorted(times[2:])                                          # the warm-ups dropped
@@ -1539,14 +1535,14 @@ def run(args, ckpt, device, rank, world, argv):
         data = load_data_once(args, device, rank, world)
     except UsageError as e:
         return usage_error(e, rank)
-    if args.data_order == "epochs" and len(data) < args.batch_size * world:
+    if len(data) < args.batch_size * world:
         return usage_error(f"an epoch of {len(data)} images holds no full batch of --batch-size "
                            f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; lower "
-                           f"--batch-size or pass --data-order replacement", rank)
+                           f"--batch-size", rank)
     data = place_data(data, device, 0.25)  # uint8 images: a quarter of free memory
     # what config.json and checkpoints record beside the flags
     vars(args).update(n_c=int(data.shape[1]), n_data_used=int(len(data)), argv=argv, world_size=world,
-                      net_version=NET_VERSION, **versions())
+                      **versions())
     seed_everything(args.seed)  # same initial weights on every rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -1557,12 +1553,11 @@ def run(args, ckpt, device, rank, world, argv):
         mdl.train()
     opts, scheds = make_optimizers(args, models)
     start_it, seconds0 = 0, 0.0
-    order = DataOrder(len(data), args.batch_size, args.seed, rank, world, args.data_order)
+    order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
     restart = ckpt is not None and "models" not in ckpt  # stopped before its first last.pt: begin again
     ckpt = None if restart else ckpt
     if ckpt is not None:
-        if ckpt.get("data_order"):
-            order.load_state_dict(ckpt["data_order"])
+        order.load_state_dict(ckpt["data_order"])
         for k in models:
             models[k].load_state_dict(ckpt["models"][k])
             opts[k].load_state_dict(ckpt["optimizers"][k])

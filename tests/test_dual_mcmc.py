@@ -75,14 +75,14 @@ def test_resnet_arch_parameter_counts_match_the_authors_cifar10_nets():
     # authors' _Cifar10_netE / netG / netI at ndf = ngf = 512, nif = 128, nz = 128 (spectral norm adds no parameters)
     E, G, I = dm.EBM(3, 512, 32, "resnet"), dm.Generator(128, 512, 3, 32, "resnet"), dm.Encoder(128, 128, 3, 32)
     assert [dm.n_params(m) for m in (E, G, I)] == [16_793_088, 16_024_579, 15_208_064]
-    assert sum(1 for m in E.modules() if hasattr(m, "parametrizations")) == 11  # 10 convs + the linear head
+    assert sum(1 for m in E.modules() if hasattr(m, "weight_orig")) == 11  # 10 convs + the linear head
 
 
 def test_resnet_arch_at_64px_is_the_authors_celeba64_nets():
     # authors' _CelebA64_netE / netG / netI at ndf = ngf = 1024, nif = 128, nz = 128
     E, G, I = dm.EBM(3, 1024, 64, "resnet"), dm.Generator(128, 1024, 3, 64, "resnet"), dm.Encoder(128, 128, 3, 64)
     assert [dm.n_params(m) for m in (E, G, I)] == [19_536_768, 12_220_675, 15_210_752]
-    assert sum(1 for m in E.modules() if hasattr(m, "parametrizations")) == 16  # 5 blocks x 3 convs + linear
+    assert sum(1 for m in E.modules() if hasattr(m, "weight_orig")) == 16  # 5 blocks x 3 convs + linear
     widths = [m.out_channels for m in E.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     assert widths == [64, 128, 256, 512, 1024]  # shortcuts: nef/16 doubling to nef
     assert [m.num_features for m in G.modules() if isinstance(m, nn.BatchNorm2d)][-1] == 64  # ngf/16 at 64 px
@@ -252,6 +252,69 @@ def test_one_iteration_changes_all_three_models(images, tmp_path):
     assert cfg["n_c"] == 3 and cfg["k_x"] == 4 and "torch" in cfg and "argv" in cfg
 
 
+def test_authors_update_order_steps_g_then_q_then_f_on_x_tilde_rerun_from_the_updated_g():
+    """The authors' loop: g steps on its loss, then q on its own, then f on x~ of a second x-chain that
+    starts from the just-updated g(z) (their fine_tune); the paper's order updates nothing inside."""
+    torch.manual_seed(0)
+    E, G, I = dm.EBM(3, 8, 32, "simple"), dm.Generator(8, 8, 3, 32, "simple"), dm.Encoder(8, 8, 3, 32, "simple")
+    opts = {k: torch.optim.Adam(m.parameters(), 1e-2) for k, m in (("ebm", E), ("generator", G), ("encoder", I))}
+    x, z = torch.rand(6, 3, 32, 32) * 2 - 1, torch.randn(6, 8)
+    starts, steps = [], []
+
+    def chain_x(f, x0, *a):
+        starts.append(x0.detach().clone())
+        return dm.langevin_x(f, x0, *a)
+
+    def update(name, loss):
+        opts[name].zero_grad()
+        loss.backward()
+        opts[name].step()
+        steps.append(name)
+        if name == "generator":
+            with torch.no_grad():
+                expected.append(G(z))           # BatchNorm in train mode: the batch's statistics, as the chain's
+    expected = []
+    dm.dual_losses(E, G, I, x, z, k_x=2, k_z=2, update=update, chain_x=chain_x)
+    assert steps == ["generator", "encoder", "ebm"] and len(starts) == 2
+    assert torch.allclose(starts[1], expected[0], atol=1e-6) and not torch.allclose(starts[0], starts[1])
+    starts.clear()
+    dm.dual_losses(E, G, I, x, z, k_x=2, k_z=2, chain_x=chain_x)    # paper: one chain, nothing stepped
+    assert len(starts) == 1
+
+
+def test_gen_loss_authors_drops_the_likelihood_scale_and_bn_init_authors_draws_n01_scales(tmp_path):
+    torch.manual_seed(0)
+    E, G, I = dm.EBM(3, 8, 32, "simple"), dm.Generator(8, 8, 3, 32, "simple"), dm.Encoder(8, 8, 3, 32, "simple")
+    x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
+    E.eval()                                     # no power iterations: both calls see the same f
+    losses = {}
+    for gen_loss in ("paper", "authors"):
+        torch.manual_seed(1)
+        _, loss_g, _, out = dm.dual_losses(E, G, I, x, z, k_x=1, k_z=1, sigma_g=0.3, gen_loss=gen_loss)
+        losses[gen_loss] = (loss_g.item(), out["loss_recon"].item(), out["mse_recon"].item())
+    assert losses["paper"][0] == pytest.approx(losses["authors"][0] / (2 * 0.3 ** 2), rel=1e-5)
+    # summed over the 3 x 32 x 32 pixels, averaged over the batch: their mse(reduction="sum") / batch
+    assert losses["authors"][1] == pytest.approx(losses["authors"][2] * 3 * 32 * 32, rel=1e-5)
+    cfg = vars(dm.validate(dm.build_parser().parse_args(["--dataset", "cifar10", "--recipe", "authors"])))
+    models = dm.build_models(argparse.Namespace(**{**cfg, "n_c": 3, "nef": 8, "ngf": 8, "nif": 8}), "cpu")
+    scales = torch.cat([m.weight for m in models["generator"].modules() if isinstance(m, nn.BatchNorm2d)])
+    assert 0.8 < scales.std().item() < 1.2 and (scales < 0).any()          # N(0, 1), not PyTorch's ones
+    cfg["bn_init"] = "pytorch"
+    models = dm.build_models(argparse.Namespace(**{**cfg, "n_c": 3, "nef": 8, "ngf": 8, "nif": 8}), "cpu")
+    assert all((m.weight == 1).all() for m in models["generator"].modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_recipe_authors_trains_and_resumes_bit_exactly(images, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(images, a, "--iters", "3", "--recipe", "authors") == 0
+    assert run(images, b, "--iters", "2", "--recipe", "authors") == 0
+    assert dm.main(["--out", str(b), "--resume", "--iters", "3"]) == 0
+    ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
+    assert ca["config"]["update_order"] == "authors" and ca["config"]["gen_loss"] == "authors"
+    for name in ca["models"]:
+        assert all(torch.equal(v, cb["models"][name][k]) for k, v in ca["models"][name].items()), name
+
+
 def _recon_mse_and_colour_gap(models, x, mode="eval"):
     """Reconstruction MSE of g(mu(x)) and the largest per-channel gap between the mean colour of 256
     generator samples and of the data, with the generator in eval (running BatchNorm statistics)
@@ -339,30 +402,18 @@ def test_resume_keeps_the_run_and_refuses_changes(images, tmp_path, capsys):
     assert (tmp_path / "final.pt").read_bytes() == final and len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
 
 
-def test_pre_fix_64px_resnet_checkpoint_is_refused_in_one_line_32px_still_loads(images, tmp_path, capsys):
-    assert run(images, tmp_path / "a", "--iters", "1") == 0
-    ckpt = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
-    assert ckpt["config"]["net_version"] == dm.NET_VERSION
-    for key in ("net_version", "posterior", "celeba_crop", "hflip", "data_order", "cuda_graph", "print_config"):
-        del ckpt["config"][key]  # as written before the CelebA-64 nets and the new flags
-    del ckpt["data_order"]
-    torch.save(ckpt, tmp_path / "a" / "final.pt")
-    torch.save(ckpt, tmp_path / "a" / "last.pt")
-    models, cfg = dm.load_checkpoint(str(tmp_path / "a" / "final.pt"))  # 32 px: unchanged nets, loads
-    assert cfg["nz"] == 8 and cfg["posterior"] == "paper" and cfg["data_order"] == "replacement"
-    assert dm.main(["--out", str(tmp_path / "a"), "--resume", "--iters", "2"]) == 0  # and resumes (old order)
-    resumed = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
-    assert resumed["iteration"] == 2 and resumed["config"]["data_order"] == "replacement"
-    old = tmp_path / "old64"
-    old.mkdir()
-    ckpt["config"].update(arch="resnet", image_size=64)
-    torch.save(ckpt, old / "last.pt")
-    with pytest.raises(dm.UsageError, match="pre-fix 64 px"):
-        dm.load_checkpoint(str(old / "last.pt"))
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(images, tmp_path, capsys):
+    assert run(images, tmp_path, "--iters", "1") == 0
+    ckpt = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert ckpt["format"] == dm.CKPT_FORMAT
+    del ckpt["format"]                                   # as written before formats were numbered
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(dm.UsageError, match="older dual_mcmc.py"):
+        dm.load_checkpoint(str(tmp_path / "last.pt"))
     capsys.readouterr()
-    assert dm.main(["--out", str(old), "--resume", "--iters", "5"]) == 2
+    assert dm.main(["--out", str(tmp_path), "--resume", "--iters", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pre-fix 64 px resnet nets" in err[0], err
+    assert len(err) == 1 and "train a new run" in err[0], err
 
 
 def _print_config(capsys, *argv):
@@ -380,14 +431,17 @@ def test_print_config_resolves_data_set_defaults_reads_and_writes_nothing(tmp_pa
     assert (cfg["image_size"], cfg["nef"], cfg["ngf"], cfg["nif"], cfg["nz"]) == (64, 1024, 1024, 128, 128)
     assert cfg["x_step_size"] == pytest.approx(0.045) and cfg["w_sample"] == 70.0
     assert cfg["iters"] == 301 * (162_770 // 100) == 489_727
-    assert cfg["celeba_crop"] is True and cfg["hflip"] is True and cfg["data_order"] == "epochs"
-    assert cfg["posterior"] == "paper" and cfg["cuda_graph"] is True
+    assert cfg["celeba_crop"] is True and cfg["hflip"] is True
+    assert (cfg["recipe"], cfg["posterior"], cfg["update_order"], cfg["gen_loss"], cfg["bn_init"]) == (
+        "paper", "paper", "joint", "paper", "pytorch")
+    assert cfg["cuda_graph"] is False                     # the captured chains are opt-in
     assert _print_config(capsys, "--dataset", "celeba", "--batch-size", "64", "--n-data", "1000")["iters"] == 301 * 15
-    c10 = _print_config(capsys, "--dataset", "cifar10", "--posterior", "authors", "--no-cuda-graph")
+    c10 = _print_config(capsys, "--dataset", "cifar10", "--recipe", "authors", "--posterior", "paper")
     assert (c10["image_size"], c10["nef"], c10["x_step_size"], c10["w_sample"], c10["iters"]) == (32, 512, 0.125, 50.0,
                                                                                                   150000)
     assert c10["celeba_crop"] is False and c10["hflip"] is False
-    assert c10["posterior"] == "authors" and c10["cuda_graph"] is False
+    assert (c10["recipe"], c10["posterior"], c10["update_order"], c10["gen_loss"], c10["bn_init"]) == (
+        "authors", "paper", "authors", "authors", "authors")   # the recipe's choices; an explicit flag wins
     assert os.listdir(tmp_path) == []
     with pytest.raises(SystemExit) as e:  # argparse: one line, exit 2
         dm.main(["--print-config", "--dataset", "cifar10", "--posterior", "bayes"])
@@ -401,8 +455,8 @@ def test_print_config_resolves_data_set_defaults_reads_and_writes_nothing(tmp_pa
 def test_print_config_on_resume_shows_the_runs_own_config(images, tmp_path, capsys):
     assert run(images, tmp_path, "--iters", "1") == 0
     before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    cfg = _print_config(capsys, "--out", str(tmp_path), "--resume", "--iters", "3", "--no-cuda-graph")
-    assert cfg["k_x"] == 4 and cfg["nz"] == 8 and cfg["iters"] == 3 and cfg["cuda_graph"] is False and cfg["resume"]
+    cfg = _print_config(capsys, "--out", str(tmp_path), "--resume", "--iters", "3", "--cuda-graph")
+    assert cfg["k_x"] == 4 and cfg["nz"] == 8 and cfg["iters"] == 3 and cfg["cuda_graph"] is True and cfg["resume"]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
@@ -544,22 +598,34 @@ def _as_authors_state_dicts(size, nef=32, ngf=32, nif=8, nz=8):
 
 
 @pytest.mark.parametrize("size", [32, 64])
-def test_load_checkpoint_reads_the_authors_released_format(tmp_path, size):
+def test_load_checkpoint_reads_the_authors_released_format_with_their_energy_negated(tmp_path, size):
+    """Their netE is an energy (their chains descend it): loaded, f = -netE in eval and in train mode (power
+    iterations running), and one x-step of ours lowers their netE, as their step x - (s^2 / 2) grad netE."""
     sd, (E, G, I) = _as_authors_state_dicts(size)
     assert any(k.endswith("weight_orig") for k in sd["netE"]) and "bn_1.weight" in "".join(sd["netG"])
-    assert (f"block{5 if size == 64 else 4}.conv1.weight_u" in sd["netE"]) and f"lin_{6 if size == 64 else 5}.weight_v" in sd["netE"]
+    nb = 5 if size == 64 else 4
+    assert f"block{nb}.conv1.weight_u" in sd["netE"] and f"lin_{nb + 1}.weight_v" in sd["netE"]
     torch.save(sd, tmp_path / "authors.pth")
     models, cfg = dm.load_checkpoint(str(tmp_path / "authors.pth"))
     assert (cfg["image_size"], cfg["nef"], cfg["ngf"], cfg["nif"], cfg["nz"]) == (size, 32, 32, 8, 8)
-    assert cfg["dataset"] == ("celeba" if size == 64 else "cifar10") and cfg["posterior"] == "authors"
-    assert cfg["x_step_size"] == pytest.approx(0.045 if size == 64 else 0.125) and "script" not in cfg
+    assert cfg["dataset"] == ("celeba" if size == 64 else "cifar10") and cfg["recipe"] == "authors"
+    assert cfg["posterior"] == "authors" and "script" not in cfg
+    assert cfg["x_step_size"] == pytest.approx(0.045 if size == 64 else 0.125)
     x, z = torch.rand(5, 3, size, size) * 2 - 1, torch.randn(5, 8)
+    f = models["ebm"]
     with torch.no_grad():
-        assert torch.allclose(models["ebm"](x), E(x), atol=1e-6, rtol=1e-5)
+        energy = E(x)
+        assert energy.abs().min() > 1e-5 and torch.allclose(f(x), -energy, atol=1e-7, rtol=1e-5)
         assert torch.equal(models["generator"](z), G(z))
         assert all(torch.equal(a, b) for a, b in zip(models["encoder"](x), I(x)))
+        E_train, f_train = copy.deepcopy(E).train(), copy.deepcopy(f).train()
+        for _ in range(3):                                   # each forward runs one power iteration
+            assert torch.allclose(f_train(x), -E_train(x), atol=1e-6, rtol=1e-5)
     assert not any(m.training for m in models.values())
-    del sd["netE"][f"lin_{6 if size == 64 else 5}.weight_orig"]
+    x1 = dm.langevin_x(f, x, K=1, step_size=1e-3, noise=0.0)
+    with torch.no_grad():
+        assert (E(x1) < energy).all()                          # down their energy, as their chain
+    del sd["netE"][f"lin_{nb + 1}.weight_orig"]
     torch.save(sd, tmp_path / "broken.pth")
     with pytest.raises(dm.UsageError, match="not the authors'"):
         dm.load_checkpoint(str(tmp_path / "broken.pth"))
@@ -607,11 +673,12 @@ def test_bf16_autocast_runs_and_stays_close_to_float32(images, tmp_path):
         assert np.isfinite(r16[k]) and abs(r16[k] - r32[k]) < 0.05 * abs(r32[k]), (k, r16[k], r32[k])
 
 
-def test_divergence_guard_stops_and_keeps_last_good_checkpoint(images, tmp_path, capsys):
+def test_divergence_guard_stops_and_keeps_last_good_checkpoint(images, tmp_path, capsys, monkeypatch):
     assert run(images, tmp_path, "--iters", "2", "--ckpt-every", "1") == 0
     good = (tmp_path / "last.pt").read_bytes()
     os.remove(tmp_path / "final.pt")
-    rc = run(images, tmp_path, "--iters", "4", "--ckpt-every", "1", "--resume", "--gap-limit", "1e-12")
+    monkeypatch.setattr(dm, "GAP_LIMIT", 1e-12)
+    rc = run(images, tmp_path, "--iters", "4", "--ckpt-every", "1", "--resume")
     assert rc == 3
     assert "diverged at iteration 3" in capsys.readouterr().err
     assert (tmp_path / "last.pt").read_bytes() == good and not (tmp_path / "final.pt").exists()
@@ -648,11 +715,11 @@ def test_curves_png_at_plot_steps_and_one_line_without_matplotlib(images, tmp_pa
     (["--k-x", "-1"], "--k-x"), (["--k-z", "-1"], "--k-z"), (["--sigma-g", "0"], "--sigma-g"),
     (["--nef", "0"], "--nef"), (["--ngf", "0"], "--ngf"), (["--nif", "0"], "--nif"), (["--nz", "0"], "--nz"),
     (["--image-size", "48"], "image-size 48"), (["--batch-size", "1"], "--batch-size"), (["--lr-e", "0"], "--lr-e"),
-    (["--x-noise", "-1"], "--x-noise"), (["--lr-decay", "1.5"], "--lr-decay"), (["--iters", "0"], "--iters"),
+    (["--x-noise", "-1"], "--x-noise"), (["--iters", "0"], "--iters"), (["--data-seed", "-1"], "--data-seed"),
     (["--dataset", "imagenet"], "unknown --dataset"), (["--dataset", "folder:/nonexistent/dir"], "not a directory"),
-    (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"), (["--beta2", "1"], "--beta2"),
+    (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"),
     (["--sample-step-size", "nan"], "--sample-step-size"), (["--log-every", "0"], "--log-every"),
-    (["--n-data", "-1"], "--n-data"), (["--gap-limit", "0"], "--gap-limit"),
+    (["--n-data", "-1"], "--n-data"),
     (["--lr-e", "inf"], "--lr-e must be a finite number"), (["--sigma-g", "inf"], "--sigma-g must be a finite"),
     (["--x-step-size", "inf"], "--x-step-size must be a finite number >= 0"),
     (["--arch", "resnet", "--image-size", "64", "--nef", "8"], "--nef must be >= 16"),
@@ -666,7 +733,7 @@ def test_bad_values_exit_2_and_write_nothing(images, tmp_path, capsys, flags, ms
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--arch", "vgg"], ["--k-x", "ten"]])
+@pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--arch", "vgg"], ["--k-x", "ten"], ["--recipe", "mine"]])
 def test_argparse_errors_exit_2(tmp_path, capsys, flags):
     with pytest.raises(SystemExit) as e:
         dm.main([*TINY, "--out", str(tmp_path / "run"), *flags])
