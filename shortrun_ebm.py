@@ -11,37 +11,19 @@ The model is p(x) ~ exp(f(x)) with f a ConvNet (f is the *negative* energy). Eve
     Adam step ascending  mean f(x_data) - mean f(x_q)
 The chain is short, non-convergent and non-persistent: the learned K-step sampler itself is
 the generator (x = M_theta(z), z ~ p_0), which interpolates, reconstructs and super-resolves.
+It samples exp(f / T) at the temperature T = noise^2 / (2 step_size) (5e-5 with the defaults).
 
-Temperature convention. Standard Langevin with step s on a density exp(-U) reads
-x <- x - (s^2 / 2) grad U + s * eps. The appendix update above is that with s = noise and
--U = f / T, T = noise^2 / (2 step_size): with the defaults (1.0, 1e-2) the chain samples
-exp(f / T) at T = 5e-5, i.e. it is almost pure gradient ascent on f plus a little noise.
-
-Run recipes
-    # the main job: the paper's sec. 5.1 CIFAR-10 setting (downloads CIFAR-10 into ./data):
-    # n_f 128, 40,000 images, 200,000 iterations, then 50,000 more with lr and sigma decaying
-    # geometrically to 0.1x (the decay's length and shape are our choice; the paper gives none)
+Run recipes (README.md has more; --help lists every flag)
+    # the paper's sec. 5.1 CIFAR-10 setting: n_f 128, 40,000 images, 200,000 iterations + our decay
     python shortrun_ebm.py --dataset cifar10 --K 100
     # the appendix code's setting: n_f 64, 100,000 iterations, all 50,000 images, no decay
     python shortrun_ebm.py --dataset cifar10 --K 100 --preset appendix
-    # see what a command will run (every default resolved) without running it
-    python shortrun_ebm.py --dataset celeba --print-config
-    # a tiny CPU run on any folder of images (a minute)
+    # a tiny CPU run on any folder of images (a minute); after Ctrl-C, --resume continues it exactly
     python shortrun_ebm.py --dataset folder:PATH --n_f 16 --K 20 --sigma 0.1 \
         --batch-size 32 --iters 300 --device cpu --out runs/tiny
-    # resume an interrupted run (Ctrl-C saves a checkpoint first); same numbers as never stopped
     python shortrun_ebm.py --out runs/tiny --resume
     # several GPUs: each process runs its own chains on --batch-size images
     torchrun --nproc_per_node=4 shortrun_ebm.py --dataset cifar10 --K 100
-    # time 20 iterations on random data of the configured shape; writes nothing. On CUDA the chain is
-    # one captured Langevin step replayed K times (FastChain; --no-cuda-graph: the eager langevin) and
-    # --amp bf16 runs it on bf16 copies of the weights (about 1.9x on an H200; README)
-    python shortrun_ebm.py --benchmark 20 --n_f 128 --amp bf16
-    # super-resolution training (supplement, n_f 32): chains start from 8x8 versions of the data
-    python shortrun_ebm.py --dataset celeba --n_f 32 --init lowres --lowres-size 8
-
-Run folder (--out): config.json, log.jsonl, samples_{iteration:06d}.png, data.png, curves.png,
-last.pt (atomic), final.pt. See README.md for the full description of each flag.
 """
 import argparse
 import contextlib
@@ -160,27 +142,28 @@ def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=N
 # ---- harness: the parser (paper defaults), data, run folder, checkpoints, training loop, main ----
 
 PROG = "shortrun_ebm.py"
+CKPT_FORMAT = 1  # in config.json and every checkpoint; read_checkpoint refuses any other in one line
 RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
 REUSE_HINT = "pass --resume to continue it"
-DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
-CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
 # Defaults that depend on --dataset (the parser holds None; resolve_defaults fills them in). CIFAR-10,
 # CelebA, LSUN: the paper's sec. 5.1 (n_f 128 / 64 / 64, 40,000 images, 200,000 iterations, then a
 # decrease of lr and sigma). Its length and shape are unpublished: ours is 50,000 more iterations of
-# geometric decay to --anneal-lr-final / --anneal-sigma-final. Other sets keep the appendix code's
-# 100,000 iterations without decay. --preset appendix: the appendix code itself (all images).
+# geometric decay to ANNEAL_FINAL. Other sets keep the appendix code's 100,000 iterations without decay.
+# --preset appendix: the appendix code itself (all images).
 PAPER_51 = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 250000, "anneal_start": 200000}
 DATASET_DEFAULTS = {"cifar10": dict(PAPER_51, n_f=128),
                     "celeba": dict(PAPER_51, image_size=64), "lsun_bedroom": dict(PAPER_51, image_size=64)}
 OTHER_DEFAULTS = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 100000, "anneal_start": 0}
 PRESETS = {"appendix": {"n_f": 64, "n_data": 0, "image_size": 32, "iters": 100000, "anneal_start": 0}}
+ANNEAL_FINAL = 0.1  # lr and sigma reach this fraction of their values at --iters (our choice)
+# The divergence guard (--guard) looks every GUARD_EVERY iterations (and on log and checkpoint steps) for
+# NaN, a sample pixel beyond +-GUARD_MAX_ABS (data lives in [-1, 1]), a Langevin drift step moving pixels
+# by an RMS above GUARD_MAX_STEP (healthy: ~0.05-0.2), and |f(data) - f(x_q)| above GUARD_MAX_GAP
+# (healthy: ~1-100). README shows a blow-up these catch.
+GUARD_EVERY, GUARD_MAX_ABS, GUARD_MAX_STEP, GUARD_MAX_GAP = 10, 3.0, 0.5, 1e4
 # Flags that may change on --resume (run control); every other flag is the run's own
 RESUME_OVERRIDES = ("iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
-                    "data_root", "guard", "guard_every", "guard_max_abs", "guard_max_step", "guard_max_gap",
-                    "print_config", "cuda_graph")
-# Keys a run folder written by an older version lacks, with the value that reproduces what that version did
-OLD_RUN_DEFAULTS = {"preset": None, "print_config": False, "cuda_graph": True,
-                    "data_seed": None}                 # None: the first n_data images in sorted order
+                    "data_root", "guard", "print_config", "cuda_graph")
 
 
 def per_dataset(key):
@@ -234,27 +217,14 @@ def build_parser(suppress_defaults=False):
     m.add_argument("--batch-size", type=int, default=64, help="m, images per step and process (paper: 64)")
     m.add_argument("--iters", type=int, default=None,
                    help="iterations (appendix code: 1e5; paper sec. 5.1: 2e5, then a decrease of lr and "
-                        "sigma); "
-                        + per_dataset("iters"))
+                        "sigma); " + per_dataset("iters"))
     m.add_argument("--anneal-start", type=int, default=None,
-                   help="iteration where lr and sigma start to decay geometrically; 0 = off (appendix); "
-                        + per_dataset("anneal_start") + "; with only --iters given, the same share of the "
-                        "run")
-    m.add_argument("--anneal-lr-final", type=float, default=0.1, help="lr factor reached at --iters")
-    m.add_argument("--anneal-sigma-final", type=float, default=0.1, help="sigma factor reached at --iters")
+                   help=f"iteration from which lr and sigma decay geometrically to {ANNEAL_FINAL:g}x at "
+                        f"--iters; 0 = off (appendix); " + per_dataset("anneal_start")
+                        + "; with only --iters given, the same share of the run")
     m.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="appendix: the appendix code's setting (n_f 64, 100,000 iterations, all images, no "
                         "decay, 32 px); flags given explicitly still win")
-    g = p.add_argument_group("divergence guard")
-    g.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
-                   help="stop when the sampler blows up (NaN, samples far outside [-1, 1], huge steps)")
-    g.add_argument("--guard-every", type=int, default=10, help="check the guard every N iterations")
-    g.add_argument("--guard-max-abs", type=float, default=3.0,
-                   help="stop when a sample pixel leaves [-a, a] (data lives in [-1, 1])")
-    g.add_argument("--guard-max-step", type=float, default=0.5,
-                   help="stop when one Langevin drift step moves pixels by this RMS (healthy: ~0.05-0.2)")
-    g.add_argument("--guard-max-gap", type=float, default=1e4,
-                   help="stop when |f(data) - f(samples)| exceeds this (healthy: ~1-100)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
@@ -263,7 +233,10 @@ def build_parser(suppress_defaults=False):
                         "bf16 autocast (GPUs)")
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
-    r.add_argument("--out", default=None, help="run folder (default runs/shortrun_<dataset>)")
+    r.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"stop (exit 3, last.pt kept) when the sampler blows up: NaN, samples beyond "
+                        f"+-{GUARD_MAX_ABS:g}, huge steps or f gap (GUARD_* in the script)")
+    r.add_argument("--out", default=None, help="run folder (default runs/shortrun_<dataset or folder name>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     r.add_argument("--log-every", type=int, default=100, help="log.jsonl + progress line every N its")
     r.add_argument("--plot-every", type=int, default=1000, help="sample grid every N its (0 = end only)")
@@ -298,28 +271,23 @@ def validate(args):
     if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):]:
         raise UsageError("--dataset folder: needs a path, e.g. folder:~/data/images")
     positive_ints = {"--K": args.K, "--n_f": args.n_f, "--batch-size": args.batch_size, "--iters": args.iters,
-                     "--lowres-size": args.lowres_size, "--guard-every": args.guard_every}
+                     "--lowres-size": args.lowres_size}
     for name, v in positive_ints.items():
         if v < 1:
             raise UsageError(f"{name} must be >= 1 (got {v})")
     for name, v in {"--n-data": args.n_data, "--log-every": args.log_every, "--plot-every": args.plot_every,
                     "--ckpt-every": args.ckpt_every, "--benchmark": args.benchmark,
                     "--anneal-start": args.anneal_start, "--data-seed": args.data_seed}.items():
-        if v is not None and v < 0:                    # data_seed None: a run from before --data-seed
+        if v < 0:
             raise UsageError(f"{name} must be >= 0 (got {v})")
     if args.K_max is not None and args.K_max < args.K:
         raise UsageError(f"--K-max ({args.K_max}) must be >= --K ({args.K})")
-    for name, v in {"--lr": args.lr, "--step-size": args.step_size, "--guard-max-abs": args.guard_max_abs,
-                    "--guard-max-step": args.guard_max_step, "--guard-max-gap": args.guard_max_gap}.items():
+    for name, v in {"--lr": args.lr, "--step-size": args.step_size}.items():
         if not (math.isfinite(v) and v > 0):
             raise UsageError(f"{name} must be a positive finite number (got {v})")
     for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
         if not (math.isfinite(v) and v >= 0):
             raise UsageError(f"{name} must be >= 0 (got {v})")
-    finals = {"--anneal-lr-final": args.anneal_lr_final, "--anneal-sigma-final": args.anneal_sigma_final}
-    for name, v in finals.items():
-        if not (0 < v <= 1):
-            raise UsageError(f"{name} must be in (0, 1] (got {v})")
     if args.anneal_start and args.anneal_start >= args.iters:
         raise UsageError(f"--anneal-start ({args.anneal_start}) must be below --iters ({args.iters})")
     if args.lowres_size > args.image_size:
@@ -351,6 +319,20 @@ class ArgumentParser(argparse.ArgumentParser):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def default_out(prefix, dataset):
+    """--out's default: runs/<prefix>_<dataset>; a folder:PATH or file:PATH is named by its last part."""
+    if ":" in dataset:
+        path = os.path.normpath(os.path.expanduser(dataset.split(":", 1)[1]))
+        dataset = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{prefix}_{dataset}")
+
+
+def print_config(args):
+    """--print-config: the resolved configuration (argparse dests) as one JSON object on stdout; exit 0."""
+    print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+    return 0
 
 
 def resolve_device(name, local_rank=0):
@@ -390,14 +372,13 @@ def get_rng_state(device):
 
 
 def set_rng_state(state, device):
-    """Inverse of get_rng_state; also reads checkpoints that stored every device's CUDA state."""
+    """Inverse of get_rng_state."""
     torch.set_rng_state(state["torch"])
-    cuda = state["cuda"]
-    if cuda and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda[device.index] if len(cuda) > 1 else cuda[0], device)
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    random.setstate(state["python"])
 
 
 def gather_rng(device, world):
@@ -407,6 +388,15 @@ def gather_rng(device, world):
     states = [None] * world
     torch.distributed.all_gather_object(states, get_rng_state(device))
     return states
+
+
+def restore_rng(ckpt, seed, rank, world, device):
+    """--resume's random streams: exact when the run had as many ranks (each continues its own
+    streams), else fresh streams per rank (the run goes on, not bit-exactly)."""
+    if len(ckpt["rng_per_rank"]) == world:
+        set_rng_state(ckpt["rng_per_rank"][rank], device)
+    else:
+        seed_everything(seed + rank + 1000 * ckpt["iteration"])
 
 
 def atomic_write(path, write):
@@ -428,9 +418,10 @@ def atomic_write_json(obj, path, **dump_kw):
 
 
 def versions():
-    """What config.json records beside the flags: the versions the run ran on."""
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": sys.version.split()[0]}
+    """What config.json and checkpoints record beside the flags: the script and its CKPT_FORMAT (what
+    read_checkpoint checks), and the versions the run ran on."""
+    return {"script": PROG.removesuffix(".py"), "format": CKPT_FORMAT, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": sys.version.split()[0]}
 
 
 def load_file(path, device="cpu"):
@@ -442,6 +433,19 @@ def load_file(path, device="cpu"):
     except Exception as e:  # a truncated or foreign file: any unpickling error means unreadable
         raise UsageError(f"cannot read checkpoint {path}: unreadable ({type(e).__name__}), it may be "
                          f"truncated; delete it or resume from another copy") from None
+
+
+def read_checkpoint(path, device="cpu", ckpt=None):
+    """This script's checkpoint at path (ckpt: its dict, if already loaded), or one clear line
+    (UsageError) for a file another script wrote or one of another CKPT_FORMAT."""
+    ckpt = load_file(path, device) if ckpt is None else ckpt
+    if not isinstance(ckpt, dict) or ckpt.get("script") != PROG.removesuffix(".py"):
+        raise UsageError(f"{path} was not written by {PROG}")
+    if ckpt.get("format") != CKPT_FORMAT:
+        found = "no format number" if ckpt.get("format") is None else f"format {ckpt['format']}"
+        raise UsageError(f"{path} was written by an older {PROG} ({found}); this one reads format "
+                         f"{CKPT_FORMAT}: train a new run")
+    return ckpt
 
 
 def check_run_folder(out, force=False):
@@ -474,14 +478,14 @@ def read_run(out):
     except (OSError, ValueError) as e:
         raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
                          f"delete the folder or choose another --out") from None
-    return {"config": config, "iteration": 0}
+    return read_checkpoint(config_path, ckpt={"script": config.get("script"), "format": config.get("format"),
+                                              "config": config, "iteration": 0})
 
 
 def merge_resume_args(ckpt, given, out):
-    """On --resume the run's own config wins (keys an older version did not write: OLD_RUN_DEFAULTS);
-    only the run-control flags in RESUME_OVERRIDES may change."""
+    """On --resume the run's own config wins; only the run-control flags in RESUME_OVERRIDES may change."""
     dests = vars(build_parser().parse_args([]))
-    saved = {k: v for k, v in {**OLD_RUN_DEFAULTS, **ckpt["config"]}.items() if k in dests}
+    saved = {k: v for k, v in ckpt["config"].items() if k in dests}
     for key, value in given.items():
         if key not in RESUME_OVERRIDES and saved.get(key) != value:
             raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
@@ -514,6 +518,14 @@ def truncate_log(path, iteration):
             fh.writelines(keep)
 
 
+DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
+CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
+# Where torchvision wants each set under --data-root (the "expected" of a missing set's error)
+WHERE = {"cifar10": "cifar-10-batches-py/", "mnist": "MNIST/raw/", "fashion_mnist": "FashionMNIST/raw/",
+         "svhn": "svhn/{split}_32x32.mat", "celeba": "celeba/ (img_align_celeba/ + list_eval_partition.txt)",
+         "lsun_bedroom": "bedroom_train_lmdb/ or bedroom_val_lmdb/ (LSUN's script; pip install lmdb)"}
+
+
 def folder_path(dataset):
     """folder:PATH -> PATH with ~ expanded."""
     return os.path.expanduser(dataset[len("folder:"):])
@@ -530,6 +542,107 @@ def folder_images(path):
         raise UsageError(f"--dataset folder: {path!r} holds no images ({', '.join(IMAGE_EXTS)}), "
                          f"searched recursively")
     return files
+
+
+class ImageTransform:
+    """PIL image -> uint8 tensor (n_c, size, size): resize the short side, centre-crop; with crop_box (a
+    PIL box (left, upper, right, lower) of the aligned 178x218 CelebA images) that crop first. A class,
+    not a closure, so that DataLoader workers can pickle it."""
+
+    def __init__(self, size, crop_box=None):
+        T = torchvision.transforms
+        self.crop_box, self.rest = crop_box, T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+
+    def __call__(self, im):
+        if self.crop_box is not None:
+            if im.size != (178, 218):
+                raise ValueError(f"the crop box {self.crop_box} is for the aligned 178x218 CelebA images, "
+                                 f"not one of {im.size[0]}x{im.size[1]}")
+            im = im.crop(self.crop_box)
+        return self.rest(im)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A list of image files as a data set of (transform(the image as RGB), 0)."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), 0
+
+
+def image_dataset(dataset, root, size, download=False, split="train", crop_box=None):
+    """A data set of (uint8 image (n_c, size, size), label) through ImageTransform(size, crop_box):
+    folder:PATH (every image under PATH), or the split ("train" | "test") of a torchvision set under
+    root. A set that is missing raises one clear line (UsageError) naming where its files belong."""
+    tf = ImageTransform(size, crop_box)
+    if dataset.startswith("folder:"):
+        return ImageFiles(folder_images(folder_path(dataset)), tf)
+    root, D, train = os.path.expanduser(root), torchvision.datasets, split == "train"
+    try:
+        if dataset in ("cifar10", "mnist", "fashion_mnist"):
+            cls = {"cifar10": D.CIFAR10, "mnist": D.MNIST, "fashion_mnist": D.FashionMNIST}[dataset]
+            return cls(root, train=train, download=download, transform=tf)
+        if dataset == "svhn":
+            return D.SVHN(os.path.join(root, "svhn"), split=split, download=download, transform=tf)
+        if dataset == "celeba":
+            return D.CelebA(root, split="train" if train else "test", download=download, transform=tf)
+        return D.LSUN(root, classes=["bedroom_" + ("train" if train else "val")], transform=tf)  # no download
+    except Exception as e:  # RuntimeError / OSError: files missing or damaged; ImportError: LSUN's lmdb
+        first = str(e).splitlines()[0] if str(e) else ""
+        where = os.path.join(root, WHERE[dataset].format(split=split))
+        hint = "put the files there" if download else "put the files there or drop --no-download"
+        raise UsageError(f"cannot load {dataset}: expected {where} ({type(e).__name__}: {first}); "
+                         f"{hint}") from None
+
+
+def subset_indices(n_available, n_data, seed):
+    """--n-data's images: all (n_data 0 or >= n_available, in order), else a random n_data of them drawn
+    with its own generator from seed (a class-sorted folder keeps every class)."""
+    if not n_data or n_data >= n_available:
+        return list(range(n_available))
+    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:n_data].tolist()
+
+
+def load_images(dataset, root, size, n_data=0, download=False, split="train", seed=0, crop_box=None):
+    """n_data images (0 = all) of image_dataset(...), picked by subset_indices with seed, as one uint8
+    tensor (N, n_c, size, size) on the CPU; and how many the set holds. Large sets decode in workers."""
+    ds = image_dataset(dataset, root, size, download, split, crop_box)
+    subset = torch.utils.data.Subset(ds, subset_indices(len(ds), n_data, seed))
+    workers = min(4, os.cpu_count() or 1, len(subset) // 2000)
+    try:
+        images = torch.cat([x for x, _ in torch.utils.data.DataLoader(subset, 500, num_workers=workers)])
+    except (OSError, ValueError, RuntimeError) as e:  # from a worker with its traceback: the last line says
+        raise UsageError(f"cannot read the images of {dataset}: "
+                         f"{(str(e).strip().splitlines() or [type(e).__name__])[-1]}") from None
+    return images, len(ds)
+
+
+def to_pixels(u8):
+    """uint8 images -> float in [-1, 1]."""
+    return u8.float() / 127.5 - 1
+
+
+def load_data(args, rank, world, device, crop_box=None):
+    """load_images of the run's data flags: (uint8 images, the set's size). Rank 0 loads (and downloads)
+    first, the others then read what it left (no two downloads); a usage error on any rank stops all."""
+    result, error = None, None
+    for turn in ("rank 0", "the others"):
+        if (rank == 0) == (turn == "rank 0"):
+            try:
+                result = load_images(args.dataset, args.data_root, args.image_size, args.n_data,
+                                     args.download and rank == 0, "train", args.data_seed, crop_box)
+            except UsageError as e:
+                error = e
+        if any_rank(torch.tensor([error is not None], device=device), world)[0]:
+            raise error or UsageError("loading the data failed on another rank")
+    return result
 
 
 def place_data(data, device, share):
@@ -582,10 +695,8 @@ class StopFlag:
     """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
     exact); a second Ctrl-C aborts at once."""
 
-    def __init__(self):
-        self.requested, self.previous = False, None
-
     def __enter__(self):
+        self.requested, self.previous = False, None
         try:
             self.previous = signal.signal(signal.SIGINT, self.handle)
         except ValueError:  # not the main thread: keep the default handler
@@ -649,14 +760,29 @@ def cuda_graph_replay(run, device, reset=None):
     return graph.replay
 
 
-# ---- model and sampler plumbing ----
+def time_steps(step, n, device):
+    """--benchmark's clock: the median seconds of n calls step(i) after two untimed warm-ups (autotuning,
+    graph capture), each call ended by a CUDA sync (the work's time, not its launch's)."""
+    times = []
+    for i in range(n + 2):
+        t0 = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[n // 2]
 
-def build_ebm(n_c, n_f, im_sz, act, device):
-    """EBM on device. On the CPU the weights go channels_last (oneDNN's convolutions are faster in it;
-    README has the figures); on CUDA the default layout (the bf16 chain keeps its own channels_last
-    copy of the weights)."""
-    f = EBM(n_c, n_f, im_sz, act).to(device)
-    return f.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else f
+
+# ---- model, sampler and checkpoint plumbing ----
+
+def build_model(args, n_c, device):
+    """f on device and its Adam (the paper's betas .9/.999). On the CPU the weights go channels_last
+    (oneDNN's convolutions are faster in it; README has the figures); on CUDA the default layout (the
+    bf16 chain keeps its own channels_last copy of the weights)."""
+    f = EBM(n_c, args.n_f, args.image_size, args.act).to(device)
+    if torch.device(device).type == "cpu":
+        f = f.to(memory_format=torch.channels_last)
+    return f, torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
 
 
 def init_chain(x_data, args):
@@ -666,162 +792,64 @@ def init_chain(x_data, args):
     return sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
 
 
-def langevin_step_rms(f, x, step_size):
-    """Diagnostic: RMS per pixel of one drift step, step_size * |grad_x f(x)| / sqrt(D), mean over x."""
+def grad_norm(f, x):
+    """Diagnostic: the mean over images of |grad_x f(x)|_2, a 0-dim tensor."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        grad = torch.autograd.grad(f(x).sum(), x)[0]
-    return step_size * grad.flatten(1).norm(dim=1).mean() / math.sqrt(x[0].numel())
-
-
-# ---- data ----
-
-def _torchvision_set(name, root, split, download, tf):
-    tv = torchvision.datasets
-    train = split == "train"
-    if name == "cifar10":
-        return tv.CIFAR10(root, train=train, download=download, transform=tf)
-    if name == "mnist":
-        return tv.MNIST(root, train=train, download=download, transform=tf)
-    if name == "fashion_mnist":
-        return tv.FashionMNIST(root, train=train, download=download, transform=tf)
-    if name == "svhn":
-        return tv.SVHN(os.path.join(root, "svhn"), split=split, download=download, transform=tf)
-    if name == "celeba":
-        return tv.CelebA(root, split="train" if train else "test", download=download, transform=tf)
-    try:  # lsun_bedroom: torchvision cannot download LSUN; it reads the lmdb folders
-        return tv.LSUN(root, classes=["bedroom_train" if train else "bedroom_val"], transform=tf)
-    except ImportError:
-        raise UsageError("lsun_bedroom needs the lmdb package: pip install lmdb") from None
-
-
-WHERE = {"cifar10": "{root}/cifar-10-batches-py/", "mnist": "{root}/MNIST/raw/",
-         "fashion_mnist": "{root}/FashionMNIST/raw/", "svhn": "{root}/svhn/{split}_32x32.mat",
-         "celeba": "{root}/celeba/ (img_align_celeba/ + list_eval_partition.txt)",
-         "lsun_bedroom": "{root}/bedroom_train_lmdb/ (from the LSUN download scripts)"}
-
-
-def subset_indices(n_available, n_data, seed):
-    """Which images to take: all (n_data 0 or >= n_available, in order), else a random n_data of them
-    drawn with its own generator from seed (class-sorted folders keep every class); seed None: the
-    first n_data (what runs written before --data-seed did)."""
-    if not n_data or n_data >= n_available:
-        return list(range(n_available))
-    if seed is None:
-        return list(range(n_data))
-    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:n_data].tolist()
-
-
-def load_images(dataset, data_root, image_size, n_data=0, download=False, split="train", seed=0, info=None):
-    """A whole data set as one float tensor (N, C, S, S) in [-1, 1] on the CPU.
-
-    Resized (shorter side) and centre-cropped to image_size; n_data images (0 = all) picked by
-    subset_indices(..., seed); info (a dict), if given, receives n_available (the set's size).
-    A missing or unreadable data set raises UsageError saying where the files should go."""
-    from PIL import Image
-    n_c = CHANNELS.get(dataset, 3)
-    tf = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(image_size), torchvision.transforms.CenterCrop(image_size),
-        torchvision.transforms.ToTensor(), torchvision.transforms.Normalize([0.5] * n_c, [0.5] * n_c)])
-    if dataset.startswith("folder:"):
-        files = folder_images(folder_path(dataset))
-        if info is not None:
-            info["n_available"] = len(files)
-        files = [files[i] for i in subset_indices(len(files), n_data, seed)]
-        images = []
-        for path in files:
-            try:
-                with Image.open(path) as im:
-                    images.append(tf(im.convert("RGB")))
-            except (OSError, ValueError) as e:
-                raise UsageError(f"cannot read image {path}: {e}") from None
-        return torch.stack(images)
-    root = os.path.expanduser(data_root)
-    try:
-        ds = _torchvision_set(dataset, root, split, download, tf)
-    except (RuntimeError, FileNotFoundError, OSError) as e:
-        where = WHERE[dataset].format(root=root, split=split)
-        how = "run without --no-download, or put" if not download else "download failed; put"
-        raise UsageError(f"{dataset} not found under {root} ({str(e).splitlines()[0]}): "
-                         f"{how} the files in {where}, or use --dataset folder:PATH") from None
-    if info is not None:
-        info["n_available"] = len(ds)
-    subset = torch.utils.data.Subset(ds, subset_indices(len(ds), n_data, seed))
-    loader = torch.utils.data.DataLoader(subset, batch_size=500)
-    return torch.cat([x for x, _ in loader])
-
-
-# ---- run folder, checkpoints, logging ----
-
-def read_checkpoint(path, device="cpu"):
-    ckpt = load_file(path, device)
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "shortrun_ebm":
-        raise UsageError(f"{path} is not a {PROG} checkpoint")
-    return ckpt
+        return torch.autograd.grad(f(x).sum(), x)[0].flatten(1).norm(dim=1).mean()
 
 
 def load_checkpoint(path, device="cpu"):
     """(f in eval mode on device, config dict) from a checkpoint written by this script."""
     ckpt = read_checkpoint(path, device)
-    config = ckpt["config"]
-    f = build_ebm(config["n_c"], config["n_f"], config["image_size"], config["act"], device)
+    f, _ = build_model(argparse.Namespace(**ckpt["config"]), ckpt["config"]["n_c"], device)
     f.load_state_dict(ckpt["models"]["ebm"])
-    return f.eval(), config
-
-
-def make_checkpoint(f, optim, args, it, rng_states, seconds):
-    return {"script": "shortrun_ebm", "config": vars(args), "iteration": it, "seconds": seconds,
-            "models": {"ebm": f.state_dict()}, "optimizers": {"ebm": optim.state_dict()},
-            "rng": rng_states[0], "rng_per_rank": rng_states}
+    return f.eval(), ckpt["config"]
 
 
 # ---- training ----
 
 def schedule(args, it):
     """lr and sigma at iteration it: constant (appendix), then, from --anneal-start, a geometric decay
-    reaching the final fractions at --iters (the paper's 'gradually decrease lr and sigma')."""
+    reaching ANNEAL_FINAL of each at --iters (the paper's 'gradually decrease lr and sigma')."""
     if not args.anneal_start or it < args.anneal_start:
         return args.lr, args.sigma
-    progress = (it - args.anneal_start) / (args.iters - args.anneal_start)
-    return args.lr * args.anneal_lr_final ** progress, args.sigma * args.anneal_sigma_final ** progress
+    decay = ANNEAL_FINAL ** ((it - args.anneal_start) / (args.iters - args.anneal_start))
+    return args.lr * decay, args.sigma * decay
 
 
 def harness_step(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None):
-    """Iteration it of training: the schedule's lr and sigma, a batch, K (dynamic K), x_0 (the init),
-    then the method's train_step. Returns (x_q, x_data, f_data, f_q)."""
+    """Iteration it of training: the schedule's lr and sigma, a batch of the uint8 data, K (dynamic K),
+    x_0 (the init), then the method's train_step. Returns (x_q, x_data, f_data, f_q)."""
     lr, sigma = schedule(args, it)
     for group in optim.param_groups:
         group["lr"] = lr
-    x_data = data[torch.randint(0, data.shape[0], (args.batch_size,))].to(device, non_blocking=True)
+    idx = torch.randint(0, data.shape[0], (args.batch_size,))
+    x_data = to_pixels(data[idx].to(device, non_blocking=True))                 # (m, C, S, S) in [-1, 1]
     K = args.K if args.K_max is None else int(torch.randint(args.K, args.K_max + 1, ()))
-    x_0 = lowres(x_data, args.lowres_size) if args.init == "lowres" else None   # None: p_0 in train_step
+    x_0 = init_chain(x_data, args)
     x_q, f_data, f_q = train_step(f, optim, x_data, K, args.step_size, args.noise, sigma, x_0, chain=chain,
                                   f_loss=f_ddp, autocast=amp, stats=stats)
     return x_q, x_data, f_data, f_q
 
 
 class FastChain:
-    """The Langevin chain of `langevin` (same update, same noise law), made fast for training.
-
-    Called like `langevin`: chain(f, x_0, K, step_size, noise, stats=None) -> x_K. Two switches:
+    """The Langevin chain of `langevin` (same update, same noise law), made fast for training; called
+    like it: chain(f, x_0, K, step_size, noise, stats=None) -> x_K. Steps update an fp32 buffer in place.
     - bf16: f runs on a bf16 copy of its weights (channels_last), refreshed from f at every call;
       x, the update and the noise stay fp32 (bf16 cannot accumulate 0.01-sized noise at |x| ~ 1).
-    - graph (CUDA only): one Langevin step is captured once per input shape as a CUDA graph and
-      replayed K times, so the ~60 kernel launches and the autograd bookkeeping of a step become one
-      replay (dynamic K costs nothing extra). Adam updates the weights in place, so one capture
-      serves the whole run; the default CUDA generator is graph-safe: every replay draws fresh noise.
-    stats (a list, as for `langevin`): the call also accumulates the per-image L2 norm of grad_x f
-    inside each step and appends its mean over the K steps (one 0-dim tensor); only such calls (the
-    log iterations) pay for it: they replay a second graph captured with the accumulation.
-    """
+    - graph (CUDA only): one step is captured once per input shape as a CUDA graph and replayed K
+      times: ~60 kernel launches and the autograd bookkeeping become one replay. Adam updates the
+      weights in place, so one capture serves the whole run; every replay draws fresh noise.
+    stats (a list, as for `langevin`): appends the mean over the K steps of the per-image |grad_x f|
+    (one 0-dim tensor); only such calls (log iterations) pay for it, with their own buffers and graph."""
 
     def __init__(self, f, bf16=False, graph=False):
-        self.f, self.bf16, self.graph = f, bf16, graph
-        self.net = f
+        self.f, self.bf16, self.graph, self.net = f, bf16, graph, f
         if bf16:
             self.net = copy.deepcopy(f).to(torch.bfloat16, memory_format=torch.channels_last)
             self.net.requires_grad_(False)
-        self.graphs = {}      # (shape, device, track) -> (replay, x buffer, step, noise, grad-norm sum)
+        self.cache = {}      # (shape, device, stats?) -> (one step, x buffer, step, noise, grad-norm sum)
 
     def _step(self, x, step_t, noise_t, norm_sum=None):
         """One Langevin step updating the fp32 buffer x in place (capturable: no host sync)."""
@@ -834,43 +862,36 @@ class FastChain:
         x.add_(step_t * grad)                                  # x + step_size * grad_x f(x)
         x.add_(noise_t * torch.randn_like(x))                  # + noise * N(0, I)
 
-    def _captured(self, x, track):
+    def _buffers(self, x, track):
         key = (tuple(x.shape), str(x.device), track)
-        if key not in self.graphs:
+        if key not in self.cache:
             buf = x.detach().clone(memory_format=torch.contiguous_format)
             step_t, noise_t, norm_sum = (torch.zeros((), device=x.device) for _ in range(3))
             norm_sum = norm_sum if track else None
-            replay = cuda_graph_replay(lambda: self._step(buf, step_t, noise_t, norm_sum), x.device)
-            self.graphs[key] = (replay, buf, step_t, noise_t, norm_sum)
-        return self.graphs[key]
+            step = lambda: self._step(buf, step_t, noise_t, norm_sum)
+            if self.graph and x.is_cuda:
+                step = cuda_graph_replay(step, x.device)
+            self.cache[key] = (step, buf, step_t, noise_t, norm_sum)
+        return self.cache[key]
 
     def __call__(self, f, x, K, step_size=1.0, noise=1e-2, stats=None):
         if f is not self.f:
             raise ValueError("FastChain was built for another model")
-        track = stats is not None
-        with torch.no_grad():
-            if self.bf16:                                      # shadow weights <- f's, once per chain
+        if self.bf16:                                          # shadow weights <- f's, once per chain
+            with torch.no_grad():
                 torch._foreach_copy_(list(self.net.parameters()), list(f.parameters()))
         with frozen(self.net):                                 # autograd w.r.t. x only
-            if self.graph and x.is_cuda:
-                replay, buf, step_t, noise_t, norm_sum = self._captured(x, track)
-                buf.copy_(x)
-                step_t.fill_(step_size)
-                noise_t.fill_(noise)
-                if track:
-                    norm_sum.zero_()
-                for _ in range(K):
-                    replay()
-                x_K = buf.clone()
-            else:
-                x_K = x.detach().clone(memory_format=torch.contiguous_format)
-                step_t, noise_t = (torch.tensor(float(v), device=x.device) for v in (step_size, noise))
-                norm_sum = torch.zeros((), device=x.device) if track else None
-                for _ in range(K):
-                    self._step(x_K, step_t, noise_t, norm_sum)
-        if track:                                              # mean over the K steps
+            step, buf, step_t, noise_t, norm_sum = self._buffers(x, stats is not None)
+            buf.copy_(x)
+            step_t.fill_(step_size)
+            noise_t.fill_(noise)
+            if norm_sum is not None:
+                norm_sum.zero_()
+            for _ in range(K):
+                step()
+        if norm_sum is not None:                               # mean over the K steps
             stats.append(norm_sum / max(K, 1))
-        return x_K
+        return buf.clone()
 
 
 def make_chain(args, f, device):
@@ -883,20 +904,19 @@ def make_chain(args, f, device):
     return FastChain(f, bf16=args.amp == "bf16", graph=graph)
 
 
-def check_guard(stats, step_rms, args, it):
+def check_guard(f_data, f_q, max_abs, step_rms, it):
     """None if healthy, else a message saying what blew up and what to change."""
-    f_data, f_q, max_abs, _, _ = stats
     fix = "start a new run with a larger --sigma (e.g. 0.1), a lower --lr or a larger --K"
     if not all(map(math.isfinite, (f_data, f_q, max_abs, step_rms))):
         return f"iteration {it}: f or the samples became NaN/inf. {fix}"
-    if max_abs > args.guard_max_abs:
-        return (f"iteration {it}: samples left [-{args.guard_max_abs:g}, {args.guard_max_abs:g}] "
+    if max_abs > GUARD_MAX_ABS:
+        return (f"iteration {it}: samples left [-{GUARD_MAX_ABS:g}, {GUARD_MAX_ABS:g}] "
                 f"(max |x_q| = {max_abs:.3g}, f(x_q) = {f_q:.3g}): the sampler is diverging. {fix}")
-    if step_rms > args.guard_max_step:
+    if step_rms > GUARD_MAX_STEP:
         return (f"iteration {it}: one Langevin drift step moves pixels by RMS {step_rms:.3g} "
-                f"(> {args.guard_max_step:g}; |grad f| is exploding): the sampler is diverging. {fix}")
-    if abs(f_data - f_q) > args.guard_max_gap:
-        return (f"iteration {it}: |f(data) - f(x_q)| = {abs(f_data - f_q):.3g} > {args.guard_max_gap:g} "
+                f"(> {GUARD_MAX_STEP:g}; |grad f| is exploding): the sampler is diverging. {fix}")
+    if abs(f_data - f_q) > GUARD_MAX_GAP:
+        return (f"iteration {it}: |f(data) - f(x_q)| = {abs(f_data - f_q):.3g} > {GUARD_MAX_GAP:g} "
                 f"(f(x_q) = {f_q:.3g}): f no longer sees its own samples as data-like. {fix}")
     return None
 
@@ -926,7 +946,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
     """Algorithm 1 with three gated side jobs: log, plot, checkpoint. Returns the exit code."""
     writer = rank == 0
     amp, chain = autocast_for(args, device), make_chain(args, f, device)
-    data_fixed = data[:64].to(device)
+    data_fixed = to_pixels(data[:64].to(device))                              # (64, C, S, S) in [-1, 1]
     if writer and start_it == 0:
         save_grid(data_fixed, os.path.join(args.out, "data.png"))
     log_path, t_start, it_start = os.path.join(args.out, "log.jsonl"), time.time(), start_it
@@ -939,28 +959,27 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
             x_q, x_data, f_data, f_q = harness_step(f, f_ddp, optim, data, args, it - 1, chain, amp, device,
                                                     chain_grads)
             diverged, msg = False, None
-            guard_due = args.guard and (it % args.guard_every == 0 or due(args.log_every)
-                                        or due(args.ckpt_every))
-            if guard_due or due(args.log_every):
-                step_rms = float(langevin_step_rms(f, x_q, args.step_size))
-                stats = torch.stack([f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std()])
+            guard_due = args.guard and (it % GUARD_EVERY == 0 or due(args.log_every) or due(args.ckpt_every))
+            if guard_due or due(args.log_every):               # every signal in one device sync
+                signals = [f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std(), grad_norm(f, x_q)]
+                f_data, f_q, max_abs, x_std, data_std, g_norm = torch.stack(signals).tolist()
+                step_rms = args.step_size * g_norm / math.sqrt(x_q[0].numel())   # one drift step, RMS/pixel
             if guard_due:
-                msg = check_guard(stats.tolist(), step_rms, args, it)
+                msg = check_guard(f_data, f_q, max_abs, step_rms, it)
                 diverged = any_rank(torch.tensor([msg is not None], device=device), world)[0]
             if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
-                f_data, f_q, max_abs, x_std, data_std = stats.tolist()
                 elapsed = time.time() - t_start
                 rate = elapsed / (it - it_start)
                 row = {"iteration": it, "f_data": f_data, "f_sample": f_q, "f_gap": f_data - f_q,
-                       "grad_norm": step_rms / args.step_size * math.sqrt(x_q[0].numel()),
-                       "grad_norm_chain": float(torch.stack(chain_grads).mean()) if chain_grads else None,
+                       "grad_norm": g_norm, "grad_norm_chain": float(torch.stack(chain_grads).mean())
+                       if chain_grads else None,
                        "sample_max_abs": max_abs, "sample_std": x_std, "data_std": data_std,
                        "lr": optim.param_groups[0]["lr"], "sigma": schedule(args, it - 1)[1],
                        "seconds": seconds0 + elapsed, "s_per_iter": rate}
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 print(f"it {it}/{args.iters} | f(x) {f_data:+.4g} f(x_q) {f_q:+.4g} | |grad f| "
-                      f"{row['grad_norm']:.3g} | max|x_q| {max_abs:.2f} | {rate:.3f} s/it | "
+                      f"{g_norm:.3g} | max|x_q| {max_abs:.2f} | {rate:.3f} s/it | "
                       f"ETA {format_eta(rate * (args.iters - it))}", file=sys.stderr, flush=True)
             if diverged:
                 if writer:
@@ -973,9 +992,11 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                 curves = plot(f, args, it, data_fixed, chain, amp, device, curves)
             interrupted = any_rank(torch.tensor([stop.requested], device=device), world)[0]
             if due(args.ckpt_every) or interrupted:
-                rng_now = gather_rng(device, world)
+                rng = gather_rng(device, world)
                 if writer:
-                    ckpt = make_checkpoint(f, optim, args, it, rng_now, seconds0 + time.time() - t_start)
+                    ckpt = {**versions(), "config": vars(args), "iteration": it, "rng": rng[0], "rng_per_rank": rng,
+                            "models": {"ebm": f.state_dict()}, "optimizers": {"ebm": optim.state_dict()},
+                            "seconds": seconds0 + time.time() - t_start}
                     atomic_save(ckpt, os.path.join(args.out, "last.pt"))
                     if is_last:
                         atomic_save(ckpt, os.path.join(args.out, "final.pt"))
@@ -988,71 +1009,23 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
     return 0
 
 
-# ---- benchmark ----
+# ---- benchmark and main ----
 
-def conv_flops(f, n_c, im_sz):
-    """FLOPs of one forward of f on one image, convolutions only: 2 x the MACs, with each conv
-    costing (output elements) x (in_channels / groups) x kh x kw MACs (biases and activations are
-    negligible). Counted with forward hooks on a one-image forward."""
-    macs = []
-    hook = lambda conv, inp, out: macs.append(out[0].numel() * conv.in_channels // conv.groups
-                                              * conv.kernel_size[0] * conv.kernel_size[1])
-    handles = [m.register_forward_hook(hook) for m in f.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            p = next(f.parameters())
-            f(torch.zeros(1, n_c, im_sz, im_sz, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-    return 2 * sum(macs)
-
-
-def benchmark(args, n_c, device):
-    """Time args.benchmark iterations of training (same chain, same cuDNN autotuning) on random data
-    of the configured shape. FLOPs per iteration (the usual convention, 2 per multiply-add):
-    conv_flops x (2 m K + 3 x 2m): each chain step is one forward and one input-gradient pass
-    (2 forward-equivalents) per image, the update one forward and a backward for input and weight
-    gradients (3 forward-equivalents) on the 2m data and sample images."""
+def benchmark(args, device):
+    """--benchmark N: time N training iterations (same chain, same cuDNN autotuning) on random images of
+    the configured shape; prints s/iter and images*steps/s (K chain steps per image), writes nothing."""
+    seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True          # as training does
-    f = build_ebm(n_c, args.n_f, args.image_size, args.act, device)
-    optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    data = sample_p_0(1000, n_c, args.image_size, device)
+    n_c, S = CHANNELS.get(args.dataset, 3), args.image_size
+    f, optim = build_model(args, n_c, device)
+    data = torch.randint(0, 256, (1000, n_c, S, S), dtype=torch.uint8, device=device)
     amp, chain = autocast_for(args, device), make_chain(args, f, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(args.benchmark + 2):                   # two warm-up iterations are not timed
-        t0 = time.perf_counter()
-        harness_step(f, f, optim, data, args, i, chain, amp, device)
-        sync()
-        times.append(time.perf_counter() - t0)
-    per_iter = sorted(times[2:])[len(times[2:]) // 2]     # median, like seed_appendix.py
+    per_iter = time_steps(lambda i: harness_step(f, f, optim, data, args, i, chain, amp, device),
+                          args.benchmark, device)
     k_mean = args.K if args.K_max is None else (args.K + args.K_max) / 2
-    m = args.batch_size
-    flops = conv_flops(f, n_c, args.image_size) * (2 * m * k_mean + 3 * 2 * m)
-    print(f"device={device} m={m} K={args.K} n_f={args.n_f} amp={args.amp} cuda_graph={args.cuda_graph}")
-    print(f"benchmark: {per_iter * 1e3:.1f} ms/iter, {flops / per_iter / 1e12:.3f} TFLOP/s achieved "
-          f"({flops / 1e12:.3f} TFLOP/iter)")
     print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * k_mean / per_iter:.0f} images*steps/s")
-
-
-# ---- main ----
-
-def load_data(args, rank, world, device):
-    """Rank 0 loads (and downloads) first, the others then read what it left: no two downloads."""
-    data, error, info = None, None, {}
-    for turn in ("rank 0", "the others"):
-        if (rank == 0) == (turn == "rank 0"):
-            try:
-                data = load_images(args.dataset, args.data_root, args.image_size, args.n_data,
-                                   args.download and rank == 0, seed=args.data_seed, info=info)
-            except UsageError as e:
-                error = e
-        if any_rank(torch.tensor([error is not None], device=device), world)[0]:
-            raise error or UsageError("loading the data failed on rank 0")
-    args.n_available = info["n_available"]             # recorded in config.json beside n_data, data_seed
-    return data
+    return 0
 
 
 def main(argv=None):
@@ -1060,13 +1033,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         validate(resolve_defaults(args))
-        default_out = "shortrun_" + args.dataset.replace(":", "_").replace("/", "_")
-        args.out = args.out or os.path.join("runs", default_out)
+        args.out = args.out or default_out("shortrun", args.dataset)
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
         if args.benchmark and not args.print_config:
-            seed_everything(args.seed)
-            benchmark(args, CHANNELS.get(args.dataset, 3), device)
-            return 0
+            return benchmark(args, device)
         ckpt = None
         if args.resume:                                # the run's own config, run-control flags from argv
             ckpt = read_run(args.out)
@@ -1076,16 +1046,15 @@ def main(argv=None):
         else:
             check_run_folder(args.out)
         if args.print_config:                          # reads no data, writes nothing
-            print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=2))
-            return 0
+            return print_config(args)
     except UsageError as e:
         return usage_error(e)
     rank, world = setup_distributed(device)
     try:
-        data = load_data(args, rank, world, device)
-    except UsageError as e:
-        return usage_error(e, rank)
-    try:
+        try:
+            data, args.n_available = load_data(args, rank, world, device)   # n_available: for config.json
+        except UsageError as e:
+            return usage_error(e, rank)
         return run(args, ckpt, data, device, rank, world, argv)
     finally:
         if world > 1:
@@ -1096,23 +1065,19 @@ def run(args, ckpt, data, device, rank, world, argv):
     """Build f and Adam (or restore them), write config.json, train."""
     args.n_c = data.shape[1]
     seed_everything(args.seed + rank)                  # each rank its own chains
-    f = build_ebm(args.n_c, args.n_f, args.image_size, args.act, device)
-    optim = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    f, optim = build_model(args, args.n_c, device)
     start_it, seconds0 = 0, 0.0
     if ckpt is not None and "models" in ckpt:          # (a run killed before its first last.pt has none)
         f.load_state_dict(ckpt["models"]["ebm"])
         optim.load_state_dict(ckpt["optimizers"]["ebm"])
-        start_it, seconds0 = ckpt["iteration"], ckpt.get("seconds", 0.0)   # log seconds run on
-        if len(ckpt["rng_per_rank"]) == world:
-            set_rng_state(ckpt["rng_per_rank"][rank], device)  # exact: every rank continues its own streams
-        else:                                          # another number of ranks: fresh streams per rank
-            seed_everything(args.seed + rank + 1000 * start_it)
+        start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]          # log seconds run on
+        restore_rng(ckpt, args.seed, rank, world, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None or "models" not in ckpt:
+        if start_it == 0:
             config = dict(vars(args), argv=argv, world_size=world, **versions())
             atomic_write_json(config, os.path.join(args.out, "config.json"))
         if ckpt is not None:
@@ -1120,7 +1085,7 @@ def run(args, ckpt, data, device, rank, world, argv):
         print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
               f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "
               f"run folder {args.out}", file=sys.stderr)
-    data = place_data(data, device, 0.4)               # float images: up to 0.4 of free memory
+    data = place_data(data, device, 0.25)              # uint8 images: up to a quarter of free memory
     return train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0)
 
 
