@@ -8,80 +8,22 @@ x = g(z) + sigma_g * eps with p(z) = N(0, I), and the inference model
 q(z|x) = N(mu(x), diag exp(logvar(x))). Each iteration, on a data batch x and a prior draw z:
   1. MCMC sampling:  x0 = g(z); k_x Langevin steps on f revise x0 into x~.
   2. MCMC inference: z^ ~ q(z|x); k_z Langevin steps on log p(z|x) revise z^ into z~.
-  3. EBM:       ascend mean f(x) - mean f(x~)                        (scaled by 1/T, see below)
+  3. EBM:       ascend mean f(x) - mean f(x~)                        (scaled by 1/T, T the chain's)
   4. generator: ascend log p(x, z~) + log p(x~, z)   (data teaches g through z~, the EBM through x~)
   5. inference: ascend log q(z~|x) + log q(z|x~)     (q learns to start the z-chain where it ends)
-
-Paper vs. authors' code (where they differ, and what this file does):
-  * z-chain posterior (--posterior): paper (default): log p(z|x) = -||x - g(z)||^2 / (2 sigma_g^2)
-    - ||z||^2 / 2, the distribution the method's derivation samples; authors: their code's
-    ||x - g(z)||^2 / sigma_g^2 (twice the likelihood term), behind the paper's reconstruction numbers.
-  * x-chain: the authors write x + (s^2 / 2) grad f + n eps with s = 0.5 (CelebA 0.3), n = 1e-3,
-    and divide the EBM loss by T = (n / s)^2. We expose the step directly (--x-step-size = s^2 / 2
-    = 0.125, celeba 0.045) and compute T = x_noise^2 / (2 x_step_size) (T = 1 when x_noise = 0):
-    the chain samples exp(f / T), so dividing the loss by T is maximum likelihood for that density.
-  * the EBM update reuses x~ from step 1 and one backward updates all three models (the paper's
-    algorithm); the authors update g, then q, then f, and their configs (CIFAR-10 and CelebA) re-run
-    the x-chain from the just-updated generator for f's update (`fine_tune`), twice the x-chain work.
-  * generator/inference losses: the paper's log-likelihoods, -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2)
-    summed over pixels, averaged over the batch, with the authors' weights as flag defaults (sample
-    term 50, CelebA 70; inference-on-generated term 0.1; weight decay 5e-4 on g and q). The authors
-    drop the 1 / (2 sigma_g^2) factor (plain summed squared error); with Adam only the balance
-    against weight decay changes.
-  * initialisation: xavier-normal convs as the authors; BatchNorm keeps PyTorch's (1, 0) init
-    (the authors draw BatchNorm scales from N(0, 1)).
-  * data: shuffled epochs without replacement as the authors' DataLoader (--data-order epochs);
-    CelebA as their dataset.py: crop box (15, 40, 163, 188) of the aligned 178x218 images, resize
-    to 64, random horizontal flips (drawn per batch here, per image load there).
-  * the chains never move BatchNorm running statistics (see `_bn_stats_frozen`); the authors'
-    z-chain passes do, which leaves eval-mode samples off-colour.
-
-Run folder (--out): config.json, log.jsonl, data.png, {recon,posterior,gen,ebm}_{iteration:06d}.png
-(g(mu(x)), g(z~), x0 = g(z), x~ on a fixed batch / fixed z) and curves.png (losses, f(x) and f(x~),
-reconstruction MSE, lr; needs matplotlib, else skipped) every --plot-every, last.pt (every --ckpt-every,
-atomic), final.pt. Ctrl-C finishes the iteration, writes last.pt and exits 130; --resume then continues
-bit-exactly (per-rank RNG streams included). Exit 3: the divergence guard stopped the run.
-Multi-GPU: gradients are all-reduced after the single backward (no DDP wrapper); each rank keeps
-its own BatchNorm running statistics and rank 0's are saved.
-
-Flag names other scripts read (evaluate.py): --arch {resnet,simple}, --nz, --nef, --ngf, --nif,
---k-x, --k-z, --x-step-size, --x-noise, --z-step-size, --z-noise, --sigma-g, --sample-k-x,
---sample-step-size, --posterior (config.json keys: the same with underscores: k_x, k_z, x_step_size,
-x_noise, z_step_size, z_noise, sigma_g, nz, nef, ngf, nif, arch, sample_k_x, sample_step_size,
-posterior, n_c, image_size). Importable: EBM, Generator, Encoder, langevin_x, langevin_z, dual_losses,
-sample, load_checkpoint(path, device) -> ({"ebm", "generator", "encoder"} -> model, config) (also reads the
-authors' released netG / netE / netI checkpoints), main.
+--recipe authors switches the four places where the authors' code differs from the paper (README).
 
 Run recipes
-  main job (CIFAR-10, authors' ResNet setting; 150k iterations = ~300 epochs at batch 100):
-      python dual_mcmc.py --dataset cifar10
-  CelebA 64 px (authors' config: their nets at widths 1024 / 1024 / 128, crop box, flips, x-chain
-  s = 0.3, sample term 70, 301 epochs; all data-set defaults, see --print-config):
-      python dual_mcmc.py --dataset celeba
-  a folder of aligned 178x218 CelebA images, same setting:  --dataset folder:~/img_align_celeba --celeba-crop
-  paper's small DCGAN-style nets (Appendix A.1, ~2M / 8M / 5M parameters):
-      python dual_mcmc.py --dataset cifar10 --arch simple
-  tiny CPU run on your own images (~0.6 s/iter on one busy core; a few minutes):
-      python dual_mcmc.py --dataset folder:./my_images --arch simple --nef 16 --ngf 16 --nif 16 \\
-          --nz 16 --batch-size 16 --k-x 10 --k-z 5 --iters 300 --device cpu --out runs/tiny
-  resume (continues bit-exactly from runs/tiny/last.pt; --iters may be raised):
-      python dual_mcmc.py --out runs/tiny --resume --iters 600
-  ablations: --no-inference (z-chain from noise), --gen-only-init (cooperative learning:
-      the generator learns only from x~), --k-x N, --k-z N
-  multi-GPU (data parallel; gloo on CPU, nccl on CUDA):
-      torchrun --nproc_per_node=4 dual_mcmc.py --dataset cifar10
-  benchmark (median of N timed steps after 2 warm-ups; writes nothing; last line
-  "benchmark: S s/iter, R images*steps/s" with images*steps = batch x (k_x + k_z)); on CUDA both chains
-  run as captured one-step CUDA graphs (FastChains; --no-cuda-graph: the eager langevin_x / langevin_z):
-      python dual_mcmc.py --benchmark 20
-  sampling after training:
-      models, cfg = load_checkpoint("runs/dual_cifar10/final.pt", "cuda")
-      x0, x_tilde = sample(models, 64)         # 70 x-steps with s = 0.4, as the authors test
-      x0, x_tilde = sample(models, 64, cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"])
-  the method in your own code: copy the block between "# ---- method" and "# ---- harness" (torch
-  only); one training iteration is
-      loss_e, loss_g, loss_i, out = dual_losses(f, g, q, x, torch.randn(len(x), nz))
-      (loss_e + loss_g + loss_i).backward()    # then step the three optimisers
+  python dual_mcmc.py --dataset cifar10                      # the paper's method, authors' CIFAR-10 nets
+  python dual_mcmc.py --dataset cifar10 --recipe authors     # the code behind the published numbers
+  python dual_mcmc.py --dataset celeba --recipe authors      # CelebA 64 px, authors' celeba64 config
+  python dual_mcmc.py --dataset folder:./my_images --arch simple --nef 16 --ngf 16 --nif 16 --nz 16 \
+      --batch-size 16 --k-x 10 --k-z 5 --iters 300 --device cpu --out runs/tiny   # minutes on a CPU
+  python dual_mcmc.py --out runs/tiny --resume --iters 600   # continues bit-exactly
+The method in your own code: copy the block between "# ---- method" and "# ---- harness" (torch only):
+  loss_e, loss_g, loss_i, out = dual_losses(f, g, q, x, torch.randn(len(x), nz))
+  (loss_e + loss_g + loss_i).backward()    # then step the three optimisers
+  x0, x_tilde = sample({"ebm": f, "generator": g}, 64)
 """
 
 import argparse
@@ -175,11 +117,9 @@ class EBM(nn.Module):
 
 
 def _up2(t):
-    """2x bilinear upsampling with align_corners=True, as the authors' generator. Done on a channels_last
-    copy and returned contiguous: the same numbers (each output is the same four-term formula), but for
-    contiguous NCHW inputs PyTorch's CUDA kernel runs one thread per output pixel that loops over all
-    B x C maps (51,200 serial passes per thread at batch 100, 512 channels), while its channels_last
-    kernel (used from 16 channels on) runs one thread per output value, as do both backward kernels."""
+    """2x bilinear upsampling (align_corners=True, as the authors) on a channels_last copy: the same
+    numbers, but PyTorch's CUDA kernel for NCHW runs one thread per output pixel looping over all B x C
+    maps, its channels_last kernel (from 16 channels) one thread per output value."""
     if t.shape[1] >= 16 and 4 * t.numel() < 2 ** 31 - 1:     # where PyTorch has the channels_last kernel
         t = t.contiguous(memory_format=torch.channels_last)
     return F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True).contiguous()
@@ -258,14 +198,10 @@ class Encoder(nn.Module):
 
 @contextlib.contextmanager
 def _bn_stats_frozen(module):
-    """Keep BatchNorm running statistics fixed during chain passes, but keep train-mode behaviour.
-
-    We set momentum to 0 rather than switching to eval(): eval would normalise with the running
-    averages, a different function from the batch-statistics g that the generator loss fits (and
-    early in training a very different one), so the z-chain would infer latents for the wrong
-    generator. With momentum 0 the chain sees exactly the train-mode g, and the running averages
-    only see the passes of the loss (x0 = g(z), g(z~)), so eval-mode samples stay faithful.
-    """
+    """Keep BatchNorm running statistics fixed during chain passes, in train-mode behaviour (momentum 0,
+    not eval(): the z-chain must see the batch-statistics g that the generator loss fits). The running
+    averages then see only the loss passes, so eval-mode samples stay faithful (the authors' chains
+    move them)."""
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
              for m in bns]
@@ -510,8 +446,8 @@ def build_parser(suppress_defaults=False):
     a("--amp", default="off", choices=("off", "bf16"),
       help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
     a("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-      help="CUDA: the x- and z-chains as captured one-step CUDA graphs (FastChains; equal to the eager chains "
-           "on the CPU, not yet run on a GPU, hence opt-in); ignored on the CPU; may change on --resume")
+      help="CUDA: the x- and z-chains as captured one-step CUDA graphs (FastChains; equal to the eager "
+           "chains on the CPU, not yet run on a GPU, hence opt-in); ignored on the CPU; may change on --resume")
     a("--benchmark", type=int, default=0, metavar="N",
       help="time N training steps on random data (median after 2 warm-ups), print s/iter and "
            "images*steps/s, write nothing")
@@ -537,7 +473,8 @@ ARCH_WIDTHS = {"resnet": dict(nef=512, ngf=512, nif=128), "simple": dict(nef=64,
 ARCH_WIDTHS_CELEBA = {"resnet": dict(nef=1024, ngf=1024, nif=128), "simple": ARCH_WIDTHS["simple"]}
 # --recipe: the paper's method, or the choices of the authors' train.py / config.py / nets.py
 RECIPES = {"paper": dict(posterior="paper", update_order="joint", gen_loss="paper", bn_init="pytorch"),
-           "authors": dict(posterior="authors", update_order="authors", gen_loss="authors", bn_init="authors")}
+           "authors": dict(posterior="authors", update_order="authors", gen_loss="authors",
+                           bn_init="authors")}
 
 
 def resolve_defaults(args, n_images=CELEBA_N_TRAIN):
@@ -1185,12 +1122,10 @@ def n_params(model):
 
 def make_optimizers(args, models):
     """Adam per model (the authors' betas, weight decay on g and q) and an exponential lr decay per epoch."""
-    betas = BETAS
-    opts = {"ebm": torch.optim.Adam(models["ebm"].parameters(), args.lr_e, betas),
-            "generator": torch.optim.Adam(models["generator"].parameters(), args.lr_g, betas,
-                                          weight_decay=args.wd_g),
-            "encoder": torch.optim.Adam(models["encoder"].parameters(), args.lr_i, betas,
-                                        weight_decay=args.wd_i)}
+    settings = {"ebm": (args.lr_e, 0.0), "generator": (args.lr_g, args.wd_g),
+                "encoder": (args.lr_i, args.wd_i)}
+    opts = {k: torch.optim.Adam(models[k].parameters(), lr, BETAS, weight_decay=wd)
+            for k, (lr, wd) in settings.items()}
     scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, LR_DECAY) for k, o in opts.items()}
     return opts, scheds
 
@@ -1265,23 +1200,15 @@ def allreduce_grads(nets, world):
 
 
 class FastChains:
-    """langevin_x and langevin_z (same updates, same noise law, same spectral-norm power iterations) with
-    each step updating a buffer in place; on CUDA (graph=True) one step is captured as a CUDA graph and
-    replayed K times, so the hundreds of kernel launches and the autograd bookkeeping of a step become
-    one replay. Use as dual_losses(..., chain_x=chains.x, chain_z=chains.z) or sample(..., chain=chains.x).
-
-    One graph per (chain, net, input shapes, train/eval mode, sigma_g, posterior), captured on first use.
-    Why a capture stays right: Adam updates parameters in place (new values, same addresses); inside
-    chains BatchNorm momentum is 0 (_bn_stats_frozen is entered before capture and around each replay);
-    each f forward keeps its one spectral-norm power iteration, as eager: the in-place update of the u, v
-    buffers is part of the graph; the default CUDA generator is graph-safe (fresh noise every replay).
-    amp_dtype (--amp bf16): the captured step runs under autocast with its weight-cast cache off (a cached
-    cast would be a stale copy after the next Adam step), so the bf16 casts are inside the graph. The
-    warm-up passes before a capture run under fork_rng and the nets' buffers are restored after them, so
-    a run's numbers do not depend on when a capture happens. Without CUDA (or graph=False) the same
-    in-place steps run eagerly under the caller's autocast; they equal langevin_x / langevin_z exactly.
-    The recording logic (static buffers, caching, warm-up reset, detached results) is tested on the CPU
-    with _graphable / _record replaced by an eager stand-in (tests/test_dual_fast_chain.py).
+    """langevin_x and langevin_z (same updates, noise law and spectral-norm power iterations) with each step
+    updating a buffer in place; on CUDA (graph=True) one step is captured as a CUDA graph, once per (chain,
+    net, input shapes, mode, sigma_g, posterior), and replayed K times. Use as dual_losses(...,
+    chain_x=chains.x, chain_z=chains.z) or sample(..., chain=chains.x). A capture stays right because Adam
+    updates parameters in place, BatchNorm momentum is 0 inside chains, the u, v updates of spectral norm
+    are part of the graph and the CUDA generator is graph-safe; with amp_dtype the bf16 casts run inside
+    the graph (autocast cache off). The warm-up before a capture runs under fork_rng and the nets'
+    buffers are restored after it. On the CPU the in-place steps equal langevin_x / langevin_z exactly
+    (tests replace _graphable / _record to run the recording logic there).
     """
 
     def __init__(self, graph=True, amp_dtype=None):
