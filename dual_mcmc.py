@@ -447,7 +447,8 @@ def build_parser(suppress_defaults=False):
       help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
     a("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
       help="CUDA: the x- and z-chains as captured one-step CUDA graphs (FastChains; equal to the eager "
-           "chains on the CPU, not yet run on a GPU, hence opt-in); ignored on the CPU; may change on --resume")
+           "chains on the CPU, not yet run on a GPU, hence opt-in); ignored on the CPU; may change on "
+           "--resume")
     a("--benchmark", type=int, default=0, metavar="N",
       help="time N training steps on random data (median after 2 warm-ups), print s/iter and "
            "images*steps/s, write nothing")
