@@ -26,17 +26,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def draw_squares(folder, n, seed):
-    """Dark background, one bright square of a random hue (as in test_shortrun_ebm.py)."""
+def draw_squares(folder, n, size=32, seed=0):
+    """Dark background, one bright square of a random hue."""
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        im = np.full((32, 32, 3), 20, np.uint8)
-        s = int(rng.integers(8, 16))
-        x, y = rng.integers(0, 32 - s, 2)
+        im = np.full((size, size, 3), 20, np.uint8)
+        s = int(rng.integers(size // 4, size // 2))
+        x, y = rng.integers(0, size - s, 2)
         im[y:y + s, x:x + s] = (np.array([1.0, 0.3, 0.2])[rng.permutation(3)] * 230).astype(np.uint8)
         Image.fromarray(im).save(os.path.join(folder, f"{i:04d}.png"))
-    return str(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def data(tmp_path_factory):
     rng = np.random.default_rng(5)
     for i in range(16):
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise / f"{i:03d}.png")
-    return {"train": draw_squares(root / "train", 64, 0), "test": draw_squares(root / "test", 16, 1),
-            "noise": str(noise)}
+    return {"train": draw_squares(str(root / "train"), 64, seed=0),
+            "test": draw_squares(str(root / "test"), 16, seed=1), "noise": str(noise)}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def sr_ckpt(data, tmp_path_factory):
     """A short-run EBM trained briefly on the squares (n_f 8, K 10)."""
     out = tmp_path_factory.mktemp("sr") / "run"
     rc = sr.main(["--dataset", f"folder:{data['train']}", "--n_f", "8", "--K", "10", "--sigma", "0.1",
-                  "--batch-size", "16", "--iters", "40", "--lr", "5e-4", "--device", "cpu", "--log-every", "20",
-                  "--plot-every", "0", "--ckpt-every", "0", "--no-guard", "--out", str(out)])
+                  "--batch-size", "16", "--iters", "40", "--lr", "5e-4", "--device", "cpu", "--log-every",
+                  "20", "--plot-every", "0", "--ckpt-every", "0", "--no-guard", "--out", str(out)])
     assert rc == 0
     return str(out / "final.pt")
 
@@ -67,14 +67,15 @@ def dual_ckpt(data, tmp_path_factory):
     """A dual-MCMC run, tiny simple nets, trained briefly on the squares."""
     out = tmp_path_factory.mktemp("dual") / "run"
     rc = dm.main(["--dataset", f"folder:{data['train']}", "--arch", "simple", "--nef", "8", "--ngf", "8",
-                  "--nif", "8", "--nz", "8", "--batch-size", "16", "--k-x", "4", "--k-z", "4", "--iters", "60",
-                  "--lr-g", "1e-3", "--lr-i", "1e-3", "--device", "cpu", "--log-every", "30", "--plot-every", "0",
-                  "--ckpt-every", "0", "--out", str(out)])
+                  "--nif", "8", "--nz", "8", "--batch-size", "16", "--k-x", "4", "--k-z", "4", "--iters",
+                  "60", "--lr-g", "1e-3", "--lr-i", "1e-3", "--device", "cpu", "--log-every", "30",
+                  "--plot-every", "0", "--ckpt-every", "0", "--out", str(out)])
     assert rc == 0
     return str(out / "final.pt")
 
 
 def run_eval(argv, capsys):
+    """main(argv) -> (exit code, stderr); argparse's own errors arrive as SystemExit."""
     try:
         code = ev.main([str(a) for a in argv])
     except SystemExit as e:
@@ -99,7 +100,8 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     assert ev.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-9)
     assert ev.frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1)) == pytest.approx(0, abs=1e-9)
     # one dimension by hand: (1 - 3)^2 + 4 + 9 - 2 * sqrt(36) = 5
-    assert ev.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[9.0]])) == pytest.approx(5)
+    one = [np.array(v) for v in ([1.0], [[4.0]], [3.0], [[9.0]])]
+    assert ev.frechet_distance(*one) == pytest.approx(5)
 
 
 def test_frechet_distance_matches_direct_scipy_and_survives_singular_covariances():
@@ -107,7 +109,8 @@ def test_frechet_distance_matches_direct_scipy_and_survives_singular_covariances
     d = 32
     a, b = rng.normal(size=(200, d)), rng.normal(size=(200, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.5
     mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
-    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    direct = (((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)
+              - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real))
     assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-8)
     # fewer samples than dimensions: rank-deficient covariances, sqrtm of a singular product
     a, b = rng.normal(size=(10, 64)), rng.normal(size=(10, 64)) + 0.1
@@ -166,8 +169,9 @@ def test_fid_end_to_end_with_local_inception_weights(sr_ckpt, random_inception, 
     m = metrics(tmp_path / "a")
     assert m["n"] == 12 and m["sampler"]["K"] == 3 and m["reference"]["n"] == 16
     assert all(math.isfinite(m[k]) for k in ("fid", "inception_score", "kid"))
-    assert m["fid"] >= -1e-3 and m["inception_score"] >= 1 - 1e-6
-    assert "inception" in m["feature_extractor"]["name"] and m["feature_extractor"]["weights"] == random_inception
+    assert m["fid"] >= -1e-3 and m["inception_score"] >= 1 - 1e-6 and m["cuda_graph"] is False
+    assert "inception" in m["feature_extractor"]["name"]
+    assert m["feature_extractor"]["weights"] == random_inception
     z = np.load(stats)
     assert z["mu"].shape == (2048,) and z["sigma"].shape == (2048, 2048) and int(z["n"]) == 16
     assert z["feats_kid"].shape == (16, 2048)
@@ -178,18 +182,14 @@ def test_fid_end_to_end_with_local_inception_weights(sr_ckpt, random_inception, 
 
 
 @pytest.mark.slow
-def test_fid_of_a_dual_checkpoint_reports_x0_and_x_tilde_and_reuses_the_cache(sr_ckpt, dual_ckpt, random_inception,
-                                                                              tmp_path, capsys):
-    stats = tmp_path / "stats.npz"
-    common = fid_flags(random_inception, stats)
-    assert run_eval(["fid", "--ckpt", sr_ckpt, *common, "--K", "3", "--out", tmp_path / "a"], capsys)[0] == 0
-    mtime = os.path.getmtime(stats)
-    code, err = run_eval(["fid", "--ckpt", dual_ckpt, *common, "--k-x", "3", "--out", tmp_path / "b"], capsys)
+def test_fid_of_a_dual_checkpoint_reports_x0_and_x_tilde(dual_ckpt, random_inception, tmp_path, capsys):
+    flags = fid_flags(random_inception, tmp_path / "stats.npz")
+    code, err = run_eval(["fid", "--ckpt", dual_ckpt, *flags, "--k-x", "3", "--out", tmp_path / "b"], capsys)
     assert code == 0, err
-    assert os.path.getmtime(stats) == mtime                                  # cached statistics reused
     m = metrics(tmp_path / "b")
     assert m["fid"] == m["ebm_x_tilde"]["fid"] and math.isfinite(m["generator_x0"]["fid"])
     assert m["sampler"]["k_x"] == 3 and m["sampler"]["x_step_size"] == 0.08   # the authors' test preset
+    assert m["bn_mode"] == "train" and m["cuda_graph"] is False
 
 
 def test_fid_without_weights_and_download_says_which_file_to_get(sr_ckpt, tmp_path, capsys, monkeypatch):
@@ -200,24 +200,88 @@ def test_fid_without_weights_and_download_says_which_file_to_get(sr_ckpt, tmp_pa
     line = err.strip()
     assert "\n" not in line and "Traceback" not in err
     assert ev.INCEPTION_URL in line
-    assert os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints", "weights-inception-2015-12-05-6726825d.pth") in line
+    home = os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints")
+    assert os.path.join(home, "weights-inception-2015-12-05-6726825d.pth") in line
     assert "--inception-weights" in line and not os.path.exists(tmp_path / "out")
+
+
+def test_reference_statistics_stream_the_crop_box_are_cached_and_refuse_a_foreign_file(dual_ckpt, tmp_path):
+    folder = tmp_path / "faces"
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    name = f"folder:{folder}"
+    model = ev.load_model(dual_ckpt, "cpu")
+    model.cfg.update(celeba_crop=True, dataset=name)
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"any file: only its hash names the cache")
+    net = lambda x: (x.double().flatten(1)[:, :16], x.double().flatten(1)[:, :4])   # stand-in features
+    args = argparse.Namespace(dataset=None, data_root=str(tmp_path), n_ref=5, data_seed=1, stats=None,
+                              download=False, batch_size=2, kid_ref=10)
+    mu, sigma, feats_kid, info = ev.reference_stats(args, model, net, str(weights), "cpu")
+    assert info["n"] == 5 and info["n_available"] == 7 and info["celeba_crop"] and "_crop_" in info["stats"]
+    x, _ = ev.load_set(name, ".", 32, 5, False, "train", 3, seed=1, crop=True)       # the same 5 images
+    expected = ev.to_uint8(x).double().flatten(1)[:, :16]
+    np.testing.assert_allclose(mu, expected.mean(0).numpy(), rtol=1e-12)
+    mu2, _, _, info2 = ev.reference_stats(args, model, None, str(weights), "cpu")      # no net: the cache
+    assert np.array_equal(mu2, mu) and info2 == info
+    # a stats file that is no cache of ours: one clear error
+    for i, junk in enumerate((b"not an npz", None)):
+        stats = tmp_path / f"s{i}.npz"
+        stats.write_bytes(junk) if junk else np.savez(stats, other=np.zeros(2))      # garbage; keys not ours
+        args.stats = str(stats)
+        with pytest.raises(sr.UsageError, match="not a reference-statistics cache"):
+            ev.reference_stats(args, model, None, str(weights), "cpu")
+    # images that are not aligned 178x218 CelebA faces: one line, exit 2
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "small.png")
+    args.stats, args.n_ref = str(tmp_path / "other.npz"), 0
+    with pytest.raises(sr.UsageError, match="178x218"):
+        ev.reference_stats(args, model, net, str(weights), "cpu")
 
 
 # ---- recon, interp, bpd ----
 
-def test_recon_lowers_mse_well_below_the_start(sr_ckpt, data, tmp_path, capsys):
-    # Adam with the [-1, 1] projection: the optimizer before the paper's gd became the default
-    code, err = run_eval(["recon", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
-                          "--steps", "40", "--optimizer", "adam", "--lr", "0.05", "--clamp",
-                          "--device", "cpu", "--out", tmp_path], capsys)
+def test_recon_by_the_papers_gd_and_by_adam_lowers_the_error(sr_ckpt, data, tmp_path, capsys):
+    test = ["--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8", "--steps", "40",
+            "--device", "cpu"]
+    code, err = run_eval(["recon", *test, "--out", tmp_path / "gd"], capsys)           # the default: gd
     assert code == 0, err
-    m = metrics(tmp_path)
+    m = metrics(tmp_path / "gd")
+    method = m["method"]
+    assert method["optimizer"] == "gd" and method["lr"] == ev.GD_LR and method["clamp"] is False
+    print("gd recon on the tiny model:", m["mse_init"], "->", m["mse"])
+    assert m["mse"] < 0.7 * m["mse_init"], (m["mse"], m["mse_init"])
+    curve = m["mse_curve"]                                  # small plain steps: the error falls at every step
+    assert all(b < a for a, b in zip(curve, curve[1:])), curve
+    # Adam with the [-1, 1] projection
+    code, err = run_eval(["recon", *test, "--optimizer", "adam", "--lr", "0.05", "--clamp",
+                          "--out", tmp_path / "adam"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "adam")
     assert m["n"] == 8 and m["pixel_scale"] == "[-1, 1]" and m["sampler"]["K"] == 10
     assert m["mse"] < 0.25 * m["mse_init"], (m["mse"], m["mse_init"])
     assert m["mse_curve"][0] == pytest.approx(m["mse_init"], rel=1e-4)
     assert len(m["mse_curve"]) == 41 and m["mse_curve"][-1] == pytest.approx(m["mse"], rel=1e-4)
-    assert os.path.isfile(tmp_path / "recon_trajectory.png") and os.path.isfile(tmp_path / "recon_curve.png")
+    assert m["mse_01"] == pytest.approx(m["mse"] / 4) and {"psnr", "ssim"} <= set(m)
+    assert os.path.isfile(tmp_path / "adam" / "recon_trajectory.png")
+    assert os.path.isfile(tmp_path / "adam" / "recon_curve.png")
+
+
+def test_gd_step_is_plain_gradient_descent_on_a_hand_case(sr_ckpt):
+    # K = 0: M_theta(z) = z, so grad_z ||x - z||^2 = 2 (z - x) and one gd step gives z0 - 2 lr (z0 - x)
+    model = ev.load_model(sr_ckpt, "cpu")
+    chain = {"K": 0, "step_size": 1.0, "noise": 0.0}
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    r = ev.reconstruct_z(model, chain, x, steps=1, lr=0.25, optimizer="gd", z0=z0)
+    torch.testing.assert_close(r.z, z0 - 0.5 * (z0 - x))
+    assert r.curve[0] == pytest.approx((z0 - x).pow(2).mean().item(), rel=1e-5)
+    assert r.curve[1] == pytest.approx(0.5 ** 2 * r.curve[0], rel=1e-5)
+    # lr 1/2 lands on x in one step; without projection z may leave [-1, 1], with --clamp it may not
+    far = x * 1.5
+    torch.testing.assert_close(ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0).z, far)
+    assert ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0, clamp=True).z.abs().max() <= 1
 
 
 def test_dual_recon_reports_inf_and_inf_plus_langevin(dual_ckpt, data, tmp_path, capsys):
@@ -241,7 +305,8 @@ def test_interp_endpoints_are_M_of_z1_and_z2(sr_ckpt, tmp_path, capsys):
     torch.testing.assert_close(x[:, 0], ev.M_theta(m, s, z1), atol=1e-5, rtol=0)
     torch.testing.assert_close(x[:, -1], ev.M_theta(m, s, z2), atol=1e-5, rtol=0)
     assert not torch.allclose(x[:, 2], x[:, 0])
-    code, err = run_eval(["interp", "--ckpt", sr_ckpt, "--n", "2", "--n-rho", "4", "--device", "cpu", "--out", tmp_path], capsys)
+    code, err = run_eval(["interp", "--ckpt", sr_ckpt, "--n", "2", "--n-rho", "4", "--device", "cpu",
+                          "--out", tmp_path], capsys)
     assert code == 0, err
     assert metrics(tmp_path)["n_pairs"] == 2 and os.path.isfile(tmp_path / "interp.png")
 
@@ -250,10 +315,10 @@ def _gelu_checkpoint(path, n_c=1, n_f=2, K=2, seed=0):
     """A shortrun_ebm.py checkpoint in the script's own format, built without training."""
     torch.manual_seed(seed)
     f = sr.EBM(n_c, n_f, 32, "gelu")
-    config = {"n_c": n_c, "n_f": n_f, "image_size": 32, "act": "gelu", "K": K, "step_size": 1.0, "noise": 0.01,
-              "dataset": "cifar10", "data_root": "./data", "init": "uniform", "lowres_size": 8}
-    torch.save({"script": "shortrun_ebm", "config": config, "iteration": 0, "models": {"ebm": f.state_dict()},
-                "optimizers": {}, "rng": {}}, path)
+    config = {"n_c": n_c, "n_f": n_f, "image_size": 32, "act": "gelu", "K": K, "step_size": 1.0,
+              "noise": 0.01, "dataset": "cifar10", "data_root": "./data", "init": "uniform", "lowres_size": 8}
+    torch.save({"script": "shortrun_ebm", "format": getattr(sr, "CKPT_FORMAT", None), "config": config,
+                "iteration": 0, "models": {"ebm": f.state_dict()}, "optimizers": {}, "rng": {}}, path)
     return str(path)
 
 
@@ -293,7 +358,8 @@ def test_bpd_cli_on_a_gelu_checkpoint(data, tmp_path, capsys):
     r = m["per_image"][0]
     # log p(x) = log p0(z) - log|det|, p0 uniform on [-1, 1]^D; bits = -(log p(x) - D log 127.5) / (D log 2)
     assert r["log_p0"] == pytest.approx(-1024 * math.log(2))
-    assert r["bits_per_dim"] == pytest.approx(-(r["log_p0"] - r["log_det"] - 1024 * math.log(127.5)) / (1024 * math.log(2)))
+    log_px, d = r["log_p0"] - r["log_det"], 1024
+    assert r["bits_per_dim"] == pytest.approx(-(log_px - d * math.log(127.5)) / (d * math.log(2)))
 
 
 def test_dequantized_bits_per_dim_bounds_the_true_discrete_bits(tmp_path):
@@ -328,21 +394,24 @@ def test_dequantized_bits_per_dim_bounds_the_true_discrete_bits(tmp_path):
     assert deq_lin == pytest.approx(exact, abs=1e-9)
 
 
-# ---- inpaint, ood, transition, superres ----
+# ---- inpaint ----
 
-def test_inpaint_keeps_observed_pixels_and_beats_the_occluded_input(dual_ckpt, data, tmp_path, capsys):
-    code, err = run_eval(["inpaint", "--ckpt", dual_ckpt, "--dataset", f"folder:{data['test']}", "--n", "16",
-                          "--masks", "M30", "R40", "--device", "cpu", "--out", tmp_path], capsys)
-    assert code == 0, err
-    m = metrics(tmp_path)
-    assert m["observed_pixels_kept_exactly"] is True
-    assert m["methods"] == ["occluded", "Inf+Gen", "Inf+T_z+Gen", "Inf+T_z+Gen+T_x"]
-    assert m["masks"]["M30"]["block_side_px"] == 15 and m["masks"]["R40"]["missing_fraction"] == 0.4
-    for mask in ("M30", "R40"):
-        for method in m["methods"][1:]:
-            assert m["psnr"][mask][method] > m["psnr"][mask]["occluded"], (mask, method, m["psnr"][mask])
-        assert set(m["ssim"][mask]) == set(m["methods"])
-    assert os.path.isfile(tmp_path / "inpaint_M30.png")
+@pytest.mark.parametrize("size", [32, 64])
+def test_random_masks_are_unions_of_blocks_covering_the_fraction(size):
+    gen = torch.Generator().manual_seed(0)
+    for name in ("R20", "R30", "R40"):
+        keep, info = ev.make_masks(name, 20, size, gen)
+        missing = 1 - keep                                                     # (n, 1, S, S)
+        frac = missing.flatten(1).mean(1)
+        target = int(name[1:]) / 100
+        assert ((frac >= target) & (frac <= target + 0.02)).all(), (name, frac)
+        side = info["block_side_px"]
+        assert side == size // 8
+        # a union of side x side squares equals its morphological opening by that square
+        full = -F.max_pool2d(-missing, side, stride=1)             # 1 where a whole square is missing
+        opened = F.max_pool2d(F.pad(full, (side - 1,) * 4), side, stride=1)
+        assert torch.equal(opened, missing), name
+        assert len({tuple(m.flatten().tolist()) for m in keep}) == 20          # a new mask per image
 
 
 def test_masked_chains_never_touch_observed_pixels():
@@ -355,21 +424,73 @@ def test_masked_chains_never_touch_observed_pixels():
     assert not torch.equal(out * (1 - keep), torch.zeros_like(out))
 
 
-def test_shortrun_inpaint_ood_transition_superres(sr_ckpt, data, tmp_path, capsys):
-    test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
-    code, err = run_eval(["inpaint", "--ckpt", sr_ckpt, *test, "--n", "4", "--masks", "M40", "--steps", "10",
-                          "--K", "4", "--out", tmp_path / "inpaint"], capsys)
+def test_masked_z_langevin_is_dual_mcmcs_chain_on_the_observed_pixels():
+    torch.manual_seed(0)
+    g = torch.nn.Sequential(torch.nn.Linear(3, 12), torch.nn.Tanh())
+    x, z = torch.randn(2, 12), torch.randn(2, 3)
+    for posterior in ("paper", "authors"):
+        full = dm.langevin_z(g, x, z, 5, 0.05, 0.0, 0.3, posterior)
+        masked = ev.langevin_z_masked(g, x, torch.ones(1, 12), z, 5, 0.05, 0.0, 0.3, posterior)
+        torch.testing.assert_close(masked, full)
+    keep = (torch.arange(12) < 6).float()                                        # the last 6 pixels unseen
+    other = x.clone()
+    other[:, 6:] = 5.0                                                           # do not move the chain
+    torch.testing.assert_close(ev.langevin_z_masked(g, other, keep, z, 5, 0.05, 0.0, 0.3),
+                               ev.langevin_z_masked(g, x, keep, z, 5, 0.05, 0.0, 0.3))
+    assert not torch.allclose(ev.langevin_z_masked(g, x, keep, z, 5, 0.05, 0.0, 0.3),
+                              dm.langevin_z(g, x, z, 5, 0.05, 0.0, 0.3))         # the hidden pixels count
+
+
+def test_dual_inpaint_keeps_observed_pixels_and_beats_the_occluded_input(dual_ckpt, data, tmp_path, capsys):
+    code, err = run_eval(["inpaint", "--ckpt", dual_ckpt, "--dataset", f"folder:{data['test']}", "--n", "16",
+                          "--masks", "M30", "R40", "--device", "cpu", "--out", tmp_path], capsys)
     assert code == 0, err
-    m = metrics(tmp_path / "inpaint")
+    m = metrics(tmp_path)
+    assert m["observed_pixels_kept_exactly"] is True
+    assert m["methods"] == ["occluded", "Inf+Gen", "Inf+T_z+Gen", "Inf+T_z+Gen+T_x"]
+    assert m["masks"]["M30"]["block_side_px"] == 15 and m["masks"]["R40"]["missing_fraction"] == 0.4
+    for mask in ("M30", "R40"):
+        psnr, psnr_full = m["psnr"][mask], m["psnr_full"][mask]
+        for method in m["methods"][1:]:
+            assert psnr[method] > psnr["occluded"], (mask, method, psnr)
+        assert set(m["ssim"][mask]) == set(m["methods"])
+        for method in m["methods"]:
+            # pasting the observed pixels back can only lower the error: composite >= full output
+            assert psnr[method] >= psnr_full[method] - 1e-6
+        for method in ("occluded", "Inf+T_z+Gen+T_x"):                 # outputs that hold observed pixels
+            assert psnr_full[method] == pytest.approx(psnr[method], abs=1e-4)
+            assert m["ssim_full"][mask][method] == pytest.approx(m["ssim"][mask][method], abs=1e-5)
+        assert psnr_full["Inf+Gen"] < psnr["Inf+Gen"]
+    assert os.path.isfile(tmp_path / "inpaint_M30.png")
+
+
+def test_shortrun_inpaint_runs_its_own_chain(sr_ckpt, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ev.dm, "langevin_x", lambda *a, **k: pytest.fail("dual's chain on a short-run model"))
+    calls = []
+    real = ev.sr.langevin
+    monkeypatch.setattr(ev.sr, "langevin", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code, err = run_eval(["inpaint", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "4",
+                          "--masks", "M40", "--steps", "10", "--K", "4", "--device", "cpu",
+                          "--out", tmp_path], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path)
     assert m["observed_pixels_kept_exactly"] and m["methods"] == ["occluded", "Rec", "T_x"]
     assert m["z_descent"] == {"optimizer": "gd", "lr": ev.GD_LR, "steps": 10, "clamp": False,
                               "how": m["z_descent"]["how"]} and "10 steps" in m["z_descent"]["how"]
+    assert len(calls) >= 3 and set(m["psnr_full"]["M40"]) == set(m["methods"])
+
+
+# ---- transition, superres, ood ----
+
+def test_shortrun_ood_transition_superres(sr_ckpt, data, tmp_path, capsys):
+    test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
     code, err = run_eval(["ood", "--ckpt", sr_ckpt, *test, "--ood", f"folder:{data['noise']}",
                           "--out", tmp_path / "ood"], capsys)
     assert code == 0, err
     m = metrics(tmp_path / "ood")
     f_in, f_out = m["in_distribution"]["f_mean"], m["ood_sets"][f"folder:{data['noise']}"]["f_mean"]
     assert 0 <= m["auroc"][f"folder:{data['noise']}"] <= 1 and math.isfinite(f_in) and math.isfinite(f_out)
+    assert "bn_mode" not in m                                                      # no BatchNorm here
     code, err = run_eval(["transition", "--ckpt", sr_ckpt, "--device", "cpu", "--n", "2", "--k2-max", "20",
                           "--k2-every", "10", "--out", tmp_path / "tr"], capsys)
     assert code == 0, err
@@ -380,179 +501,41 @@ def test_shortrun_inpaint_ood_transition_superres(sr_ckpt, data, tmp_path, capsy
     assert code == 0, err
     m = metrics(tmp_path / "sup")
     assert set(m["per_size"]) == {"4x4", "8x8", "16x16"} and m["seeds"] == 2
-    assert all(os.path.isfile(tmp_path / d / n) for d, n in [("tr", "transition.png"), ("sup", "superres.png"),
-                                                               ("ood", "ood_scores.png")])
+    assert all(os.path.isfile(tmp_path / d / n)
+               for d, n in [("tr", "transition.png"), ("sup", "superres.png"), ("ood", "ood_scores.png")])
 
 
-def test_every_dual_subcommand_runs_in_the_asked_batchnorm_mode(dual_ckpt, data, tmp_path, capsys):
-    test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
-    runs = {"inpaint": ([*test, "--n", "8", "--masks", "M20", "--k-x", "2", "--k-z", "2"], "inpaint_M20.png"),
-            "interp": ([*test, "--n", "2", "--n-rho", "3"], "interp_generator.png"),
-            "transition": (["--n", "2", "--k2-max", "4", "--k2-every", "2"], "transition.png"),
-            "superres": ([*test, "--n", "4", "--seeds", "2", "--sizes", "8"], None),        # f only: no BatchNorm
-            "ood": ([*test, "--ood", f"folder:{data['noise']}"], None)}
-    for cmd, (flags, png) in runs.items():
-        images = {}
-        for mode in ("default", "eval"):
-            out = tmp_path / f"{cmd}_{mode}"
-            code, err = run_eval([cmd, "--ckpt", dual_ckpt, *flags, *(["--bn-mode", mode] if mode == "eval" else []),
-                                  "--out", out], capsys)
-            assert code == 0, (cmd, err)
-            m = metrics(out)
-            assert m["bn_mode"] == ("train" if mode == "default" else "eval") and m["batch_size"] == 100, cmd
-            images[mode] = np.asarray(Image.open(out / png)) if png else None
-        if png:                              # the generator's batch statistics against its running ones
-            assert not np.array_equal(images["default"], images["eval"]), cmd
-    assert os.path.isfile(tmp_path / "interp_eval" / "interp_recon.png")
-    assert metrics(tmp_path / "transition_eval")["K2"] == [0, 2, 4]
+def test_superres_init_noise_keeps_the_lowres_image_and_makes_draws_differ(sr_ckpt, data, tmp_path, capsys):
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    x_low = ev.sr.lowres(x, 8)
+    start = ev.superres_init(x_low, 8, 0.2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ev.sr.lowres(start, 8), x_low)                 # block means unchanged
+    assert (start - x_low).std() > 0.15
+    spread = {}
+    for noise in ("0.2", "0"):
+        out = tmp_path / f"n{noise}"
+        code, err = run_eval(["superres", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}",
+                              "--n", "4", "--seeds", "2", "--sizes", "8", "--K", "4", "--init-noise", noise,
+                              "--device", "cpu", "--out", out], capsys)
+        assert code == 0, err
+        spread[noise] = metrics(out)["per_size"]["8x8"]["pixel_std_across_seeds"]
+    print("pixel std across seeds:", spread)
+    assert spread["0.2"] > 5 * spread["0"]
 
 
-def test_cuda_graph_is_on_by_default_for_short_run_and_opt_in_for_dual_checkpoints(capsys):
-    parse = lambda cmd, *a: ev.build_parser().parse_args([cmd, "--ckpt", "c", "--out", "o", *a])
-    model = lambda script, device: argparse.Namespace(script=script, device=torch.device(device))
-    auto, on, off = parse("fid"), parse("export", "--cuda-graph"), parse("fid", "--no-cuda-graph")
-    for script, default in (("shortrun_ebm", True), ("dual_mcmc", False)):
-        assert ev.uses_cuda_graph(auto, model(script, "cuda")) is default
-        assert ev.uses_cuda_graph(on, model(script, "cuda")) and not ev.uses_cuda_graph(off, model(script, "cuda"))
-        assert not any(ev.uses_cuda_graph(a, model(script, "cpu")) for a in (auto, on, off))
-    assert not ev.uses_cuda_graph(parse("recon"), model("shortrun_ebm", "cuda"))      # no sampling there
-    with pytest.raises(SystemExit):
-        ev.main(["export", "--help"])
-    assert "off for dual_mcmc ones" in " ".join(capsys.readouterr().out.split())
-
-
-def test_lsun_held_out_images_are_training_images_outside_the_runs_subset(sr_ckpt, tmp_path, monkeypatch):
-    class FakeLSUN(torch.utils.data.Dataset):     # image i is grey level i; bedroom_val is the small one
-        def __init__(self, root, classes, transform):
-            self.n, self.tf = {"bedroom_train": 40, "bedroom_val": 3}[classes[0]], transform
-
-        def __len__(self):
-            return self.n
-
-        def __getitem__(self, i):
-            return self.tf(Image.new("RGB", (40, 32), (i, i, i))), 0
-    monkeypatch.setattr(ev.torchvision.datasets, "LSUN", FakeLSUN)
-    model = ev.load_model(sr_ckpt, "cpu")
-    model.cfg.update(dataset="lsun_bedroom", n_data=25, data_seed=2)
-    args = argparse.Namespace(dataset=None, data_root=str(tmp_path), download=False, split="test", data_seed=1)
-    ids = lambda x: [round(v) for v in ((x[:, 0, 0, 0] + 1) * 127.5).tolist()]
-    x, info = ev.held_out(args, model, 100)
-    trained = set(sr.subset_indices(40, 25, 2))
-    assert info["n"] == info["n_available"] == 15 and sorted(ids(x)) == sorted(set(range(40)) - trained)
-    x5, info5 = ev.held_out(args, model, 5)                        # a seeded random 5 of those 15
-    assert info5["n"] == 5 and set(ids(x5)) < set(ids(x)) and ids(x5) != sorted(ids(x))[:5]
-    assert ids(ev.held_out(args, model, 5)[0]) == ids(x5)
-    model.cfg["data_seed"] = None                                  # a run that took the first 25
-    assert sorted(ids(ev.held_out(args, model, 0)[0])) == list(range(25, 40))
-    args.dataset, model.cfg["dataset"] = "lsun_bedroom", "cifar10"     # not its training set: all 40
-    assert ev.held_out(args, model, 0)[1]["n_available"] == 40
-    model.cfg.update(dataset="lsun_bedroom", n_data=0)                 # trained on all: nothing held out
-    with pytest.raises(sr.UsageError, match="none is held out"):
-        ev.held_out(args, model, 10)
-
-
-# ---- recon optimizer (issue 10 item 4) ----
-
-def test_gd_step_is_plain_gradient_descent_on_a_hand_case(sr_ckpt):
-    # K = 0: M_theta(z) = z, so grad_z ||x - z||^2 = 2 (z - x) and one gd step gives z0 - 2 lr (z0 - x)
-    model = ev.load_model(sr_ckpt, "cpu")
-    chain = {"K": 0, "step_size": 1.0, "noise": 0.0}
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    z0 = torch.rand(2, 3, 32, 32) * 2 - 1
-    r = ev.reconstruct_z(model, chain, x, steps=1, lr=0.25, optimizer="gd", z0=z0)
-    torch.testing.assert_close(r.z, z0 - 0.5 * (z0 - x))
-    assert r.curve[0] == pytest.approx((z0 - x).pow(2).mean().item(), rel=1e-5)
-    assert r.curve[1] == pytest.approx(0.5 ** 2 * r.curve[0], rel=1e-5)
-    # lr 1/2 lands on x in one step; without projection z may leave [-1, 1], with --clamp it may not
-    far = x * 1.5
-    torch.testing.assert_close(ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0).z, far)
-    assert ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0, clamp=True).z.abs().max() <= 1
-
-
-def test_recon_default_is_the_papers_gradient_descent_and_reduces_the_error(sr_ckpt, data, tmp_path, capsys):
-    code, err = run_eval(["recon", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
-                          "--steps", "40", "--device", "cpu", "--out", tmp_path], capsys)
-    assert code == 0, err
-    m = metrics(tmp_path)
-    method = m["method"]
-    assert method["optimizer"] == "gd" and method["lr"] == ev.GD_LR and method["clamp"] is False
-    print("gd recon on the tiny model:", m["mse_init"], "->", m["mse"])
-    assert m["mse"] < 0.7 * m["mse_init"], (m["mse"], m["mse_init"])
-    curve = m["mse_curve"]                                  # small plain steps: the error falls at every step
-    assert all(b < a for a, b in zip(curve, curve[1:])), curve
-
-
-# ---- data subsets and export (issue 10 item 8) ----
-
-def test_evaluation_images_are_a_seeded_random_subset(data):
-    everything, info_all = ev.load_set(f"folder:{data['test']}", "./data", 32, 0, False, "test", 3)
-    x, info = ev.load_set(f"folder:{data['test']}", "./data", 32, 5, False, "test", 3, seed=3)
-    assert info == {"data_seed": 3, "n": 5, "n_available": 16} and info_all["n"] == 16
-    subset = lambda *a: torch.tensor(ev.sr.subset_indices(*a))                # the picker load_set uses
-    idx = subset(16, 5, 3)
-    torch.testing.assert_close(x, everything[idx])
-    assert idx.tolist() != list(range(5)) and len(set(idx.tolist())) == 5
-    assert torch.equal(subset(16, 5, 3), idx) and not torch.equal(subset(16, 5, 4), idx)
-    assert torch.equal(subset(16, 0, 3), torch.arange(16)) and torch.equal(subset(4, 9, 0), torch.arange(4))
-
-
-def test_export_writes_pngs_and_npz_for_both_scripts(sr_ckpt, dual_ckpt, tmp_path, capsys):
-    from PIL import Image
-    code, err = run_eval(["export", "--ckpt", sr_ckpt, "--n", "5", "--batch-size", "2", "--K", "2",
-                          "--device", "cpu", "--out", tmp_path / "sr"], capsys)
-    assert code == 0, err
-    arr = np.load(tmp_path / "sr" / "x.npz")["arr_0"]
-    assert arr.dtype == np.uint8 and arr.shape == (5, 32, 32, 3)
-    pngs = sorted(os.listdir(tmp_path / "sr" / "x"))
-    assert pngs == [f"{i:06d}.png" for i in range(5)]
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "sr" / "x" / "000004.png")), arr[4])
-    assert metrics(tmp_path / "sr")["samples"]["x"]["n"] == 5
-    code, err = run_eval(["export", "--ckpt", dual_ckpt, "--n", "3", "--k-x", "2", "--device", "cpu",
-                          "--out", tmp_path / "dual"], capsys)
-    assert code == 0, err
-    m = metrics(tmp_path / "dual")
-    assert set(m["samples"]) == {"x0", "x_tilde"} and m["bn_mode"] == "train" and m["batch_size"] == 100
-    x0, xt = (np.load(tmp_path / "dual" / f"{k}.npz")["arr_0"] for k in ("x0", "x_tilde"))
-    assert x0.shape == xt.shape == (3, 32, 32, 3) and not np.array_equal(x0, xt)
-    assert len(os.listdir(tmp_path / "dual" / "x_tilde")) == 3
-
-
-def test_export_of_a_lowres_checkpoint_starts_from_a_seeded_subset_of_n_training_images(sr_ckpt, data, tmp_path,
-                                                                                        capsys):
+def test_superres_of_a_lowres_checkpoint_defaults_to_its_trained_size(sr_ckpt, data, tmp_path, capsys):
     ckpt = torch.load(sr_ckpt, weights_only=True)
-    name = f"folder:{data['test']}"
-    ckpt["config"].update(init="lowres", lowres_size=8, dataset=name)
+    ckpt["config"].update(init="lowres", lowres_size=16)
     torch.save(ckpt, tmp_path / "low.pt")
-    code, err = run_eval(["export", "--ckpt", tmp_path / "low.pt", "--n", "5", "--batch-size", "2", "--K", "0",
-                          "--data-seed", "3", "--device", "cpu", "--out", tmp_path / "o"], capsys)
+    code, err = run_eval(["superres", "--ckpt", tmp_path / "low.pt", "--dataset", f"folder:{data['test']}",
+                          "--n", "2", "--seeds", "1", "--K", "2", "--device", "cpu", "--out", tmp_path / "a"],
+                         capsys)
     assert code == 0, err
-    x, _ = ev.load_set(name, "./data", 32, 5, False, "train", 3, seed=3)         # 5 of the 16, data seed 3
-    expected = ev.to_uint8(sr.lowres(x, 8)).permute(0, 2, 3, 1).numpy()        # K 0: the chains' starts
-    assert np.array_equal(np.load(tmp_path / "o" / "x.npz")["arr_0"], expected)
+    m = metrics(tmp_path / "a")
+    assert m["sizes"] == [16] and set(m["per_size"]) == {"16x16"} and m["trained_lowres_size"] == 16
 
 
-def test_export_through_the_harness_fast_chains_gives_the_same_samples(sr_ckpt, dual_ckpt, tmp_path, capsys,
-                                                                       monkeypatch):
-    """On CUDA fid/export sample through shortrun_ebm.FastChain / dual_mcmc.FastChains; here (no CUDA)
-    those run their in-place steps eagerly, which must give exactly the eager chains' images."""
-    calls = []
-    fast = dm.FastChains.x
-    monkeypatch.setattr(dm.FastChains, "x", lambda self, *a: calls.append(a[2]) or fast(self, *a))
-    cases = (("sr", sr_ckpt, ["--K", "2"], "x"), ("dual", dual_ckpt, ["--k-x", "3"], "x_tilde"))
-    for name, ckpt, flags, key in cases:
-        arrays = []
-        for forced in (False, True):
-            monkeypatch.setattr(ev, "uses_cuda_graph", lambda args, model, forced=forced: forced)
-            out = tmp_path / f"{name}{forced}"
-            argv = ["export", "--ckpt", ckpt, "--n", "3", *flags, "--device", "cpu", "--out", out]
-            code, err = run_eval(argv, capsys)
-            assert code == 0, err
-            arrays.append(np.load(out / f"{key}.npz")["arr_0"])
-        assert np.array_equal(*arrays)
-    assert calls == [3]                       # the dual fast chain ran once (one batch), with the asked k_x
-
-
-# ---- dual: BatchNorm mode, --no-inference (issue 11 items 4, 5) ----
+# ---- dual-MCMC: BatchNorm mode, CUDA graphs, --no-inference ----
 
 def test_bn_mode_train_uses_batch_statistics_and_restores_the_modes(dual_ckpt):
     model = ev.load_model(dual_ckpt, "cpu")
@@ -594,83 +577,87 @@ def test_recon_of_a_no_inference_checkpoint_starts_from_standard_normal(dual_ckp
     assert "N(0, I)" in m["z0"] and m["bn_mode"] == "train" and m["batch_size"] == 100
 
 
-# ---- inpainting masks and full-output metrics (issue 11 item 6) ----
-
-@pytest.mark.parametrize("size", [32, 64])
-def test_random_masks_are_unions_of_blocks_covering_the_fraction(size):
-    gen = torch.Generator().manual_seed(0)
-    for name in ("R20", "R30", "R40"):
-        keep, info = ev.make_masks(name, 20, size, gen)
-        missing = 1 - keep                                                     # (n, 1, S, S)
-        frac = missing.flatten(1).mean(1)
-        target = int(name[1:]) / 100
-        assert ((frac >= target) & (frac <= target + 0.02)).all(), (name, frac)
-        side = info["block_side_px"]
-        assert side == size // 8
-        # a union of side x side squares equals its morphological opening by that square
-        full = -F.max_pool2d(-missing, side, stride=1)             # 1 where a whole square is missing
-        opened = F.max_pool2d(F.pad(full, (side - 1,) * 4), side, stride=1)
-        assert torch.equal(opened, missing), name
-        assert len({tuple(m.flatten().tolist()) for m in keep}) == 20          # a new mask per image
-
-
-def test_inpaint_reports_full_output_metrics_and_short_run_uses_its_own_chain(sr_ckpt, dual_ckpt, data,
-                                                                             tmp_path, capsys, monkeypatch):
-    code, err = run_eval(["inpaint", "--ckpt", dual_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8",
-                          "--masks", "R30", "--k-x", "3", "--k-z", "3", "--device", "cpu",
-                          "--out", tmp_path / "d"], capsys)
-    assert code == 0, err
-    m = metrics(tmp_path / "d")
-    for method in m["methods"]:
-        # pasting the observed pixels back can only lower the error: composite >= full output
-        assert m["psnr"]["R30"][method] >= m["psnr_full"]["R30"][method] - 1e-6
-    for method in ("occluded", "Inf+T_z+Gen+T_x"):                    # outputs that hold observed pixels
-        assert m["psnr_full"]["R30"][method] == pytest.approx(m["psnr"]["R30"][method], abs=1e-4)
-        assert m["ssim_full"]["R30"][method] == pytest.approx(m["ssim"]["R30"][method], abs=1e-5)
-    assert m["psnr_full"]["R30"]["Inf+Gen"] < m["psnr"]["R30"]["Inf+Gen"]
-    # a short-run checkpoint runs shortrun_ebm.langevin, never dual's chain
-    monkeypatch.setattr(ev.dm, "langevin_x",
-                        lambda *a, **k: pytest.fail("dual's sampler on a short-run model"))
-    calls = []
-    real = ev.sr.langevin
-    monkeypatch.setattr(ev.sr, "langevin", lambda *a, **k: calls.append(1) or real(*a, **k))
-    code, err = run_eval(["inpaint", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "2",
-                          "--masks", "M20", "--steps", "2", "--K", "3", "--device", "cpu",
-                          "--out", tmp_path / "s"], capsys)
-    assert code == 0, err
-    assert len(calls) >= 3 and "psnr_full" in metrics(tmp_path / "s")
+def test_every_dual_subcommand_runs_in_the_asked_batchnorm_mode(dual_ckpt, data, tmp_path, capsys):
+    test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
+    runs = {"inpaint": ([*test, "--n", "8", "--masks", "M20", "--k-x", "2", "--k-z", "2"], "inpaint_M20.png"),
+            "interp": ([*test, "--n", "2", "--n-rho", "3"], "interp_generator.png"),
+            "transition": (["--n", "2", "--k2-max", "4", "--k2-every", "2"], "transition.png"),
+            "superres": ([*test, "--n", "4", "--seeds", "2", "--sizes", "8"], None),    # f only: no BatchNorm
+            "ood": ([*test, "--ood", f"folder:{data['noise']}"], None)}
+    for cmd, (flags, png) in runs.items():
+        images = {}
+        for mode in ("default", "eval"):
+            out = tmp_path / f"{cmd}_{mode}"
+            asked = ["--bn-mode", mode] if mode == "eval" else []
+            code, err = run_eval([cmd, "--ckpt", dual_ckpt, *flags, *asked, "--out", out], capsys)
+            assert code == 0, (cmd, err)
+            m = metrics(out)
+            assert m["bn_mode"] == ("train" if mode == "default" else "eval") and m["batch_size"] == 100, cmd
+            images[mode] = np.asarray(Image.open(out / png)) if png else None
+        if png:                              # the generator's batch statistics against its running ones
+            assert not np.array_equal(images["default"], images["eval"]), cmd
+    assert os.path.isfile(tmp_path / "interp_eval" / "interp_recon.png")
+    assert metrics(tmp_path / "transition_eval")["K2"] == [0, 2, 4]
 
 
-# ---- super-resolution (issue 10 item 6) ----
-
-def test_superres_init_noise_keeps_the_lowres_image_and_makes_draws_differ(sr_ckpt, data, tmp_path, capsys):
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
-    x_low = ev.sr.lowres(x, 8)
-    start = ev.superres_init(x_low, 8, 0.2, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ev.sr.lowres(start, 8), x_low)                 # block means unchanged
-    assert (start - x_low).std() > 0.15
-    spread = {}
-    for noise in ("0.2", "0"):
-        out = tmp_path / f"n{noise}"
-        code, err = run_eval(["superres", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}",
-                              "--n", "4", "--seeds", "2", "--sizes", "8", "--K", "4", "--init-noise", noise,
-                              "--device", "cpu", "--out", out], capsys)
-        assert code == 0, err
-        spread[noise] = metrics(out)["per_size"]["8x8"]["pixel_std_across_seeds"]
-    print("pixel std across seeds:", spread)
-    assert spread["0.2"] > 5 * spread["0"]
+def test_cuda_graph_is_on_by_default_for_short_run_and_opt_in_for_dual_checkpoints(capsys):
+    parse = lambda cmd, *a: ev.build_parser().parse_args([cmd, "--ckpt", "c", "--out", "o", *a])
+    model = lambda script, device: argparse.Namespace(script=script, device=torch.device(device))
+    auto, on, off = parse("fid"), parse("export", "--cuda-graph"), parse("fid", "--no-cuda-graph")
+    for script, default in (("shortrun_ebm", True), ("dual_mcmc", False)):
+        cuda = model(script, "cuda")
+        assert ev.uses_cuda_graph(auto, cuda) is default
+        assert ev.uses_cuda_graph(on, cuda) and not ev.uses_cuda_graph(off, cuda)
+        assert not any(ev.uses_cuda_graph(a, model(script, "cpu")) for a in (auto, on, off))
+    assert not ev.uses_cuda_graph(parse("recon"), model("shortrun_ebm", "cuda"))      # no sampling there
+    with pytest.raises(SystemExit):
+        ev.main(["export", "--help"])
+    assert "off for dual_mcmc ones" in " ".join(capsys.readouterr().out.split())
 
 
-def test_superres_of_a_lowres_checkpoint_defaults_to_its_trained_size(sr_ckpt, data, tmp_path, capsys):
-    ckpt = torch.load(sr_ckpt, weights_only=True)
-    ckpt["config"].update(init="lowres", lowres_size=16)
-    torch.save(ckpt, tmp_path / "low.pt")
-    code, err = run_eval(["superres", "--ckpt", tmp_path / "low.pt", "--dataset", f"folder:{data['test']}",
-                          "--n", "2", "--seeds", "1", "--K", "2", "--device", "cpu", "--out", tmp_path / "a"],
-                         capsys)
-    assert code == 0, err
-    m = metrics(tmp_path / "a")
-    assert m["sizes"] == [16] and set(m["per_size"]) == {"16x16"} and m["trained_lowres_size"] == 16
+# ---- data: seeded subsets, LSUN's held-out images, CelebA's crop box, the authors' checkpoints ----
+
+def test_evaluation_images_are_a_seeded_random_subset(data):
+    everything, info_all = ev.load_set(f"folder:{data['test']}", "./data", 32, 0, False, "test", 3)
+    x, info = ev.load_set(f"folder:{data['test']}", "./data", 32, 5, False, "test", 3, seed=3)
+    assert info == {"data_seed": 3, "n": 5, "n_available": 16} and info_all["n"] == 16
+    subset = lambda *a: torch.tensor(ev.sr.subset_indices(*a))                # the picker load_set uses
+    idx = subset(16, 5, 3)
+    torch.testing.assert_close(x, everything[idx])
+    assert idx.tolist() != list(range(5)) and len(set(idx.tolist())) == 5
+    assert torch.equal(subset(16, 5, 3), idx) and not torch.equal(subset(16, 5, 4), idx)
+    assert torch.equal(subset(16, 0, 3), torch.arange(16)) and torch.equal(subset(4, 9, 0), torch.arange(4))
+
+
+def test_lsun_held_out_images_are_training_images_outside_the_runs_subset(sr_ckpt, tmp_path, monkeypatch):
+    class FakeLSUN(torch.utils.data.Dataset):     # image i is grey level i; bedroom_val is the small one
+        def __init__(self, root, classes, transform):
+            self.n, self.tf = {"bedroom_train": 40, "bedroom_val": 3}[classes[0]], transform
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return self.tf(Image.new("RGB", (40, 32), (i, i, i))), 0
+    monkeypatch.setattr(ev.torchvision.datasets, "LSUN", FakeLSUN)
+    model = ev.load_model(sr_ckpt, "cpu")
+    model.cfg.update(dataset="lsun_bedroom", n_data=25, data_seed=2)
+    args = argparse.Namespace(dataset=None, data_root=str(tmp_path), download=False, split="test",
+                              data_seed=1)
+    ids = lambda x: [round(v) for v in ((x[:, 0, 0, 0] + 1) * 127.5).tolist()]
+    x, info = ev.held_out(args, model, 100)
+    trained = set(sr.subset_indices(40, 25, 2))
+    assert info["n"] == info["n_available"] == 15 and sorted(ids(x)) == sorted(set(range(40)) - trained)
+    x5, info5 = ev.held_out(args, model, 5)                        # a seeded random 5 of those 15
+    assert info5["n"] == 5 and set(ids(x5)) < set(ids(x)) and ids(x5) != sorted(ids(x))[:5]
+    assert ids(ev.held_out(args, model, 5)[0]) == ids(x5)
+    model.cfg["data_seed"] = None                                  # a run that took the first 25
+    assert sorted(ids(ev.held_out(args, model, 0)[0])) == list(range(25, 40))
+    args.dataset, model.cfg["dataset"] = "lsun_bedroom", "cifar10"     # not its training set: all 40
+    assert ev.held_out(args, model, 0)[1]["n_available"] == 40
+    model.cfg.update(dataset="lsun_bedroom", n_data=0)                 # trained on all: nothing held out
+    with pytest.raises(sr.UsageError, match="none is held out"):
+        ev.held_out(args, model, 10)
 
 
 def test_authors_released_format_is_routed_to_dual_mcmc_loader(dual_ckpt, tmp_path, capsys, monkeypatch):
@@ -711,60 +698,52 @@ def test_dual_celeba_crop_checkpoints_evaluate_on_the_authors_crop_box(dual_ckpt
     assert not ev.celeba_crop(model, "svhn")
 
 
-def test_celeba_crop_reference_statistics_are_streamed_from_the_cropped_images(dual_ckpt, tmp_path, capsys):
-    folder = tmp_path / "faces"
-    os.makedirs(folder)
-    rng = np.random.default_rng(0)
-    for i in range(7):
-        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    name = f"folder:{folder}"
-    model = ev.load_model(dual_ckpt, "cpu")
-    model.cfg.update(celeba_crop=True, dataset=name)
-    weights = tmp_path / "w.pth"
-    weights.write_bytes(b"any file: only its hash names the cache")
-    net = lambda x: (x.double().flatten(1)[:, :16], x.double().flatten(1)[:, :4])   # stand-in features
-    args = argparse.Namespace(dataset=None, data_root=str(tmp_path), n_ref=5, data_seed=1, stats=None,
-                              download=False, batch_size=2, kid_ref=10)
-    mu, sigma, feats_kid, info = ev.reference_stats(args, model, net, str(weights), "cpu")
-    assert info["n"] == 5 and info["n_available"] == 7 and info["celeba_crop"] and "_crop_" in info["stats"]
-    x, _ = ev.load_set(name, ".", 32, 5, False, "train", 3, seed=1, crop=True)       # the same 5 images
-    expected = ev.to_uint8(x).double().flatten(1)[:, :16]
-    np.testing.assert_allclose(mu, expected.mean(0).numpy(), rtol=1e-12)
-    # images that are not aligned 178x218 CelebA faces: one line, exit 2
-    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "small.png")
-    args.stats, args.n_ref = str(tmp_path / "other.npz"), 0
-    with pytest.raises(sr.UsageError, match="178x218"):
-        ev.reference_stats(args, model, net, str(weights), "cpu")
+# ---- export ----
+
+def test_export_writes_pngs_and_npz_and_the_fast_chains_give_the_same_samples(sr_ckpt, dual_ckpt, tmp_path,
+                                                                              capsys, monkeypatch):
+    """On CUDA fid/export sample through shortrun_ebm.FastChain / dual_mcmc.FastChains; here (no CUDA)
+    those run their in-place steps eagerly, which must give exactly the eager chains' images."""
+    calls = []
+    chain_x = dm.FastChains.x
+    monkeypatch.setattr(dm.FastChains, "x", lambda self, *a: calls.append(a[2]) or chain_x(self, *a))
+    cases = (("sr", sr_ckpt, ["--n", "5", "--batch-size", "2", "--K", "2"], "x"),
+             ("dual", dual_ckpt, ["--n", "3", "--k-x", "3"], "x_tilde"))
+    for name, ckpt, flags, key in cases:
+        for fast_chain in (False, True):
+            monkeypatch.setattr(ev, "uses_cuda_graph", lambda args, model, on=fast_chain: on)
+            code, err = run_eval(["export", "--ckpt", ckpt, *flags, "--device", "cpu",
+                                  "--out", tmp_path / f"{name}{fast_chain}"], capsys)
+            assert code == 0, err
+        eager, fast = (np.load(tmp_path / f"{name}{on}" / f"{key}.npz")["arr_0"] for on in (False, True))
+        assert np.array_equal(eager, fast)
+    assert calls == [3]                       # the dual fast chain ran once (one batch), with the asked k_x
+    out = tmp_path / "srFalse"
+    arr = np.load(out / "x.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (5, 32, 32, 3)
+    assert sorted(os.listdir(out / "x")) == [f"{i:06d}.png" for i in range(5)]
+    assert np.array_equal(np.asarray(Image.open(out / "x" / "000004.png")), arr[4])
+    assert metrics(out)["samples"]["x"]["n"] == 5
+    out = tmp_path / "dualFalse"
+    m = metrics(out)
+    assert set(m["samples"]) == {"x0", "x_tilde"} and m["bn_mode"] == "train" and m["batch_size"] == 100
+    x0, xt = (np.load(out / f"{k}.npz")["arr_0"] for k in ("x0", "x_tilde"))
+    assert x0.shape == xt.shape == (3, 32, 32, 3) and not np.array_equal(x0, xt)
+    assert len(os.listdir(out / "x_tilde")) == 3
 
 
-def test_masked_z_langevin_is_dual_mcmcs_chain_on_the_observed_pixels():
-    torch.manual_seed(0)
-    g = torch.nn.Sequential(torch.nn.Linear(3, 12), torch.nn.Tanh())
-    x, z = torch.randn(2, 12), torch.randn(2, 3)
-    for posterior in ("paper", "authors"):
-        full = dm.langevin_z(g, x, z, 5, 0.05, 0.0, 0.3, posterior)
-        masked = ev.langevin_z_masked(g, x, torch.ones(1, 12), z, 5, 0.05, 0.0, 0.3, posterior)
-        torch.testing.assert_close(masked, full)
-    keep = (torch.arange(12) < 6).float()                                        # the last 6 pixels unseen
-    other = x.clone()
-    other[:, 6:] = 5.0                                                           # do not move the chain
-    torch.testing.assert_close(ev.langevin_z_masked(g, other, keep, z, 5, 0.05, 0.0, 0.3),
-                               ev.langevin_z_masked(g, x, keep, z, 5, 0.05, 0.0, 0.3))
-    assert not torch.allclose(ev.langevin_z_masked(g, x, keep, z, 5, 0.05, 0.0, 0.3),
-                              dm.langevin_z(g, x, z, 5, 0.05, 0.0, 0.3))         # the hidden pixels count
-
-
-def test_a_foreign_stats_file_is_one_clear_error(dual_ckpt, tmp_path):
-    model = ev.load_model(dual_ckpt, "cpu")
-    weights = tmp_path / "w.pth"
-    weights.write_bytes(b"weights")
-    for i, junk in enumerate((b"not an npz", None)):
-        stats = tmp_path / f"s{i}.npz"
-        stats.write_bytes(junk) if junk else np.savez(stats, other=np.zeros(2))   # garbage; keys not ours
-        args = argparse.Namespace(dataset=None, data_root=str(tmp_path), n_ref=5, data_seed=0,
-                                  stats=str(stats), download=False, batch_size=2, kid_ref=10)
-        with pytest.raises(sr.UsageError, match="not a reference-statistics cache"):
-            ev.reference_stats(args, model, None, str(weights), "cpu")
+def test_export_of_a_lowres_checkpoint_starts_from_a_seeded_subset_of_n_training_images(sr_ckpt, data,
+                                                                                        tmp_path, capsys):
+    ckpt = torch.load(sr_ckpt, weights_only=True)
+    name = f"folder:{data['test']}"
+    ckpt["config"].update(init="lowres", lowres_size=8, dataset=name)
+    torch.save(ckpt, tmp_path / "low.pt")
+    code, err = run_eval(["export", "--ckpt", tmp_path / "low.pt", "--n", "5", "--batch-size", "2", "--K",
+                          "0", "--data-seed", "3", "--device", "cpu", "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    x, _ = ev.load_set(name, "./data", 32, 5, False, "train", 3, seed=3)         # 5 of the 16, data seed 3
+    expected = ev.to_uint8(sr.lowres(x, 8)).permute(0, 2, 3, 1).numpy()        # K 0: the chains' starts
+    assert np.array_equal(np.load(tmp_path / "o" / "x.npz")["arr_0"], expected)
 
 
 # ---- bad input ----
@@ -797,12 +776,7 @@ def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, cap
     assert not os.path.exists(tmp_path / "out")
 
 
-# ---- layout (issue 12) ----
-
-def test_evaluate_lines_are_at_most_110_characters_and_it_raises_the_training_scripts_usage_error():
-    with open(ev.__file__) as fh:
-        long_lines = [i for i, line in enumerate(fh.read().splitlines(), 1) if len(line) > 110]
-    assert long_lines == []
+def test_evaluate_raises_the_training_scripts_usage_error():
     own = [k for k, v in vars(ev).items() if isinstance(v, type) and issubclass(v, Exception)
            and v.__module__ == ev.__name__]
     assert own == []                                           # no exception class of its own
