@@ -270,24 +270,18 @@ def validate(args):
                          f"or folder:PATH")
     if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):]:
         raise UsageError("--dataset folder: needs a path, e.g. folder:~/data/images")
-    positive_ints = {"--K": args.K, "--n_f": args.n_f, "--batch-size": args.batch_size, "--iters": args.iters,
-                     "--lowres-size": args.lowres_size}
-    for name, v in positive_ints.items():
-        if v < 1:
-            raise UsageError(f"{name} must be >= 1 (got {v})")
-    for name, v in {"--n-data": args.n_data, "--log-every": args.log_every, "--plot-every": args.plot_every,
-                    "--ckpt-every": args.ckpt_every, "--benchmark": args.benchmark,
-                    "--anneal-start": args.anneal_start, "--data-seed": args.data_seed}.items():
-        if v < 0:
-            raise UsageError(f"{name} must be >= 0 (got {v})")
+    for names, lo in ((("K", "n_f", "batch_size", "iters", "lowres_size"), 1), (("n_data", "data_seed",
+                       "anneal_start", "log_every", "plot_every", "ckpt_every", "benchmark"), 0)):
+        for name in names:
+            if getattr(args, name) < lo:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {lo} (got {getattr(args, name)})")
+    for name, zero_ok in (("lr", False), ("step_size", False), ("sigma", True), ("noise", True)):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and (v > 0 or zero_ok and v == 0)):
+            sign = ">=" if zero_ok else ">"
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number {sign} 0 (got {v})")
     if args.K_max is not None and args.K_max < args.K:
         raise UsageError(f"--K-max ({args.K_max}) must be >= --K ({args.K})")
-    for name, v in {"--lr": args.lr, "--step-size": args.step_size}.items():
-        if not (math.isfinite(v) and v > 0):
-            raise UsageError(f"{name} must be a positive finite number (got {v})")
-    for name, v in {"--sigma": args.sigma, "--noise": args.noise}.items():
-        if not (math.isfinite(v) and v >= 0):
-            raise UsageError(f"{name} must be >= 0 (got {v})")
     if args.anneal_start and args.anneal_start >= args.iters:
         raise UsageError(f"--anneal-start ({args.anneal_start}) must be below --iters ({args.iters})")
     if args.lowres_size > args.image_size:
@@ -773,30 +767,15 @@ def time_steps(step, n, device):
     return sorted(times[2:])[n // 2]
 
 
-# ---- model, sampler and checkpoint plumbing ----
+# ---- model, training step, sampler plumbing ----
 
 def build_model(args, n_c, device):
-    """f on device and its Adam (the paper's betas .9/.999). On the CPU the weights go channels_last
-    (oneDNN's convolutions are faster in it; README has the figures); on CUDA the default layout (the
-    bf16 chain keeps its own channels_last copy of the weights)."""
+    """f on device and its Adam (betas .9/.999, the paper's). On the CPU the weights go channels_last
+    (oneDNN's convolutions are faster in it; README has the figures); the bf16 chain keeps its own copy."""
     f = EBM(n_c, args.n_f, args.image_size, args.act).to(device)
     if torch.device(device).type == "cpu":
         f = f.to(memory_format=torch.channels_last)
     return f, torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
-
-
-def init_chain(x_data, args):
-    """x_0 for chains shaped like the batch x_data: p_0 noise, or with --init lowres its low-res version."""
-    if args.init == "lowres":
-        return lowres(x_data, args.lowres_size)
-    return sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
-
-
-def grad_norm(f, x):
-    """Diagnostic: the mean over images of |grad_x f(x)|_2, a 0-dim tensor."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        return torch.autograd.grad(f(x).sum(), x)[0].flatten(1).norm(dim=1).mean()
 
 
 def load_checkpoint(path, device="cpu"):
@@ -807,8 +786,6 @@ def load_checkpoint(path, device="cpu"):
     return f.eval(), ckpt["config"]
 
 
-# ---- training ----
-
 def schedule(args, it):
     """lr and sigma at iteration it: constant (appendix), then, from --anneal-start, a geometric decay
     reaching ANNEAL_FINAL of each at --iters (the paper's 'gradually decrease lr and sigma')."""
@@ -818,9 +795,16 @@ def schedule(args, it):
     return args.lr * decay, args.sigma * decay
 
 
+def init_chain(x_data, args):
+    """x_0 for chains shaped like the batch x_data: p_0 noise, or with --init lowres its low-res version."""
+    if args.init == "lowres":
+        return lowres(x_data, args.lowres_size)
+    return sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
+
+
 def harness_step(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None):
     """Iteration it of training: the schedule's lr and sigma, a batch of the uint8 data, K (dynamic K),
-    x_0 (the init), then the method's train_step. Returns (x_q, x_data, f_data, f_q)."""
+    x_0, then the method's train_step. Returns (x_q, x_data, f_data, f_q)."""
     lr, sigma = schedule(args, it)
     for group in optim.param_groups:
         group["lr"] = lr
@@ -904,6 +888,15 @@ def make_chain(args, f, device):
     return FastChain(f, bf16=args.amp == "bf16", graph=graph)
 
 
+# ---- training loop: divergence guard, sample grids, log, checkpoints ----
+
+def grad_norm(f, x):
+    """Diagnostic: the mean over images of |grad_x f(x)|_2, a 0-dim tensor."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return torch.autograd.grad(f(x).sum(), x)[0].flatten(1).norm(dim=1).mean()
+
+
 def check_guard(f_data, f_q, max_abs, step_rms, it):
     """None if healthy, else a message saying what blew up and what to change."""
     fix = "start a new run with a larger --sigma (e.g. 0.1), a lower --lr or a larger --K"
@@ -921,24 +914,10 @@ def check_guard(f_data, f_q, max_abs, step_rms, it):
     return None
 
 
-def plot(f, args, it, data_fixed, chain, amp, device, curves=True):
-    """Samples from a fixed p_0 draw (fork_rng keeps the training trajectory untouched), and curves.png
-    unless curves is False. Returns whether to keep drawing curves (False once matplotlib is missing)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(args.seed)
-        with frozen(f), amp():
-            x_q = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
-    save_grid(x_q, os.path.join(args.out, f"samples_{it:06d}.png"))
-    log_path, png_path = os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png")
-    return curves and plot_curves(log_path, png_path, CURVE_PANELS)
-
-
 # curves.png: one panel per (title, (log key, label), ...)
 CURVE_PANELS = [("f", ("f_data", "f(data)"), ("f_sample", "f(samples)")),
                 ("|grad_x f| per image", ("grad_norm", "at x_q"), ("grad_norm_chain", "mean over the chain")),
-                ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"),
-                 ("data_std", "std data")),
+                ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"), ("data_std", "data")),
                 ("lr", ("lr", "lr"))]
 
 
@@ -970,17 +949,16 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
             if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
                 elapsed = time.time() - t_start
                 rate = elapsed / (it - it_start)
+                chain_norm = float(torch.stack(chain_grads).mean()) if chain_grads else None
                 row = {"iteration": it, "f_data": f_data, "f_sample": f_q, "f_gap": f_data - f_q,
-                       "grad_norm": g_norm, "grad_norm_chain": float(torch.stack(chain_grads).mean())
-                       if chain_grads else None,
-                       "sample_max_abs": max_abs, "sample_std": x_std, "data_std": data_std,
-                       "lr": optim.param_groups[0]["lr"], "sigma": schedule(args, it - 1)[1],
-                       "seconds": seconds0 + elapsed, "s_per_iter": rate}
+                       "grad_norm": g_norm, "grad_norm_chain": chain_norm, "sample_max_abs": max_abs,
+                       "sample_std": x_std, "data_std": data_std, "lr": optim.param_groups[0]["lr"],
+                       "sigma": schedule(args, it - 1)[1], "seconds": seconds0 + elapsed, "s_per_iter": rate}
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                print(f"it {it}/{args.iters} | f(x) {f_data:+.4g} f(x_q) {f_q:+.4g} | |grad f| "
-                      f"{g_norm:.3g} | max|x_q| {max_abs:.2f} | {rate:.3f} s/it | "
-                      f"ETA {format_eta(rate * (args.iters - it))}", file=sys.stderr, flush=True)
+                eta = format_eta(rate * (args.iters - it))
+                print(f"it {it}/{args.iters} | f(x) {f_data:+.4g} f(x_q) {f_q:+.4g} | |grad f| {g_norm:.3g} "
+                      f"| max|x_q| {max_abs:.2f} | {rate:.3f} s/it | ETA {eta}", file=sys.stderr, flush=True)
             if diverged:
                 if writer:
                     kept = (f"{args.out}/last.pt keeps the last good state (iteration {last_saved})"
@@ -988,15 +966,20 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                     print(f"{PROG}: diverged at {msg or f'iteration {it} on another rank'}; {kept}",
                           file=sys.stderr)
                 return EXIT_DIVERGED
-            if due(args.plot_every) and writer:
-                curves = plot(f, args, it, data_fixed, chain, amp, device, curves)
+            if due(args.plot_every) and writer:      # samples from a fixed p_0 draw; training's RNG untouched
+                cuda = [device] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda), frozen(f), amp():
+                    torch.manual_seed(args.seed)
+                    x_fixed = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
+                save_grid(x_fixed, os.path.join(args.out, f"samples_{it:06d}.png"))
+                curves = curves and plot_curves(log_path, os.path.join(args.out, "curves.png"), CURVE_PANELS)
             interrupted = any_rank(torch.tensor([stop.requested], device=device), world)[0]
             if due(args.ckpt_every) or interrupted:
                 rng = gather_rng(device, world)
                 if writer:
-                    ckpt = {**versions(), "config": vars(args), "iteration": it, "rng": rng[0], "rng_per_rank": rng,
+                    ckpt = {**versions(), "config": vars(args), "iteration": it,
                             "models": {"ebm": f.state_dict()}, "optimizers": {"ebm": optim.state_dict()},
-                            "seconds": seconds0 + time.time() - t_start}
+                            "rng": rng[0], "rng_per_rank": rng, "seconds": seconds0 + time.time() - t_start}
                     atomic_save(ckpt, os.path.join(args.out, "last.pt"))
                     if is_last:
                         atomic_save(ckpt, os.path.join(args.out, "final.pt"))
@@ -1015,8 +998,7 @@ def benchmark(args, device):
     """--benchmark N: time N training iterations (same chain, same cuDNN autotuning) on random images of
     the configured shape; prints s/iter and images*steps/s (K chain steps per image), writes nothing."""
     seed_everything(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True          # as training does
+    torch.backends.cudnn.benchmark = device.type == "cuda"             # as training does
     n_c, S = CHANNELS.get(args.dataset, 3), args.image_size
     f, optim = build_model(args, n_c, device)
     data = torch.randint(0, 256, (1000, n_c, S, S), dtype=torch.uint8, device=device)
@@ -1072,14 +1054,13 @@ def run(args, ckpt, data, device, rank, world, argv):
         optim.load_state_dict(ckpt["optimizers"]["ebm"])
         start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]          # log seconds run on
         restore_rng(ckpt, args.seed, rank, world, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         if start_it == 0:
-            config = dict(vars(args), argv=argv, world_size=world, **versions())
-            atomic_write_json(config, os.path.join(args.out, "config.json"))
+            atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
+                              os.path.join(args.out, "config.json"))
         if ckpt is not None:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "

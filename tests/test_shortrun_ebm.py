@@ -277,13 +277,14 @@ BAD = [
     (["--dataset", "imagenet"], "unknown --dataset"),
     (["--K", "0"], "--K must be >= 1"),
     (["--K", "10", "--K-max", "5"], "--K-max (5) must be >= --K (10)"),
-    (["--n_f", "0"], "--n_f must be >= 1"),
+    (["--n_f", "0"], "--n-f must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--sigma", "-0.1"], "--sigma must be >= 0"),
-    (["--lr", "0"], "--lr must be a positive finite number"),
-    (["--lr", "nan"], "--lr must be a positive finite number"),
-    (["--lr", "inf"], "--lr must be a positive finite number"),
+    (["--sigma", "-0.1"], "--sigma must be a finite number >= 0"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--lr", "fast"], "invalid float value"),
+    (["--data-seed", "-1"], "--data-seed must be >= 0"),
     (["--image-size", "48"], "invalid choice"),
     (["--device", "cuda:7"], "--device cuda:7"),
     (["--device", "cudafoo"], "use auto, cpu, cuda or cuda:N"),
@@ -314,11 +315,15 @@ def test_an_out_that_is_a_file_is_refused(squares, tmp_path, capsys):
     assert (tmp_path / "run").read_text() == "my notes"
 
 
-def test_empty_data_folder_says_so(tmp_path, capsys):
+def test_empty_data_folder_or_a_broken_image_says_so_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     code, err = run_main(["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"], capsys)
     assert code == 2 and "holds no images" in err and not (tmp_path / "run").exists()
+    (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
+    code, err = run_main(["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "cannot read the images of folder:" in err and "broken.png" in err and not (tmp_path / "run").exists()
 
 
 def test_an_existing_run_is_never_overwritten(squares, tmp_path, capsys):
@@ -437,6 +442,9 @@ def test_print_config_gives_the_papers_sec_5_1_settings(capsys, monkeypatch, tmp
     assert (c["n_f"], c["image_size"]) == (64, 64)
     c = print_config(["--dataset", "mnist"], capsys, monkeypatch, tmp_path)
     assert (c["n_f"], c["image_size"], c["iters"], c["anneal_start"]) == (64, 32, 100000, 0)
+    assert c["out"] == os.path.join("runs", "shortrun_mnist") and "print_config" not in c
+    c = print_config(["--dataset", "folder:~/pictures/faces/"], capsys, monkeypatch, tmp_path)
+    assert c["out"] == os.path.join("runs", "shortrun_faces")                  # named by the folder
 
 
 def test_print_config_appendix_preset_and_explicit_flags(capsys, monkeypatch, tmp_path):
