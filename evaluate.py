@@ -504,15 +504,11 @@ def cropped_subset(name, root, size, split, download, n, seed):
 def lsun_held_out(n_available, train_cfg, n, seed):
     """Held-out LSUN images (bedroom_val holds only 300): a seeded random n (0 = all, in order) of the
     n_available bedroom_train indices outside the training subset of train_cfg (the config of a run
-    trained on it: its --n-data picked by shortrun_ebm.subset_indices with its --data-seed; a run that
-    recorded no data seed took the first --n-data), and how many there are."""
-    taken = []
-    if train_cfg:
-        n_data, data_seed = train_cfg.get("n_data") or 0, train_cfg.get("data_seed")
-        taken = (range(min(n_data, n_available) if n_data else n_available) if data_seed is None
-                 else sr.subset_indices(n_available, n_data, data_seed))
+    trained on it: its --n-data picked by shortrun_ebm.subset_indices with its --data-seed), and how many
+    there are."""
     free = torch.ones(n_available, dtype=torch.bool)
-    free[torch.as_tensor(list(taken), dtype=torch.long)] = False
+    if train_cfg:
+        free[sr.subset_indices(n_available, train_cfg.get("n_data") or 0, train_cfg["data_seed"])] = False
     perm = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))
     perm = perm[free[perm]]                                                   # still in random order
     return (perm[:n] if n and n < len(perm) else perm.sort().values).tolist(), len(perm)

@@ -90,7 +90,7 @@ def metrics(out):
 
 # ---- metric functions ----
 
-def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+def test_frechet_distance_matches_closed_forms_and_scipy_and_survives_singular_covariances():
     rng = np.random.default_rng(0)
     d = 16
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
@@ -102,10 +102,7 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     # one dimension by hand: (1 - 3)^2 + 4 + 9 - 2 * sqrt(36) = 5
     one = [np.array(v) for v in ([1.0], [[4.0]], [3.0], [[9.0]])]
     assert ev.frechet_distance(*one) == pytest.approx(5)
-
-
-def test_frechet_distance_matches_direct_scipy_and_survives_singular_covariances():
-    rng = np.random.default_rng(1)
+    # a full covariance: scipy directly
     d = 32
     a, b = rng.normal(size=(200, d)), rng.normal(size=(200, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.5
     mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
@@ -523,18 +520,6 @@ def test_superres_init_noise_keeps_the_lowres_image_and_makes_draws_differ(sr_ck
     assert spread["0.2"] > 5 * spread["0"]
 
 
-def test_superres_of_a_lowres_checkpoint_defaults_to_its_trained_size(sr_ckpt, data, tmp_path, capsys):
-    ckpt = torch.load(sr_ckpt, weights_only=True)
-    ckpt["config"].update(init="lowres", lowres_size=16)
-    torch.save(ckpt, tmp_path / "low.pt")
-    code, err = run_eval(["superres", "--ckpt", tmp_path / "low.pt", "--dataset", f"folder:{data['test']}",
-                          "--n", "2", "--seeds", "1", "--K", "2", "--device", "cpu", "--out", tmp_path / "a"],
-                         capsys)
-    assert code == 0, err
-    m = metrics(tmp_path / "a")
-    assert m["sizes"] == [16] and set(m["per_size"]) == {"16x16"} and m["trained_lowres_size"] == 16
-
-
 # ---- dual-MCMC: BatchNorm mode, CUDA graphs, --no-inference ----
 
 def test_bn_mode_train_uses_batch_statistics_and_restores_the_modes(dual_ckpt):
@@ -630,16 +615,10 @@ def test_evaluation_images_are_a_seeded_random_subset(data):
 
 
 def test_lsun_held_out_images_are_training_images_outside_the_runs_subset(sr_ckpt, tmp_path, monkeypatch):
-    class FakeLSUN(torch.utils.data.Dataset):     # image i is grey level i; bedroom_val is the small one
-        def __init__(self, root, classes, transform):
-            self.n, self.tf = {"bedroom_train": 40, "bedroom_val": 3}[classes[0]], transform
-
-        def __len__(self):
-            return self.n
-
-        def __getitem__(self, i):
-            return self.tf(Image.new("RGB", (40, 32), (i, i, i))), 0
-    monkeypatch.setattr(ev.torchvision.datasets, "LSUN", FakeLSUN)
+    def fake_lsun(root, classes, transform):                # image i is grey level i; bedroom_val: 3 images
+        n = {"bedroom_train": 40, "bedroom_val": 3}[classes[0]]
+        return [(transform(Image.new("RGB", (40, 32), (i, i, i))), 0) for i in range(n)]
+    monkeypatch.setattr(ev.torchvision.datasets, "LSUN", fake_lsun)
     model = ev.load_model(sr_ckpt, "cpu")
     model.cfg.update(dataset="lsun_bedroom", n_data=25, data_seed=2)
     args = argparse.Namespace(dataset=None, data_root=str(tmp_path), download=False, split="test",
@@ -651,8 +630,6 @@ def test_lsun_held_out_images_are_training_images_outside_the_runs_subset(sr_ckp
     x5, info5 = ev.held_out(args, model, 5)                        # a seeded random 5 of those 15
     assert info5["n"] == 5 and set(ids(x5)) < set(ids(x)) and ids(x5) != sorted(ids(x))[:5]
     assert ids(ev.held_out(args, model, 5)[0]) == ids(x5)
-    model.cfg["data_seed"] = None                                  # a run that took the first 25
-    assert sorted(ids(ev.held_out(args, model, 0)[0])) == list(range(25, 40))
     args.dataset, model.cfg["dataset"] = "lsun_bedroom", "cifar10"     # not its training set: all 40
     assert ev.held_out(args, model, 0)[1]["n_available"] == 40
     model.cfg.update(dataset="lsun_bedroom", n_data=0)                 # trained on all: nothing held out
@@ -732,8 +709,8 @@ def test_export_writes_pngs_and_npz_and_the_fast_chains_give_the_same_samples(sr
     assert len(os.listdir(out / "x_tilde")) == 3
 
 
-def test_export_of_a_lowres_checkpoint_starts_from_a_seeded_subset_of_n_training_images(sr_ckpt, data,
-                                                                                        tmp_path, capsys):
+def test_a_lowres_checkpoint_exports_from_a_seeded_subset_and_superresolves_at_its_size(sr_ckpt, data,
+                                                                                          tmp_path, capsys):
     ckpt = torch.load(sr_ckpt, weights_only=True)
     name = f"folder:{data['test']}"
     ckpt["config"].update(init="lowres", lowres_size=8, dataset=name)
@@ -744,6 +721,11 @@ def test_export_of_a_lowres_checkpoint_starts_from_a_seeded_subset_of_n_training
     x, _ = ev.load_set(name, "./data", 32, 5, False, "train", 3, seed=3)         # 5 of the 16, data seed 3
     expected = ev.to_uint8(sr.lowres(x, 8)).permute(0, 2, 3, 1).numpy()        # K 0: the chains' starts
     assert np.array_equal(np.load(tmp_path / "o" / "x.npz")["arr_0"], expected)
+    code, err = run_eval(["superres", "--ckpt", tmp_path / "low.pt", "--n", "2", "--seeds", "1", "--K", "2",
+                          "--device", "cpu", "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    m = metrics(tmp_path / "a")
+    assert m["sizes"] == [8] and set(m["per_size"]) == {"8x8"} and m["trained_lowres_size"] == 8
 
 
 # ---- bad input ----
