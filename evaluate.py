@@ -1274,14 +1274,15 @@ def plot(path, draw, xlabel, ylabel=None):
 
 
 def write_metrics(args, model, chain, res, seconds, argv):
-    out = {"subcommand": args.cmd, **res,
+    """metrics.json: the subcommand's results and every setting behind them (dual_mcmc: the BatchNorm mode
+    and the batch its statistics come from)."""
+    bn = {"bn_mode": args.bn_mode, "batch_size": args.batch_size} if model.script == "dual_mcmc" else {}
+    out = {"subcommand": args.cmd, **res, **bn,
            "checkpoint": {"path": os.path.abspath(args.ckpt), "script": model.script,
-                          "iteration": model.iteration,
-                          "dataset": model.cfg.get("dataset"), "image_size": model.size, "n_c": model.n_c},
+                          "iteration": model.iteration, "dataset": model.cfg.get("dataset"),
+                          "image_size": model.size, "n_c": model.n_c},
            "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
-           "cuda_graph": uses_cuda_graph(args, model),
-           **({"bn_mode": args.bn_mode, "batch_size": args.batch_size} if model.g is not None else {}),
-           "versions": sr.versions()}
+           "cuda_graph": uses_cuda_graph(args, model), "versions": sr.versions()}
     os.makedirs(args.out, exist_ok=True)
     sr.atomic_write_json(out, os.path.join(args.out, "metrics.json"), default=float)
     return out
