@@ -175,11 +175,10 @@ def per_dataset(key):
 def build_parser(suppress_defaults=False):
     """The hyperparameter block: the appendix code's values, and per data set (resolve_defaults) the
     paper's sec. 5.1 setting."""
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                       formatter_class=HelpFormatter,
-                       epilog="--n_f, --n-data, --image-size, --iters and --anneal-start default per "
-                              "data set: cifar10, celeba and lsun_bedroom follow the paper's sec. 5.1, "
-                              "the others the appendix code; --print-config shows the resolved values.")
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                       epilog="--n_f, --n-data, --image-size, --iters and --anneal-start default per data "
+                              "set: cifar10, celeba and lsun_bedroom follow the paper's sec. 5.1, the others "
+                              "the appendix code; --print-config shows the resolved values.")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="cifar10",
                    help=f"one of {', '.join(DATASETS)}, or folder:PATH (any folder of images, recursive)")
@@ -189,8 +188,7 @@ def build_parser(suppress_defaults=False):
     d.add_argument("--n-data", type=int, default=None,
                    help="use N training images, a random subset drawn with --data-seed (paper: 40,000); "
                         "0 = all; " + per_dataset("n_data"))
-    d.add_argument("--data-seed", type=int, default=0,
-                   help="seed of the random n_data subset (independent of --seed)")
+    d.add_argument("--data-seed", type=int, default=0, help="seed of the n_data subset (not --seed's)")
     d.add_argument("--image-size", type=int, default=None, choices=(32, 64, 128),
                    help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ); "
                         + per_dataset("image_size"))
@@ -203,25 +201,22 @@ def build_parser(suppress_defaults=False):
                    help="Langevin noise std (paper: 1e-2); T = noise^2 / (2 step_size)")
     s.add_argument("--init", choices=("uniform", "lowres"), default="uniform",
                    help="p_0: uniform noise (paper) or the data image at --lowres-size (super-resolution)")
-    s.add_argument("--lowres-size", type=int, default=8,
-                   help="side of the low-res init (supplement: 4, 8, 16)")
+    s.add_argument("--lowres-size", type=int, default=8, help="low-res init's side (supplement: 4, 8, 16)")
     m = p.add_argument_group("model and learning")
     m.add_argument("--n_f", "--n-f", dest="n_f", type=int, default=None,
-                   help="ConvNet width (paper: 32/64/128); more = sharper samples, slower; "
-                        + per_dataset("n_f"))
+                   help="ConvNet width (paper: 32/64/128; more: sharper, slower); " + per_dataset("n_f"))
     m.add_argument("--act", choices=("lrelu", "gelu"), default="lrelu",
                    help="LeakyReLU 0.2 (paper) or GELU (smooth M_theta, needed for bits/dim)")
     m.add_argument("--sigma", type=float, default=3e-2,
                    help="data noise std (paper: 3e-2); raise to 0.1 if the run diverges")
     m.add_argument("--lr", type=float, default=1e-4, help="Adam lr, betas .9/.999 (paper: 1e-4)")
     m.add_argument("--batch-size", type=int, default=64, help="m, images per step and process (paper: 64)")
-    m.add_argument("--iters", type=int, default=None,
-                   help="iterations (appendix code: 1e5; paper sec. 5.1: 2e5, then a decrease of lr and "
-                        "sigma); " + per_dataset("iters"))
+    m.add_argument("--iters", type=int, default=None, help="iterations (appendix code: 1e5; paper sec. 5.1: "
+                   "2e5, then a decrease of lr and sigma); " + per_dataset("iters"))
     m.add_argument("--anneal-start", type=int, default=None,
                    help=f"iteration from which lr and sigma decay geometrically to {ANNEAL_FINAL:g}x at "
-                        f"--iters; 0 = off (appendix); " + per_dataset("anneal_start")
-                        + "; with only --iters given, the same share of the run")
+                        f"--iters; 0 = off (appendix); {per_dataset('anneal_start')}; with only --iters "
+                        f"given, the same share of the run")
     m.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="appendix: the appendix code's setting (n_f 64, 100,000 iterations, all images, no "
                         "decay, 32 px); flags given explicitly still win")
@@ -229,8 +224,7 @@ def build_parser(suppress_defaults=False):
     r.add_argument("--seed", type=int, default=1)
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     r.add_argument("--amp", choices=("off", "bf16"), default="off",
-                   help="bf16: the chain on bf16 copies of the weights (x kept fp32), the update under "
-                        "bf16 autocast (GPUs)")
+                   help="bf16: the chain on bf16 copies of the weights (x stays fp32), the update autocast")
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     r.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
@@ -318,7 +312,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def default_out(prefix, dataset):
     """--out's default: runs/<prefix>_<dataset>; a folder:PATH or file:PATH is named by its last part."""
     if ":" in dataset:
-        path = os.path.normpath(os.path.expanduser(dataset.split(":", 1)[1]))
+        path = os.path.abspath(os.path.expanduser(dataset.split(":", 1)[1]))
         dataset = os.path.splitext(os.path.basename(path))[0]
     return os.path.join("runs", f"{prefix}_{dataset}")
 

@@ -65,7 +65,8 @@ def test_parameter_counts_of_the_papers_convnets(im_sz, n_f, expected):
     # side beyond 32, a 4x4 valid conv to one number. Counted by hand for 32 px, n_f 64:
     # 3*64*9+64 + 64*128*16+128 + 128*256*16+256 + 256*512*16+512 + 512*16+1 = 2,763,393
     if (im_sz, n_f) == (32, 64):
-        assert expected == (3*64*9 + 64) + (64*128*16 + 128) + (128*256*16 + 256) + (256*512*16 + 512) + (512*16 + 1)
+        assert expected == ((3*64*9 + 64) + (64*128*16 + 128) + (128*256*16 + 256) + (256*512*16 + 512)
+                            + (512*16 + 1))
     assert sum(p.numel() for p in sr.EBM(3, n_f, im_sz).parameters()) == expected
 
 
@@ -230,8 +231,8 @@ def test_optional_training_modes_run_and_log(flags, squares, tmp_path, capsys):
 # ---- resume ----
 
 def test_resume_continues_bit_exactly(squares, tmp_path, capsys):
-    common = ["--dataset", f"folder:{squares}", *TINY, "--K-max", "5", "--log-every", "1", "--ckpt-every", "2",
-              "--plot-every", "0"]
+    common = ["--dataset", f"folder:{squares}", *TINY, "--K-max", "5", "--log-every", "1",
+              "--ckpt-every", "2", "--plot-every", "0"]
     assert run_main([*common, "--iters", "6", "--out", tmp_path / "whole"], capsys)[0] == 0
     assert run_main([*common, "--iters", "3", "--out", tmp_path / "split"], capsys)[0] == 0
     code, err = run_main(["--out", tmp_path / "split", "--resume", "--iters", "6"], capsys)
@@ -253,7 +254,8 @@ def test_resume_continues_bit_exactly(squares, tmp_path, capsys):
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(squares, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(REPO, "shortrun_ebm.py"), "--dataset", f"folder:{squares}", *TINY,
-           "--iters", "100000", "--log-every", "1", "--ckpt-every", "0", "--plot-every", "0", "--out", str(out)]
+           "--iters", "100000", "--log-every", "1", "--ckpt-every", "0", "--plot-every", "0",
+           "--out", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
     while not (out / "log.jsonl").exists() or len(log_rows(out)) < 3:
@@ -318,12 +320,14 @@ def test_an_out_that_is_a_file_is_refused(squares, tmp_path, capsys):
 def test_empty_data_folder_or_a_broken_image_says_so_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    code, err = run_main(["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"], capsys)
+    argv = ["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"]
+    code, err = run_main(argv, capsys)
     assert code == 2 and "holds no images" in err and not (tmp_path / "run").exists()
     (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
-    code, err = run_main(["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"], capsys)
+    code, err = run_main(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "cannot read the images of folder:" in err and "broken.png" in err and not (tmp_path / "run").exists()
+    assert "cannot read the images of folder:" in err and "broken.png" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_existing_run_is_never_overwritten(squares, tmp_path, capsys):
@@ -463,8 +467,8 @@ def test_print_config_appendix_preset_and_explicit_flags(capsys, monkeypatch, tm
 
 def test_print_config_bad_value_exits_2(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    code, err = run_main(["--dataset", "cifar10", "--iters", "100", "--anneal-start", "100", "--print-config"],
-                         capsys)
+    code, err = run_main(["--dataset", "cifar10", "--iters", "100", "--anneal-start", "100",
+                          "--print-config"], capsys)
     assert code == 2 and "--anneal-start (100) must be below --iters (100)" in err
     assert os.listdir(tmp_path) == []
 
@@ -585,8 +589,8 @@ def test_a_checkpoint_or_config_of_another_format_is_refused_in_one_line(squares
     assert json.load(open(out / "config.json"))["format"] == 1
     older = "was written by an older shortrun_ebm.py ({}); this one reads format 1: train a new run"
     for fmt, found in ((None, "no format number"), (0, "format 0")):
-        torch.save({**{k: v for k, v in good.items() if k != "format"}, **({} if fmt is None else {"format": fmt})},
-                   out / "last.pt")
+        ckpt = {k: v for k, v in good.items() if k != "format"}
+        torch.save(ckpt if fmt is None else {**ckpt, "format": fmt}, out / "last.pt")
         code, err = run_main(["--out", out, "--resume", "--iters", "3"], capsys)
         assert code == 2 and err.strip().splitlines() == [f"shortrun_ebm.py: error: {out / 'last.pt'} "
                                                           + older.format(found)]
@@ -606,7 +610,8 @@ def test_a_checkpoint_or_config_of_another_format_is_refused_in_one_line(squares
 
 
 def test_resume_before_the_first_checkpoint_starts_at_0_with_the_folders_config(squares, tmp_path, capsys):
-    common = ["--dataset", f"folder:{squares}", *TINY, "--log-every", "1", "--plot-every", "0", "--sigma", "0.05"]
+    common = ["--dataset", f"folder:{squares}", *TINY, "--log-every", "1", "--plot-every", "0",
+              "--sigma", "0.05"]
     assert run_main([*common, "--iters", "3", "--out", tmp_path / "whole"], capsys)[0] == 0
     out = tmp_path / "killed"
     assert run_main([*common, "--iters", "2", "--out", out], capsys)[0] == 0
