@@ -312,7 +312,7 @@ def _gelu_checkpoint(path, n_c=1, n_f=2, K=2, seed=0):
     """A shortrun_ebm.py checkpoint in the script's own format, built without training."""
     torch.manual_seed(seed)
     f = sr.EBM(n_c, n_f, 32, "gelu")
-    config = {"n_c": n_c, "n_f": n_f, "image_size": 32, "act": "gelu", "K": K, "step_size": 1.0,
+    config = {"n_c": n_c, "n_f": n_f, "image_size": 32, "act": "gelu", "K": K, "step_size": 1.0, "lr": 1e-4,
               "noise": 0.01, "dataset": "cifar10", "data_root": "./data", "init": "uniform", "lowres_size": 8}
     torch.save({"script": "shortrun_ebm", "format": getattr(sr, "CKPT_FORMAT", None), "config": config,
                 "iteration": 0, "models": {"ebm": f.state_dict()}, "optimizers": {}, "rng": {}}, path)
