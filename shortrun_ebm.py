@@ -221,10 +221,10 @@ def build_parser(suppress_defaults=False):
                    help="appendix: the appendix code's setting (n_f 64, 100,000 iterations, all images, no "
                         "decay, 32 px); flags given explicitly still win")
     r = p.add_argument_group("run")
-    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--seed", type=int, default=1, help="seed of f's initial weights, batches and chains")
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     r.add_argument("--amp", choices=("off", "bf16"), default="off",
-                   help="bf16: the chain on bf16 copies of the weights (x stays fp32), the update autocast")
+                   help="bf16: the chain on bf16 weight copies (x stays fp32), the update under autocast")
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
     r.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
