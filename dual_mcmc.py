@@ -354,7 +354,6 @@ def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100, chai
 PROG = "dual_mcmc.py"
 RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
 REUSE_HINT = "pass --resume to continue it"
-DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
 
 
 def build_parser(suppress_defaults=False):
@@ -536,9 +535,6 @@ def validate(args):
         v = getattr(args, name)
         if not (v >= 0 and math.isfinite(v)):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-    if args.out is None:
-        name = folder_path(args.dataset) if args.dataset.startswith("folder:") else args.dataset
-        args.out = os.path.join("runs", "dual_" + name.strip("/").replace("/", "_"))
     return args
 
 
@@ -567,6 +563,20 @@ class ArgumentParser(argparse.ArgumentParser):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def default_out(prefix, dataset):
+    """--out's default: runs/<prefix>_<dataset>; a folder:PATH or file:PATH is named by its last part."""
+    if ":" in dataset:
+        path = os.path.abspath(os.path.expanduser(dataset.split(":", 1)[1]))
+        dataset = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{prefix}_{dataset}")
+
+
+def print_config(args):
+    """--print-config: the resolved configuration (argparse dests) as one JSON object on stdout; exit 0."""
+    print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+    return 0
 
 
 def resolve_device(name, local_rank=0):
@@ -606,14 +616,13 @@ def get_rng_state(device):
 
 
 def set_rng_state(state, device):
-    """Inverse of get_rng_state; also reads checkpoints that stored every device's CUDA state."""
+    """Inverse of get_rng_state."""
     torch.set_rng_state(state["torch"])
-    cuda = state["cuda"]
-    if cuda and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda[device.index] if len(cuda) > 1 else cuda[0], device)
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(tuple(tuple(v) if isinstance(v, list) else v for v in state["python"]))
+    random.setstate(state["python"])
 
 
 def gather_rng(device, world):
@@ -623,6 +632,15 @@ def gather_rng(device, world):
     states = [None] * world
     torch.distributed.all_gather_object(states, get_rng_state(device))
     return states
+
+
+def restore_rng(ckpt, seed, rank, world, device):
+    """--resume's random streams: exact when the run had as many ranks (each continues its own
+    streams), else fresh streams per rank (the run goes on, not bit-exactly)."""
+    if len(ckpt["rng_per_rank"]) == world:
+        set_rng_state(ckpt["rng_per_rank"][rank], device)
+    else:
+        seed_everything(seed + rank + 1000 * ckpt["iteration"])
 
 
 def atomic_write(path, write):
@@ -644,9 +662,10 @@ def atomic_write_json(obj, path, **dump_kw):
 
 
 def versions():
-    """What config.json records beside the flags: the versions the run ran on."""
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": sys.version.split()[0]}
+    """What config.json and checkpoints record beside the flags: the script and its CKPT_FORMAT (what
+    read_checkpoint checks), and the versions the run ran on."""
+    return {"script": PROG.removesuffix(".py"), "format": CKPT_FORMAT, "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "python": sys.version.split()[0]}
 
 
 def load_file(path, device="cpu"):
@@ -658,6 +677,19 @@ def load_file(path, device="cpu"):
     except Exception as e:  # a truncated or foreign file: any unpickling error means unreadable
         raise UsageError(f"cannot read checkpoint {path}: unreadable ({type(e).__name__}), it may be "
                          f"truncated; delete it or resume from another copy") from None
+
+
+def read_checkpoint(path, device="cpu", ckpt=None):
+    """This script's checkpoint at path (ckpt: its dict, if already loaded), or one clear line
+    (UsageError) for a file another script wrote or one of another CKPT_FORMAT."""
+    ckpt = load_file(path, device) if ckpt is None else ckpt
+    if not isinstance(ckpt, dict) or ckpt.get("script") != PROG.removesuffix(".py"):
+        raise UsageError(f"{path} was not written by {PROG}")
+    if ckpt.get("format") != CKPT_FORMAT:
+        found = "no format number" if ckpt.get("format") is None else f"format {ckpt['format']}"
+        raise UsageError(f"{path} was written by an older {PROG} ({found}); this one reads format "
+                         f"{CKPT_FORMAT}: train a new run")
+    return ckpt
 
 
 def check_run_folder(out, force=False):
@@ -690,7 +722,8 @@ def read_run(out):
     except (OSError, ValueError) as e:
         raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
                          f"delete the folder or choose another --out") from None
-    return {"config": config, "iteration": 0}
+    return read_checkpoint(config_path, ckpt={"script": config.get("script"), "format": config.get("format"),
+                                              "config": config, "iteration": 0})
 
 
 def merge_resume_args(ckpt, given, out):
@@ -729,6 +762,14 @@ def truncate_log(path, iteration):
             fh.writelines(keep)
 
 
+DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
+CHANNELS = {"mnist": 1, "fashion_mnist": 1}  # every other data set (and folders) is RGB
+# Where torchvision wants each set under --data-root (the "expected" of a missing set's error)
+WHERE = {"cifar10": "cifar-10-batches-py/", "mnist": "MNIST/raw/", "fashion_mnist": "FashionMNIST/raw/",
+         "svhn": "svhn/{split}_32x32.mat", "celeba": "celeba/ (img_align_celeba/ + list_eval_partition.txt)",
+         "lsun_bedroom": "bedroom_train_lmdb/ or bedroom_val_lmdb/ (LSUN's script; pip install lmdb)"}
+
+
 def folder_path(dataset):
     """folder:PATH -> PATH with ~ expanded."""
     return os.path.expanduser(dataset[len("folder:"):])
@@ -745,6 +786,107 @@ def folder_images(path):
         raise UsageError(f"--dataset folder: {path!r} holds no images ({', '.join(IMAGE_EXTS)}), "
                          f"searched recursively")
     return files
+
+
+class ImageTransform:
+    """PIL image -> uint8 tensor (n_c, size, size): resize the short side, centre-crop; with crop_box (a
+    PIL box (left, upper, right, lower) of the aligned 178x218 CelebA images) that crop first. A class,
+    not a closure, so that DataLoader workers can pickle it."""
+
+    def __init__(self, size, crop_box=None):
+        T = torchvision.transforms
+        self.crop_box, self.rest = crop_box, T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+
+    def __call__(self, im):
+        if self.crop_box is not None:
+            if im.size != (178, 218):
+                raise ValueError(f"the crop box {self.crop_box} is for the aligned 178x218 CelebA images, "
+                                 f"not one of {im.size[0]}x{im.size[1]}")
+            im = im.crop(self.crop_box)
+        return self.rest(im)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A list of image files as a data set of (transform(the image as RGB), 0)."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.files[i]) as im:
+            return self.transform(im.convert("RGB")), 0
+
+
+def image_dataset(dataset, root, size, download=False, split="train", crop_box=None):
+    """A data set of (uint8 image (n_c, size, size), label) through ImageTransform(size, crop_box):
+    folder:PATH (every image under PATH), or the split ("train" | "test") of a torchvision set under
+    root. A set that is missing raises one clear line (UsageError) naming where its files belong."""
+    tf = ImageTransform(size, crop_box)
+    if dataset.startswith("folder:"):
+        return ImageFiles(folder_images(folder_path(dataset)), tf)
+    root, D, train = os.path.expanduser(root), torchvision.datasets, split == "train"
+    try:
+        if dataset in ("cifar10", "mnist", "fashion_mnist"):
+            cls = {"cifar10": D.CIFAR10, "mnist": D.MNIST, "fashion_mnist": D.FashionMNIST}[dataset]
+            return cls(root, train=train, download=download, transform=tf)
+        if dataset == "svhn":
+            return D.SVHN(os.path.join(root, "svhn"), split=split, download=download, transform=tf)
+        if dataset == "celeba":
+            return D.CelebA(root, split="train" if train else "test", download=download, transform=tf)
+        return D.LSUN(root, classes=["bedroom_" + ("train" if train else "val")], transform=tf)  # no download
+    except Exception as e:  # RuntimeError / OSError: files missing or damaged; ImportError: LSUN's lmdb
+        first = str(e).splitlines()[0] if str(e) else ""
+        where = os.path.join(root, WHERE[dataset].format(split=split))
+        hint = "put the files there" if download else "put the files there or drop --no-download"
+        raise UsageError(f"cannot load {dataset}: expected {where} ({type(e).__name__}: {first}); "
+                         f"{hint}") from None
+
+
+def subset_indices(n_available, n_data, seed):
+    """--n-data's images: all (n_data 0 or >= n_available, in order), else a random n_data of them drawn
+    with its own generator from seed (a class-sorted folder keeps every class)."""
+    if not n_data or n_data >= n_available:
+        return list(range(n_available))
+    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:n_data].tolist()
+
+
+def load_images(dataset, root, size, n_data=0, download=False, split="train", seed=0, crop_box=None):
+    """n_data images (0 = all) of image_dataset(...), picked by subset_indices with seed, as one uint8
+    tensor (N, n_c, size, size) on the CPU; and how many the set holds. Large sets decode in workers."""
+    ds = image_dataset(dataset, root, size, download, split, crop_box)
+    subset = torch.utils.data.Subset(ds, subset_indices(len(ds), n_data, seed))
+    workers = min(4, os.cpu_count() or 1, len(subset) // 2000)
+    try:
+        images = torch.cat([x for x, _ in torch.utils.data.DataLoader(subset, 500, num_workers=workers)])
+    except (OSError, ValueError, RuntimeError) as e:  # from a worker with its traceback: the last line says
+        raise UsageError(f"cannot read the images of {dataset}: "
+                         f"{(str(e).strip().splitlines() or [type(e).__name__])[-1]}") from None
+    return images, len(ds)
+
+
+def to_pixels(u8):
+    """uint8 images -> float in [-1, 1]."""
+    return u8.float() / 127.5 - 1
+
+
+def load_data(args, rank, world, device, crop_box=None):
+    """load_images of the run's data flags: (uint8 images, the set's size). Rank 0 loads (and downloads)
+    first, the others then read what it left (no two downloads); a usage error on any rank stops all."""
+    result, error = None, None
+    for turn in ("rank 0", "the others"):
+        if (rank == 0) == (turn == "rank 0"):
+            try:
+                result = load_images(args.dataset, args.data_root, args.image_size, args.n_data,
+                                     args.download and rank == 0, "train", args.data_seed, crop_box)
+            except UsageError as e:
+                error = e
+        if any_rank(torch.tensor([error is not None], device=device), world)[0]:
+            raise error or UsageError("loading the data failed on another rank")
+    return result
 
 
 def place_data(data, device, share):
@@ -797,10 +939,8 @@ class StopFlag:
     """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
     exact); a second Ctrl-C aborts at once."""
 
-    def __init__(self):
-        self.requested, self.previous = False, None
-
     def __enter__(self):
+        self.requested, self.previous = False, None
         try:
             self.previous = signal.signal(signal.SIGINT, self.handle)
         except ValueError:  # not the main thread: keep the default handler
@@ -864,91 +1004,24 @@ def cuda_graph_replay(run, device, reset=None):
     return graph.replay
 
 
+def time_steps(step, n, device):
+    """--benchmark's clock: the median seconds of n calls step(i) after two untimed warm-ups (autotuning,
+    graph capture), each call ended by a CUDA sync (the work's time, not its launch's)."""
+    times = []
+    for i in range(n + 2):
+        t0 = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[2:])[n // 2]
+
+
 # ---- data ----
 
 
 CELEBA_BOX = (15, 40, 178 - 15, 218 - 30)  # authors' dataset.py: a 148x148 face box of the 178x218 images
-
-
-class _CelebACrop:
-    """The authors' CelebA crop: PIL box CELEBA_BOX of an aligned 178x218 image (then resized)."""
-
-    def __call__(self, im):
-        if im.size != (178, 218):
-            raise ValueError(f"--celeba-crop needs the aligned 178x218 CelebA images, got one of "
-                             f"{im.size[0]}x{im.size[1]}; drop --celeba-crop for other images")
-        return im.crop(CELEBA_BOX)
-
-
-def _image_transform(size, celeba_crop=False):
-    """PIL image -> uint8 tensor (n_c, size, size): resize the short side, centre-crop; or the authors'
-    CelebA crop box, then resize. Flips are drawn per batch at training time (see get_batch)."""
-    T = torchvision.transforms
-    first = [_CelebACrop()] if celeba_crop else []
-    return T.Compose([*first, T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-
-
-def to_pixels(u8):
-    """uint8 images -> float in [-1, 1]."""
-    return u8.float() / 127.5 - 1
-
-
-def _torchvision_set(name, root, size, download, celeba_crop=False):
-    tf = _image_transform(size, celeba_crop)
-    D = torchvision.datasets
-    where = {"cifar10": "cifar-10-batches-py", "celeba": "celeba/", "lsun_bedroom": "bedroom_train_lmdb",
-             "mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw", "svhn": "train_32x32.mat"}[name]
-    try:
-        if name == "cifar10":
-            return D.CIFAR10(root, train=True, transform=tf, download=download)
-        if name == "celeba":
-            return D.CelebA(root, split="train", transform=tf, download=download)
-        if name == "lsun_bedroom":  # no download in torchvision: see github.com/fyu/lsun
-            return D.LSUN(root, classes=["bedroom_train"], transform=tf)
-        if name == "mnist":
-            return D.MNIST(root, train=True, transform=tf, download=download)
-        if name == "fashion_mnist":
-            return D.FashionMNIST(root, train=True, transform=tf, download=download)
-        return D.SVHN(root, split="train", transform=tf, download=download)
-    except Exception as e:  # torchvision raises RuntimeError / OSError / ImportError here
-        hint = "" if download else "; pass --download or put the files there"
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UsageError(f"cannot load {name}: expected {os.path.join(root, where)} "
-                         f"({type(e).__name__}: {first}){hint}")
-
-
-class _Folder(torch.utils.data.Dataset):
-    def __init__(self, files, size, celeba_crop=False):
-        self.files, self.tf = files, _image_transform(size, celeba_crop)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        with Image.open(self.files[i]) as im:
-            return self.tf(im.convert("RGB")), 0
-
-
-def load_data(args):
-    """All training images as one uint8 tensor (N, n_c, S, S); batches are converted on the fly."""
-    if args.dataset.startswith("folder:"):
-        files = folder_images(folder_path(args.dataset))
-        if args.n_data:
-            files = files[: args.n_data]
-        ds = _Folder(files, args.image_size, args.celeba_crop)
-    else:
-        root = os.path.expanduser(args.data_root)
-        ds = _torchvision_set(args.dataset, root, args.image_size, args.download, args.celeba_crop)
-        if args.n_data:
-            ds = torch.utils.data.Subset(ds, range(min(args.n_data, len(ds))))
-    loader = torch.utils.data.DataLoader(ds, batch_size=500, num_workers=min(4, os.cpu_count() or 1))
-    try:
-        data = torch.cat([xb for xb, _ in loader])  # (N, n_c, S, S) uint8
-    except Exception as e:  # a worker's error arrives with its traceback: keep its last line
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        raise UsageError(f"cannot read images of {args.dataset}: {lines[-1] if lines else type(e).__name__}")
-    return data
+# (--celeba-crop: then resized; flips are drawn per batch in get_batch)
 
 
 class DataOrder:
@@ -997,25 +1070,11 @@ def get_batch(data, order, device, hflip=False):
 
 def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, data_order):
     """The run as one dict (config: the flags as a plain dict), written atomically."""
-    ckpt = {"script": "dual_mcmc", "format": CKPT_FORMAT, "config": dict(vars(args)), "iteration": it,
-            "seconds": seconds,
-            "data_order": data_order,
-            "models": {k: m.state_dict() for k, m in models.items()},
-            "optimizers": {k: o.state_dict() for k, o in opts.items()},
-            "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-            "rng": rng_states[0], "rng_per_rank": rng_states}
-    atomic_save(ckpt, path)
-
-
-def read_checkpoint(path, device="cpu", ckpt=None):
-    """Our checkpoint dict; UsageError for anything else, or for one of an older format."""
-    ckpt = load_file(path, device) if ckpt is None else ckpt
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "dual_mcmc":
-        raise UsageError(f"{path} is not a dual_mcmc.py checkpoint")
-    if ckpt.get("format") != CKPT_FORMAT:
-        raise UsageError(f"{path} was written by an older dual_mcmc.py (format {ckpt.get('format', 1)}); "
-                         f"this one reads format {CKPT_FORMAT}: train a new run")
-    return ckpt
+    atomic_save({**versions(), "config": dict(vars(args)), "iteration": it, "seconds": seconds,
+                 "data_order": data_order, "models": {k: m.state_dict() for k, m in models.items()},
+                 "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                 "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+                 "rng": rng_states[0], "rng_per_rank": rng_states}, path)
 
 
 def is_authors_checkpoint(ckpt):
@@ -1384,131 +1443,95 @@ def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=
     return 0
 
 
-def benchmark(args, data, device, rank, world):
-    """Time args.benchmark training steps (batch, the five steps, backward, all-reduce, optimiser steps) on
-    random images of the configured shape; median of the timed steps after two untimed warm-ups, as
-    shortrun_ebm.py's --benchmark. Writes nothing; images*steps counts both chains (m (k_x + k_z))."""
+def benchmark(args, device):
+    """--benchmark N: time N training iterations (batch, the five steps, the updates) on random images of
+    the configured shape; prints s/iter and images*steps/s (k_x + k_z chain steps per image), writes
+    nothing."""
+    seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"             # as training does
+    args.n_c, S = CHANNELS.get(args.dataset, 3), args.image_size
     models = build_models(args, device)
     opts, _ = make_optimizers(args, models)
-    order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
-    amp, chains = autocast_for(args, device), make_chains(args, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.manual_seed(args.seed + rank)
-    times = []
-    for _ in range(args.benchmark + 2):
-        t0 = time.perf_counter()
-        x = get_batch(data, order, device, args.hflip)
-        train_step(args, models, opts, x, amp, chains, world)
-        sync()
-        times.append(time.perf_counter() - t0)
-    timed = sorted(times[2:])                                          # the warm-ups dropped
-    per_iter = timed[len(timed) // 2]
-    if rank == 0:
-        print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * (args.k_x + args.k_z) / per_iter:.0f} "
-              f"images*steps/s")
+    data = torch.randint(0, 256, (2 * args.batch_size, args.n_c, S, S), dtype=torch.uint8, device=device)
+    order, amp, chains = DataOrder(len(data), args.batch_size, args.seed), autocast_for(args, device), \
+        make_chains(args, device)
+    per_iter = time_steps(lambda i: train_step(args, models, opts, get_batch(data, order, device, args.hflip),
+                                               amp, chains), args.benchmark, device)
+    print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * (args.k_x + args.k_z) / per_iter:.0f} "
+          f"images*steps/s")
     return 0
-
-
-# ---- main: processes, data, run ----
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        ckpt = None
-        if args.resume:  # training-defining flags come from the run being resumed
-            out = args.out or validate(argparse.Namespace(**vars(args))).out
-            ckpt = read_run(out)
-            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)), out)
         validate(args)
+        args.out = args.out or default_out("dual", args.dataset)
         device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-        if not args.resume and not args.benchmark:
+        if args.benchmark and not args.print_config:
+            return benchmark(args, device)
+        ckpt = None
+        if args.resume:                                # the run's own config, run-control flags from argv
+            ckpt = read_run(args.out)
+            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)),
+                                     args.out)
+            validate(args)
+        else:
             check_run_folder(args.out)
+        if args.print_config:                          # reads no data, writes nothing
+            return print_config(args)
     except UsageError as e:
         return usage_error(e)
-    if args.print_config:  # the resolved flags (argparse dests); reads no data, writes nothing
-        print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
-        return 0
     rank, world = setup_distributed(device)
     try:
-        return run(args, ckpt, device, rank, world, argv)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def load_data_once(args, device, rank, world):
-    """Rank 0 loads (and downloads) first, the others follow; a usage error stops every rank."""
-    if args.benchmark:  # random images of the configured shape
-        n_c = 1 if args.dataset in ("mnist", "fashion_mnist") else 3
-        shape = (max(256, 2 * args.batch_size), n_c, args.image_size, args.image_size)
-        return torch.randint(0, 256, shape, dtype=torch.uint8)
-    data, err = None, None
-    if rank == 0:
         try:
-            data = load_data(args)
-            if len(data) == 0:
-                raise UsageError(f"no training images in {args.dataset}")
+            box = CELEBA_BOX if args.celeba_crop else None
+            data, args.n_available = load_data(args, rank, world, device, box)   # n_available: config.json
+            if len(data) < args.batch_size * world:
+                raise UsageError(f"an epoch of {len(data)} images holds no full batch of --batch-size "
+                                 f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; "
+                                 f"lower --batch-size")
         except UsageError as e:
-            err = e
-    if any_rank(torch.tensor([err is not None], device=device), world)[0]:
-        raise err or UsageError("rank 0 could not load the data")
-    return data if rank == 0 else load_data(args)
+            return usage_error(e, rank)
+        return run(args, ckpt, data, device, rank, world, argv)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
 
 
-def run(args, ckpt, device, rank, world, argv):
-    """Load data, build (or restore) the three models, write config.json, train (or --benchmark)."""
-    try:
-        data = load_data_once(args, device, rank, world)
-    except UsageError as e:
-        return usage_error(e, rank)
-    if len(data) < args.batch_size * world:
-        return usage_error(f"an epoch of {len(data)} images holds no full batch of --batch-size "
-                           f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; lower "
-                           f"--batch-size", rank)
-    data = place_data(data, device, 0.25)  # uint8 images: a quarter of free memory
-    # what config.json and checkpoints record beside the flags
-    vars(args).update(n_c=int(data.shape[1]), n_data_used=int(len(data)), argv=argv, world_size=world,
-                      **versions())
-    seed_everything(args.seed)  # same initial weights on every rank
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.benchmark:
-        return benchmark(args, data, device, rank, world)
+def run(args, ckpt, data, device, rank, world, argv):
+    """Build the three models and their optimisers (or restore them), write config.json, train."""
+    args.n_c = int(data.shape[1])
+    seed_everything(args.seed)                         # the same initial weights on every rank
     models = build_models(args, device)
-    for mdl in models.values():
-        mdl.train()
     opts, scheds = make_optimizers(args, models)
-    start_it, seconds0 = 0, 0.0
     order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
-    restart = ckpt is not None and "models" not in ckpt  # stopped before its first last.pt: begin again
-    ckpt = None if restart else ckpt
-    if ckpt is not None:
-        order.load_state_dict(ckpt["data_order"])
+    seed_everything(args.seed + rank)                  # each rank its own batches and chains
+    start_it, seconds0 = 0, 0.0
+    if ckpt is not None and "models" in ckpt:          # (a run killed before its first last.pt has none)
         for k in models:
             models[k].load_state_dict(ckpt["models"][k])
             opts[k].load_state_dict(ckpt["optimizers"][k])
             scheds[k].load_state_dict(ckpt["schedulers"][k])
-        start_it, seconds0 = ckpt["iteration"], ckpt.get("seconds", 0.0)
-        per_rank = ckpt.get("rng_per_rank", [ckpt["rng"]])
-        if len(per_rank) == world:
-            set_rng_state(per_rank[rank], device)  # exact: every rank continues its own streams
-        else:  # resumed on another number of ranks: fresh streams per rank (not bit-exact)
-            seed_everything(args.seed + rank + 1000 * start_it)
-    else:
-        seed_everything(args.seed + rank)  # each rank its own batches and chains
+        order.load_state_dict(ckpt["data_order"])
+        start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]
+        restore_rng(ckpt, args.seed, rank, world, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            atomic_write_json(vars(args), os.path.join(args.out, "config.json"))
+        if start_it == 0:
+            atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
+                              os.path.join(args.out, "config.json"))
             save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
-        if ckpt is not None or restart:
+        if ckpt is not None:
             truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
         print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
               f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; "
               f"{len(data)} images; {device}, world {world}; "
-              f"{'resuming at ' + str(start_it) + ', ' if ckpt else ''}writing {args.out}", file=sys.stderr)
+              f"{'resuming at ' + str(start_it) + ', ' if start_it else ''}writing {args.out}",
+              file=sys.stderr)
+    data = place_data(data, device, 0.25)              # uint8 images: up to a quarter of free memory
     return train(args, models, opts, scheds, data, order, device, start_it, seconds0, rank, world)
 
 

@@ -57,8 +57,8 @@ def fresh_models(cfg):
 
 
 def load_images(images):
-    args = dm.build_parser().parse_args(["--dataset", f"folder:{images}", "--image-size", "32"])
-    return dm.load_data(args).float() / 127.5 - 1  # (64, 3, 32, 32)
+    args = dm.validate(dm.build_parser().parse_args(["--dataset", f"folder:{images}", "--image-size", "32"]))
+    return dm.to_pixels(dm.load_data(args, 0, 1, torch.device("cpu"))[0])  # (64, 3, 32, 32)
 
 
 # ---- models ----
@@ -478,7 +478,7 @@ def test_celeba_crop_gives_the_authors_pixels(tmp_path, capsys):
     args = dm.validate(dm.build_parser().parse_args(["--dataset", f"folder:{d}", "--celeba-crop",
                                                       "--out", str(tmp_path / "r")]))
     assert args.image_size == 64 and args.hflip and args.nef == 1024 and args.w_sample == 70.0  # celeba defaults
-    got = dm.load_data(args)[0].permute(1, 2, 0).numpy()  # (64, 64, 3)
+    got = dm.load_data(args, 0, 1, torch.device("cpu"), dm.CELEBA_BOX)[0][0].permute(1, 2, 0).numpy()
     assert np.array_equal(got, want)
     Image.fromarray(img[:200]).save(d / "000002.png")  # not an aligned 178x218 image
     assert dm.main(["--dataset", f"folder:{d}", "--celeba-crop", *TINY, "--nef", "16", "--ngf", "16",
@@ -745,7 +745,7 @@ def test_missing_dataset_and_missing_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert dm.main([*TINY, "--dataset", "cifar10", "--no-download", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "cifar-10-batches-py" in err and "--download" in err and not out.exists()
+    assert "cifar-10-batches-py" in err and "drop --no-download" in err and not out.exists()
     assert dm.main([*TINY, "--out", str(out), "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err and not out.exists()
     out.mkdir()
@@ -791,14 +791,13 @@ def test_folder_dataset_expands_home_and_takes_every_image_extension(tmp_path, m
     monkeypatch.setenv("HOME", str(home))
     assert tuple(dm.IMAGE_EXTS) == tuple(exts)
     args = dm.validate(dm.build_parser().parse_args(["--dataset", "folder:~/imgs", "--out", str(tmp_path / "r")]))
-    data = dm.load_data(args)
-    assert data.shape == (8, 3, 32, 32)
+    data, n_available = dm.load_data(args, 0, 1, torch.device("cpu"))
+    assert data.shape == (8, 3, 32, 32) and n_available == 8
     reds = sorted(data[:, 0, 0, 0].tolist())  # one file of each kind (JPEG / GIF may shift a level or two)
     assert all(abs(r - 20 * i) <= 3 for i, r in enumerate(reds)), reds
     out = tmp_path / "run"
     assert dm.main(["--dataset", "folder:~/imgs", *TINY, "--iters", "1", "--out", str(out)]) == 0
-    assert dm.validate(dm.build_parser().parse_args(["--dataset", "folder:~/imgs"])).out == os.path.join(
-        "runs", "dual_" + str(home / "imgs").strip("/").replace("/", "_"))
+    assert dm.default_out("dual", "folder:~/imgs") == os.path.join("runs", "dual_imgs")
 
 
 # ---- multi-process (slow: two processes start torch twice; `pytest -m slow`) ----
