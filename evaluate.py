@@ -484,23 +484,6 @@ def celeba_crop(model, name):
                 and name in ("celeba", model.cfg.get("dataset")))
 
 
-def cropped_subset(name, root, size, split, download, n, seed):
-    """A seeded random subset (shortrun_ebm.subset_indices) of n images (0 = all) of CelebA (torchvision
-    split) or of a folder of aligned 178x218 images through the authors' pipeline (dual_mcmc's: crop box
-    CELEBA_BOX, resize to size), uint8 images decoded on demand (dual_mcmc.to_pixels maps them to
-    [-1, 1]); and the number available."""
-    if name.startswith("folder:"):
-        ds = dm._Folder(sr.folder_images(sr.folder_path(name)), size, celeba_crop=True)
-    else:
-        tf = dm._image_transform(size, celeba_crop=True)
-        try:
-            ds = sr._torchvision_set("celeba", root, split, download, tf)            # test | train
-        except (RuntimeError, OSError) as e:
-            raise sr.UsageError(f"celeba not found under {root} ({str(e).splitlines()[0]}): put "
-                                f"{sr.WHERE['celeba'].format(root=root)} there or allow --download") from None
-    return torch.utils.data.Subset(ds, sr.subset_indices(len(ds), n, seed)), len(ds)
-
-
 def lsun_held_out(n_available, train_cfg, n, seed):
     """Held-out LSUN images (bedroom_val holds only 300): a seeded random n (0 = all, in order) of the
     n_available bedroom_train indices outside the training subset of train_cfg (the config of a run
@@ -514,52 +497,49 @@ def lsun_held_out(n_available, train_cfg, n, seed):
     return (perm[:n] if n and n < len(perm) else perm.sort().values).tolist(), len(perm)
 
 
+def cifar100(root, size, split, download):
+    """CIFAR-100 (an OOD set only, so not one of the training scripts' sets) like shortrun_ebm.image_dataset
+    loads theirs: uint8 images through shortrun_ebm.ImageTransform, one line if missing."""
+    try:
+        return torchvision.datasets.CIFAR100(root, train=split == "train", download=download,
+                                             transform=sr.ImageTransform(size))
+    except (RuntimeError, OSError) as e:
+        hint = "put the files there" if download else "put the files there or drop --no-download"
+        raise sr.UsageError(f"cannot load cifar100: expected {os.path.join(root, 'cifar-100-python/')} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0]}); {hint}") from None
+
+
 def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False, train_cfg=None):
     """A seeded random subset (shortrun_ebm.subset_indices) of n images (0 = all) of a named set, (n, n_c,
     size, size) in [-1, 1] on the CPU, and {"data_seed", "n", "n_available"} for metrics.json. crop: the
-    Dual-MCMC authors' CelebA crop box instead of resize + centre crop (see celeba_crop). lsun_bedroom's
-    test split: bedroom_val holds only 300 images, so its test images are bedroom_train images outside the
-    training subset of train_cfg (the config of a checkpoint trained on it)."""
+    Dual-MCMC authors' CelebA crop box (dual_mcmc.CELEBA_BOX) before the resize (see celeba_crop).
+    lsun_bedroom's test split: bedroom_val holds only 300 images, so its test images are bedroom_train
+    images outside the training subset of train_cfg (the config of a checkpoint trained on it)."""
     info = {}
-    if crop:
-        ds, available = cropped_subset(name, root, size, split, download, n, seed)
-        try:
-            x = dm.to_pixels(torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)]))
-        except (OSError, ValueError) as e:
-            raise sr.UsageError(f"cannot read {name} images ({type(e).__name__}: {e})") from None
-    elif name == "cifar100" or (name == "lsun_bedroom" and split == "test"):   # cifar100: an OOD set only
-        T = torchvision.transforms
-        tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize([.5] * 3, [.5] * 3)])
-        D, lsun = torchvision.datasets, name == "lsun_bedroom"
-        try:
-            ds = (D.LSUN(root, classes=["bedroom_train"], transform=tf) if lsun else
-                  D.CIFAR100(root, train=split == "train", download=download, transform=tf))
-        except ImportError:
-            raise sr.UsageError("lsun_bedroom needs the lmdb package: pip install lmdb") from None
-        except (RuntimeError, OSError) as e:
-            where = "bedroom_train_lmdb/ there" if lsun else "cifar-100-python/ there or allow --download"
-            raise sr.UsageError(f"{name} not found under {root} ({str(e).splitlines()[0]}): put "
-                                f"{where}") from None
-        if lsun:
+    if name == "cifar100" or (name == "lsun_bedroom" and split == "test"):
+        if name == "cifar100":
+            ds = cifar100(root, size, split, download)
+            idx, available = sr.subset_indices(len(ds), n, seed), len(ds)
+        else:
+            ds = sr.image_dataset(name, root, size, download, "train")
             idx, available = lsun_held_out(len(ds), train_cfg, n, seed)
             info["images"] = "bedroom_train minus the run's training images (bedroom_val holds only 300)"
             if not idx:
                 raise sr.UsageError(f"lsun_bedroom: the run trained on all {len(ds)} bedroom_train images: "
                                     "none is held out (pass --split train or --dataset folder:PATH)")
-        else:
-            idx, available = sr.subset_indices(len(ds), n, seed), len(ds)
-        ds = torch.utils.data.Subset(ds, idx)
-        x = torch.cat([b for b, _ in torch.utils.data.DataLoader(ds, batch_size=500)])
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=500)
+        try:
+            u8 = torch.cat([b for b, _ in loader])
+        except (OSError, ValueError) as e:
+            raise sr.UsageError(f"cannot read the images of {name} ({type(e).__name__}: {e})") from None
+    elif name in sr.DATASETS or name.startswith("folder:"):
+        u8, available = sr.load_images(name, root, size, n, download, split, seed,
+                                       dm.CELEBA_BOX if crop else None)
     else:
-        if name not in sr.DATASETS and not name.startswith("folder:"):
-            raise sr.UsageError(f"unknown data set {name!r}: use one of {', '.join(sr.DATASETS)}, cifar100 "
-                                f"or folder:PATH")
-        picked = {}
-        x = sr.load_images(name, root, size, n, download, split=split, seed=seed, info=picked)
-        available = picked["n_available"]
-    if len(x) == 0:
-        raise sr.UsageError(f"{name} ({split}) holds no images")
-    return match_channels(x, n_c), {"data_seed": seed, "n": len(x), "n_available": available, **info}
+        raise sr.UsageError(f"unknown data set {name!r}: use one of {', '.join(sr.DATASETS)}, cifar100 "
+                            f"or folder:PATH")
+    return match_channels(sr.to_pixels(u8), n_c), {"data_seed": seed, "n": len(u8), "n_available": available,
+                                                   **info}
 
 
 def held_out(args, model, n):
@@ -663,11 +643,12 @@ def reference_stats(args, model, net, weights, device):
                                 f"delete it or pass another --stats") from None
         print(f"{PROG}: {path} was made with other weights or image size: recomputing", file=sys.stderr)
     if crop:  # streamed: all 162,770 CelebA training images never sit in memory at once
-        ds, available = cropped_subset(name, root, model.size, "train", args.download, n_ref, args.data_seed)
-        picked = {"data_seed": args.data_seed, "n_available": available, "n": len(ds)}
+        ds = sr.image_dataset(name, root, model.size, args.download, "train", dm.CELEBA_BOX)
+        ds = torch.utils.data.Subset(ds, sr.subset_indices(len(ds), n_ref, args.data_seed))
+        picked = {"data_seed": args.data_seed, "n_available": len(ds.dataset), "n": len(ds)}
         batches_in = iter(torch.utils.data.DataLoader(ds, batch_size=args.batch_size,
                                                       num_workers=min(4, os.cpu_count() or 1)))
-        images = lambda i, b: match_channels(dm.to_pixels(next(batches_in)[0]), model.n_c)  # in order
+        images = lambda i, b: match_channels(sr.to_pixels(next(batches_in)[0]), model.n_c)  # in order
     else:
         x, picked = load_set(name, root, model.size, n_ref, args.download, "train", model.n_c, args.data_seed)
         images = lambda i, b: x[i:i + b]
