@@ -820,8 +820,8 @@ def test_torchrun_two_processes_train_and_resume_exactly(images, tmp_path):
     r = _torchrun(images, b, "--iters", "4", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
-    assert ca["config"]["world_size"] == 2 and len(ca["rng_per_rank"]) == 2
-    assert ca["config"]["n_data_used"] == 64 and len((a / "log.jsonl").read_text().splitlines()) == 4
+    assert json.loads((a / "config.json").read_text())["world_size"] == 2 and len(ca["rng_per_rank"]) == 2
+    assert ca["config"]["n_available"] == 64 and len((a / "log.jsonl").read_text().splitlines()) == 4
     for name in ca["models"]:
         for k, v in ca["models"][name].items():
             assert torch.equal(v, cb["models"][name][k]), (name, k)
