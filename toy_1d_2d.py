@@ -218,6 +218,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def default_out(prefix, dataset):
+    """--out's default: runs/<prefix>_<dataset>; a folder:PATH or file:PATH is named by its last part."""
+    if ":" in dataset:
+        path = os.path.abspath(os.path.expanduser(dataset.split(":", 1)[1]))
+        dataset = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{prefix}_{dataset}")
+
+
+def print_config(args):
+    """--print-config: the resolved configuration (argparse dests) as one JSON object on stdout; exit 0."""
+    print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+    return 0
+
+
 def resolve_device(name, local_rank=0):
     """auto -> cuda if present, else cpu; cuda without an index -> this process's local rank."""
     if name == "auto":
@@ -678,12 +692,10 @@ def main(argv=None):
     apply_presets(args)
     try:
         validate(args)
-        stem = os.path.splitext(os.path.basename(args.density))[0].replace("file:", "")
-        args.out = args.out or os.path.join("runs", "toy_" + stem)
+        args.out = args.out or default_out("toy", args.density)
         device = resolve_device(args.device)
         if args.print_config:
-            print(json.dumps(vars(args), indent=2))
-            return 0
+            return print_config(args)
         old_files = check_run_folder(args.out, args.force)
         density = make_density(args.density, args.bandwidth)    # a file's KDE bandwidth: after the checks
     except UsageError as e:
