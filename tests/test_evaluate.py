@@ -314,7 +314,7 @@ def _gelu_checkpoint(path, n_c=1, n_f=2, K=2, seed=0):
     f = sr.EBM(n_c, n_f, 32, "gelu")
     config = {"n_c": n_c, "n_f": n_f, "image_size": 32, "act": "gelu", "K": K, "step_size": 1.0, "lr": 1e-4,
               "noise": 0.01, "dataset": "cifar10", "data_root": "./data", "init": "uniform", "lowres_size": 8}
-    torch.save({"script": "shortrun_ebm", "format": getattr(sr, "CKPT_FORMAT", None), "config": config,
+    torch.save({"script": "shortrun_ebm", "format": sr.CKPT_FORMAT, "config": config,
                 "iteration": 0, "models": {"ebm": f.state_dict()}, "optimizers": {}, "rng": {}}, path)
     return str(path)
 
@@ -732,7 +732,8 @@ def test_a_lowres_checkpoint_exports_from_a_seeded_subset_and_superresolves_at_i
 
 @pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
                                   "bad_mask", "no_subcommand", "bad_optimizer", "negative_lr", "bad_bn_mode",
-                                  "negative_draws", "negative_init_noise", "export_n0", "bad_split"])
+                                  "negative_draws", "negative_init_noise", "export_n0", "bad_split",
+                                  "missing_cifar100", "missing_svhn"])
 def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
@@ -751,11 +752,15 @@ def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, cap
             "negative_draws": ["bpd", "--ckpt", sr_ckpt, "--dequant-draws", "-1", *out],
             "negative_init_noise": ["superres", "--ckpt", sr_ckpt, "--init-noise", "-1", *out],
             "export_n0": ["export", "--ckpt", sr_ckpt, "--n", "0", *out],
-            "bad_split": ["recon", "--ckpt", sr_ckpt, "--dataset", "svhn", "--split", "extra", *out]}[case]
+            "bad_split": ["recon", "--ckpt", sr_ckpt, "--dataset", "svhn", "--split", "extra", *out],
+            **{f"missing_{name}": ["ood", "--ckpt", sr_ckpt, "--dataset", name, "--data-root", tmp_path,
+                                   "--no-download", *out] for name in ("cifar100", "svhn")}}[case]
     code, err = run_eval(argv, capsys)
     assert code == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "out")
+    where = {"missing_cifar100": "cifar-100-python", "missing_svhn": os.path.join("svhn", "test_32x32.mat")}
+    assert case not in where or f"cannot load {case[8:]}: expected {tmp_path / where[case]}" in err, err
 
 
 def test_evaluate_raises_the_training_scripts_usage_error():
