@@ -81,9 +81,8 @@ class EBM(nn.Module):
     resnet, 32 px (authors' _Cifar10_netE): start block 3 -> nef (down), one down block, two plain blocks
     at 8x8, all nef wide. resnet, 64 px (authors' _CelebA64_netE): start block 3 -> nef/16 (down), four
     down blocks doubling the width up to nef (64 -> 2 px). Both end in ReLU, global average pooling and
-    a bias-free linear layer; spectral norm on every conv and the linear layer (authors' add_sn), with
-    torch.nn.utils.spectral_norm as theirs: its power iteration updates v then u, the parametrization's u
-    then v, which gives a different sigma in every train-mode forward.
+    a bias-free linear layer; spectral norm on every conv and the linear layer (authors' add_sn, with
+    torch.nn.utils.spectral_norm as theirs: the parametrization's power iteration gives another sigma).
     """
 
     def __init__(self, n_c=3, nef=512, im_sz=32, arch="resnet", sn=True):
@@ -324,20 +323,15 @@ def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, 
     return loss_e, loss_g, loss_i, out
 
 
-def sample(models, n, k_x=None, step_size=None, noise=None, batch_size=100, chain=None):
+def sample(models, n, k_x=70, step_size=0.08, noise=1e-3, batch_size=100, chain=langevin_x):
     """Draw n images as a user would: x0 = g(z), z ~ N(0, I), then k_x x-Langevin steps on f.
 
-    Returns (x0, x_tilde), each (n, n_c, S, S). None means the authors' test-time preset: 70 steps with
-    s = 0.4 (step 0.08), noise 1e-3 (the training default); a load_checkpoint config holds a run's own
-    values as sample_k_x, sample_step_size, x_noise. Models keep their mode (load_checkpoint returns
-    them in eval mode, so BatchNorm uses its running statistics and nothing here changes them). chain: a
-    sampler with langevin_x's signature (None: langevin_x; the harness's FastChains(...).x on CUDA).
+    Returns (x0, x_tilde), each (n, n_c, S, S). The defaults are the authors' test-time preset: 70 steps
+    with s = 0.4 (step 0.08), noise 1e-3; a load_checkpoint config holds a run's own values as sample_k_x,
+    sample_step_size, x_noise. Models keep their mode (load_checkpoint returns them in eval mode). chain:
+    a sampler with langevin_x's signature (e.g. the harness's FastChains(...).x on CUDA).
     """
-    chain = langevin_x if chain is None else chain
     ebm, gen = models["ebm"], models["generator"]
-    k_x = 70 if k_x is None else k_x
-    step_size = 0.08 if step_size is None else step_size
-    noise = 1e-3 if noise is None else noise
     device = next(gen.parameters()).device
     x0s, xts = [], []
     for i in range(0, n, batch_size):

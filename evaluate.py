@@ -717,7 +717,7 @@ def sample_batches(args, model, chain, n):
     if model.script == "shortrun_ebm" and model.cfg.get("init") == "lowres":  # chains start from low-res data
         name, root = resolve_data(args, model)
         init_data = load_set(name, root, model.size, n, args.download, "train", model.n_c, args.data_seed)[0]
-    run = sr.langevin if model.script == "shortrun_ebm" else None          # dual None: dm.sample's langevin_x
+    run = sr.langevin if model.script == "shortrun_ebm" else dm.langevin_x
     if uses_cuda_graph(args, model):  # on CUDA the training harness's captured chain: the same K-step sampler
         run = sr.FastChain(model.f, graph=True) if model.script == "shortrun_ebm" else dm.FastChains().x
     torch.manual_seed(args.seed)

@@ -631,20 +631,16 @@ def test_load_checkpoint_reads_the_authors_released_format_with_their_energy_neg
         dm.load_checkpoint(str(tmp_path / "broken.pth"))
 
 
-def test_sample_after_load_checkpoint(images, tmp_path, monkeypatch):
+def test_sample_after_load_checkpoint(images, tmp_path):
     assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
     models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
     assert set(models) == {"ebm", "generator", "encoder"} and cfg["nz"] == 8
-    # the run's sampling preset lives in the config (no attribute attached to the EBM any more)
-    assert (cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"]) == (3, 0.08, 1e-3)
-    assert not hasattr(models["ebm"], "sample_defaults")
+    assert (cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"]) == (3, 0.08, 1e-3)  # the run's preset
     chains = []
-    chain = dm.langevin_x
-    monkeypatch.setattr(dm, "langevin_x", lambda *a: chains.append(a[2:]) or chain(*a))
-    dm.sample(models, 2)
-    dm.sample(models, 2, cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"])
-    assert chains == [(70, 0.08, 1e-3), (3, 0.08, 1e-3)]  # None: the authors' test preset
-    monkeypatch.undo()
+    record = lambda *a: chains.append(a[2:]) or dm.langevin_x(*a)
+    dm.sample(models, 2, chain=record)
+    dm.sample(models, 2, cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"], chain=record)
+    assert chains == [(70, 0.08, 1e-3), (3, 0.08, 1e-3)]  # defaults: the authors' test preset
     bn_before = {k: v.clone() for k, v in models["generator"].state_dict().items()}
     x0, xt = dm.sample(models, 5, cfg["sample_k_x"])
     assert x0.shape == xt.shape == (5, 3, 32, 32)
