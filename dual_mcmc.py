@@ -1289,19 +1289,17 @@ class FastChains:
         return self._chain(("z", id(g), sigma, posterior), g, step, (x, z), K, step_size, noise)
 
     def _chain(self, key, net, step, inputs, K, step_size, noise):
-        """K in-place steps on float32 copies of inputs; returns the copy of the last input after them."""
+        """K in-place steps on float32 copies of inputs; returns a copy of the last input after them."""
         device = inputs[0].device
         with _bn_stats_frozen(net), torch.enable_grad():
-            if not (self.graph and self._graphable(device)):
-                bufs = [v.detach().clone().float() for v in inputs]
-                step_t, noise_t = (torch.tensor(float(v), device=device) for v in (step_size, noise))
-                for _ in range(K):
-                    step(*bufs, step_t, noise_t)
-                return bufs[-1]
-            key += (tuple(tuple(v.shape) for v in inputs), str(device), net.training)
-            if key not in self.graphs or self.graphs[key][0] is not net:   # id() of a freed net reused
-                self.graphs[key] = (net,) + self._capture(net, step, inputs, device)
-            _, replay, bufs, step_t, noise_t = self.graphs[key]
+            if self.graph and self._graphable(device):
+                key += (tuple(tuple(v.shape) for v in inputs), str(device), net.training)
+                if key not in self.graphs or self.graphs[key][0] is not net:   # id() of a freed net reused
+                    self.graphs[key] = (net,) + self._capture(net, step, inputs, device)
+                _, replay, bufs, step_t, noise_t = self.graphs[key]
+            else:
+                bufs, step_t, noise_t = self._buffers(inputs, device)
+                replay = lambda: step(*bufs, step_t, noise_t)
             with torch.no_grad():                              # x0 = g(z) and z^ carry autograd graphs
                 for b, v in zip(bufs, inputs):
                     b.copy_(v)
@@ -1311,10 +1309,16 @@ class FastChains:
                 replay()
             return bufs[-1].clone()                            # no autograd history, as langevin_x / _z
 
+    @staticmethod
+    def _buffers(inputs, device):
+        """Static float32 buffers for the inputs, the step size and the noise."""
+        return [torch.zeros_like(v, dtype=torch.float32) for v in inputs], *torch.zeros(2, device=device)
+
     def _capture(self, net, step, inputs, device):
         """The step on static buffers, recorded: (replay, buffers, step-size tensor, noise tensor)."""
-        bufs = [v.detach().clone().float() for v in inputs]
-        step_t, noise_t = torch.zeros((), device=device), torch.zeros((), device=device)
+        bufs, step_t, noise_t = self._buffers(inputs, device)
+        for b, v in zip(bufs, inputs):                         # the warm-up runs on real values
+            b.copy_(v.detach())
         amp = (torch.autocast(device.type, self.amp_dtype, cache_enabled=False) if self.amp_dtype
                else contextlib.nullcontext())
 
