@@ -77,15 +77,11 @@ def lowres(x, size):
 
 
 def langevin(f, x, K, step_size=1.0, noise=1e-2, create_graph=False, stats=None):
-    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K.
-
-    create_graph=False (training, sampling): each step starts from a detached x, so no autograd
-    graph grows across steps, and only grad w.r.t. x is taken, so parameter .grad is untouched.
-    create_graph=True: the whole chain stays differentiable w.r.t. the input x and f's parameters
-    (reconstruction, interpolation and log-likelihood treat x_K = M_theta(x_0) as a generator).
-    stats: None, or a list to which each step appends the mean over images of ||grad_x f(x_k)||_2
-    (a 0-dim tensor: no device sync inside the loop); the paper's Table 2 averages it over the K steps.
-    """
+    """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K. Only the grad w.r.t.
+    x is taken (parameter .grad is untouched) and each step starts from a detached x, unless create_graph:
+    then the chain stays differentiable w.r.t. x_0 and f's parameters (the generator view x_K = M_theta(x_0)
+    of reconstruction, interpolation, bits/dim). stats: a list to which each step appends the mean over
+    images of |grad_x f(x_k)|_2, a 0-dim tensor (no sync in the loop; the paper's Table 2 averages it)."""
     if not create_graph or not x.requires_grad:
         x = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -116,12 +112,9 @@ def frozen(module):
 def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=None, *,
                chain=langevin, f_loss=None, autocast=contextlib.nullcontext, stats=None):
     """One iteration of Algorithm 1 on a data batch x_data (m, C, S, S); returns (x_q, f_data, f_q).
-
-    x_0: the chains' start, None = p_0 noise. chain(f, x_0, K, step_size, noise) -> x_K is the sampler
-    (a faster one with langevin's signature may replace it); f_loss: the module the loss goes through
-    (e.g. a DistributedDataParallel wrapper of f; default f); autocast: a context factory for mixed
-    precision; stats: a list handed to the chain (langevin appends each step's mean |grad_x f|).
-    """
+    x_0: the chains' start (None: p_0 noise); chain: any sampler called like langevin; f_loss: the module
+    the loss goes through (e.g. f's DistributedDataParallel wrapper); autocast: a context factory for
+    mixed precision; stats: handed to the chain (only when given: a chain may not take it)."""
     x_plus = x_data + sigma * torch.randn_like(x_data)                          # (m, C, S, S)
     if x_0 is None:
         x_0 = sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
@@ -146,20 +139,18 @@ CKPT_FORMAT = 1  # in config.json and every checkpoint; read_checkpoint refuses 
 RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
 REUSE_HINT = "pass --resume to continue it"
 # Defaults that depend on --dataset (the parser holds None; resolve_defaults fills them in). CIFAR-10,
-# CelebA, LSUN: the paper's sec. 5.1 (n_f 128 / 64 / 64, 40,000 images, 200,000 iterations, then a
-# decrease of lr and sigma). Its length and shape are unpublished: ours is 50,000 more iterations of
-# geometric decay to ANNEAL_FINAL. Other sets keep the appendix code's 100,000 iterations without decay.
-# --preset appendix: the appendix code itself (all images).
+# CelebA, LSUN: the paper's sec. 5.1, whose decrease of lr and sigma after 200,000 iterations is unpublished:
+# ours decays geometrically to ANNEAL_FINAL over 50,000 more. Other sets, and --preset appendix (the appendix
+# code itself, all images), keep the appendix code's 100,000 iterations without decay.
 PAPER_51 = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 250000, "anneal_start": 200000}
 DATASET_DEFAULTS = {"cifar10": dict(PAPER_51, n_f=128),
                     "celeba": dict(PAPER_51, image_size=64), "lsun_bedroom": dict(PAPER_51, image_size=64)}
 OTHER_DEFAULTS = {"n_f": 64, "n_data": 40000, "image_size": 32, "iters": 100000, "anneal_start": 0}
 PRESETS = {"appendix": {"n_f": 64, "n_data": 0, "image_size": 32, "iters": 100000, "anneal_start": 0}}
 ANNEAL_FINAL = 0.1  # lr and sigma reach this fraction of their values at --iters (our choice)
-# The divergence guard (--guard) looks every GUARD_EVERY iterations (and on log and checkpoint steps) for
-# NaN, a sample pixel beyond +-GUARD_MAX_ABS (data lives in [-1, 1]), a Langevin drift step moving pixels
-# by an RMS above GUARD_MAX_STEP (healthy: ~0.05-0.2), and |f(data) - f(x_q)| above GUARD_MAX_GAP
-# (healthy: ~1-100). README shows a blow-up these catch.
+# --guard looks every GUARD_EVERY iterations (and on log and checkpoint steps) for NaN, a sample pixel
+# beyond +-GUARD_MAX_ABS (data: [-1, 1]), a Langevin drift step moving pixels by an RMS above GUARD_MAX_STEP
+# (healthy: ~0.05-0.2) and |f(data) - f(x_q)| above GUARD_MAX_GAP (healthy: ~1-100). README shows a blow-up.
 GUARD_EVERY, GUARD_MAX_ABS, GUARD_MAX_STEP, GUARD_MAX_GAP = 10, 3.0, 0.5, 1e4
 # Flags that may change on --resume (run control); every other flag is the run's own
 RESUME_OVERRIDES = ("iters", "device", "log_every", "plot_every", "ckpt_every", "resume", "out", "download",
@@ -173,21 +164,16 @@ def per_dataset(key):
 
 
 def build_parser(suppress_defaults=False):
-    """The hyperparameter block: the appendix code's values, and per data set (resolve_defaults) the
-    paper's sec. 5.1 setting."""
-    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                       epilog="--n_f, --n-data, --image-size, --iters and --anneal-start default per data "
-                              "set: cifar10, celeba and lsun_bedroom follow the paper's sec. 5.1, the others "
-                              "the appendix code; --print-config shows the resolved values.")
+    """The hyperparameter block: the appendix code's values; per data set (resolve_defaults) sec. 5.1's."""
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="cifar10",
                    help=f"one of {', '.join(DATASETS)}, or folder:PATH (any folder of images, recursive)")
     d.add_argument("--data-root", default="./data", help="where torchvision data sets live / download to")
     d.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                    help="download torchvision data sets if missing")
-    d.add_argument("--n-data", type=int, default=None,
-                   help="use N training images, a random subset drawn with --data-seed (paper: 40,000); "
-                        "0 = all; " + per_dataset("n_data"))
+    d.add_argument("--n-data", type=int, default=None, help="training images, a random subset drawn with "
+                   "--data-seed (paper: 40,000); 0 = all; " + per_dataset("n_data"))
     d.add_argument("--data-seed", type=int, default=0, help="seed of the n_data subset (not --seed's)")
     d.add_argument("--image-size", type=int, default=None, choices=(32, 64, 128),
                    help="paper: 32 (CIFAR-10), 64 (CelebA, LSUN), 128 (CelebA-HQ); "
@@ -213,13 +199,11 @@ def build_parser(suppress_defaults=False):
     m.add_argument("--batch-size", type=int, default=64, help="m, images per step and process (paper: 64)")
     m.add_argument("--iters", type=int, default=None, help="iterations (appendix code: 1e5; paper sec. 5.1: "
                    "2e5, then a decrease of lr and sigma); " + per_dataset("iters"))
-    m.add_argument("--anneal-start", type=int, default=None,
-                   help=f"iteration from which lr and sigma decay geometrically to {ANNEAL_FINAL:g}x at "
-                        f"--iters; 0 = off (appendix); {per_dataset('anneal_start')}; with only --iters "
-                        f"given, the same share of the run")
-    m.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="appendix: the appendix code's setting (n_f 64, 100,000 iterations, all images, no "
-                        "decay, 32 px); flags given explicitly still win")
+    m.add_argument("--anneal-start", type=int, default=None, help=f"iteration from which lr and sigma decay "
+                   f"geometrically to {ANNEAL_FINAL:g}x at --iters; 0 = off (appendix); with only --iters "
+                   f"given, the same share of the run; {per_dataset('anneal_start')}")
+    m.add_argument("--preset", choices=tuple(PRESETS), default=None, help="appendix: the appendix code's "
+                   "setting (n_f 64, 100,000 iterations, all images, no decay); explicit flags win")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1, help="seed of f's initial weights, batches and chains")
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
@@ -227,9 +211,8 @@ def build_parser(suppress_defaults=False):
                    help="bf16: the chain on bf16 weight copies (x stays fp32), the update under autocast")
     r.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="captured CUDA-graph chains on CUDA, ignored on CPU; may change on --resume")
-    r.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"stop (exit 3, last.pt kept) when the sampler blows up: NaN, samples beyond "
-                        f"+-{GUARD_MAX_ABS:g}, huge steps or f gap (GUARD_* in the script)")
+    r.add_argument("--guard", action=argparse.BooleanOptionalAction, default=True, help="stop (exit 3, "
+                   "last.pt kept) when the sampler blows up: NaN, huge samples, steps or f gap (GUARD_*)")
     r.add_argument("--out", default=None, help="run folder (default runs/shortrun_<dataset or folder name>)")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     r.add_argument("--log-every", type=int, default=100, help="log.jsonl + progress line every N its")
@@ -259,11 +242,10 @@ def resolve_defaults(args):
 
 def validate(args):
     """Every check that needs no data and no compute. Raises UsageError."""
-    if args.dataset not in DATASETS and not args.dataset.startswith("folder:"):
+    folder = args.dataset.startswith("folder:") and folder_path(args.dataset)     # "folder:" alone: no path
+    if args.dataset not in DATASETS and not folder:
         raise UsageError(f"unknown --dataset {args.dataset!r}: use one of {', '.join(DATASETS)} "
                          f"or folder:PATH")
-    if args.dataset.startswith("folder:") and not args.dataset[len("folder:"):]:
-        raise UsageError("--dataset folder: needs a path, e.g. folder:~/data/images")
     for names, lo in ((("K", "n_f", "batch_size", "iters", "lowres_size"), 1), (("n_data", "data_seed",
                        "anneal_start", "log_every", "plot_every", "ckpt_every", "benchmark"), 0)):
         for name in names:
