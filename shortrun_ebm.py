@@ -353,10 +353,9 @@ def set_rng_state(state, device):
 
 def gather_rng(device, world):
     """RNG states of all ranks (a collective: every rank calls it), so resume is exact per rank."""
-    if world == 1:
-        return [get_rng_state(device)]
-    states = [None] * world
-    torch.distributed.all_gather_object(states, get_rng_state(device))
+    states = [get_rng_state(device)] * world
+    if world > 1:
+        torch.distributed.all_gather_object(states, states[0])
     return states
 
 
@@ -388,8 +387,7 @@ def atomic_write_json(obj, path, **dump_kw):
 
 
 def versions():
-    """What config.json and checkpoints record beside the flags: the script and its CKPT_FORMAT (what
-    read_checkpoint checks), and the versions the run ran on."""
+    """What config.json and checkpoints record beside the flags (read_checkpoint checks script and format)."""
     return {"script": PROG.removesuffix(".py"), "format": CKPT_FORMAT, "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "python": sys.version.split()[0]}
 
@@ -412,9 +410,8 @@ def read_checkpoint(path, device="cpu", ckpt=None):
     if not isinstance(ckpt, dict) or ckpt.get("script") != PROG.removesuffix(".py"):
         raise UsageError(f"{path} was not written by {PROG}")
     if ckpt.get("format") != CKPT_FORMAT:
-        found = "no format number" if ckpt.get("format") is None else f"format {ckpt['format']}"
-        raise UsageError(f"{path} was written by an older {PROG} ({found}); this one reads format "
-                         f"{CKPT_FORMAT}: train a new run")
+        raise UsageError(f"{path} was written by an older {PROG} (format {ckpt.get('format')}); this one "
+                         f"reads format {CKPT_FORMAT}: train a new run")
     return ckpt
 
 
@@ -442,14 +439,11 @@ def read_run(out):
         return read_checkpoint(path)
     try:
         with open(config_path) as fh:
-            config = json.load(fh)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
+            config = dict(json.load(fh))               # a JSON list or number: unreadable too
+    except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
                          f"delete the folder or choose another --out") from None
-    return read_checkpoint(config_path, ckpt={"script": config.get("script"), "format": config.get("format"),
-                                              "config": config, "iteration": 0})
+    return read_checkpoint(config_path, ckpt={**config, "config": config, "iteration": 0})  # script, format
 
 
 def merge_resume_args(ckpt, given, out):
@@ -632,9 +626,8 @@ def save_grid(x, path):
 
 
 def plot_curves(log_path, png_path, panels):
-    """The log's signals against iteration, one panel per (title, (key, label), ...) of panels, written
-    atomically. matplotlib is optional (a copied script needs torch and torchvision only):
-    without it, one line says so and False is returned."""
+    """The log's signals against iteration, one panel per (title, (key, label), ...), written atomically.
+    matplotlib is optional (a copied script needs torch and torchvision only): without it, one line, False."""
     try:
         from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
     except ImportError:
@@ -710,10 +703,9 @@ def autocast_for(args, device):
 
 
 def cuda_graph_replay(run, device, reset=None):
-    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay.
-    First three warm-up runs on the capture's side stream (cuDNN autotuning and workspaces must not be
-    created mid-capture), under fork_rng (their noise draws leave the run's RNG alone); then reset()
-    (undo what the warm-up changed in the nets' buffers), then the capture."""
+    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay. Three
+    warm-up runs first, on the capture's stream (cuDNN autotuning and workspaces must not happen mid-capture)
+    under fork_rng (the run's RNG is left alone), then reset() (undo their change to the nets' buffers)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
@@ -794,22 +786,17 @@ def harness_step(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None
 
 
 class FastChain:
-    """The Langevin chain of `langevin` (same update, same noise law), made fast for training; called
-    like it: chain(f, x_0, K, step_size, noise, stats=None) -> x_K. Steps update an fp32 buffer in place.
-    - bf16: f runs on a bf16 copy of its weights (channels_last), refreshed from f at every call;
-      x, the update and the noise stay fp32 (bf16 cannot accumulate 0.01-sized noise at |x| ~ 1).
-    - graph (CUDA only): one step is captured once per input shape as a CUDA graph and replayed K
-      times: ~60 kernel launches and the autograd bookkeeping become one replay. Adam updates the
-      weights in place, so one capture serves the whole run; every replay draws fresh noise.
-    stats (a list, as for `langevin`): appends the mean over the K steps of the per-image |grad_x f|
-    (one 0-dim tensor); only such calls (log iterations) pay for it, with their own buffers and graph."""
+    """`langevin`'s chain (same update, same noise law) made fast for training, and called like it; the
+    steps update an fp32 buffer in place. bf16: f runs on a bf16 copy of its weights (channels_last),
+    refreshed from f at every call; x, the update and the noise stay fp32 (bf16 cannot accumulate
+    0.01-sized noise at |x| ~ 1). graph (CUDA only): one step is captured once per input shape and replayed
+    K times (~60 kernel launches and autograd's bookkeeping become one replay; Adam updates the weights in
+    place, so one capture serves the run). stats gets one tensor, the mean over the K steps of `langevin`'s;
+    only such calls (log iterations) pay for it, with their own buffers and graph."""
 
     def __init__(self, f, bf16=False, graph=False):
-        self.f, self.bf16, self.graph, self.net = f, bf16, graph, f
-        if bf16:
-            self.net = copy.deepcopy(f).to(torch.bfloat16, memory_format=torch.channels_last)
-            self.net.requires_grad_(False)
-        self.cache = {}      # (shape, device, stats?) -> (one step, x buffer, step, noise, grad-norm sum)
+        self.f, self.bf16, self.graph, self.cache = f, bf16, graph, {}    # cache: see _buffers
+        self.net = copy.deepcopy(f).to(torch.bfloat16, memory_format=torch.channels_last) if bf16 else f
 
     def _step(self, x, step_t, noise_t, norm_sum=None):
         """One Langevin step updating the fp32 buffer x in place (capturable: no host sync)."""
@@ -822,7 +809,7 @@ class FastChain:
         x.add_(step_t * grad)                                  # x + step_size * grad_x f(x)
         x.add_(noise_t * torch.randn_like(x))                  # + noise * N(0, I)
 
-    def _buffers(self, x, track):
+    def _buffers(self, x, track):  # (shape, device, stats?) -> (one step, x buffer, step, noise, norm sum)
         key = (tuple(x.shape), str(x.device), track)
         if key not in self.cache:
             buf = x.detach().clone(memory_format=torch.contiguous_format)
@@ -855,9 +842,7 @@ class FastChain:
 
 
 def make_chain(args, f, device):
-    """The K-step sampler of training, sample grids and --benchmark: chain(f, x_0, K, step_size, noise).
-    The eager `langevin` on the CPU; on CUDA (--cuda-graph, the default) a FastChain of captured
-    one-step graphs; --amp bf16 runs the chain on bf16 shadow weights (x and its update stay fp32)."""
+    """The sampler of training, grids and --benchmark: `langevin`, or a FastChain on CUDA or with bf16."""
     graph = args.cuda_graph and device.type == "cuda"
     if not graph and args.amp != "bf16":
         return langevin
@@ -913,15 +898,14 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
             chain_grads = [] if due(args.log_every) else None     # per-step mean |grad_x f|, log steps only
             x_q, x_data, f_data, f_q = harness_step(f, f_ddp, optim, data, args, it - 1, chain, amp, device,
                                                     chain_grads)
-            diverged, msg = False, None
             guard_due = args.guard and (it % GUARD_EVERY == 0 or due(args.log_every) or due(args.ckpt_every))
             if guard_due or due(args.log_every):               # every signal in one device sync
                 signals = [f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std(), grad_norm(f, x_q)]
                 f_data, f_q, max_abs, x_std, data_std, g_norm = torch.stack(signals).tolist()
                 step_rms = args.step_size * g_norm / math.sqrt(x_q[0].numel())   # one drift step, RMS/pixel
-            if guard_due:
-                msg = check_guard(f_data, f_q, max_abs, step_rms, it)
-                diverged = any_rank(torch.tensor([msg is not None], device=device), world)[0]
+            msg = check_guard(f_data, f_q, max_abs, step_rms, it) if guard_due else None
+            flags = torch.tensor([msg is not None, stop.requested], device=device)
+            diverged, interrupted = any_rank(flags, world)      # every rank stops on the same iteration
             if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
                 elapsed = time.time() - t_start
                 rate = elapsed / (it - it_start)
@@ -949,7 +933,6 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                     x_fixed = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
                 save_grid(x_fixed, os.path.join(args.out, f"samples_{it:06d}.png"))
                 curves = curves and plot_curves(log_path, os.path.join(args.out, "curves.png"), CURVE_PANELS)
-            interrupted = any_rank(torch.tensor([stop.requested], device=device), world)[0]
             if due(args.ckpt_every) or interrupted:
                 rng = gather_rng(device, world)
                 if writer:
@@ -988,7 +971,7 @@ def benchmark(args, device):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args, rank, world = build_parser().parse_args(argv), 0, 1
     try:
         validate(resolve_defaults(args))
         args.out = args.out or default_out("shortrun", args.dataset)
@@ -1005,45 +988,36 @@ def main(argv=None):
             check_run_folder(args.out)
         if args.print_config:                          # reads no data, writes nothing
             return print_config(args)
+        rank, world = setup_distributed(device)
+        data, args.n_available = load_data(args, rank, world, device)       # n_available: for config.json
+        args.n_c = data.shape[1]
+        seed_everything(args.seed + rank)              # each rank its own chains
+        f, optim = build_model(args, args.n_c, device)
+        start_it, seconds0 = 0, 0.0
+        if ckpt is not None and "models" in ckpt:      # (a run killed before its first last.pt has none)
+            f.load_state_dict(ckpt["models"]["ebm"])
+            optim.load_state_dict(ckpt["optimizers"]["ebm"])
+            start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]      # log seconds run on
+            restore_rng(ckpt, args.seed, rank, world, device)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            if start_it == 0:
+                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
+                                  os.path.join(args.out, "config.json"))
+            if ckpt is not None:
+                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
+            print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
+                  f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "
+                  f"run folder {args.out}", file=sys.stderr)
+        data = place_data(data, device, 0.25)          # uint8 images: up to a quarter of free memory
+        return train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0)
     except UsageError as e:
-        return usage_error(e)
-    rank, world = setup_distributed(device)
-    try:
-        try:
-            data, args.n_available = load_data(args, rank, world, device)   # n_available: for config.json
-        except UsageError as e:
-            return usage_error(e, rank)
-        return run(args, ckpt, data, device, rank, world, argv)
+        return usage_error(e, rank)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
-
-
-def run(args, ckpt, data, device, rank, world, argv):
-    """Build f and Adam (or restore them), write config.json, train."""
-    args.n_c = data.shape[1]
-    seed_everything(args.seed + rank)                  # each rank its own chains
-    f, optim = build_model(args, args.n_c, device)
-    start_it, seconds0 = 0, 0.0
-    if ckpt is not None and "models" in ckpt:          # (a run killed before its first last.pt has none)
-        f.load_state_dict(ckpt["models"]["ebm"])
-        optim.load_state_dict(ckpt["optimizers"]["ebm"])
-        start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]          # log seconds run on
-        restore_rng(ckpt, args.seed, rank, world, device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        if start_it == 0:
-            atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
-                              os.path.join(args.out, "config.json"))
-        if ckpt is not None:
-            truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
-        print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
-              f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "
-              f"run folder {args.out}", file=sys.stderr)
-    data = place_data(data, device, 0.25)              # uint8 images: up to a quarter of free memory
-    return train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0)
 
 
 if __name__ == "__main__":
