@@ -1,5 +1,5 @@
 """Helpers the test files share: one CPU thread, main(argv) -> (exit code, stderr), tiny image folders
-drawn here, a script's method block run alone, JSON readers. Test files import them: `from conftest import`."""
+drawn here, a script's method block run alone, JSON readers. Test files import them from conftest."""
 import ast
 import json
 import os

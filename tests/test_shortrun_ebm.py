@@ -1,11 +1,10 @@
 """shortrun_ebm.py: the architecture, the sampler, learning, resume, bad input, DDP, benchmark.
-
-CPU only, no network: every data set here is a tiny image folder the tests draw themselves
-(dark background, one bright square of a random hue: structured, and far from uniform noise).
-"""
+CPU only, no network: the data sets are tiny image folders drawn here (conftest.draw_squares)."""
+import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,41 +16,22 @@ import torch
 from PIL import Image
 
 import shortrun_ebm as sr
+from conftest import REPO, exec_method_block, read_json, read_jsonl, run_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_f", "4", "--K", "3", "--batch-size", "8", "--device", "cpu"]
-
-
-def draw_squares(folder, n, size=32, seed=0):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        im = np.full((size, size, 3), 20, np.uint8)
-        s = int(rng.integers(size // 4, size // 2))
-        x, y = rng.integers(0, size - s, 2)
-        im[y:y + s, x:x + s] = (np.array([1.0, 0.3, 0.2])[rng.permutation(3)] * 230).astype(np.uint8)
-        Image.fromarray(im).save(os.path.join(folder, f"{i:04d}.png"))
-    return folder
+run = functools.partial(run_main, sr.main)
 
 
 @pytest.fixture(scope="module")
-def squares(tmp_path_factory):
-    return draw_squares(str(tmp_path_factory.mktemp("squares")), 64)
+def run2(squares, tmp_path_factory):
+    """A finished 2-iteration TINY run; a test that changes it works on a copy."""
+    out = tmp_path_factory.mktemp("run2") / "run"
+    assert run(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", out])[0] == 0
+    return out
 
 
-def run_main(argv, capsys=None):
-    """main(argv) -> (exit code, stderr); argparse's own errors arrive as SystemExit."""
-    try:
-        code = sr.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err if capsys else ""
-    return code, err
-
-
-def log_rows(out):
-    with open(os.path.join(out, "log.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
+def files_of(out):
+    return {n: (out / n).read_bytes() for n in os.listdir(out)}
 
 
 # ---- architecture ----
@@ -62,8 +42,7 @@ def log_rows(out):
     (128, 32, 2_791_233), (128, 64, 11_153_025), (128, 128, 44_588_289)])
 def test_parameter_counts_of_the_papers_convnets(im_sz, n_f, expected):
     # Tables 4-6: 3x3 conv, three 4x4/2 convs (x2 channels), one more 4x4/2 per doubling of the
-    # side beyond 32, a 4x4 valid conv to one number. Counted by hand for 32 px, n_f 64:
-    # 3*64*9+64 + 64*128*16+128 + 128*256*16+256 + 256*512*16+512 + 512*16+1 = 2,763,393
+    # side beyond 32, a 4x4 valid conv to one number. By hand for 32 px, n_f 64:
     if (im_sz, n_f) == (32, 64):
         assert expected == ((3*64*9 + 64) + (64*128*16 + 128) + (128*256*16 + 256) + (256*512*16 + 512)
                             + (512*16 + 1))
@@ -129,6 +108,19 @@ def test_langevin_create_graph_differentiates_the_chain():
     torch.testing.assert_close(g, torch.full_like(g, (1 - s * a) ** K))   # dM/dz = (1 - s a)^K I
 
 
+def test_grad_norm_chain_equals_a_hand_computation():
+    """Table 2's last row, the K-step average of |grad_x f|: with noise off, grad = -a (x_k - mu) and
+    x_k - mu = (1 - s a)^k (x_0 - mu)."""
+    a, s, K = 0.3, 0.5, 3
+    mu = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    x0 = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 2.0], [0.0, 2.0]]]], dtype=torch.float64)
+    stats = []
+    sr.langevin(Quadratic(a, mu), x0, K, step_size=s, noise=0.0, stats=stats)
+    norms0 = [1.0, 8 ** 0.5]                                    # ||x_0 - mu|| per image
+    hand = [a * (1 - s * a) ** k * (norms0[0] + norms0[1]) / 2 for k in range(K)]
+    torch.testing.assert_close(torch.stack(stats), torch.tensor(hand, dtype=torch.float64))
+
+
 def test_lowres_init_keeps_exactly_the_low_res_image():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     x0 = sr.lowres(x, 8)
@@ -147,6 +139,42 @@ def test_annealing_schedule_is_geometric_and_off_by_default():
     assert lr == pytest.approx(1e-4 * 0.1 ** 0.5) and sigma == pytest.approx(3e-2 * 0.1 ** 0.5)
     lr, sigma = sr.schedule(args, 1000)
     assert lr == pytest.approx(1e-5) and sigma == pytest.approx(3e-3)
+
+
+# ---- the method block: copied alone, it runs ----
+
+def test_method_block_runs_when_copied_alone(tmp_path):
+    ns = exec_method_block("shortrun_ebm.py", tmp_path / "copied.py")
+    for word in ("argparse", "args.", "open(", "json", "torch.distributed", "os.", "print("):
+        assert word not in (tmp_path / "copied.py").read_text(), word
+    torch.manual_seed(0)
+    f = ns["EBM"](3, 4, 32)
+    optim = torch.optim.Adam(f.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in f.parameters()]
+    x_data = torch.rand(5, 3, 32, 32) * 2 - 1
+    x_q, f_data, f_q = ns["train_step"](f, optim, x_data, 2)
+    assert x_q.shape == (5, 3, 32, 32) and f_data.shape == f_q.shape == ()
+    assert not x_q.requires_grad and (x_q != x_data).any()
+    moved = [not torch.equal(a, p) for a, p in zip(before, f.parameters()) if p.dim() > 1]
+    assert len(moved) == 5 and all(moved)              # every conv weight (the last bias cancels in the loss)
+    x_q, _, _ = ns["train_step"](f, optim, x_data, 1, x_0=ns["lowres"](x_data, 8))   # an informative init
+    assert x_q.shape == x_data.shape
+
+
+def test_train_step_uses_the_chain_and_loss_module_it_is_given():
+    calls = []
+
+    def chain(f, x_0, K, step_size, noise):
+        calls.append((x_0.shape, K, step_size, noise))
+        return x_0.clone()
+
+    f = sr.EBM(3, 4, 32)
+    optim = torch.optim.SGD(f.parameters(), lr=0.0)
+    x_data, x_0 = torch.zeros(2, 3, 32, 32), torch.full((2, 3, 32, 32), 0.5)
+    x_q, f_data, f_q = sr.train_step(f, optim, x_data, 7, 0.3, 0.0, 0.0, x_0, chain=chain)
+    assert calls == [((2, 3, 32, 32), 7, 0.3, 0.0)] and torch.equal(x_q, x_0)
+    with torch.no_grad():
+        assert f_data == pytest.approx(f(x_data).mean().item()) and f_q == pytest.approx(f(x_0).mean().item())
 
 
 # ---- data ----
@@ -178,6 +206,27 @@ def test_crop_box_takes_the_box_of_aligned_178x218_images_and_refuses_other_size
         sr.load_images(f"folder:{tmp_path}", None, 16, crop_box=(15, 40, 163, 188))
 
 
+def test_n_data_subset_is_seeded_random_and_keeps_every_class(tmp_path, capsys):
+    # a class-sorted folder: 10 black images (a/), then 10 white ones (b/); the first 10 would all be black
+    for cls, value in (("a", 0), ("b", 255)):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    folder = f"folder:{tmp_path / 'data'}"
+    x, n_available = sr.load_images(folder, None, 32, n_data=10, seed=0)
+    means = x.float().mean(dim=(1, 2, 3))
+    assert n_available == 20 and len(x) == 10
+    assert (means < 128).any() and (means > 128).any()           # both classes
+    assert torch.equal(x, sr.load_images(folder, None, 32, n_data=10, seed=0)[0])       # seeded
+    assert not torch.equal(x, sr.load_images(folder, None, 32, n_data=10, seed=1)[0])
+    out = tmp_path / "run"
+    code, err = run(["--dataset", folder, *TINY, "--iters", "1", "--n-data", "12", "--data-seed", "5",
+                     "--out", out], capsys)
+    assert code == 0, err
+    config = read_json(out, "config.json")
+    assert (config["data_seed"], config["n_data"], config["n_available"]) == (5, 12, 20)
+
+
 # ---- learning ----
 
 def sample_stats(f, n, seed=0):
@@ -189,26 +238,24 @@ def sample_stats(f, n, seed=0):
 
 def test_a_few_hundred_iterations_move_samples_toward_the_data(squares, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run_main(["--dataset", f"folder:{squares}", "--n_f", "8", "--K", "20", "--sigma", "0.1",
-                          "--batch-size", "32", "--iters", "200", "--log-every", "50", "--plot-every", "200",
-                          "--ckpt-every", "200", "--device", "cpu", "--seed", "3", "--out", out], capsys)
+    code, err = run(["--dataset", f"folder:{squares}", "--n_f", "8", "--K", "20", "--sigma", "0.1",
+                     "--batch-size", "32", "--iters", "200", "--log-every", "50", "--plot-every", "200",
+                     "--ckpt-every", "200", "--device", "cpu", "--seed", "3", "--out", out], capsys)
     assert code == 0, err
     data = sr.to_pixels(sr.load_images(f"folder:{squares}", None, 32)[0])
     data_mean, data_dark = data.mean().item(), (data < -0.5).float().mean().item()
     f, config = sr.load_checkpoint(str(out / "final.pt"))
-    untrained = sr.EBM(3, 8, 32).eval()
-    mean_0, dark_0 = sample_stats(untrained, 64)
+    mean_0, dark_0 = sample_stats(sr.EBM(3, 8, 32).eval(), 64)
     mean_1, dark_1 = sample_stats(f, 64)
-    print(f"data mean {data_mean:.3f} dark {data_dark:.3f} | untrained {mean_0:.3f} {dark_0:.3f} "
-          f"| trained {mean_1:.3f} {dark_1:.3f}")
     # uniform noise: mean ~0, a quarter of the pixels below -0.5; the data: ~85% background
     assert abs(mean_1 - data_mean) < 0.5 * abs(mean_0 - data_mean)
     assert abs(dark_1 - data_dark) < 0.5 * abs(dark_0 - data_dark)
-    rows = log_rows(out)
+    rows = read_jsonl(out, "log.jsonl")
     assert [r["iteration"] for r in rows] == [50, 100, 150, 200]
     for key in ("f_data", "f_sample", "f_gap", "grad_norm", "sample_max_abs", "sample_std", "data_std", "lr",
-                "sigma", "seconds", "s_per_iter"):
+                "sigma", "seconds", "s_per_iter", "grad_norm_chain"):
         assert all(np.isfinite(r[key]) for r in rows), key
+    assert all(r["grad_norm_chain"] > 0 for r in rows)
     assert {"config.json", "data.png", "samples_000200.png", "last.pt", "final.pt"} <= set(os.listdir(out))
     assert config["n_f"] == 8 and config["n_c"] == 3 and not f.training
 
@@ -217,10 +264,10 @@ def test_a_few_hundred_iterations_move_samples_toward_the_data(squares, tmp_path
                                    ["--act", "gelu", "--anneal-start", "2", "--K-max", "6"]])
 def test_optional_training_modes_run_and_log(flags, squares, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
-                          "--plot-every", "4", "--out", out, *flags], capsys)
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
+                     "--plot-every", "4", "--out", out, *flags], capsys)
     assert code == 0, err
-    rows = log_rows(out)
+    rows = read_jsonl(out, "log.jsonl")
     assert len(rows) == 4 and all(np.isfinite(r["f_gap"]) for r in rows)
     if "--anneal-start" in flags:                      # lr decays from iteration 2 towards 0.1 lr at 4
         assert rows[1]["lr"] == pytest.approx(1e-4) and rows[3]["lr"] == pytest.approx(1e-4 * 0.1 ** 0.5)
@@ -228,14 +275,36 @@ def test_optional_training_modes_run_and_log(flags, squares, tmp_path, capsys):
     assert config["act"] == ("gelu" if "gelu" in flags else "lrelu")
 
 
+@pytest.mark.parametrize("have_matplotlib", [True, False])
+def test_curves_png_at_plot_steps_or_one_line_without_matplotlib(have_matplotlib, squares, tmp_path, capsys,
+                                                                  monkeypatch):
+    if have_matplotlib:
+        pytest.importorskip("matplotlib")
+    else:                                                       # the import fails as if not installed
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    out = tmp_path / "run"
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
+                     "--plot-every", "2", "--out", out], capsys)
+    assert code == 0, err
+    assert {"samples_000002.png", "samples_000004.png"} <= set(os.listdir(out))
+    if have_matplotlib:
+        with Image.open(out / "curves.png") as im:
+            assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+        assert "skipped" not in err
+    else:
+        assert not (out / "curves.png").exists()
+        assert err.count("curves.png skipped: matplotlib is not installed") == 1   # once, not per plot step
+
+
 # ---- resume ----
 
 def test_resume_continues_bit_exactly(squares, tmp_path, capsys):
     common = ["--dataset", f"folder:{squares}", *TINY, "--K-max", "5", "--log-every", "1",
               "--ckpt-every", "2", "--plot-every", "0"]
-    assert run_main([*common, "--iters", "6", "--out", tmp_path / "whole"], capsys)[0] == 0
-    assert run_main([*common, "--iters", "3", "--out", tmp_path / "split"], capsys)[0] == 0
-    code, err = run_main(["--out", tmp_path / "split", "--resume", "--iters", "6"], capsys)
+    assert run([*common, "--iters", "6", "--out", tmp_path / "whole"], capsys)[0] == 0
+    assert run([*common, "--iters", "3", "--out", tmp_path / "split"], capsys)[0] == 0
+    code, err = run(["--out", tmp_path / "split", "--resume", "--iters", "6"], capsys)
     assert code == 0, err
     a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "final.pt", weights_only=True)
@@ -246,9 +315,31 @@ def test_resume_continues_bit_exactly(squares, tmp_path, capsys):
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(v[name], b["optimizers"]["ebm"]["state"][k][name])
     drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "s_per_iter")} for r in rows]
-    assert drop(log_rows(tmp_path / "whole")) == drop(log_rows(tmp_path / "split"))
-    seconds = [r["seconds"] for r in log_rows(tmp_path / "split")]
+    rows = read_jsonl(tmp_path / "split", "log.jsonl")
+    assert drop(read_jsonl(tmp_path / "whole", "log.jsonl")) == drop(rows)
+    seconds = [r["seconds"] for r in rows]
     assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1]   # the clock runs on across the resume
+
+
+def test_resume_before_the_first_checkpoint_starts_at_0_with_the_folders_config(squares, tmp_path, capsys):
+    common = ["--dataset", f"folder:{squares}", *TINY, "--log-every", "1", "--plot-every", "0",
+              "--sigma", "0.05"]
+    assert run([*common, "--iters", "3", "--out", tmp_path / "whole"], capsys)[0] == 0
+    out = tmp_path / "killed"
+    assert run([*common, "--iters", "2", "--out", out], capsys)[0] == 0
+    for name in ("last.pt", "final.pt"):                        # as if killed before its first last.pt
+        (out / name).unlink()
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", out], capsys)
+    assert code == 2 and "already holds a run" in err         # a plain rerun is still refused
+    code, err = run(["--out", out, "--resume", "--iters", "3"], capsys)
+    assert code == 0, err
+    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == [1, 2, 3]   # restarted, no duplicates
+    config = read_json(out, "config.json")
+    assert config["sigma"] == 0.05 and config["iters"] == 3 and config["resume"] is True
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)["models"]["ebm"]
+    b = torch.load(out / "final.pt", weights_only=True)["models"]["ebm"]
+    assert all(torch.equal(a[k], b[k]) for k in a)             # the same run as one never killed
+    assert not [n for n in os.listdir(out) if ".tmp" in n]      # config.json went through temp + rename
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(squares, tmp_path):
@@ -258,7 +349,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(squares, tmp_path):
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 120
-    while not (out / "log.jsonl").exists() or len(log_rows(out)) < 3:
+    while not (out / "log.jsonl").exists() or len(read_jsonl(out, "log.jsonl")) < 3:
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -270,10 +361,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(squares, tmp_path):
     code = subprocess.run(cmd[:2] + ["--out", str(out), "--resume", "--iters", str(it + 2)], cwd=tmp_path,
                           capture_output=True, text=True).returncode
     assert code == 0
-    assert [r["iteration"] for r in log_rows(out)] == list(range(1, it + 3))
+    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == list(range(1, it + 3))
 
 
-# ---- bad input: exit 2, one line, no traceback, nothing written ----
+# ---- refusals: exit 2, one line, no traceback, nothing written ----
 
 BAD = [
     (["--dataset", "imagenet"], "unknown --dataset"),
@@ -293,26 +384,25 @@ BAD = [
     (["--device", "cuda:-1"], "use auto, cpu, cuda or cuda:N"),
     (["--dataset", "folder:/no/such/folder"], "does not exist"),
     (["--dataset", "cifar10", "--no-download"], "cifar-10-batches-py"),
+    (["--iters", "100", "--anneal-start", "100", "--print-config"], "--anneal-start (100) must be below"),
 ]
 
 
 @pytest.mark.parametrize("flags,message", BAD, ids=[" ".join(f) for f, _ in BAD])
 def test_bad_input_exits_2_and_writes_nothing(flags, message, squares, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    argv = ["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--data-root", tmp_path / "data",
-            "--out", tmp_path / "run", *flags]
     if flags[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    code, err = run_main(argv, capsys)
-    assert code == 2
-    assert message in err and "Traceback" not in err
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--data-root",
+                     tmp_path / "data", "--out", tmp_path / "run", *flags], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists()
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_out_that_is_a_file_is_refused(squares, tmp_path, capsys):
     (tmp_path / "run").write_text("my notes")
-    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "run"], capsys)
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "run"], capsys)
     assert code == 2 and "is a file" in err and "Traceback" not in err
     assert (tmp_path / "run").read_text() == "my notes"
 
@@ -321,44 +411,63 @@ def test_empty_data_folder_or_a_broken_image_says_so_in_one_line(tmp_path, capsy
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     argv = ["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"]
-    code, err = run_main(argv, capsys)
+    code, err = run(argv, capsys)
     assert code == 2 and "holds no images" in err and not (tmp_path / "run").exists()
     (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
-    code, err = run_main(argv, capsys)
+    code, err = run(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "cannot read the images of folder:" in err and "broken.png" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_an_existing_run_is_never_overwritten(squares, tmp_path, capsys):
-    argv = ["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", tmp_path / "run"]
-    assert run_main(argv, capsys)[0] == 0
-    before = {n: (tmp_path / "run" / n).read_bytes() for n in os.listdir(tmp_path / "run")}
-    code, err = run_main(argv, capsys)
+def test_a_run_is_never_overwritten_nor_its_model_changed_on_resume(run2, squares, capsys):
+    before = files_of(run2)
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", run2], capsys)
     assert code == 2 and "already holds a run" in err and "--resume" in err
-    assert before == {n: (tmp_path / "run" / n).read_bytes() for n in os.listdir(tmp_path / "run")}
+    code, err = run(["--out", run2, "--resume", "--iters", "4", "--n_f", "8"], capsys)
+    assert code == 2 and "--n-f cannot change on --resume" in err.replace("--n_f", "--n-f")
+    code, err = run(["--out", run2, "--resume", "--iters", "2"], capsys)
+    assert code == 2 and "already reached iteration 2" in err
+    assert files_of(run2) == before
 
 
-def test_resume_from_missing_or_corrupt_checkpoint(squares, tmp_path, capsys):
-    code, err = run_main(["--out", tmp_path / "nothing", "--resume"], capsys)
+def test_resume_from_a_missing_or_corrupt_checkpoint(run2, tmp_path, capsys):
+    code, err = run(["--out", tmp_path / "nothing", "--resume"], capsys)
     assert code == 2 and "no checkpoint" in err and not (tmp_path / "nothing").exists()
-    out = tmp_path / "run"
-    assert run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", out], capsys)[0] == 0
+    out = shutil.copytree(run2, tmp_path / "run")
     good = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(good[: len(good) // 2])      # a crash mid-copy, a full disk
-    code, err = run_main(["--out", out, "--resume", "--iters", "4"], capsys)
+    before = files_of(out)
+    code, err = run(["--out", out, "--resume", "--iters", "4"], capsys)
     assert code == 2 and "unreadable" in err and "Traceback" not in err
-    assert (out / "last.pt").read_bytes() == good[: len(good) // 2]
-    assert not (out / "final.pt").read_bytes() == b""
+    assert files_of(out) == before
 
 
-def test_resume_refuses_to_change_the_model(squares, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", out], capsys)[0] == 0
-    code, err = run_main(["--out", out, "--resume", "--iters", "4", "--n_f", "8"], capsys)
-    assert code == 2 and "--n-f cannot change on --resume" in err.replace("--n_f", "--n-f")
-    code, err = run_main(["--out", out, "--resume", "--iters", "2"], capsys)
-    assert code == 2 and "already reached iteration 2" in err
+def test_a_checkpoint_or_config_of_another_format_is_refused_in_one_line(run2, tmp_path, capsys):
+    out = shutil.copytree(run2, tmp_path / "run")
+    good = torch.load(out / "last.pt", weights_only=True)
+    assert (good["script"], good["format"], sr.CKPT_FORMAT) == ("shortrun_ebm", 1, 1)
+    assert read_json(out, "config.json")["format"] == 1
+    words = ("older shortrun_ebm.py", "reads format 1", "train a new run")
+    for fmt in (None, 0):
+        ckpt = {k: v for k, v in good.items() if k != "format"}
+        torch.save(ckpt if fmt is None else {**ckpt, "format": fmt}, out / "last.pt")
+        code, err = run(["--out", out, "--resume", "--iters", "3"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"error: {out / 'last.pt'} " in err
+        assert all(w in err for w in words), err
+        with pytest.raises(sr.UsageError, match="older shortrun_ebm.py.*reads format 1"):
+            sr.load_checkpoint(out / "last.pt")
+    torch.save(good, out / "last.pt")
+    code, err = run(["--out", out, "--resume", "--iters", "3", "--no-cuda-graph"], capsys)
+    assert code == 0, err                                       # --cuda-graph may change on --resume
+    assert torch.load(out / "final.pt", weights_only=True)["config"]["cuda_graph"] is False
+    for name in ("last.pt", "final.pt"):                        # a folder holding only an older config.json
+        (out / name).unlink()
+    config = read_json(out, "config.json")
+    del config["format"]
+    (out / "config.json").write_text(json.dumps(config))
+    code, err = run(["--out", out, "--resume", "--iters", "4"], capsys)
+    assert code == 2 and f"{out / 'config.json'} " in err and all(w in err for w in words), err
 
 
 # ---- divergence guard ----
@@ -366,17 +475,14 @@ def test_resume_refuses_to_change_the_model(squares, tmp_path, capsys):
 def test_guard_stops_a_blow_up_and_keeps_the_last_good_checkpoint(squares, tmp_path, capsys):
     out = tmp_path / "run"
     # lr 100x the paper's with no data noise: f's gradient explodes within a few dozen iterations
-    code, err = run_main(["--dataset", f"folder:{squares}", "--n_f", "8", "--K", "10", "--batch-size", "16",
-                          "--lr", "1e-2", "--sigma", "0", "--iters", "300",
-                          "--ckpt-every", "5", "--log-every", "5", "--plot-every", "0", "--device", "cpu",
-                          "--out", out], capsys)
+    code, err = run(["--dataset", f"folder:{squares}", "--n_f", "8", "--K", "10", "--batch-size", "16",
+                     "--lr", "1e-2", "--sigma", "0", "--iters", "300", "--ckpt-every", "5",
+                     "--log-every", "5", "--plot-every", "0", "--device", "cpu", "--out", out], capsys)
     assert code == 3, err
     m = re.search(r"diverged at iteration (\d+)", err)
-    assert m, err
-    assert "--sigma" in err and "--lr" in err and "Traceback" not in err
-    stopped = int(m.group(1))
+    assert m and "--sigma" in err and "--lr" in err and "Traceback" not in err, err
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["iteration"] < stopped
+    assert ckpt["iteration"] < int(m.group(1))
     assert all(torch.isfinite(v).all() for v in ckpt["models"]["ebm"].values())
     assert not (out / "final.pt").exists()
 
@@ -388,14 +494,13 @@ def test_two_process_gloo_ddp_run(squares, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "shortrun_ebm.py"), "--dataset", f"folder:{squares}", *TINY, "--iters", "4",
            "--log-every", "2", "--ckpt-every", "2", "--plot-every", "4", "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "final.pt", weights_only=True)
     assert ckpt["iteration"] == 4 and len(ckpt["rng_per_rank"]) == 2
     assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])
-    assert json.load(open(out / "config.json"))["world_size"] == 2
-    assert [r["iteration"] for r in log_rows(out)] == [2, 4]      # one writer: no duplicate rows
+    assert read_json(out, "config.json")["world_size"] == 2
+    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == [2, 4]   # one writer: no duplicates
 
 
 # ---- benchmark ----
@@ -421,234 +526,38 @@ def test_time_steps_is_the_median_after_two_untimed_warm_ups(monkeypatch):
 
 # ---- per-data-set defaults and --print-config ----
 
-def print_config(argv, capsys, monkeypatch, tmp_path):
-    """--print-config's JSON for argv, run in an empty folder that must stay empty."""
-    os.makedirs(tmp_path, exist_ok=True)
+@pytest.mark.parametrize("argv,expected", [
+    # sec. 5.1: 200,000 iterations, then the decay phase
+    (["--dataset", "cifar10", "--K", "100"], dict(n_f=128, n_data=40000, image_size=32, K=100, iters=250000,
+                                                  anneal_start=200000, lr=1e-4, sigma=3e-2, batch_size=64)),
+    (["--dataset", "celeba"], dict(n_f=64, image_size=64, n_data=40000, anneal_start=200000)),
+    (["--dataset", "lsun_bedroom"], dict(n_f=64, image_size=64)),
+    (["--dataset", "mnist"], dict(n_f=64, image_size=32, iters=100000, anneal_start=0,
+                                  out=os.path.join("runs", "shortrun_mnist"))),
+    (["--dataset", "folder:~/pictures/faces/"], dict(out=os.path.join("runs", "shortrun_faces"))),
+    (["--dataset", "cifar10", "--preset", "appendix"], dict(n_f=64, n_data=0, image_size=32, iters=100000,
+                                                            anneal_start=0)),
+    (["--preset", "appendix", "--n_f", "32"], dict(n_f=32, iters=100000)),    # a flag beats the preset
+    (["--dataset", "cifar10", "--iters", "5000"], dict(iters=5000, anneal_start=4000)),
+    (["--dataset", "cifar10", "--iters", "1"], dict(anneal_start=0)),    # no room to decay: off, not refused
+    (["--dataset", "cifar10", "--iters", "5000", "--anneal-start", "0"], dict(anneal_start=0)),
+])
+def test_print_config_gives_the_data_sets_defaults_and_writes_nothing(argv, expected, capsys, monkeypatch,
+                                                                      tmp_path):
     monkeypatch.chdir(tmp_path)
-    try:
-        code = sr.main([str(a) for a in [*argv, "--print-config"]])
-    except SystemExit as e:
-        code = e.code
+    code, _ = run([*argv, "--print-config"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    config = json.loads(captured.out)
+    assert {k: config[k] for k in expected} == expected and "print_config" not in config
     assert os.listdir(tmp_path) == []                       # no run folder, nothing written
-    return json.loads(captured.out)
 
 
-def test_print_config_gives_the_papers_sec_5_1_settings(capsys, monkeypatch, tmp_path):
-    c = print_config(["--dataset", "cifar10", "--K", "100"], capsys, monkeypatch, tmp_path)
-    assert (c["n_f"], c["n_data"], c["image_size"], c["K"]) == (128, 40000, 32, 100)
-    assert (c["iters"], c["anneal_start"]) == (250000, 200000)   # 200,000 its, then the decay phase
-    assert c["lr"] == 1e-4 and c["sigma"] == 3e-2 and c["batch_size"] == 64
-    c = print_config(["--dataset", "celeba"], capsys, monkeypatch, tmp_path)
-    assert (c["n_f"], c["image_size"], c["n_data"], c["anneal_start"]) == (64, 64, 40000, 200000)
-    c = print_config(["--dataset", "lsun_bedroom"], capsys, monkeypatch, tmp_path)
-    assert (c["n_f"], c["image_size"]) == (64, 64)
-    c = print_config(["--dataset", "mnist"], capsys, monkeypatch, tmp_path)
-    assert (c["n_f"], c["image_size"], c["iters"], c["anneal_start"]) == (64, 32, 100000, 0)
-    assert c["out"] == os.path.join("runs", "shortrun_mnist") and "print_config" not in c
-    c = print_config(["--dataset", "folder:~/pictures/faces/"], capsys, monkeypatch, tmp_path)
-    assert c["out"] == os.path.join("runs", "shortrun_faces")                  # named by the folder
-
-
-def test_print_config_appendix_preset_and_explicit_flags(capsys, monkeypatch, tmp_path):
-    c = print_config(["--dataset", "cifar10", "--preset", "appendix"], capsys, monkeypatch, tmp_path)
-    assert (c["n_f"], c["n_data"], c["image_size"], c["iters"], c["anneal_start"]) == (64, 0, 32, 100000, 0)
-    c = print_config(["--preset", "appendix", "--n_f", "32"], capsys, monkeypatch, tmp_path)
-    assert c["n_f"] == 32 and c["iters"] == 100000               # an explicit flag beats the preset
-    c = print_config(["--dataset", "cifar10", "--iters", "5000"], capsys, monkeypatch, tmp_path)
-    assert c["iters"] == 5000 and 0 < c["anneal_start"] < 5000 and c["anneal_start"] == 4000
-    c = print_config(["--dataset", "cifar10", "--iters", "1"], capsys, monkeypatch, tmp_path)
-    assert c["anneal_start"] == 0                                # no room for a decay: off, not refused
-    c = print_config(["--dataset", "cifar10", "--iters", "5000", "--anneal-start", "0"], capsys, monkeypatch,
-                     tmp_path)
-    assert c["anneal_start"] == 0
-
-
-def test_print_config_bad_value_exits_2(capsys, monkeypatch, tmp_path):
+def test_print_config_on_resume_shows_the_runs_own_config(run2, squares, tmp_path, capsys, monkeypatch):
+    before = files_of(run2)
     monkeypatch.chdir(tmp_path)
-    code, err = run_main(["--dataset", "cifar10", "--iters", "100", "--anneal-start", "100",
-                          "--print-config"], capsys)
-    assert code == 2 and "--anneal-start (100) must be below --iters (100)" in err
-    assert os.listdir(tmp_path) == []
-
-
-def test_print_config_on_resume_shows_the_runs_own_config(squares, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    assert run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", out], capsys)[0] == 0
-    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
-    c = print_config(["--out", out, "--resume", "--iters", "5"], capsys, monkeypatch, tmp_path / "cwd")
-    assert (c["n_f"], c["K"], c["iters"], c["batch_size"]) == (4, 3, 5, 8)
+    code, _ = run(["--out", run2, "--resume", "--iters", "5", "--print-config"])
+    c = json.loads(capsys.readouterr().out)
+    assert code == 0 and (c["n_f"], c["K"], c["iters"], c["batch_size"]) == (4, 3, 5, 8)
     assert c["dataset"] == f"folder:{squares}" and c["resume"] is True
-    assert before == {n: (out / n).read_bytes() for n in os.listdir(out)}
-
-
-# ---- the method block: copied alone, it runs ----
-
-def method_block():
-    text = open(os.path.join(REPO, "shortrun_ebm.py")).read().splitlines(keepends=True)
-    start = next(i for i, line in enumerate(text) if line.startswith("# ---- method"))
-    end = next(i for i, line in enumerate(text) if line.startswith("# ---- harness"))
-    assert start < end
-    return "".join(text[start:end])
-
-
-def test_method_block_runs_when_copied_alone(tmp_path):
-    block = method_block()
-    for word in ("argparse", "args.", "open(", "json", "torch.distributed", "os.", "print("):
-        assert word not in block, word
-    source = ("import math\nimport contextlib\nimport torch\nimport torch.nn as nn\n"
-              "import torch.nn.functional as F\n\n" + block)
-    (tmp_path / "copied.py").write_text(source)
-    ns = {"__name__": "copied"}
-    exec(compile(source, str(tmp_path / "copied.py"), "exec"), ns)
-    torch.manual_seed(0)
-    f = ns["EBM"](3, 4, 32)
-    optim = torch.optim.Adam(f.parameters(), lr=1e-3)
-    before = [p.detach().clone() for p in f.parameters()]
-    x_data = torch.rand(5, 3, 32, 32) * 2 - 1
-    x_q, f_data, f_q = ns["train_step"](f, optim, x_data, 2)
-    assert x_q.shape == (5, 3, 32, 32) and f_data.shape == f_q.shape == ()
-    assert not x_q.requires_grad and (x_q != x_data).any()
-    moved = [not torch.equal(a, p) for a, p in zip(before, f.parameters()) if p.dim() > 1]
-    assert len(moved) == 5 and all(moved)              # every conv weight (the last bias cancels in the loss)
-    x_q, _, _ = ns["train_step"](f, optim, x_data, 1, x_0=ns["lowres"](x_data, 8))   # an informative init
-    assert x_q.shape == x_data.shape
-
-
-def test_train_step_uses_the_chain_and_loss_module_it_is_given():
-    calls = []
-
-    def chain(f, x_0, K, step_size, noise):
-        calls.append((x_0.shape, K, step_size, noise))
-        return x_0.clone()
-
-    f = sr.EBM(3, 4, 32)
-    optim = torch.optim.SGD(f.parameters(), lr=0.0)
-    x_data, x_0 = torch.zeros(2, 3, 32, 32), torch.full((2, 3, 32, 32), 0.5)
-    x_q, f_data, f_q = sr.train_step(f, optim, x_data, 7, 0.3, 0.0, 0.0, x_0, chain=chain)
-    assert calls == [((2, 3, 32, 32), 7, 0.3, 0.0)] and torch.equal(x_q, x_0)
-    with torch.no_grad():
-        assert f_data == pytest.approx(f(x_data).mean().item()) and f_q == pytest.approx(f(x_0).mean().item())
-
-
-# ---- Table 2's last row: the K-step average of |grad_x f| ----
-
-def test_grad_norm_chain_equals_a_hand_computation():
-    # f(x) = -a/2 ||x - mu||^2: grad = -a (x_k - mu), x_k - mu = (1 - s a)^k (x_0 - mu) with noise off
-    a, s, K = 0.3, 0.5, 3
-    mu = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
-    x0 = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 2.0], [0.0, 2.0]]]], dtype=torch.float64)
-    stats = []
-    sr.langevin(Quadratic(a, mu), x0, K, step_size=s, noise=0.0, stats=stats)
-    norms0 = [1.0, 8 ** 0.5]                                    # ||x_0 - mu|| per image
-    hand = [a * (1 - s * a) ** k * (norms0[0] + norms0[1]) / 2 for k in range(K)]
-    assert len(stats) == K
-    torch.testing.assert_close(torch.stack(stats), torch.tensor(hand, dtype=torch.float64))
-    assert float(torch.stack(stats).mean()) == pytest.approx(sum(hand) / K, rel=1e-12)
-
-
-def test_grad_norm_chain_is_logged_on_log_steps(squares, tmp_path, capsys):
-    out = tmp_path / "run"
-    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "2",
-                          "--plot-every", "0", "--out", out], capsys)
-    assert code == 0, err
-    rows = log_rows(out)
-    assert [r["iteration"] for r in rows] == [2, 4]
-    assert all(np.isfinite(r["grad_norm_chain"]) and r["grad_norm_chain"] > 0 for r in rows)
-
-
-# ---- the n_data subset ----
-
-def test_n_data_subset_is_seeded_random_and_keeps_every_class(tmp_path, capsys):
-    # a class-sorted folder: 10 black images (a/), then 10 white ones (b/); the first 10 would all be black
-    for cls, value in (("a", 0), ("b", 255)):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(10):
-            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
-    folder = f"folder:{tmp_path / 'data'}"
-    x, n_available = sr.load_images(folder, None, 32, n_data=10, seed=0)
-    means = x.float().mean(dim=(1, 2, 3))
-    assert n_available == 20 and len(x) == 10
-    assert (means < 128).any() and (means > 128).any()           # both classes
-    assert torch.equal(x, sr.load_images(folder, None, 32, n_data=10, seed=0)[0])       # seeded
-    assert not torch.equal(x, sr.load_images(folder, None, 32, n_data=10, seed=1)[0])
-    out = tmp_path / "run"
-    code, err = run_main(["--dataset", folder, *TINY, "--iters", "1", "--n-data", "12", "--data-seed", "5",
-                          "--out", out], capsys)
-    assert code == 0, err
-    config = json.load(open(out / "config.json"))
-    assert (config["data_seed"], config["n_data"], config["n_available"]) == (5, 12, 20)
-
-
-def test_a_checkpoint_or_config_of_another_format_is_refused_in_one_line(squares, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", out], capsys)[0] == 0
-    good = torch.load(out / "last.pt", weights_only=True)
-    assert (good["script"], good["format"], sr.CKPT_FORMAT) == ("shortrun_ebm", 1, 1)
-    assert json.load(open(out / "config.json"))["format"] == 1
-    older = "was written by an older shortrun_ebm.py ({}); this one reads format 1: train a new run"
-    for fmt, found in ((None, "no format number"), (0, "format 0")):
-        ckpt = {k: v for k, v in good.items() if k != "format"}
-        torch.save(ckpt if fmt is None else {**ckpt, "format": fmt}, out / "last.pt")
-        code, err = run_main(["--out", out, "--resume", "--iters", "3"], capsys)
-        assert code == 2 and err.strip().splitlines() == [f"shortrun_ebm.py: error: {out / 'last.pt'} "
-                                                          + older.format(found)]
-        with pytest.raises(sr.UsageError, match=re.escape(older.format(found))):
-            sr.load_checkpoint(out / "last.pt")
-    torch.save(good, out / "last.pt")
-    code, err = run_main(["--out", out, "--resume", "--iters", "3", "--no-cuda-graph"], capsys)
-    assert code == 0, err                                       # --cuda-graph may change on --resume
-    assert torch.load(out / "final.pt", weights_only=True)["config"]["cuda_graph"] is False
-    for name in ("last.pt", "final.pt"):                        # a folder holding only an older config.json
-        (out / name).unlink()
-    config = json.load(open(out / "config.json"))
-    del config["format"]
-    (out / "config.json").write_text(json.dumps(config))
-    code, err = run_main(["--out", out, "--resume", "--iters", "4"], capsys)
-    assert code == 2 and "config.json " + older.format("no format number") in err
-
-
-def test_resume_before_the_first_checkpoint_starts_at_0_with_the_folders_config(squares, tmp_path, capsys):
-    common = ["--dataset", f"folder:{squares}", *TINY, "--log-every", "1", "--plot-every", "0",
-              "--sigma", "0.05"]
-    assert run_main([*common, "--iters", "3", "--out", tmp_path / "whole"], capsys)[0] == 0
-    out = tmp_path / "killed"
-    assert run_main([*common, "--iters", "2", "--out", out], capsys)[0] == 0
-    for name in ("last.pt", "final.pt"):                        # as if killed before its first last.pt
-        (out / name).unlink()
-    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--out", out], capsys)
-    assert code == 2 and "already holds a run" in err         # a plain rerun is still refused
-    code, err = run_main(["--out", out, "--resume", "--iters", "3"], capsys)
-    assert code == 0, err
-    assert [r["iteration"] for r in log_rows(out)] == [1, 2, 3]     # the log restarted, no duplicates
-    config = json.load(open(out / "config.json"))
-    assert config["sigma"] == 0.05 and config["iters"] == 3 and config["resume"] is True
-    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)["models"]["ebm"]
-    b = torch.load(out / "final.pt", weights_only=True)["models"]["ebm"]
-    assert all(torch.equal(a[k], b[k]) for k in a)             # the same run as one never killed
-    assert not [n for n in os.listdir(out) if ".tmp" in n]      # config.json went through temp + rename
-
-
-# ---- training curves ----
-
-@pytest.mark.parametrize("have_matplotlib", [True, False])
-def test_curves_png_at_plot_steps_or_one_line_without_matplotlib(have_matplotlib, squares, tmp_path, capsys,
-                                                                  monkeypatch):
-    if have_matplotlib:
-        pytest.importorskip("matplotlib")
-    else:                                                       # the import fails as if not installed
-        monkeypatch.setitem(sys.modules, "matplotlib", None)
-        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    out = tmp_path / "run"
-    code, err = run_main(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
-                          "--plot-every", "2", "--out", out], capsys)
-    assert code == 0, err
-    assert {"samples_000002.png", "samples_000004.png"} <= set(os.listdir(out))
-    if have_matplotlib:
-        with Image.open(out / "curves.png") as im:
-            assert im.format == "PNG" and im.size[0] > im.size[1] > 100
-        assert "skipped" not in err
-    else:
-        assert not (out / "curves.png").exists()
-        assert err.count("curves.png skipped: matplotlib is not installed") == 1   # once, not per plot step
+    assert files_of(run2) == before and os.listdir(tmp_path) == []
