@@ -3,7 +3,7 @@
 CPU only, no network. The full-length check (default flags: histogram TV <= 0.15 and an EBM colder
 than the truth, for mog1d, mog2d and rings) is marked slow: `pytest -m slow tests/test_toy_1d_2d.py`.
 """
-import ast
+import functools
 import importlib.util
 import json
 import math
@@ -18,26 +18,13 @@ import pytest
 import torch
 
 import toy_1d_2d as toy
+from conftest import exec_method_block, read_json, read_jsonl, run_main
 
 # short runs: bigger Langevin steps learn faster; Scott's bandwidth skips the cross-validation
 SHORT = ["--iters", "150", "--log-every", "50", "--device", "cpu", "--no-plots", "--step-size", "1e-3",
          "--bandwidth", "scott"]
 TINY = ["--iters", "4", "--log-every", "2", "--device", "cpu", "--no-plots", "--bandwidth", "scott"]
-
-
-def run_main(argv, capsys=None):
-    """main(argv) -> (exit code, stderr); argparse's own errors arrive as SystemExit."""
-    try:
-        code = toy.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err if capsys else ""
-    return code, err
-
-
-def metrics_of(out):
-    with open(os.path.join(out, "metrics.json")) as fh:
-        return json.load(fh)
+run = functools.partial(run_main, toy.main)
 
 
 # ---- densities and metrics against hand computations ----
@@ -193,19 +180,10 @@ def test_annealing_is_geometric_from_anneal_start_and_off_when_it_is_zero():
     assert toy.schedule(args, 299) == 1e-3
 
 
-def test_per_density_defaults_fill_only_the_flags_left_out():
-    parse = lambda argv: (lambda a: (toy.apply_presets(a), a)[1])(toy.build_parser().parse_args(argv))
-    rings, mog1d = parse(["--density", "rings"]), parse(["--density", "mog1d"])
-    assert (rings.step_size, rings.noise, rings.iters) == (1e-3, 3e-2, 6000)
-    assert (mog1d.step_size, mog1d.noise, mog1d.iters) == (5e-4, 2e-2, 3000)
-    mine = parse(["--density", "rings", "--step-size", "2e-4", "--iters", "10"])
-    assert (mine.step_size, mine.noise, mine.iters) == (2e-4, 3e-2, 10)
-
-
 def print_config(argv, capsys, cwd, monkeypatch):
     """main(argv + --print-config) run in cwd -> (exit code, stdout, stderr)."""
     monkeypatch.chdir(cwd)
-    code, _ = run_main(list(argv) + ["--print-config"])
+    code, _ = run(list(argv) + ["--print-config"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -217,10 +195,10 @@ def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, c
     assert set(config) == set(vars(toy.build_parser().parse_args([]))) - {"print_config"}  # argparse dests
     assert (config["step_size"], config["noise"], config["iters"], config["K"]) == (1e-3, 3e-2, 6000, 50)
     assert config["out"] == os.path.join("runs", "toy_rings") and "print_config" not in config
-    code, out, err = print_config(["--density", "mog1d", "--noise", "0.05", "--out", tmp_path / "x"],
+    code, out, err = print_config(["--density", "mog1d", "--step-size", "2e-4", "--out", tmp_path / "x"],
                                   capsys, tmp_path, monkeypatch)
-    config = json.loads(out)
-    assert code == 0 and (config["step_size"], config["noise"], config["iters"]) == (5e-4, 0.05, 3000)
+    config = json.loads(out)                                            # the density fills only the rest
+    assert code == 0 and (config["step_size"], config["noise"], config["iters"]) == (2e-4, 2e-2, 3000)
     # a file: density is checked to exist but not read: junk in it is a run's problem, not print-config's
     (tmp_path / "junk.npy").write_text("not an array")
     junk = ["--density", f"file:{tmp_path / 'junk.npy'}"]
@@ -267,42 +245,11 @@ def test_hand_written_gradient_equals_autograd(act, d):
     assert all(p.grad is None for p in f.parameters())
 
 
-METHOD_IMPORTS = ("import math\nimport contextlib\nimport torch\nimport torch.nn as nn\n"
-                  "import torch.nn.functional as F\n")
-
-
-def method_block():
-    """The text from the line starting '# ---- method' to the line starting '# ---- harness'."""
-    with open(toy.__file__) as fh:
-        lines = fh.read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# ---- method"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("# ---- harness"))
-    assert start < end and not any(line.startswith("# ----") for line in lines[start + 1:end])
-    before = [node for node in ast.parse("\n".join(lines)).body if node.lineno <= start]
-    assert all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in before[1:])  # docstring, imports
-    return "\n".join(lines[start:end])
-
-
-@pytest.fixture
-def one_thread():
-    """A net this small runs fastest on one thread (many threads contend on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_method_block_runs_alone_and_learns(tmp_path, one_thread):
+def test_method_block_runs_alone_and_learns(tmp_path):
     """Copied alone under the five imports, the block trains: the gap f(data) - f(p_0 noise), on fixed
     draws, before and after 60 steps of its own train_step on a 1D Gaussian."""
-    block = method_block()
-    for name in ("class EBM(", "def sample_p_0(", "def langevin(", "def train_step("):
-        assert name in block, name
-    path = tmp_path / "method_only.py"
-    path.write_text(METHOD_IMPORTS + "\n" + block + "\n")
-    ns = {"__name__": "method_only"}
-    exec(compile(path.read_text(), str(path), "exec"), ns)
-    assert not (set(ns) & {"np", "json", "os", "sys", "argparse", "toy"})    # nothing else came along
+    ns = exec_method_block("toy_1d_2d.py", tmp_path / "method_only.py")
+    assert {"EBM", "sample_p_0", "langevin", "train_step"} <= set(ns) and "toy" not in ns
     torch.manual_seed(0)
     f = ns["EBM"](1, 32, "silu")
     optim = torch.optim.Adam(f.parameters(), lr=1e-2)
@@ -333,7 +280,7 @@ def test_training_runs_the_method_blocks_train_step(tmp_path, capsys, monkeypatc
         calls.append(k.get("grad_fn"))
         return real(*a, **k)
     monkeypatch.setattr(toy, "train_step", counting)
-    code, err = run_main(["--density", "mog1d", "--out", tmp_path / "run"] + TINY, capsys)
+    code, err = run(["--density", "mog1d", "--out", tmp_path / "run"] + TINY, capsys)
     assert code == 0, err
     assert len(calls) == 4 and all(callable(g) for g in calls)             # with the hand-written gradient
 
@@ -344,7 +291,7 @@ def test_training_runs_the_method_blocks_train_step(tmp_path, capsys, monkeypatc
 def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, capsys):
     out = tmp_path / "run"
     plots = importlib.util.find_spec("matplotlib") is not None         # figures, or one line saying why not
-    code, err = run_main(["--density", name, "--out", out] + [a for a in SHORT if a != "--no-plots"], capsys)
+    code, err = run(["--density", name, "--out", out] + [a for a in SHORT if a != "--no-plots"], capsys)
     assert code == 0, err
     assert "ETA" in err and "it 150/150" in err and ("matplotlib is missing" in err) != plots
     for png in ("density.png", "samples.png"):
@@ -352,7 +299,7 @@ def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, c
     samples = np.load(out / "samples.npy")
     d = 1 if name == "mog1d" else 2
     assert samples.shape == (10000, d) and np.all(np.isfinite(samples))
-    m = metrics_of(out)
+    m = read_json(out, "metrics.json")
     for key in ("tv", "kl", "tv_hist", "entropy_truth", "entropy_ebm", "entropy_kde", "temperature",
                 "entropy_ebm_T", "temperature_T"):
         assert math.isfinite(m[key]), key
@@ -365,7 +312,7 @@ def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, c
     assert m["tv_hist"] == pytest.approx(toy.hist_tv(samples.astype(np.float64), truth_bins), abs=1e-6)
     assert m["tv_hist"] < toy.hist_tv(uniform, truth_bins) - 0.03
     assert m["tv_hist_exact"] < 0.1 and m["tv_exact"] < m["tv"] and m["kde_bandwidth_rule"] == "scott"
-    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    rows = read_jsonl(out, "log.jsonl")
     assert [r["iteration"] for r in rows] == [50, 100, 150]
     assert {"f_data", "f_sample", "grad_norm", "seconds"} <= set(rows[0])
 
@@ -385,24 +332,13 @@ def test_a_file_density_round_trips(tmp_path, capsys):
     assert toy.tv(p_exact, p_file) < 0.1
     assert toy.entropy(p_file, vol) == pytest.approx(toy.entropy(p_exact, vol), abs=0.1)
     out = tmp_path / "run"
-    code, err = run_main(["--density", f"file:{path}", "--out", out] + SHORT + ["--bandwidth", "cv"], capsys)
+    code, err = run(["--density", f"file:{path}", "--out", out] + SHORT + ["--bandwidth", "cv"], capsys)
     assert code == 0, err
-    m = metrics_of(out)
+    m = read_json(out, "metrics.json")
     assert m["d"] == 2 and "KDE" in m["truth"] and "tv_exact" not in m
     assert m["entropy_truth"] == pytest.approx(toy.entropy(p_exact, vol), abs=0.1)
     np.save(tmp_path / "line.npy", np.linspace(-0.9, 0.9, 500))        # (N,) = N points in 1D
     assert toy.make_density(f"file:{tmp_path / 'line.npy'}").d == 1
-
-
-# ---- bad input ----
-
-def bad_files(tmp_path):
-    np.save(tmp_path / "d3.npy", np.zeros((10, 3)))
-    np.save(tmp_path / "outside.npy", np.array([[0.0, 0.5], [1.5, -0.2], [0.1, 0.1]]))
-    np.save(tmp_path / "nan.npy", np.array([[0.0], [np.nan], [0.3]]))
-    np.save(tmp_path / "flat.npy", np.array([[0.1, 0.2], [0.3, 0.2], [0.5, 0.2]]))
-    (tmp_path / "junk.npy").write_text("not an array")
-    return tmp_path
 
 
 def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
@@ -425,6 +361,8 @@ def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
     assert not (out / "metrics.json").exists()
 
 
+# ---- bad input ----
+
 @pytest.mark.parametrize("flags,message", [
     (["--density", "swissroll"], "unknown --density"),
     (["--density", "file:{tmp}/d3.npy"], "d = 1 or 2"),
@@ -445,13 +383,15 @@ def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
     (["--K", "ten"], "invalid int value"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, capsys):
-    bad_files(tmp_path)
-    out = tmp_path / "run"
-    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
-    code, err = run_main(flags + ["--out", out], capsys)
+    np.save(tmp_path / "d3.npy", np.zeros((10, 3)))
+    np.save(tmp_path / "outside.npy", np.array([[0.0, 0.5], [1.5, -0.2], [0.1, 0.1]]))
+    np.save(tmp_path / "nan.npy", np.array([[0.0], [np.nan], [0.3]]))
+    np.save(tmp_path / "flat.npy", np.array([[0.1, 0.2], [0.3, 0.2], [0.5, 0.2]]))
+    (tmp_path / "junk.npy").write_text("not an array")
+    code, err = run([f.replace("{tmp}", str(tmp_path)) for f in flags] + ["--out", tmp_path / "run"], capsys)
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_an_existing_run_is_refused_and_force_replaces_it(tmp_path, capsys):
@@ -459,11 +399,11 @@ def test_an_existing_run_is_refused_and_force_replaces_it(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "metrics.json").write_text("{}")
-    code, err = run_main(["--density", "mog1d", "--out", out] + TINY, capsys)
+    code, err = run(["--density", "mog1d", "--out", out] + TINY, capsys)
     assert code == 2 and "--force" in err and (out / "metrics.json").read_text() == "{}"
-    code, err = run_main(["--density", "mog1d", "--out", out, "--force"] + TINY, capsys)
+    code, err = run(["--density", "mog1d", "--out", out, "--force"] + TINY, capsys)
     assert code == 0, err
-    assert metrics_of(out)["config"]["density"] == "mog1d"
+    assert read_json(out, "metrics.json")["config"]["density"] == "mog1d"
     assert (out / "notes.txt").read_text() == "mine"              # only the old run's files go
     assert len(open(out / "log.jsonl").readlines()) == 2
 
@@ -474,9 +414,9 @@ def test_an_existing_run_is_refused_and_force_replaces_it(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["mog1d", "mog2d", "rings"])
 def test_default_flags_samples_match_truth_while_the_ebm_is_colder(name, tmp_path, capsys):
     out = tmp_path / name
-    code, err = run_main(["--density", name, "--out", out, "--device", "cpu", "--no-plots"], capsys)
+    code, err = run(["--density", name, "--out", out, "--device", "cpu", "--no-plots"], capsys)
     assert code == 0, err
-    m = metrics_of(out)
+    m = read_json(out, "metrics.json")
     assert m["tv_hist"] <= 0.15                         # the KDE/histogram of the samples matches the truth
     assert m["entropy_ebm"] < m["entropy_truth"]        # exp(f) itself is colder than the truth
     assert m["temperature"] > 1                         # exp(f/T) fits the truth only when heated
