@@ -226,7 +226,8 @@ def test_authors_update_order_steps_g_then_q_then_f_on_x_tilde_rerun_from_the_up
     starts from the just-updated g(z) (their fine_tune); the paper's order updates nothing inside."""
     torch.manual_seed(0)
     E, G, I = tiny_nets()
-    opts = {k: torch.optim.Adam(m.parameters(), 1e-2) for k, m in (("ebm", E), ("generator", G), ("encoder", I))}
+    nets = {"ebm": E, "generator": G, "encoder": I}
+    opts = {k: torch.optim.Adam(m.parameters(), 1e-2) for k, m in nets.items()}
     x, z = torch.rand(6, 3, 32, 32) * 2 - 1, torch.randn(6, 8)
     starts, steps = [], []
 
