@@ -1,5 +1,5 @@
-"""dual_mcmc.FastChains: the x- and z-chains' fast path (in-place steps; on CUDA captured one-step graphs)
-computes the same chains as the method block's langevin_x / langevin_z."""
+"""dual_mcmc.FastChains: the x- and z-chains' fast path (in-place steps; on CUDA captured one-step
+graphs) computes the same chains as the method block's langevin_x / langevin_z."""
 import argparse
 
 import pytest
@@ -7,14 +7,6 @@ import torch
 import torch.nn as nn
 
 import dual_mcmc as dm
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_nets(arch="resnet", seed=0, device="cpu"):
@@ -44,8 +36,8 @@ def test_in_place_x_chain_equals_langevin_x_with_noise_and_power_iterations(arch
     assert (ref - x0).abs().max() > 1e-3                   # the chain moved, so equality means something
     assert torch.equal(out, ref) and out.dtype == torch.float32
     u = [k for k in ref_state if k.endswith("_u")]
-    assert u and any(not torch.equal(start[k], ref_state[k]) for k in u)   # the power iterations ran
-    assert all(torch.equal(v, f.state_dict()[k]) for k, v in ref_state.items())  # and ran alike
+    assert u and any(not torch.equal(start[k], ref_state[k]) for k in u)    # the power iterations ran
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in ref_state.items())   # and ran alike
 
 
 @pytest.mark.parametrize("posterior", ["paper", "authors"])
@@ -65,30 +57,9 @@ def test_in_place_z_chain_equals_langevin_z_and_leaves_batchnorm_alone(posterior
         dm.FastChains().z(g, x, z0, 1, 0.005, 0.1, 0.3, "other")
 
 
-def test_dual_losses_and_sample_are_unchanged_by_the_fast_chains():
-    f, g, q = tiny_nets()
-    x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
-    start = [state(n) for n in (f, g, q)]
-    chains = dm.FastChains()
-    runs = []
-    for kw in ({}, dict(chain_x=chains.x, chain_z=chains.z)):
-        for n, s in zip((f, g, q), start):
-            n.load_state_dict(s)
-        torch.manual_seed(3)
-        loss_e, loss_g, loss_i, out = dm.dual_losses(f, g, q, x, z, k_x=3, k_z=3, **kw)
-        runs.append([loss_e, loss_g, loss_i, out["x_tilde"], out["z_tilde"]])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-    models = {"ebm": f.eval(), "generator": g.eval(), "encoder": q.eval()}
-    torch.manual_seed(4)
-    x0, xt = dm.sample(models, 3, 4, 0.08, 1e-3)
-    torch.manual_seed(4)
-    x0_f, xt_f = dm.sample(models, 3, 4, 0.08, 1e-3, chain=chains.x)
-    assert torch.equal(x0, x0_f) and torch.equal(xt, xt_f) and not torch.equal(x0, xt)
-
-
 class RecordedOnCPU(dm.FastChains):
-    """FastChains' graph path on the CPU: the 'capture' warms up like _record (3 steps under fork_rng, then
-    reset) and its 'replay' runs the step eagerly on the static buffers, as a CUDA graph replays it."""
+    """FastChains' graph path on the CPU: the 'capture' warms up like _record (3 steps under fork_rng,
+    then reset) and its 'replay' runs the step eagerly on the static buffers, as a CUDA graph replays it."""
 
     def __init__(self):
         super().__init__(graph=True)
@@ -118,10 +89,10 @@ def test_recorded_path_caches_per_shape_and_mode_and_equals_eager_with_noise():
     f.load_state_dict(f_start)
     chains = RecordedOnCPU()
     torch.manual_seed(5)
-    out = [chains.x(f, x0, 4, 0.1, 0.01), chains.x(f, x0, 2, 0.05, 0.02)]  # other K, step, noise: one record
+    out = [chains.x(f, x0, 4, 0.1, 0.01), chains.x(f, x0, 2, 0.05, 0.02)]   # other K, step, noise: 1 record
     out_z = chains.z(g, x0, z0, 3, 0.005, 0.1, 0.3)
     assert chains.recorded == 2 and all(torch.equal(a, b) for a, b in zip(ref + [ref_z], out + [out_z]))
-    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f_ref.items())   # warm-up iterations undone
+    assert all(torch.equal(v, f.state_dict()[k]) for k, v in f_ref.items())    # warm-up iterations undone
     chains.x(f, -x0, 2, 0.1, 0.0)                    # the next chain refills the buffer: results are copies
     assert torch.equal(out[1], ref[1])
     chains.x(f, x0[:2], 1, 0.1, 0.0)
@@ -131,23 +102,31 @@ def test_recorded_path_caches_per_shape_and_mode_and_equals_eager_with_noise():
     assert chains.recorded == 5                                # a new shape, eval mode, another posterior
 
 
-def test_recorded_chains_in_dual_losses_give_the_same_losses_and_gradients():
+@pytest.mark.parametrize("recorded", [False, True])
+def test_fast_chains_give_dual_losses_gradients_and_sample_the_same_numbers(recorded):
     """x0 = g(z) and z^ carry autograd graphs into the chains; the chains' results must not (else loss_e
     would send gradients into g and q through x~)."""
     nets = tiny_nets()
     x, z = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 8)
     start = [state(n) for n in nets]
     runs = []
-    for chains in (None, RecordedOnCPU()):
+    for chains in (None, RecordedOnCPU() if recorded else dm.FastChains()):
         for n, s in zip(nets, start):
             n.load_state_dict(s)
             n.zero_grad(set_to_none=True)
+            n.train()
         kw = {} if chains is None else dict(chain_x=chains.x, chain_z=chains.z)
         torch.manual_seed(6)
         loss_e, loss_g, loss_i, out = dm.dual_losses(*nets, x, z, k_x=3, k_z=3, **kw)
         assert not out["x_tilde"].requires_grad and not out["z_tilde"].requires_grad
         (loss_e + loss_g + loss_i).backward()
-        runs.append([loss_e, loss_g, loss_i] + [p.grad for n in nets for p in n.parameters()])
+        runs.append([loss_e, loss_g, loss_i, out["x_tilde"], out["z_tilde"]]
+                    + [p.grad for n in nets for p in n.parameters()])
+        models = dict(zip(("ebm", "generator", "encoder"), (n.eval() for n in nets)))
+        torch.manual_seed(4)
+        x0, xt = dm.sample(models, 3, 4, 0.08, 1e-3, **({} if chains is None else {"chain": chains.x}))
+        runs[-1] += [x0, xt]
+        assert not torch.equal(x0, xt)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -178,22 +157,22 @@ def test_captured_chains_match_eager_on_cuda(monkeypatch):
     out_z = chains.z(g, x0, z0, 10, 0.005, 0.0, 0.3)
     assert len(chains.graphs) == 2
     assert (out_x - ref_x).abs().max() < 1e-4 and (out_z - ref_z).abs().max() < 1e-4
-    assert all(torch.allclose(v, f.state_dict()[k], atol=1e-5) for k, v in f_ref.items())  # u, v alike
-    assert all(torch.equal(v, g.state_dict()[k]) for k, v in g_ref.items())              # BN untouched
-    again = chains.x(f, x0, 3, 0.1, 0.01)                   # a replay with noise: new draws, no recapture
+    assert all(torch.allclose(v, f.state_dict()[k], atol=1e-5) for k, v in f_ref.items())   # u, v alike
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in g_ref.items())                 # BN untouched
+    again = chains.x(f, x0, 3, 0.1, 0.01)                  # a replay with noise: new draws, no recapture
     assert len(chains.graphs) == 2 and not torch.equal(again, chains.x(f, x0, 3, 0.1, 0.01))
 
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_generator_upsampling_in_channels_last_gives_the_same_numbers(size):
-    """_up2 runs F.interpolate on a channels_last copy (a parallel CUDA kernel): the generator must give
-    the numbers of the plain NCHW interpolation, forward and gradient, at both resnet sizes."""
+    """_up2 runs F.interpolate on a channels_last copy (a parallel CUDA kernel): the generator must
+    give the numbers of the plain NCHW interpolation, forward and gradient, at both resnet sizes."""
     torch.manual_seed(0)
     g = dm.Generator(8, 32, 3, size, "resnet").train()
     z = torch.randn(4, 8, requires_grad=True)
     out = g(z)
     grad, = torch.autograd.grad(out.square().sum(), z)
-    plain = lambda t: torch.nn.functional.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
+    plain = lambda t: nn.functional.interpolate(t, scale_factor=2, mode="bilinear", align_corners=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dm, "_up2", plain)
         ref = g(z)
