@@ -289,7 +289,7 @@ def _recon_mse_and_colour_gap(models, x, mode="eval"):
     """Reconstruction MSE of g(mu(x)) and the largest per-channel gap between the mean colour of 256
     generator samples and of the data, with the generator in eval (running BatchNorm statistics)
     or train mode (batch statistics; run on a copy so its running statistics stay as they were)."""
-    E, G, I = models["ebm"], models["generator"], models["encoder"]
+    G, I = models["generator"], models["encoder"]
     for m in models.values():
         m.eval()
     G = copy.deepcopy(G).train(mode == "train")

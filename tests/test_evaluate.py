@@ -1,7 +1,6 @@
 """evaluate.py: metric functions against hand / closed-form values, and every subcommand end to end
 on tiny checkpoints the tests make themselves. CPU only, no network."""
 import argparse
-import json
 import math
 import os
 
@@ -15,28 +14,7 @@ from PIL import Image
 import dual_mcmc as dm
 import evaluate as ev
 import shortrun_ebm as sr
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the machine's 2 cores are shared: one thread avoids OpenMP contention on tiny convs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def draw_squares(folder, n, size=32, seed=0):
-    """Dark background, one bright square of a random hue."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        im = np.full((size, size, 3), 20, np.uint8)
-        s = int(rng.integers(size // 4, size // 2))
-        x, y = rng.integers(0, size - s, 2)
-        im[y:y + s, x:x + s] = (np.array([1.0, 0.3, 0.2])[rng.permutation(3)] * 230).astype(np.uint8)
-        Image.fromarray(im).save(os.path.join(folder, f"{i:04d}.png"))
-    return folder
+from conftest import draw_squares, read_json, run_main
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +53,11 @@ def dual_ckpt(data, tmp_path_factory):
 
 
 def run_eval(argv, capsys):
-    """main(argv) -> (exit code, stderr); argparse's own errors arrive as SystemExit."""
-    try:
-        code = ev.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
+    return run_main(ev.main, argv, capsys)
 
 
 def metrics(out):
-    with open(os.path.join(out, "metrics.json")) as fh:
-        return json.load(fh)
+    return read_json(out, "metrics.json")
 
 
 # ---- metric functions ----
