@@ -1,6 +1,7 @@
 """shortrun_ebm.py: the architecture, the sampler, learning, resume, bad input, DDP, benchmark.
 CPU only, no network: the data sets are tiny image folders drawn here (conftest.draw_squares)."""
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -261,39 +262,29 @@ def test_a_few_hundred_iterations_move_samples_toward_the_data(squares, tmp_path
 
 
 @pytest.mark.parametrize("flags", [["--init", "lowres", "--lowres-size", "4"], ["--amp", "bf16"],
-                                   ["--act", "gelu", "--anneal-start", "2", "--K-max", "6"]])
-def test_optional_training_modes_run_and_log(flags, squares, tmp_path, capsys):
+                                   ["--act", "gelu", "--anneal-start", "2", "--K-max", "6"], None])
+def test_optional_modes_run_log_and_plot_at_plot_steps(flags, squares, tmp_path, capsys, monkeypatch):
+    """flags None: a plain run where matplotlib is not installed (its import fails)."""
+    if flags is None:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    plots, flags = flags is not None and importlib.util.find_spec("matplotlib") is not None, flags or []
     out = tmp_path / "run"
     code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
-                     "--plot-every", "4", "--out", out, *flags], capsys)
+                     "--plot-every", "2", "--out", out, *flags], capsys)
     assert code == 0, err
     rows = read_jsonl(out, "log.jsonl")
     assert len(rows) == 4 and all(np.isfinite(r["f_gap"]) for r in rows)
     if "--anneal-start" in flags:                      # lr decays from iteration 2 towards 0.1 lr at 4
         assert rows[1]["lr"] == pytest.approx(1e-4) and rows[3]["lr"] == pytest.approx(1e-4 * 0.1 ** 0.5)
     f, config = sr.load_checkpoint(str(out / "final.pt"))
-    assert config["act"] == ("gelu" if "gelu" in flags else "lrelu")
-
-
-@pytest.mark.parametrize("have_matplotlib", [True, False])
-def test_curves_png_at_plot_steps_or_one_line_without_matplotlib(have_matplotlib, squares, tmp_path, capsys,
-                                                                  monkeypatch):
-    if have_matplotlib:
-        pytest.importorskip("matplotlib")
-    else:                                                       # the import fails as if not installed
-        monkeypatch.setitem(sys.modules, "matplotlib", None)
-        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    out = tmp_path / "run"
-    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "4", "--log-every", "1",
-                     "--plot-every", "2", "--out", out], capsys)
-    assert code == 0, err
+    assert config["act"] == ("gelu" if "--act" in flags else "lrelu")
     assert {"samples_000002.png", "samples_000004.png"} <= set(os.listdir(out))
-    if have_matplotlib:
+    assert (out / "curves.png").exists() == plots and ("skipped" in err) != plots
+    if plots:
         with Image.open(out / "curves.png") as im:
             assert im.format == "PNG" and im.size[0] > im.size[1] > 100
-        assert "skipped" not in err
-    else:
-        assert not (out / "curves.png").exists()
+    elif not flags:
         assert err.count("curves.png skipped: matplotlib is not installed") == 1   # once, not per plot step
 
 
@@ -420,8 +411,14 @@ def test_empty_data_folder_or_a_broken_image_says_so_in_one_line(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_is_never_overwritten_nor_its_model_changed_on_resume(run2, squares, capsys):
+def test_a_run_is_never_overwritten_nor_its_model_changed_on_resume(run2, squares, tmp_path, capsys,
+                                                                    monkeypatch):
     before = files_of(run2)
+    monkeypatch.chdir(tmp_path)
+    code, _ = run(["--out", run2, "--resume", "--iters", "5", "--print-config"])   # the run's own config
+    c = json.loads(capsys.readouterr().out)
+    assert code == 0 and (c["n_f"], c["K"], c["iters"], c["batch_size"]) == (4, 3, 5, 8)
+    assert c["dataset"] == f"folder:{squares}" and c["resume"] is True and os.listdir(tmp_path) == []
     code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", run2], capsys)
     assert code == 2 and "already holds a run" in err and "--resume" in err
     code, err = run(["--out", run2, "--resume", "--iters", "4", "--n_f", "8"], capsys)
@@ -552,12 +549,3 @@ def test_print_config_gives_the_data_sets_defaults_and_writes_nothing(argv, expe
     assert {k: config[k] for k in expected} == expected and "print_config" not in config
     assert os.listdir(tmp_path) == []                       # no run folder, nothing written
 
-
-def test_print_config_on_resume_shows_the_runs_own_config(run2, squares, tmp_path, capsys, monkeypatch):
-    before = files_of(run2)
-    monkeypatch.chdir(tmp_path)
-    code, _ = run(["--out", run2, "--resume", "--iters", "5", "--print-config"])
-    c = json.loads(capsys.readouterr().out)
-    assert code == 0 and (c["n_f"], c["K"], c["iters"], c["batch_size"]) == (4, 3, 5, 8)
-    assert c["dataset"] == f"folder:{squares}" and c["resume"] is True
-    assert files_of(run2) == before and os.listdir(tmp_path) == []

@@ -207,15 +207,6 @@ def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, c
     assert sorted(os.listdir(tmp_path)) == ["junk.npy"]                 # no run folder, no default runs/
 
 
-@pytest.mark.parametrize("flags,message", [(["--K", "0"], "--K must be >= 1"),
-                                           (["--density", "file:nowhere.npy"], "no such file"),
-                                           (["--seed", str(2 ** 64)], "--seed must be in [0, 2^63)")])
-def test_print_config_with_a_bad_value_exits_2_like_a_run(flags, message, tmp_path, capsys, monkeypatch):
-    code, out, err = print_config(flags, capsys, tmp_path, monkeypatch)
-    assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
-    assert os.listdir(tmp_path) == []
-
-
 def test_langevin_without_noise_is_gradient_ascent_in_closed_form():
     """f(x) = -|x|^2 / 2: each step multiplies x by (1 - step_size)."""
     class Quadratic(torch.nn.Module):
@@ -381,17 +372,23 @@ def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
     (["--seed=-1"], "--seed must be in [0, 2^63)"),
     (["--device", "tpu"], "--device"),
     (["--K", "ten"], "invalid int value"),
+    (["--K", "0", "--print-config"], "--K must be >= 1"),                   # checked as a run checks it
+    (["--density", "file:nowhere.npy", "--print-config"], "no such file"),
+    (["--seed", str(2 ** 64), "--print-config"], "--seed must be in [0, 2^63)"),
 ])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_path, capsys, monkeypatch):
     np.save(tmp_path / "d3.npy", np.zeros((10, 3)))
     np.save(tmp_path / "outside.npy", np.array([[0.0, 0.5], [1.5, -0.2], [0.1, 0.1]]))
     np.save(tmp_path / "nan.npy", np.array([[0.0], [np.nan], [0.3]]))
     np.save(tmp_path / "flat.npy", np.array([[0.1, 0.2], [0.3, 0.2], [0.5, 0.2]]))
     (tmp_path / "junk.npy").write_text("not an array")
-    code, err = run([f.replace("{tmp}", str(tmp_path)) for f in flags] + ["--out", tmp_path / "run"], capsys)
-    assert code == 2
+    files = sorted(os.listdir(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    code, _ = run([f.replace("{tmp}", str(tmp_path)) for f in flags] + ["--out", tmp_path / "run"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
+    assert sorted(os.listdir(tmp_path)) == files
 
 
 def test_an_existing_run_is_refused_and_force_replaces_it(tmp_path, capsys):
