@@ -290,47 +290,34 @@ def test_optional_modes_run_log_and_plot_at_plot_steps(flags, squares, tmp_path,
 
 # ---- resume ----
 
-def test_resume_continues_bit_exactly(squares, tmp_path, capsys):
+def test_resume_from_a_checkpoint_or_from_before_the_first_is_bit_exact(squares, tmp_path, capsys):
     common = ["--dataset", f"folder:{squares}", *TINY, "--K-max", "5", "--log-every", "1",
-              "--ckpt-every", "2", "--plot-every", "0"]
-    assert run([*common, "--iters", "6", "--out", tmp_path / "whole"], capsys)[0] == 0
-    assert run([*common, "--iters", "3", "--out", tmp_path / "split"], capsys)[0] == 0
-    code, err = run(["--out", tmp_path / "split", "--resume", "--iters", "6"], capsys)
-    assert code == 0, err
-    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "final.pt", weights_only=True)
-    assert a["iteration"] == b["iteration"] == 6
-    for k, v in a["models"]["ebm"].items():
-        assert torch.equal(v, b["models"]["ebm"][k]), k
-    for k, v in a["optimizers"]["ebm"]["state"].items():
-        for name in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(v[name], b["optimizers"]["ebm"]["state"][k][name])
-    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "s_per_iter")} for r in rows]
-    rows = read_jsonl(tmp_path / "split", "log.jsonl")
-    assert drop(read_jsonl(tmp_path / "whole", "log.jsonl")) == drop(rows)
-    seconds = [r["seconds"] for r in rows]
-    assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1]   # the clock runs on across the resume
-
-
-def test_resume_before_the_first_checkpoint_starts_at_0_with_the_folders_config(squares, tmp_path, capsys):
-    common = ["--dataset", f"folder:{squares}", *TINY, "--log-every", "1", "--plot-every", "0",
-              "--sigma", "0.05"]
-    assert run([*common, "--iters", "3", "--out", tmp_path / "whole"], capsys)[0] == 0
-    out = tmp_path / "killed"
-    assert run([*common, "--iters", "2", "--out", out], capsys)[0] == 0
+              "--ckpt-every", "2", "--plot-every", "0", "--sigma", "0.05"]
+    for name, iters in (("whole", 6), ("split", 3), ("killed", 1)):
+        assert run([*common, "--iters", iters, "--out", tmp_path / name], capsys)[0] == 0
     for name in ("last.pt", "final.pt"):                        # as if killed before its first last.pt
-        (out / name).unlink()
-    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", out], capsys)
+        (tmp_path / "killed" / name).unlink()
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "killed"], capsys)
     assert code == 2 and "already holds a run" in err         # a plain rerun is still refused
-    code, err = run(["--out", out, "--resume", "--iters", "3"], capsys)
-    assert code == 0, err
-    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == [1, 2, 3]   # restarted, no duplicates
-    config = read_json(out, "config.json")
-    assert config["sigma"] == 0.05 and config["iters"] == 3 and config["resume"] is True
-    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)["models"]["ebm"]
-    b = torch.load(out / "final.pt", weights_only=True)["models"]["ebm"]
-    assert all(torch.equal(a[k], b[k]) for k in a)             # the same run as one never killed
-    assert not [n for n in os.listdir(out) if ".tmp" in n]      # config.json went through temp + rename
+    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "s_per_iter")} for r in rows]
+    for name in ("split", "killed"):                  # killed: from iteration 0, --sigma from its folder
+        code, err = run(["--out", tmp_path / name, "--resume", "--iters", "6"], capsys)
+        assert code == 0, err
+        b = torch.load(tmp_path / name / "final.pt", weights_only=True)
+        assert a["iteration"] == b["iteration"] == 6
+        for k, v in a["models"]["ebm"].items():
+            assert torch.equal(v, b["models"]["ebm"][k]), k
+        for k, v in a["optimizers"]["ebm"]["state"].items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(v[moment], b["optimizers"]["ebm"]["state"][k][moment])
+        rows = read_jsonl(tmp_path / name, "log.jsonl")
+        assert drop(read_jsonl(tmp_path / "whole", "log.jsonl")) == drop(rows)    # no duplicate rows
+        seconds = [r["seconds"] for r in rows]
+        assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1]   # the clock runs on
+    config = read_json(tmp_path / "killed", "config.json")
+    assert config["sigma"] == 0.05 and config["iters"] == 6 and config["resume"] is True
+    assert not [n for n in os.listdir(tmp_path / "killed") if ".tmp" in n]   # config.json: temp + rename
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(squares, tmp_path):
@@ -391,14 +378,11 @@ def test_bad_input_exits_2_and_writes_nothing(flags, message, squares, tmp_path,
     assert os.listdir(tmp_path) == []
 
 
-def test_an_out_that_is_a_file_is_refused(squares, tmp_path, capsys):
-    (tmp_path / "run").write_text("my notes")
-    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "run"], capsys)
+def test_an_out_that_is_a_file_an_empty_folder_or_a_broken_image_is_one_line(squares, tmp_path, capsys):
+    (tmp_path / "notes").write_text("mine")
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "notes"], capsys)
     assert code == 2 and "is a file" in err and "Traceback" not in err
-    assert (tmp_path / "run").read_text() == "my notes"
-
-
-def test_empty_data_folder_or_a_broken_image_says_so_in_one_line(tmp_path, capsys):
+    assert (tmp_path / "notes").read_text() == "mine"
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     argv = ["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"]
