@@ -14,16 +14,13 @@ the generator (x = M_theta(z), z ~ p_0), which interpolates, reconstructs and su
 It samples exp(f / T) at the temperature T = noise^2 / (2 step_size) (5e-5 with the defaults).
 
 Run recipes (README.md has more; --help lists every flag)
-    # the paper's sec. 5.1 CIFAR-10 setting: n_f 128, 40,000 images, 200,000 iterations + our decay
-    python shortrun_ebm.py --dataset cifar10 --K 100
-    # the appendix code's setting: n_f 64, 100,000 iterations, all 50,000 images, no decay
-    python shortrun_ebm.py --dataset cifar10 --K 100 --preset appendix
+    python shortrun_ebm.py --dataset cifar10 --K 100                       # the paper's sec. 5.1 setting
+    python shortrun_ebm.py --dataset cifar10 --K 100 --preset appendix     # the appendix code's setting
+    torchrun --nproc_per_node=4 shortrun_ebm.py --dataset cifar10 --K 100  # several GPUs
     # a tiny CPU run on any folder of images (a minute); after Ctrl-C, --resume continues it exactly
-    python shortrun_ebm.py --dataset folder:PATH --n_f 16 --K 20 --sigma 0.1 \
-        --batch-size 32 --iters 300 --device cpu --out runs/tiny
+    python shortrun_ebm.py --dataset folder:PATH --n_f 16 --K 20 --sigma 0.1 --batch-size 32 \
+        --iters 300 --device cpu --out runs/tiny
     python shortrun_ebm.py --out runs/tiny --resume
-    # several GPUs: each process runs its own chains on --batch-size images
-    torchrun --nproc_per_node=4 shortrun_ebm.py --dataset cifar10 --K 100
 """
 import argparse
 import contextlib
@@ -467,10 +464,8 @@ def read_log(path):
     if os.path.exists(path):
         with open(path) as fh:
             for line in fh:
-                try:
+                with contextlib.suppress(ValueError):  # blank, or cut off mid-write
                     rows.append((line, json.loads(line)))
-                except ValueError:                     # blank, or cut off mid-write
-                    continue
     return rows
 
 
@@ -612,12 +607,10 @@ def load_data(args, rank, world, device, crop_box=None):
 def place_data(data, device, share):
     """Keep the data set on the GPU when it takes under `share` of the free memory (the appendix keeps
     the whole set on the device); otherwise batches are copied from pinned host memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if data.numel() * data.element_size() < share * free:
-            return data.to(device)
-        return data.pin_memory()
-    return data
+    if device.type != "cuda":
+        return data
+    fits = data.numel() * data.element_size() < share * torch.cuda.mem_get_info(device)[0]   # [0]: free
+    return data.to(device) if fits else data.pin_memory()
 
 
 def save_grid(x, path):
@@ -660,10 +653,8 @@ class StopFlag:
 
     def __enter__(self):
         self.requested, self.previous = False, None
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread: keep the default handler
             self.previous = signal.signal(signal.SIGINT, self.handle)
-        except ValueError:  # not the main thread: keep the default handler
-            pass
         return self
 
     def handle(self, signum, frame):
@@ -738,8 +729,7 @@ def time_steps(step, n, device):
 # ---- model, training step, sampler plumbing ----
 
 def build_model(args, n_c, device):
-    """f on device and its Adam (betas .9/.999, the paper's). On the CPU the weights go channels_last
-    (oneDNN's convolutions are faster in it; README has the figures); the bf16 chain keeps its own copy."""
+    """f on device and its Adam (betas .9/.999, the paper's); channels_last on the CPU (faster in oneDNN)."""
     f = EBM(n_c, args.n_f, args.image_size, args.act).to(device)
     if torch.device(device).type == "cpu":
         f = f.to(memory_format=torch.channels_last)
@@ -771,8 +761,7 @@ def init_chain(x_data, args):
 
 
 def harness_step(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None):
-    """Iteration it of training: the schedule's lr and sigma, a batch of the uint8 data, K (dynamic K),
-    x_0, then the method's train_step. Returns (x_q, x_data, f_data, f_q)."""
+    """Iteration it: scheduled lr and sigma, a data batch, K, x_0, train_step: (x_q, x_data, f_data, f_q)."""
     lr, sigma = schedule(args, it)
     for group in optim.param_groups:
         group["lr"] = lr
@@ -889,7 +878,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
     data_fixed = to_pixels(data[:64].to(device))                              # (64, C, S, S) in [-1, 1]
     if writer and start_it == 0:
         save_grid(data_fixed, os.path.join(args.out, "data.png"))
-    log_path, t_start, it_start = os.path.join(args.out, "log.jsonl"), time.time(), start_it
+    log_path, t_start = os.path.join(args.out, "log.jsonl"), time.time()
     last_saved, curves = start_it, True                   # iteration of the newest last.pt (0: none)
     with StopFlag() as stop:
         for it in range(start_it + 1, args.iters + 1):
@@ -908,7 +897,7 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
             diverged, interrupted = any_rank(flags, world)      # every rank stops on the same iteration
             if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
                 elapsed = time.time() - t_start
-                rate = elapsed / (it - it_start)
+                rate = elapsed / (it - start_it)
                 chain_norm = float(torch.stack(chain_grads).mean()) if chain_grads else None
                 row = {"iteration": it, "f_data": f_data, "f_sample": f_q, "f_gap": f_data - f_q,
                        "grad_norm": g_norm, "grad_norm_chain": chain_norm, "sample_max_abs": max_abs,
