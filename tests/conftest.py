@@ -1,5 +1,5 @@
-"""Helpers the test files share: one CPU thread, main(argv) -> (exit code, stderr), tiny image folders
-drawn here, a script's method block run alone, JSON readers. Test files import them from conftest."""
+"""Helpers the test files share (imported from conftest): one CPU thread, main(argv) -> (exit code, stderr),
+tiny image folders drawn here, a script's method block run alone, the JSON files a run writes."""
 import ast
 import json
 import os
@@ -10,15 +10,14 @@ import torch
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the five imports a method block may use: copied under them alone, it must run
 METHOD_IMPORTS = ("import math\nimport contextlib\nimport torch\nimport torch.nn as nn\n"
-                  "import torch.nn.functional as F\n")
+                  "import torch.nn.functional as F\n")       # all a method block may use
 
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
-    """Tiny nets on a shared 2-core machine: two OpenMP threads contending run them several times slower
-    than one (a 20-step chain of shortrun_ebm's n_f 8 net at B = 32: 0.35 s vs 1.25 s). Child processes
+    """Tiny nets on a shared 2-core machine: two contending OpenMP threads run them several times slower
+    than one (a 20-step chain of shortrun_ebm's n_f 8 net at B = 32: 1.25 s vs 0.35 s). Child processes
     (torchrun, Ctrl-C runs) get one thread too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -29,16 +28,13 @@ def one_thread():
 
 
 def run_main(main, argv, capsys=None):
-    """main(argv) -> (exit code, stderr since the last read, "" without capsys); argparse's own errors
-    arrive as SystemExit."""
+    """main(argv) -> (exit code, stderr since the last read or ""); argparse's errors arrive as SystemExit."""
     try:
         code = main([str(a) for a in argv])
     except SystemExit as e:
         code = e.code
     return code, (capsys.readouterr().err if capsys else "")
 
-
-# ---- image folders ----
 
 def draw_squares(folder, n, size=32, seed=0):
     """n PNGs: dark background, one bright square of a random hue (structured, far from uniform noise)."""
@@ -69,20 +65,16 @@ def draw_disks(folder, n, seed=0):
 
 @pytest.fixture(scope="module")
 def squares(tmp_path_factory):
-    """A folder of 64 draw_squares images."""
     return draw_squares(str(tmp_path_factory.mktemp("squares")), 64)
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """A folder of 64 draw_disks images."""
     return draw_disks(str(tmp_path_factory.mktemp("imgs")), 64)
 
 
-# ---- the method block of a script ----
-
 def method_block(script):
-    """The text of REPO/script from the line starting '# ---- method' to the one starting '# ---- harness':
+    """REPO/script's text from the line starting '# ---- method' to the one starting '# ---- harness';
     above it only the docstring and imports, inside it no other section."""
     with open(os.path.join(REPO, script)) as fh:
         lines = fh.read().splitlines()
@@ -95,8 +87,8 @@ def method_block(script):
 
 
 def exec_method_block(script, path):
-    """Run script's method block alone under METHOD_IMPORTS, written to path (tracebacks name it);
-    returns its namespace, into which nothing but torch came along."""
+    """script's method block run alone under METHOD_IMPORTS, written to path (tracebacks name it): its
+    namespace, into which nothing but torch came along."""
     source = METHOD_IMPORTS + "\n" + method_block(script)
     path.write_text(source)
     ns = {"__name__": path.stem}
@@ -104,8 +96,6 @@ def exec_method_block(script, path):
     assert not {"np", "os", "sys", "json", "argparse", "dist", "torchvision"} & set(ns)
     return ns
 
-
-# ---- JSON files a run writes ----
 
 def read_json(*path):
     """The JSON object in os.path.join(*path), e.g. read_json(out, "metrics.json")."""

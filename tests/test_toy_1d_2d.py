@@ -175,29 +175,24 @@ def test_annealing_is_geometric_from_anneal_start_and_off_when_it_is_zero():
     assert toy.schedule(args, 299) == 1e-3
 
 
-def print_config(argv, capsys, cwd, monkeypatch):
-    """main(argv + --print-config) run in cwd -> (exit code, stdout, stderr)."""
-    monkeypatch.chdir(cwd)
-    code, _ = run(list(argv) + ["--print-config"])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    code, out, err = print_config(["--density", "rings"], capsys, tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+
+    def print_config(argv):
+        code, _ = run(argv + ["--print-config"])
+        return (code, *capsys.readouterr())
+    code, out, err = print_config(["--density", "rings"])
     assert code == 0, err
     config = json.loads(out)                                            # one JSON object, nothing else
     assert set(config) == set(vars(toy.build_parser().parse_args([]))) - {"print_config"}  # argparse dests
     assert (config["step_size"], config["noise"], config["iters"], config["K"]) == (1e-3, 3e-2, 6000, 50)
     assert config["out"] == os.path.join("runs", "toy_rings") and "print_config" not in config
-    code, out, err = print_config(["--density", "mog1d", "--step-size", "2e-4", "--out", tmp_path / "x"],
-                                  capsys, tmp_path, monkeypatch)
+    code, out, err = print_config(["--density", "mog1d", "--step-size", "2e-4", "--out", tmp_path / "x"])
     config = json.loads(out)                                            # the density fills only the rest
     assert code == 0 and (config["step_size"], config["noise"], config["iters"]) == (2e-4, 2e-2, 3000)
     # a file: density is checked to exist but not read: junk in it is a run's problem, not print-config's
     (tmp_path / "junk.npy").write_text("not an array")
-    junk = ["--density", f"file:{tmp_path / 'junk.npy'}"]
-    code, out, err = print_config(junk, capsys, tmp_path, monkeypatch)
+    code, out, err = print_config(["--density", f"file:{tmp_path / 'junk.npy'}"])
     assert code == 0 and json.loads(out)["iters"] == 6000
     assert sorted(os.listdir(tmp_path)) == ["junk.npy"]                 # no run folder, no default runs/
 
@@ -258,27 +253,17 @@ def test_method_block_runs_alone_and_learns(tmp_path):
     assert torch.equal(a, toy.langevin(f, torch.zeros(4, 1), 3, 1e-3, 1e-2))
 
 
-def test_training_runs_the_method_blocks_train_step(tmp_path, capsys, monkeypatch):
-    calls = []
-    real = toy.train_step
-
-    def counting(*a, **k):
-        calls.append(k.get("grad_fn"))
-        return real(*a, **k)
-    monkeypatch.setattr(toy, "train_step", counting)
-    code, err = run(["--density", "mog1d", "--out", tmp_path / "run"] + TINY, capsys)
-    assert code == 0, err
-    assert len(calls) == 4 and all(callable(g) for g in calls)             # with the hand-written gradient
-
-
 # ---- short runs ----
 
 @pytest.mark.parametrize("name", ["mog1d", "mog2d"])
-def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, capsys):
+def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     plots = importlib.util.find_spec("matplotlib") is not None         # figures, or one line saying why not
+    grad_fns, step = [], toy.train_step                                 # the method block's, counted
+    monkeypatch.setattr(toy, "train_step", lambda *a, **k: grad_fns.append(k.get("grad_fn")) or step(*a, **k))
     code, err = run(["--density", name, "--out", out] + [a for a in SHORT if a != "--no-plots"], capsys)
     assert code == 0, err
+    assert len(grad_fns) == 150 and all(callable(g) for g in grad_fns)  # with the hand-written gradient
     assert "ETA" in err and "it 150/150" in err and ("matplotlib is missing" in err) != plots
     for png in ("density.png", "samples.png"):
         assert (out / png).exists() == plots and (not plots or (out / png).stat().st_size > 10000)
@@ -350,23 +335,16 @@ def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
 # ---- bad input ----
 
 @pytest.mark.parametrize("flags,message", [
-    (["--density", "swissroll"], "unknown --density"),
-    (["--density", "file:{tmp}/d3.npy"], "d = 1 or 2"),
-    (["--density", "file:{tmp}/outside.npy"], "[-1, 1]"),
-    (["--density", "file:{tmp}/nan.npy"], "NaN"),
+    (["--density", "swissroll"], "unknown --density"), (["--density", "file:{tmp}/d3.npy"], "d = 1 or 2"),
+    (["--density", "file:{tmp}/outside.npy"], "[-1, 1]"), (["--density", "file:{tmp}/nan.npy"], "NaN"),
     (["--density", "file:{tmp}/junk.npy"], "not a readable"),
     (["--density", "file:{tmp}/missing.npy"], "no such file"),
-    (["--K", "0"], "--K must be >= 1"),
-    (["--iters", "-3"], "--iters must be >= 1"),
-    (["--n-samples", "500"], "--n-samples must be >= 10000"),
-    (["--step-size", "0"], "--step-size"),
-    (["--noise", "-1"], "--noise"),
-    (["--bandwidth", "wide"], "--bandwidth"),
-    (["--anneal-start", "-1"], "--anneal-start"),
     (["--density", "file:{tmp}/flat.npy"], "not all equal"),
-    (["--seed=-1"], "--seed must be in [0, 2^63)"),
-    (["--device", "tpu"], "--device"),
-    (["--K", "ten"], "invalid int value"),
+    (["--K", "0"], "--K must be >= 1"), (["--iters", "-3"], "--iters must be >= 1"),
+    (["--n-samples", "500"], "--n-samples must be >= 10000"), (["--step-size", "0"], "--step-size"),
+    (["--noise", "-1"], "--noise"), (["--bandwidth", "wide"], "--bandwidth"),
+    (["--anneal-start", "-1"], "--anneal-start"), (["--seed=-1"], "--seed must be in [0, 2^63)"),
+    (["--device", "tpu"], "--device"), (["--K", "ten"], "invalid int value"),
     (["--K", "0", "--print-config"], "--K must be >= 1"),                   # checked as a run checks it
     (["--density", "file:nowhere.npy", "--print-config"], "no such file"),
     (["--seed", str(2 ** 64), "--print-config"], "--seed must be in [0, 2^63)"),
