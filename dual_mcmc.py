@@ -621,10 +621,9 @@ def set_rng_state(state, device):
 
 def gather_rng(device, world):
     """RNG states of all ranks (a collective: every rank calls it), so resume is exact per rank."""
-    if world == 1:
-        return [get_rng_state(device)]
-    states = [None] * world
-    torch.distributed.all_gather_object(states, get_rng_state(device))
+    states = [get_rng_state(device)] * world
+    if world > 1:
+        torch.distributed.all_gather_object(states, states[0])
     return states
 
 
@@ -656,8 +655,7 @@ def atomic_write_json(obj, path, **dump_kw):
 
 
 def versions():
-    """What config.json and checkpoints record beside the flags: the script and its CKPT_FORMAT (what
-    read_checkpoint checks), and the versions the run ran on."""
+    """What config.json and checkpoints record beside the flags (read_checkpoint checks script and format)."""
     return {"script": PROG.removesuffix(".py"), "format": CKPT_FORMAT, "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "python": sys.version.split()[0]}
 
@@ -680,9 +678,8 @@ def read_checkpoint(path, device="cpu", ckpt=None):
     if not isinstance(ckpt, dict) or ckpt.get("script") != PROG.removesuffix(".py"):
         raise UsageError(f"{path} was not written by {PROG}")
     if ckpt.get("format") != CKPT_FORMAT:
-        found = "no format number" if ckpt.get("format") is None else f"format {ckpt['format']}"
-        raise UsageError(f"{path} was written by an older {PROG} ({found}); this one reads format "
-                         f"{CKPT_FORMAT}: train a new run")
+        raise UsageError(f"{path} was written by an older {PROG} (format {ckpt.get('format')}); this one "
+                         f"reads format {CKPT_FORMAT}: train a new run")
     return ckpt
 
 
@@ -710,14 +707,11 @@ def read_run(out):
         return read_checkpoint(path)
     try:
         with open(config_path) as fh:
-            config = json.load(fh)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
+            config = dict(json.load(fh))               # a JSON list or number: unreadable too
+    except (OSError, ValueError, TypeError) as e:
         raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
                          f"delete the folder or choose another --out") from None
-    return read_checkpoint(config_path, ckpt={"script": config.get("script"), "format": config.get("format"),
-                                              "config": config, "iteration": 0})
+    return read_checkpoint(config_path, ckpt={**config, "config": config, "iteration": 0})  # script, format
 
 
 def merge_resume_args(ckpt, given, out):
@@ -741,10 +735,8 @@ def read_log(path):
     if os.path.exists(path):
         with open(path) as fh:
             for line in fh:
-                try:
+                with contextlib.suppress(ValueError):  # blank, or cut off mid-write
                     rows.append((line, json.loads(line)))
-                except ValueError:                     # blank, or cut off mid-write
-                    continue
     return rows
 
 
@@ -886,12 +878,10 @@ def load_data(args, rank, world, device, crop_box=None):
 def place_data(data, device, share):
     """Keep the data set on the GPU when it takes under `share` of the free memory (the appendix keeps
     the whole set on the device); otherwise batches are copied from pinned host memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if data.numel() * data.element_size() < share * free:
-            return data.to(device)
-        return data.pin_memory()
-    return data
+    if device.type != "cuda":
+        return data
+    fits = data.numel() * data.element_size() < share * torch.cuda.mem_get_info(device)[0]   # [0]: free
+    return data.to(device) if fits else data.pin_memory()
 
 
 def save_grid(x, path):
@@ -900,9 +890,8 @@ def save_grid(x, path):
 
 
 def plot_curves(log_path, png_path, panels):
-    """The log's signals against iteration, one panel per (title, (key, label), ...) of panels, written
-    atomically. matplotlib is optional (a copied script needs torch and torchvision only):
-    without it, one line says so and False is returned."""
+    """The log's signals against iteration, one panel per (title, (key, label), ...), written atomically.
+    matplotlib is optional (a copied script needs torch and torchvision only): without it, one line, False."""
     try:
         from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
     except ImportError:
@@ -935,10 +924,8 @@ class StopFlag:
 
     def __enter__(self):
         self.requested, self.previous = False, None
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread: keep the default handler
             self.previous = signal.signal(signal.SIGINT, self.handle)
-        except ValueError:  # not the main thread: keep the default handler
-            pass
         return self
 
     def handle(self, signum, frame):
@@ -978,10 +965,9 @@ def autocast_for(args, device):
 
 
 def cuda_graph_replay(run, device, reset=None):
-    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay.
-    First three warm-up runs on the capture's side stream (cuDNN autotuning and workspaces must not be
-    created mid-capture), under fork_rng (their noise draws leave the run's RNG alone); then reset()
-    (undo what the warm-up changed in the nets' buffers), then the capture."""
+    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay. Three
+    warm-up runs first, on the capture's stream (cuDNN autotuning and workspaces must not happen mid-capture)
+    under fork_rng (the run's RNG is left alone), then reset() (undo their change to the nets' buffers)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
