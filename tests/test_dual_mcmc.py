@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import dual_mcmc as dm
-from conftest import exec_method_block, read_jsonl
+from conftest import REPO, exec_method_block, read_json, read_jsonl, run_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "simple", "--nef", "8", "--ngf", "8", "--nif", "8", "--nz", "8", "--batch-size", "8",
         "--k-x", "4", "--k-z", "4", "--device", "cpu", "--log-every", "1", "--plot-every", "0",
         "--ckpt-every", "0"]
@@ -37,41 +38,27 @@ def fresh_models(cfg):
     return dm.build_models(argparse.Namespace(**cfg), torch.device("cpu"))
 
 
-def load_images(images):
-    args = dm.validate(dm.build_parser().parse_args(["--dataset", f"folder:{images}", "--image-size", "32"]))
-    return dm.to_pixels(dm.load_data(args, 0, 1, torch.device("cpu"))[0])  # (64, 3, 32, 32)
-
-
 # ---- models ----
 
 
-def test_simple_arch_parameter_counts_match_appendix():
-    E, G, I = dm.EBM(3, 64, 32, "simple"), dm.Generator(128, 64, 3, 32, "simple"), dm.Encoder(128, 64, 3, 32)
-    counts = [dm.n_params(m) for m in (E, G, I)]
-    assert counts == [1_710_465, 7_870_595, 4_851_648]  # ~2M / 8M / 5M (paper Appendix A.1)
-    assert 1.5e6 < counts[0] < 2.5e6 and 7e6 < counts[1] < 9e6 and 4.5e6 < counts[2] < 5.5e6
-
-
-def test_resnet_arch_parameter_counts_match_the_authors_cifar10_nets():
-    # authors' _Cifar10_netE / netG / netI at ndf = ngf = 512, nif = nz = 128 (spectral norm adds none)
-    E, G, I = dm.EBM(3, 512, 32), dm.Generator(128, 512, 3, 32), dm.Encoder(128, 128, 3, 32)
-    assert [dm.n_params(m) for m in (E, G, I)] == [16_793_088, 16_024_579, 15_208_064]
-    assert sum(1 for m in E.modules() if hasattr(m, "weight_orig")) == 11  # 10 convs + the linear head
-
-
-def test_resnet_arch_at_64px_is_the_authors_celeba64_nets():
-    # authors' _CelebA64_netE / netG / netI at ndf = ngf = 1024, nif = 128, nz = 128
-    E, G, I = dm.EBM(3, 1024, 64), dm.Generator(128, 1024, 3, 64), dm.Encoder(128, 128, 3, 64)
-    assert [dm.n_params(m) for m in (E, G, I)] == [19_536_768, 12_220_675, 15_210_752]
-    assert sum(1 for m in E.modules() if hasattr(m, "weight_orig")) == 16  # 5 blocks x 3 convs + linear
-    widths = [m.out_channels for m in E.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
-    assert widths == [64, 128, 256, 512, 1024]  # shortcuts: nef/16 doubling to nef
-    assert [m.num_features for m in G.modules() if isinstance(m, nn.BatchNorm2d)][-1] == 64  # ngf/16 at 64 px
-    convs = [m for m in I.body if isinstance(m, nn.Conv2d)]
-    assert [(c.out_channels, c.kernel_size, c.stride, c.bias) for c in convs] == [
-        (128 * 2 ** i, (4, 4), (2, 2), None) for i in range(4)]
-    # the simple arch keeps its encoder (3x3 first conv) at 64 px
-    assert dm.Encoder(8, 4, 3, 64, "simple").body[0].kernel_size == (3, 3)
+@pytest.mark.parametrize("arch, size, width, nif, counts, n_sn", [
+    ("simple", 32, 64, 64, [1_710_465, 7_870_595, 4_851_648], 5),       # ~2M / 8M / 5M (paper Appendix A.1)
+    ("resnet", 32, 512, 128, [16_793_088, 16_024_579, 15_208_064], 11),  # _Cifar10_net*: 10 convs + linear
+    ("resnet", 64, 1024, 128, [19_536_768, 12_220_675, 15_210_752], 16)])  # _CelebA64_net*: 5 blocks x 3 + 1
+def test_parameter_counts_match_the_appendix_and_the_authors_nets(arch, size, width, nif, counts, n_sn):
+    """resnet: the authors' nets at ndf = ngf = 512 (cifar10) or 1024 (celeba64), nz = 128."""
+    E, G = dm.EBM(3, width, size, arch), dm.Generator(128, width, 3, size, arch)
+    I = dm.Encoder(128, nif, 3, size, arch)
+    assert [dm.n_params(m) for m in (E, G, I)] == counts                  # spectral norm adds none
+    assert sum(1 for m in E.modules() if hasattr(m, "weight_orig")) == n_sn
+    if size == 64:
+        widths = [m.out_channels for m in E.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+        assert widths == [64, 128, 256, 512, 1024]  # shortcuts: nef/16 doubling to nef
+        assert [m.num_features for m in G.modules() if isinstance(m, nn.BatchNorm2d)][-1] == 64  # ngf/16
+        convs = [m for m in I.body if isinstance(m, nn.Conv2d)]
+        assert [(c.out_channels, c.kernel_size, c.stride, c.bias) for c in convs] == [
+            (128 * 2 ** i, (4, 4), (2, 2), None) for i in range(4)]
+        assert dm.Encoder(8, 4, 3, 64, "simple").body[0].kernel_size == (3, 3)  # simple: 3x3 first conv
 
 
 @pytest.mark.parametrize("arch", ["resnet", "simple"])
@@ -89,27 +76,19 @@ def test_shapes_at_batch_one(arch, size):
 # ---- samplers ----
 
 
-def test_langevin_z_noise_free_reaches_linear_gaussian_posterior_mode():
+def test_langevin_z_reaches_the_gaussian_posterior_mode_and_the_authors_double_the_likelihood_drift():
     torch.manual_seed(0)
-    D, nz, sigma = 6, 3, 0.5
+    D, nz, sigma, step = 6, 3, 0.5, 0.01
     g = nn.Linear(nz, D, bias=False)  # g(z) = W z
     W = g.weight.detach()  # (D, nz)
-    x = torch.randn(4, D)
+    x, z0 = torch.randn(4, D), torch.randn(4, nz)
     g.weight.grad = torch.full_like(g.weight, 7.0)
-    z = dm.langevin_z(g, x, torch.randn(4, nz), K=3000, step_size=0.02, noise=0.0, sigma=sigma)
+    z = dm.langevin_z(g, x, z0, K=3000, step_size=0.02, noise=0.0, sigma=sigma)
     A = W.T @ W / sigma ** 2 + torch.eye(nz)
     mode = torch.linalg.solve(A, (W.T @ x.T) / sigma ** 2).T  # (4, nz)
     assert torch.allclose(z, mode, atol=1e-4), (z - mode).abs().max()
     assert torch.equal(g.weight.grad, torch.full_like(g.weight, 7.0))  # parameter gradients untouched
     assert not z.requires_grad
-
-
-def test_authors_posterior_doubles_the_likelihood_drift_only():
-    torch.manual_seed(0)
-    D, nz, sigma, step = 6, 3, 0.5, 0.01
-    g = nn.Linear(nz, D, bias=False)  # g(z) = W z
-    W = g.weight.detach()
-    x, z0 = torch.randn(4, D), torch.randn(4, nz)
     lik = (x - z0 @ W.T) @ W / sigma ** 2  # grad_z of -||x - W z||^2 / (2 sigma^2), by hand
     z_paper = dm.langevin_z(g, x, z0, K=1, step_size=step, noise=0.0, sigma=sigma)
     z_auth = dm.langevin_z(g, x, z0, K=1, step_size=step, noise=0.0, sigma=sigma, posterior="authors")
@@ -293,7 +272,8 @@ def _recon_mse_and_colour_gap(models, x, mode="eval"):
 def test_short_run_improves_reconstruction_and_eval_mode_samples(images, tmp_path):
     rc = run(images, tmp_path, "--iters", "150", "--lr-g", "1e-3", "--lr-i", "1e-3", "--log-every", "50")
     assert rc == 0
-    x = load_images(images)
+    args = dm.validate(dm.build_parser().parse_args(["--dataset", f"folder:{images}", "--image-size", "32"]))
+    x = dm.to_pixels(dm.load_data(args, 0, 1, torch.device("cpu"))[0])  # (64, 3, 32, 32)
     ckpt = torch.load(tmp_path / "final.pt", weights_only=True)
     mse0, gap0 = _recon_mse_and_colour_gap(fresh_models(ckpt["config"]), x)
     models, _ = dm.load_checkpoint(str(tmp_path / "final.pt"))
@@ -424,7 +404,6 @@ def test_print_config_on_resume_shows_the_runs_own_config(images, tmp_path, caps
 
 
 def test_celeba_crop_gives_the_authors_pixels(tmp_path, capsys):
-    from PIL import Image
     rng = np.random.default_rng(0)
     img = np.zeros((218, 178, 3), np.uint8)
     img[...] = [255, 0, 0]  # outside the authors' box: pure red, must not reach the crop
@@ -653,7 +632,6 @@ def test_benchmark_prints_line_and_writes_nothing(tmp_path, capsys):
 
 def test_curves_png_at_plot_steps_and_one_line_without_matplotlib(images, tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
-    from PIL import Image
     assert run(images, tmp_path / "with", "--iters", "2", "--plot-every", "1") == 0
     with Image.open(tmp_path / "with" / "curves.png") as im:
         assert im.format == "PNG" and im.width > 4 * im.height  # one row of panels
@@ -729,7 +707,6 @@ def test_cli_refuses_existing_run_folder(images, tmp_path, capsys):
 
 
 def test_folder_dataset_expands_home_and_takes_every_image_extension(tmp_path, monkeypatch):
-    from PIL import Image
     home = tmp_path / "home"
     (home / "imgs" / "sub").mkdir(parents=True)
     exts = [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"]
@@ -753,10 +730,10 @@ def test_folder_dataset_expands_home_and_takes_every_image_extension(tmp_path, m
 
 def _torchrun(images, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           os.path.join(ROOT, "dual_mcmc.py"), "--dataset", f"folder:{images}", *TINY, "--out", str(out),
+           os.path.join(REPO, "dual_mcmc.py"), "--dataset", f"folder:{images}", *TINY, "--out", str(out),
            *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
 
 
 @pytest.mark.slow
