@@ -172,32 +172,43 @@ def test_method_block_runs_alone_with_torch(tmp_path, arch):
     assert torch.equal(out["x_tilde"], out["x0"]) and loss_i.item() == 0 and not loss_i.requires_grad
 
 
-def test_training_runs_the_method_blocks_dual_losses(images, tmp_path, monkeypatch):
-    calls = []
-    losses = dm.dual_losses
-    monkeypatch.setattr(dm, "dual_losses", lambda *a, **k: calls.append(k) or losses(*a, **k))
-    assert run(images, tmp_path, "--iters", "2") == 0
-    assert len(calls) == 2 and calls[0]["autocast"] is not None
-
-
 # ---- training ----
 
 
-def test_one_iteration_changes_all_three_models(images, tmp_path):
-    assert run(images, tmp_path, "--iters", "1") == 0
+def test_training_steps_all_three_models_through_dual_losses_and_the_checkpoint_samples(images, tmp_path,
+                                                                                      monkeypatch):
+    calls, losses = [], dm.dual_losses                       # (flags, the nets as each iteration meets them)
+    monkeypatch.setattr(dm, "dual_losses", lambda *a, **k: calls.append(
+        (k, copy.deepcopy([m.state_dict() for m in a[:3]]))) or losses(*a, **k))
+    assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
+    assert len(calls) == 2 and calls[0][0]["autocast"] is not None       # the method block's iteration
     ckpt = torch.load(tmp_path / "final.pt", weights_only=True)
-    init = fresh_models(ckpt["config"])
-    for name, model in init.items():
-        trained = ckpt["models"][name]
+    for (name, model), trained in zip(fresh_models(ckpt["config"]).items(), calls[1][1]):   # one iteration
         changed = [k for k, v in model.state_dict().items()
                    if v.is_floating_point() and not torch.equal(v, trained[k])]
         assert any("weight" in k for k in changed), name
-    row = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    row = read_jsonl(tmp_path, "log.jsonl")[-1]
     for k in ("loss_ebm", "loss_gen", "loss_inf", "f_data", "f_sample", "mse_recon", "lr", "seconds"):
         assert np.isfinite(row[k]), k
-    assert row["iteration"] == 1
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert row["iteration"] == 2
+    cfg = read_json(tmp_path, "config.json")
     assert cfg["n_c"] == 3 and cfg["k_x"] == 4 and "torch" in cfg and "argv" in cfg
+    models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
+    assert set(models) == {"ebm", "generator", "encoder"} and cfg["nz"] == 8
+    assert (cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"]) == (3, 0.08, 1e-3)  # the run's preset
+    chains = []
+    record = lambda *a: chains.append(a[2:]) or dm.langevin_x(*a)
+    dm.sample(models, 2, chain=record)
+    dm.sample(models, 2, cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"], chain=record)
+    assert chains == [(70, 0.08, 1e-3), (3, 0.08, 1e-3)]  # defaults: the authors' test preset
+    bn_before = {k: v.clone() for k, v in models["generator"].state_dict().items()}
+    x0, xt = dm.sample(models, 5, cfg["sample_k_x"])
+    assert x0.shape == xt.shape == (5, 3, 32, 32)
+    assert not torch.equal(x0, xt) and torch.isfinite(xt).all()
+    assert not any(m.training for m in models.values())
+    assert all(torch.equal(v, models["generator"].state_dict()[k]) for k, v in bn_before.items())
+    x0, xt = dm.sample(models, 3, k_x=0)
+    assert torch.equal(x0, xt)
 
 
 def test_authors_update_order_steps_g_then_q_then_f_on_x_tilde_rerun_from_the_updated_g():
@@ -290,11 +301,8 @@ def test_short_run_improves_reconstruction_and_eval_mode_samples(images, tmp_pat
     assert {"data.png", *(f"{k}_000150.png" for k in ("recon", "posterior", "gen", "ebm"))} <= grids
 
 
-def _log_rows(path):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_jsonl(path)]
-
-
-def test_ctrl_c_then_resume_is_bit_exact_and_plots_leave_the_run_alone(images, tmp_path, monkeypatch, capsys):
+def test_resume_after_ctrl_c_or_a_kill_before_the_first_checkpoint_is_bit_exact_and_plots_change_nothing(
+        images, tmp_path, monkeypatch, capsys):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     assert run(images, a, "--iters", "6", "--plot-every", "2") == 0
     assert run(images, c, "--iters", "6", "--plot-every", "0") == 0  # grids only at the end
@@ -312,53 +320,66 @@ def test_ctrl_c_then_resume_is_bit_exact_and_plots_leave_the_run_alone(images, t
     monkeypatch.setattr(dm, "get_batch", real_get_batch)
     assert "stopped at iteration 3" in capsys.readouterr().err
     assert torch.load(b / "last.pt", weights_only=True)["iteration"] == 3 and not (b / "final.pt").exists()
-    with open(b / "log.jsonl", "a") as fh:  # a line the checkpoint does not cover (as after a crash)
-        fh.write(json.dumps({"iteration": 4, "loss_ebm": 0.0}) + "\n")
-    # resume with only --out, --resume, --iters: every training flag comes from the checkpoint
+    for f in ("last.pt", "final.pt"):  # c: as if killed before it wrote last.pt
+        os.remove(c / f)
+    for out in (b, c):  # a line no checkpoint covers (as after a crash)
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps({"iteration": 4, "loss_ebm": 0.0}) + "\n")
+    # b: every training flag from the checkpoint; c: restarts at 0 with all of config.json (--iters too)
     assert dm.main(["--out", str(b), "--resume", "--iters", "6"]) == 0
+    assert dm.main(["--out", str(c), "--resume"]) == 0
     ca, cb, cc = (torch.load(p / "final.pt", weights_only=True) for p in (a, b, c))
-    assert cb["iteration"] == 6 and cb["config"]["k_x"] == 4 and cb["config"]["nz"] == 8
-    for other in (cb, cc):
+    rows = lambda out: [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(out, "log.jsonl")]
+    assert [r["iteration"] for r in rows(a)] == [1, 2, 3, 4, 5, 6]
+    for out, other in ((b, cb), (c, cc)):
+        assert other["iteration"] == 6 and other["config"]["k_x"] == 4 and other["config"]["nz"] == 8
         for name in ca["models"]:
             for k, v in ca["models"][name].items():
                 assert torch.equal(v, other["models"][name][k]), (name, k)
         sa, so = ca["optimizers"]["generator"]["state"], other["optimizers"]["generator"]["state"]
         assert all(torch.equal(sa[i]["exp_avg_sq"], so[i]["exp_avg_sq"]) for i in sa)
-    assert _log_rows(b / "log.jsonl") == _log_rows(a / "log.jsonl")  # truncated to 3, then the same 4..6
-    assert [r["iteration"] for r in _log_rows(b / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
-
-
-def test_resume_keeps_the_run_and_refuses_changes(images, tmp_path, capsys):
-    assert run(images, tmp_path, "--iters", "2") == 0
-    final, _ = (tmp_path / "final.pt").read_bytes(), capsys.readouterr()
-    cases = [(["--iters", "5", "--k-x", "5"], "--k-x cannot change on --resume (the run has 4)"),
-             (["--iters", "5", "--arch", "resnet"], "--arch cannot change"),
-             ([], "already reached iteration 2"), (["--iters", "2"], "already reached iteration 2")]
-    for extra, msg in cases:
-        assert dm.main(["--out", str(tmp_path), "--resume", *extra]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and msg in err[0], err
-    assert (tmp_path / "final.pt").read_bytes() == final and len(read_jsonl(tmp_path, "log.jsonl")) == 2
-
-
-def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(images, tmp_path, capsys):
-    assert run(images, tmp_path, "--iters", "1") == 0
-    ckpt = torch.load(tmp_path / "final.pt", weights_only=True)
-    assert ckpt["format"] == dm.CKPT_FORMAT
-    del ckpt["format"]                                   # as written before formats were numbered
-    torch.save(ckpt, tmp_path / "last.pt")
-    with pytest.raises(dm.UsageError, match="older dual_mcmc.py"):
-        dm.load_checkpoint(str(tmp_path / "last.pt"))
+        assert rows(out) == rows(a)  # b truncated to 3 then the same 4..6; c restarted, not appended
+    assert not [f for f in os.listdir(c) if f.endswith(".tmp")]
+    for f in ("last.pt", "final.pt"):
+        os.remove(c / f)
+    (c / "config.json").write_text('{"k_x": 4')  # cut short: one clear line, nothing touched
     capsys.readouterr()
-    assert dm.main(["--out", str(tmp_path), "--resume", "--iters", "5"]) == 2
+    assert dm.main(["--out", str(c), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "train a new run" in err[0], err
+    assert len(err) == 1 and "config.json is unreadable" in err[0], err
 
 
 def _print_config(capsys, *argv):
     capsys.readouterr()
     assert dm.main(["--print-config", *argv]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def test_a_run_is_never_overwritten_resume_refuses_changes_and_an_older_format(images, tmp_path, capsys):
+    assert run(images, tmp_path, "--iters", "2") == 0
+    files = lambda: {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    before = files()
+    cfg = _print_config(capsys, "--out", str(tmp_path), "--resume", "--iters", "3", "--cuda-graph")
+    assert (cfg["k_x"], cfg["nz"], cfg["iters"], cfg["cuda_graph"], cfg["resume"]) == (4, 8, 3, True, True)
+    cases = [(["--dataset", f"folder:{images}", *TINY, "--iters", "3"], f"dual_mcmc.py: error: {tmp_path} "
+              f"already holds a run; pass --resume to continue it or choose another --out"),
+             (["--resume", "--iters", "5", "--k-x", "5"], "--k-x cannot change on --resume (the run has 4)"),
+             (["--resume", "--iters", "5", "--arch", "resnet"], "--arch cannot change"),
+             (["--resume"], "already reached iteration 2"), (["--resume", "--iters", "2"], "already reached")]
+    for extra, msg in cases:
+        assert dm.main([*extra, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert files() == before and len(read_jsonl(tmp_path, "log.jsonl")) == 2
+    ckpt = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert ckpt["format"] == dm.CKPT_FORMAT
+    del ckpt["format"]                                   # as written before formats were numbered
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(dm.UsageError, match="older dual_mcmc.py"):
+        dm.load_checkpoint(str(tmp_path / "last.pt"))
+    assert dm.main(["--out", str(tmp_path), "--resume", "--iters", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train a new run" in err[0], err
 
 
 def test_print_config_resolves_data_set_defaults_reads_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -390,14 +411,6 @@ def test_print_config_resolves_data_set_defaults_reads_and_writes_nothing(tmp_pa
         assert dm.main(["--print-config", *bad]) == 2
         assert msg in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
-
-
-def test_print_config_on_resume_shows_the_runs_own_config(images, tmp_path, capsys):
-    assert run(images, tmp_path, "--iters", "1") == 0
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    cfg = _print_config(capsys, "--out", str(tmp_path), "--resume", "--iters", "3", "--cuda-graph")
-    assert (cfg["k_x"], cfg["nz"], cfg["iters"], cfg["cuda_graph"], cfg["resume"]) == (4, 8, 3, True, True)
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
 # ---- data ----
@@ -468,30 +481,6 @@ def test_resume_across_epochs_with_the_authors_recipe_is_bit_exact(images, tmp_p
     assert [ca["config"][k] for k in ("update_order", "gen_loss", "bn_init")] == ["authors"] * 3
     for name in ca["models"]:
         assert all(torch.equal(v, cb["models"][name][k]) for k, v in ca["models"][name].items()), name
-
-
-def test_resume_before_the_first_checkpoint_starts_over_with_the_folders_config(images, tmp_path, capsys):
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run(images, a, "--iters", "3", "--k-x", "3") == 0
-    assert run(images, b, "--iters", "3", "--k-x", "3") == 0
-    for f in ("last.pt", "final.pt"):  # as if killed before it wrote last.pt
-        os.remove(b / f)
-    with open(b / "log.jsonl", "a") as fh:
-        fh.write(json.dumps({"iteration": 9, "loss_ebm": 0.0}) + "\n")
-    assert dm.main(["--out", str(b), "--resume"]) == 0  # --iters, --k-x, data: all from config.json
-    ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
-    assert cb["config"]["k_x"] == 3 and cb["iteration"] == 3
-    for name in ca["models"]:
-        assert all(torch.equal(v, cb["models"][name][k]) for k, v in ca["models"][name].items()), name
-    assert _log_rows(b / "log.jsonl") == _log_rows(a / "log.jsonl")  # restarted, not appended
-    assert not [f for f in os.listdir(b) if f.endswith(".tmp")]
-    os.remove(b / "last.pt")
-    os.remove(b / "final.pt")
-    (b / "config.json").write_text('{"k_x": 3')  # cut short: one clear line, nothing touched
-    capsys.readouterr()
-    assert dm.main(["--out", str(b), "--resume"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "config.json is unreadable" in err[0], err
 
 
 def _as_authors_state_dicts(size, nef=32, ngf=32, nif=8, nz=8):
@@ -571,26 +560,6 @@ def test_load_checkpoint_reads_the_authors_released_format_with_their_energy_neg
     torch.save(sd, tmp_path / "broken.pth")
     with pytest.raises(dm.UsageError, match="not the authors'"):
         dm.load_checkpoint(str(tmp_path / "broken.pth"))
-
-
-def test_sample_after_load_checkpoint(images, tmp_path):
-    assert run(images, tmp_path, "--iters", "2", "--sample-k-x", "3") == 0
-    models, cfg = dm.load_checkpoint(str(tmp_path / "final.pt"), "cpu")
-    assert set(models) == {"ebm", "generator", "encoder"} and cfg["nz"] == 8
-    assert (cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"]) == (3, 0.08, 1e-3)  # the run's preset
-    chains = []
-    record = lambda *a: chains.append(a[2:]) or dm.langevin_x(*a)
-    dm.sample(models, 2, chain=record)
-    dm.sample(models, 2, cfg["sample_k_x"], cfg["sample_step_size"], cfg["x_noise"], chain=record)
-    assert chains == [(70, 0.08, 1e-3), (3, 0.08, 1e-3)]  # defaults: the authors' test preset
-    bn_before = {k: v.clone() for k, v in models["generator"].state_dict().items()}
-    x0, xt = dm.sample(models, 5, cfg["sample_k_x"])
-    assert x0.shape == xt.shape == (5, 3, 32, 32)
-    assert not torch.equal(x0, xt) and torch.isfinite(xt).all()
-    assert not any(m.training for m in models.values())
-    assert all(torch.equal(v, models["generator"].state_dict()[k]) for k, v in bn_before.items())
-    x0, xt = dm.sample(models, 3, k_x=0)
-    assert torch.equal(x0, xt)
 
 
 def test_ablations_run(images, tmp_path):
@@ -680,30 +649,6 @@ def test_argparse_errors_exit_2(tmp_path, capsys, flags):
         dm.main([*TINY, "--out", str(tmp_path / "run"), *flags])
     assert e.value.code == 2 and "dual_mcmc.py: error:" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-def test_missing_dataset_and_missing_checkpoint(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert dm.main([*TINY, "--dataset", "cifar10", "--no-download", "--data-root", str(tmp_path / "data"),
-                    "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "cifar-10-batches-py" in err and "drop --no-download" in err and not out.exists()
-    assert dm.main([*TINY, "--out", str(out), "--resume"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err and not out.exists()
-    out.mkdir()
-    (out / "last.pt").write_bytes(b"not a checkpoint")
-    assert dm.main([*TINY, "--out", str(out), "--resume"]) == 2
-    assert "cannot read checkpoint" in capsys.readouterr().err
-    assert (out / "last.pt").read_bytes() == b"not a checkpoint"
-
-
-def test_cli_refuses_existing_run_folder(images, tmp_path, capsys):
-    (tmp_path / "config.json").write_text("{}")
-    assert run(images, tmp_path, "--iters", "1") == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"dual_mcmc.py: error: {tmp_path} already holds a run; pass --resume to continue it or choose "
-        f"another --out"]
-    assert (tmp_path / "config.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
 def test_folder_dataset_expands_home_and_takes_every_image_extension(tmp_path, monkeypatch):
