@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +39,6 @@ def fresh_models(cfg):
 
 # ---- models ----
 
-
 @pytest.mark.parametrize("arch, size, width, nif, counts, n_sn", [
     ("simple", 32, 64, 64, [1_710_465, 7_870_595, 4_851_648], 5),       # ~2M / 8M / 5M (paper Appendix A.1)
     ("resnet", 32, 512, 128, [16_793_088, 16_024_579, 15_208_064], 11),  # _Cifar10_net*: 10 convs + linear
@@ -74,7 +72,6 @@ def test_shapes_at_batch_one(arch, size):
 
 
 # ---- samplers ----
-
 
 def test_langevin_z_reaches_the_gaussian_posterior_mode_and_the_authors_double_the_likelihood_drift():
     torch.manual_seed(0)
@@ -147,7 +144,6 @@ def test_chains_leave_batchnorm_statistics_untouched():
 
 # ---- the method block ----
 
-
 @pytest.mark.parametrize("arch", ["simple", "resnet"])
 def test_method_block_runs_alone_with_torch(tmp_path, arch):
     ns = exec_method_block("dual_mcmc.py", tmp_path / "method.py")
@@ -173,7 +169,6 @@ def test_method_block_runs_alone_with_torch(tmp_path, arch):
 
 
 # ---- training ----
-
 
 def test_training_steps_all_three_models_through_dual_losses_and_the_checkpoint_samples(images, tmp_path,
                                                                                       monkeypatch):
@@ -295,7 +290,7 @@ def test_short_run_improves_reconstruction_and_eval_mode_samples(images, tmp_pat
     assert gap1 < 0.5 * gap0, (gap0, gap1)
     # the chains' forward passes did not bend the running statistics: eval mode as good as train mode
     assert gap1 < gap_train + 0.05, (gap1, gap_train)
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path, "log.jsonl")
     assert [r["iteration"] for r in rows] == [50, 100, 150] and rows[-1]["mse_recon"] < rows[0]["mse_recon"]
     grids = {f for f in os.listdir(tmp_path) if f.endswith(".png")}
     assert {"data.png", *(f"{k}_000150.png" for k in ("recon", "posterior", "gen", "ebm"))} <= grids
@@ -403,10 +398,8 @@ def test_print_config_resolves_data_set_defaults_reads_and_writes_nothing(tmp_pa
     assert c10["celeba_crop"] is False and c10["hflip"] is False
     assert (c10["recipe"], c10["posterior"], c10["update_order"], c10["gen_loss"], c10["bn_init"]) == (
         "authors", "paper", "authors", "authors", "authors")   # the recipe's choices; an explicit flag wins
-    assert os.listdir(tmp_path) == []
-    with pytest.raises(SystemExit) as e:  # argparse: one line, exit 2
-        dm.main(["--print-config", "--dataset", "cifar10", "--posterior", "bayes"])
-    assert e.value.code == 2 and capsys.readouterr().err.strip().count("\n") == 0
+    code, err = run_main(dm.main, ["--print-config", "--dataset", "cifar10", "--posterior", "bayes"], capsys)
+    assert code == 2 and err.strip().count("\n") == 0       # argparse: one line, exit 2
     for bad, msg in ((["--dataset", "cifar10", "--celeba-crop"], "--celeba-crop"), (["--k-x", "-1"], "k-x")):
         assert dm.main(["--print-config", *bad]) == 2
         assert msg in capsys.readouterr().err
@@ -414,7 +407,6 @@ def test_print_config_resolves_data_set_defaults_reads_and_writes_nothing(tmp_pa
 
 
 # ---- data ----
-
 
 def test_celeba_crop_gives_the_authors_pixels(tmp_path, capsys):
     rng = np.random.default_rng(0)
@@ -484,10 +476,8 @@ def test_resume_across_epochs_with_the_authors_recipe_is_bit_exact(images, tmp_p
 
 
 def _as_authors_state_dicts(size, nef=32, ngf=32, nif=8, nz=8):
-    """Nets in the authors' released format, made here: our nets (EBM without our spectral norm, then the
-    old-style torch.nn.utils.spectral_norm on every conv / linear, as their add_sn) with their key names
-    (nets.py: conv_1, block2.., lin_5 / lin_6; lin_1, block2.. with bn_1 / bn_2, bn_5 / conv5; main,
-    conv51 / 52)."""
+    """Our nets in the authors' released format: their add_sn (old-style spectral_norm on every conv and
+    linear of an EBM without ours) and their key names (conv_1, block2.., lin_5; lin_1, bn_1; main, conv51)."""
     torch.manual_seed(size)
     E, G, I = dm.EBM(3, nef, size, sn=False), dm.Generator(nz, ngf, 3, size), dm.Encoder(nz, nif, 3, size)
     for parent in list(E.modules()):
@@ -568,14 +558,14 @@ def test_ablations_run(images, tmp_path):
     init = fresh_models(ck["config"])["encoder"].state_dict()
     assert all(torch.equal(v, ck["models"]["encoder"][k]) for k, v in init.items())  # q is not trained
     assert run(images, tmp_path / "coop", "--iters", "2", "--gen-only-init", "--k-z", "0") == 0
-    row = json.loads((tmp_path / "coop" / "log.jsonl").read_text().splitlines()[-1])
+    row = read_jsonl(tmp_path / "coop", "log.jsonl")[-1]
     assert np.isfinite(row["loss_gen"]) and row["loss_gen"] == pytest.approx(50 * row["loss_sample"], 1e-3)
 
 
 def test_bf16_autocast_runs_and_stays_close_to_float32(images, tmp_path):
     assert run(images, tmp_path / "fp32", "--iters", "1") == 0
     assert run(images, tmp_path / "bf16", "--iters", "1", "--amp", "bf16") == 0
-    r32, r16 = (json.loads((tmp_path / d / "log.jsonl").read_text()) for d in ("fp32", "bf16"))
+    r32, r16 = (read_jsonl(tmp_path / d, "log.jsonl")[0] for d in ("fp32", "bf16"))
     for k in ("loss_recon", "loss_inf", "mse_recon"):  # same batch and draws; bf16 model passes only
         assert np.isfinite(r16[k]) and abs(r16[k] - r32[k]) < 0.05 * abs(r32[k]), (k, r16[k], r32[k])
 
@@ -616,39 +606,29 @@ def test_curves_png_at_plot_steps_and_one_line_without_matplotlib(images, tmp_pa
 
 # ---- bad input ----
 
-
 @pytest.mark.parametrize("flags, msg", [
     (["--k-x", "-1"], "--k-x"), (["--k-z", "-1"], "--k-z"), (["--sigma-g", "0"], "--sigma-g"),
     (["--nef", "0"], "--nef"), (["--ngf", "0"], "--ngf"), (["--nif", "0"], "--nif"), (["--nz", "0"], "--nz"),
     (["--image-size", "48"], "image-size 48"), (["--batch-size", "1"], "--batch-size"),
-    (["--lr-e", "0"], "--lr-e"),
-    (["--x-noise", "-1"], "--x-noise"), (["--iters", "0"], "--iters"), (["--data-seed", "-1"], "--data-seed"),
-    (["--dataset", "imagenet"], "unknown --dataset"),
+    (["--lr-e", "0"], "--lr-e"), (["--x-noise", "-1"], "--x-noise"), (["--iters", "0"], "--iters"),
+    (["--data-seed", "-1"], "--data-seed"), (["--dataset", "imagenet"], "unknown --dataset"),
     (["--dataset", "folder:/nonexistent/dir"], "not a directory"),
     (["--device", "cuda:7"], "--device"), (["--device", "tpu"], "--device"),
     (["--sample-step-size", "nan"], "--sample-step-size"), (["--log-every", "0"], "--log-every"),
-    (["--n-data", "-1"], "--n-data"),
-    (["--lr-e", "inf"], "--lr-e must be a finite number"),
+    (["--n-data", "-1"], "--n-data"), (["--lr-e", "inf"], "--lr-e must be a finite number"),
     (["--sigma-g", "inf"], "--sigma-g must be a finite"),
     (["--x-step-size", "inf"], "--x-step-size must be a finite number >= 0"),
     (["--arch", "resnet", "--image-size", "64", "--nef", "8"], "--nef must be >= 16"),
+    (["--amp", "fp16"], "argument --amp: invalid choice"), (["--arch", "vgg"], "argument --arch: invalid"),
+    (["--k-x", "ten"], "--k-x: invalid int"), (["--recipe", "mine"], "argument --recipe: invalid choice"),
 ])
 def test_bad_values_exit_2_and_write_nothing(images, tmp_path, capsys, flags, msg):
+    """Our checks and argparse's (a SystemExit): one line each."""
     out = tmp_path / "run"
-    argv = ["--dataset", f"folder:{images}", *TINY, "--out", str(out), *flags]
-    assert dm.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dual_mcmc.py: error:") and msg in err[0], err
+    code, err = run_main(dm.main, ["--dataset", f"folder:{images}", *TINY, "--out", out, *flags], capsys)
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("dual_mcmc.py: error:") and msg in err[0], err
     assert not out.exists()
-
-
-@pytest.mark.parametrize("flags", [["--amp", "fp16"], ["--arch", "vgg"], ["--k-x", "ten"],
-                                   ["--recipe", "mine"]])
-def test_argparse_errors_exit_2(tmp_path, capsys, flags):
-    with pytest.raises(SystemExit) as e:
-        dm.main([*TINY, "--out", str(tmp_path / "run"), *flags])
-    assert e.value.code == 2 and "dual_mcmc.py: error:" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
 
 
 def test_folder_dataset_expands_home_and_takes_every_image_extension(tmp_path, monkeypatch):
@@ -665,13 +645,10 @@ def test_folder_dataset_expands_home_and_takes_every_image_extension(tmp_path, m
     assert data.shape == (8, 3, 32, 32) and n_available == 8
     reds = sorted(data[:, 0, 0, 0].tolist())  # one file of each kind (JPEG / GIF may shift a level or two)
     assert all(abs(r - 20 * i) <= 3 for i, r in enumerate(reds)), reds
-    out = tmp_path / "run"
-    assert dm.main(["--dataset", "folder:~/imgs", *TINY, "--iters", "1", "--out", str(out)]) == 0
     assert dm.default_out("dual", "folder:~/imgs") == os.path.join("runs", "dual_imgs")
 
 
 # ---- multi-process (slow: two processes start torch twice; `pytest -m slow`) ----
-
 
 def _torchrun(images, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
@@ -691,8 +668,8 @@ def test_torchrun_two_processes_train_and_resume_exactly(images, tmp_path):
     r = _torchrun(images, b, "--iters", "4", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     ca, cb = (torch.load(p / "final.pt", weights_only=True) for p in (a, b))
-    assert json.loads((a / "config.json").read_text())["world_size"] == 2 and len(ca["rng_per_rank"]) == 2
-    assert ca["config"]["n_available"] == 64 and len((a / "log.jsonl").read_text().splitlines()) == 4
+    assert read_json(a, "config.json")["world_size"] == 2 and len(ca["rng_per_rank"]) == 2
+    assert ca["config"]["n_available"] == 64 and len(read_jsonl(a, "log.jsonl")) == 4
     for name in ca["models"]:
         for k, v in ca["models"][name].items():
             assert torch.equal(v, cb["models"][name][k]), (name, k)
