@@ -477,7 +477,7 @@ def test_resume_across_epochs_with_the_authors_recipe_is_bit_exact(images, tmp_p
 
 def _as_authors_state_dicts(size, nef=32, ngf=32, nif=8, nz=8):
     """Our nets in the authors' released format: their add_sn (old-style spectral_norm on every conv and
-    linear of an EBM without ours) and their key names (conv_1, block2.., lin_5; lin_1, bn_1; main, conv51)."""
+    linear of an EBM without ours), their key names (conv_1, block2.., lin_5; lin_1, bn_1; main, conv51)."""
     torch.manual_seed(size)
     E, G, I = dm.EBM(3, nef, size, sn=False), dm.Generator(nz, ngf, 3, size), dm.Encoder(nz, nif, 3, size)
     for parent in list(E.modules()):
