@@ -1,6 +1,7 @@
 """evaluate.py: metric functions against hand / closed-form values, and every subcommand end to end
 on tiny checkpoints the tests make themselves. CPU only, no network."""
 import argparse
+import functools
 import math
 import os
 
@@ -52,12 +53,8 @@ def dual_ckpt(data, tmp_path_factory):
     return str(out / "final.pt")
 
 
-def run_eval(argv, capsys):
-    return run_main(ev.main, argv, capsys)
-
-
-def metrics(out):
-    return read_json(out, "metrics.json")
+run_eval = functools.partial(run_main, ev.main)                     # (argv, capsys) -> (exit code, stderr)
+metrics = lambda out: read_json(out, "metrics.json")
 
 
 # ---- metric functions ----
@@ -451,7 +448,12 @@ def test_shortrun_inpaint_runs_its_own_chain(sr_ckpt, data, tmp_path, capsys, mo
 
 # ---- transition, superres, ood ----
 
-def test_shortrun_ood_transition_superres(sr_ckpt, data, tmp_path, capsys):
+def test_shortrun_ood_transition_and_superres_whose_init_noise_keeps_the_lowres_image(sr_ckpt, data, tmp_path,
+                                                                                      capsys):
+    x_low = ev.sr.lowres(torch.rand(3, 3, 32, 32) * 2 - 1, 8)
+    start = ev.superres_init(x_low, 8, 0.2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ev.sr.lowres(start, 8), x_low)                 # block means unchanged
+    assert (start - x_low).std() > 0.15
     test = ["--dataset", f"folder:{data['test']}", "--device", "cpu"]
     code, err = run_eval(["ood", "--ckpt", sr_ckpt, *test, "--ood", f"folder:{data['noise']}",
                           "--out", tmp_path / "ood"], capsys)
@@ -465,31 +467,17 @@ def test_shortrun_ood_transition_superres(sr_ckpt, data, tmp_path, capsys):
     assert code == 0, err
     m = metrics(tmp_path / "tr")
     assert m["K2"] == [0, 10, 20] and len(m["per_K2"]) == 3 and m["trained_K"] == 10
-    code, err = run_eval(["superres", "--ckpt", sr_ckpt, *test, "--n", "4", "--seeds", "2", "--K", "4",
-                          "--out", tmp_path / "sup"], capsys)
-    assert code == 0, err
-    m = metrics(tmp_path / "sup")
-    assert set(m["per_size"]) == {"4x4", "8x8", "16x16"} and m["seeds"] == 2
-    assert all(os.path.isfile(tmp_path / d / n)
-               for d, n in [("tr", "transition.png"), ("sup", "superres.png"), ("ood", "ood_scores.png")])
-
-
-def test_superres_init_noise_keeps_the_lowres_image_and_makes_draws_differ(sr_ckpt, data, tmp_path, capsys):
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
-    x_low = ev.sr.lowres(x, 8)
-    start = ev.superres_init(x_low, 8, 0.2, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ev.sr.lowres(start, 8), x_low)                 # block means unchanged
-    assert (start - x_low).std() > 0.15
     spread = {}
-    for noise in ("0.2", "0"):
-        out = tmp_path / f"n{noise}"
-        code, err = run_eval(["superres", "--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}",
-                              "--n", "4", "--seeds", "2", "--sizes", "8", "--K", "4", "--init-noise", noise,
-                              "--device", "cpu", "--out", out], capsys)
+    for noise, sizes in (("0.2", []), ("0", ["--sizes", "8"])):      # default sizes: 4, 8 and 16
+        code, err = run_eval(["superres", "--ckpt", sr_ckpt, *test, "--n", "4", "--seeds", "2", "--K", "4",
+                              "--init-noise", noise, *sizes, "--out", tmp_path / f"sup{noise}"], capsys)
         assert code == 0, err
-        spread[noise] = metrics(out)["per_size"]["8x8"]["pixel_std_across_seeds"]
-    print("pixel std across seeds:", spread)
-    assert spread["0.2"] > 5 * spread["0"]
+        spread[noise] = metrics(tmp_path / f"sup{noise}")["per_size"]["8x8"]["pixel_std_across_seeds"]
+    m = metrics(tmp_path / "sup0.2")
+    assert set(m["per_size"]) == {"4x4", "8x8", "16x16"} and m["seeds"] == 2
+    assert spread["0.2"] > 5 * spread["0"], spread                     # the init noise makes draws differ
+    assert all(os.path.isfile(tmp_path / d / n)
+               for d, n in [("tr", "transition.png"), ("sup0.2", "superres.png"), ("ood", "ood_scores.png")])
 
 
 # ---- dual-MCMC: BatchNorm mode, CUDA graphs, --no-inference ----
