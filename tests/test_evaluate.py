@@ -690,37 +690,30 @@ def test_a_lowres_checkpoint_exports_from_a_seeded_subset_and_superresolves_at_i
 
 # ---- bad input ----
 
-@pytest.mark.parametrize("case", ["missing", "not_a_ckpt", "lrelu_bpd", "dual_bpd", "bad_dataset", "bad_flag",
-                                  "bad_mask", "no_subcommand", "bad_optimizer", "negative_lr", "bad_bn_mode",
-                                  "negative_draws", "negative_init_noise", "export_n0", "bad_split",
-                                  "missing_cifar100", "missing_svhn"])
-def test_bad_input_exits_2_with_one_line(case, sr_ckpt, dual_ckpt, tmp_path, capsys):
-    junk = tmp_path / "junk.pt"
-    junk.write_text("not a checkpoint")
-    out = ["--out", tmp_path / "out", "--device", "cpu"]
-    argv = {"missing": ["recon", "--ckpt", tmp_path / "nope.pt", *out],
-            "not_a_ckpt": ["recon", "--ckpt", junk, *out],
-            "lrelu_bpd": ["bpd", "--ckpt", sr_ckpt, *out],
-            "dual_bpd": ["bpd", "--ckpt", dual_ckpt, *out],
-            "bad_dataset": ["recon", "--ckpt", sr_ckpt, "--dataset", "imagenet", *out],
-            "bad_flag": ["recon", "--ckpt", sr_ckpt, "--n", "0", *out],
-            "bad_mask": ["inpaint", "--ckpt", dual_ckpt, "--masks", "X10", *out],
-            "no_subcommand": ["--ckpt", sr_ckpt],
-            "bad_optimizer": ["recon", "--ckpt", sr_ckpt, "--optimizer", "sgd", *out],
-            "negative_lr": ["recon", "--ckpt", sr_ckpt, "--lr", "-0.1", *out],
-            "bad_bn_mode": ["export", "--ckpt", dual_ckpt, "--bn-mode", "frozen", *out],
-            "negative_draws": ["bpd", "--ckpt", sr_ckpt, "--dequant-draws", "-1", *out],
-            "negative_init_noise": ["superres", "--ckpt", sr_ckpt, "--init-noise", "-1", *out],
-            "export_n0": ["export", "--ckpt", sr_ckpt, "--n", "0", *out],
-            "bad_split": ["recon", "--ckpt", sr_ckpt, "--dataset", "svhn", "--split", "extra", *out],
-            **{f"missing_{name}": ["ood", "--ckpt", sr_ckpt, "--dataset", name, "--data-root", tmp_path,
-                                   "--no-download", *out] for name in ("cifar100", "svhn")}}[case]
-    code, err = run_eval(argv, capsys)
-    assert code == 2
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert not os.path.exists(tmp_path / "out")
-    where = {"missing_cifar100": "cifar-100-python", "missing_svhn": os.path.join("svhn", "test_32x32.mat")}
-    assert case not in where or f"cannot load {case[8:]}: expected {tmp_path / where[case]}" in err, err
+@pytest.mark.parametrize("argv, words", [  # argv: the subcommand, then "sr" / "dual" / a file in tmp_path
+    (["recon", "nope.pt"], "no checkpoint at"), (["recon", "junk.pt"], "cannot read checkpoint"),
+    (["bpd", "sr"], "bpd needs a GELU model"), (["bpd", "dual"], "bpd needs a shortrun_ebm.py checkpoint"),
+    (["recon", "sr", "--dataset", "imagenet"], "unknown data set 'imagenet'"),
+    (["recon", "sr", "--n", "0"], "--n must be >= 1"), (["export", "sr", "--n", "0"], "--n must be >= 1"),
+    (["inpaint", "dual", "--masks", "X10"], "--masks 'X10': use Mxx"), ([None, "sr"], "SUBCOMMAND: invalid"),
+    (["recon", "sr", "--optimizer", "sgd"], "--optimizer: invalid choice"),
+    (["recon", "sr", "--lr", "-0.1"], "--lr must be a finite number >= 0"),
+    (["export", "dual", "--bn-mode", "frozen"], "--bn-mode: invalid choice"),
+    (["bpd", "sr", "--dequant-draws", "-1"], "--dequant-draws must be >= 0"),
+    (["superres", "sr", "--init-noise", "-1"], "--init-noise must be a finite number >= 0"),
+    (["recon", "sr", "--dataset", "svhn", "--split", "extra"], "--split: invalid choice"),
+    (["ood", "sr", "--dataset", "cifar100", "--data-root", "{root}", "--no-download"],
+     "cannot load cifar100: expected " + os.path.join("{root}", "cifar-100-python")),
+    (["ood", "sr", "--dataset", "svhn", "--data-root", "{root}", "--no-download"],
+     "cannot load svhn: expected " + os.path.join("{root}", "svhn", "test_32x32.mat")),
+])
+def test_bad_input_exits_2_with_one_line(argv, words, sr_ckpt, dual_ckpt, tmp_path, capsys):
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    cmd, ckpt, *flags = [a and a.format(root=tmp_path) for a in argv]
+    argv = ["--ckpt", {"sr": sr_ckpt, "dual": dual_ckpt}.get(ckpt, tmp_path / ckpt), *flags]
+    code, err = run_eval([cmd, *argv, "--out", tmp_path / "out", "--device", "cpu"] if cmd else argv, capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert words.format(root=tmp_path) in err and not os.path.exists(tmp_path / "out"), err
 
 
 def test_evaluate_raises_the_training_scripts_usage_error():
