@@ -87,14 +87,11 @@ def test_frechet_distance_matches_closed_forms_and_scipy_and_survives_singular_c
     assert ev.frechet_distance(np.zeros(2), s, np.zeros(2), s) == pytest.approx(0, abs=1e-5)
 
 
-def test_auroc_matches_a_hand_computed_case_with_ties():
+def test_auroc_psnr_and_ssim_on_hand_computed_cases():
     # pairs (in, out): 3>2, 3>0, 2=2 (1/2), 2>0, 1<2, 1>0 -> 4.5 / 6
     assert ev.auroc([3, 2, 1], [2, 0]) == pytest.approx(0.75)
     assert ev.auroc([5, 6], [1, 2, 3]) == 1.0 and ev.auroc([1], [2]) == 0.0
     assert ev.auroc([1, 1], [1]) == 0.5
-
-
-def test_psnr_and_ssim_on_known_images():
     x = torch.zeros(2, 3, 32, 32)
     y = x + 0.2                                   # 0.1 on the [0, 1] scale: PSNR = 10 log10(1 / 0.01) = 20 dB
     assert ev.psnr(y, x) == pytest.approx(torch.tensor([20.0, 20.0]), abs=1e-4)
@@ -162,13 +159,10 @@ def test_fid_without_weights_and_download_says_which_file_to_get(sr_ckpt, tmp_pa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     code, err = run_eval(["fid", "--ckpt", sr_ckpt, "--no-download", "--n", "10", "--device", "cpu",
                           "--out", tmp_path / "out"], capsys)
-    assert code == 2
-    line = err.strip()
-    assert "\n" not in line and "Traceback" not in err
-    assert ev.INCEPTION_URL in line
+    assert code == 2 and "\n" not in err.strip() and "Traceback" not in err and ev.INCEPTION_URL in err
     home = os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints")
-    assert os.path.join(home, "weights-inception-2015-12-05-6726825d.pth") in line
-    assert "--inception-weights" in line and not os.path.exists(tmp_path / "out")
+    assert os.path.join(home, "weights-inception-2015-12-05-6726825d.pth") in err
+    assert "--inception-weights" in err and not os.path.exists(tmp_path / "out")
 
 
 def test_reference_statistics_stream_the_crop_box_are_cached_and_refuse_a_foreign_file(dual_ckpt, tmp_path):
@@ -208,14 +202,25 @@ def test_reference_statistics_stream_the_crop_box_are_cached_and_refuse_a_foreig
 
 # ---- recon, interp, bpd ----
 
-def test_recon_by_the_papers_gd_and_by_adam_lowers_the_error(sr_ckpt, data, tmp_path, capsys):
+def test_recon_gd_is_plain_gradient_descent_and_it_and_adam_lower_the_error(sr_ckpt, data, tmp_path, capsys):
+    # K = 0: M_theta(z) = z, so grad_z ||x - z||^2 = 2 (z - x) and one gd step gives z0 - 2 lr (z0 - x)
+    model = ev.load_model(sr_ckpt, "cpu")
+    chain = {"K": 0, "step_size": 1.0, "noise": 0.0}
+    x, z0 = torch.rand(2, 2, 3, 32, 32) * 2 - 1
+    r = ev.reconstruct_z(model, chain, x, steps=1, lr=0.25, optimizer="gd", z0=z0)
+    torch.testing.assert_close(r.z, z0 - 0.5 * (z0 - x))
+    assert r.curve[0] == pytest.approx((z0 - x).pow(2).mean().item(), rel=1e-5)
+    assert r.curve[1] == pytest.approx(0.5 ** 2 * r.curve[0], rel=1e-5)
+    # lr 1/2 lands on x in one step; without projection z may leave [-1, 1], with --clamp it may not
+    far = x * 1.5
+    torch.testing.assert_close(ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0).z, far)
+    assert ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0, clamp=True).z.abs().max() <= 1
     test = ["--ckpt", sr_ckpt, "--dataset", f"folder:{data['test']}", "--n", "8", "--steps", "40",
             "--device", "cpu"]
     code, err = run_eval(["recon", *test, "--out", tmp_path / "gd"], capsys)           # the default: gd
     assert code == 0, err
     m = metrics(tmp_path / "gd")
-    method = m["method"]
-    assert method["optimizer"] == "gd" and method["lr"] == ev.GD_LR and method["clamp"] is False
+    assert (m["method"]["optimizer"], m["method"]["lr"], m["method"]["clamp"]) == ("gd", ev.GD_LR, False)
     print("gd recon on the tiny model:", m["mse_init"], "->", m["mse"])
     assert m["mse"] < 0.7 * m["mse_init"], (m["mse"], m["mse_init"])
     curve = m["mse_curve"]                                  # small plain steps: the error falls at every step
@@ -230,24 +235,7 @@ def test_recon_by_the_papers_gd_and_by_adam_lowers_the_error(sr_ckpt, data, tmp_
     assert m["mse_curve"][0] == pytest.approx(m["mse_init"], rel=1e-4)
     assert len(m["mse_curve"]) == 41 and m["mse_curve"][-1] == pytest.approx(m["mse"], rel=1e-4)
     assert m["mse_01"] == pytest.approx(m["mse"] / 4) and {"psnr", "ssim"} <= set(m)
-    assert os.path.isfile(tmp_path / "adam" / "recon_trajectory.png")
-    assert os.path.isfile(tmp_path / "adam" / "recon_curve.png")
-
-
-def test_gd_step_is_plain_gradient_descent_on_a_hand_case(sr_ckpt):
-    # K = 0: M_theta(z) = z, so grad_z ||x - z||^2 = 2 (z - x) and one gd step gives z0 - 2 lr (z0 - x)
-    model = ev.load_model(sr_ckpt, "cpu")
-    chain = {"K": 0, "step_size": 1.0, "noise": 0.0}
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    z0 = torch.rand(2, 3, 32, 32) * 2 - 1
-    r = ev.reconstruct_z(model, chain, x, steps=1, lr=0.25, optimizer="gd", z0=z0)
-    torch.testing.assert_close(r.z, z0 - 0.5 * (z0 - x))
-    assert r.curve[0] == pytest.approx((z0 - x).pow(2).mean().item(), rel=1e-5)
-    assert r.curve[1] == pytest.approx(0.5 ** 2 * r.curve[0], rel=1e-5)
-    # lr 1/2 lands on x in one step; without projection z may leave [-1, 1], with --clamp it may not
-    far = x * 1.5
-    torch.testing.assert_close(ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0).z, far)
-    assert ev.reconstruct_z(model, chain, far, 1, 0.5, z0=z0, clamp=True).z.abs().max() <= 1
+    assert all(os.path.isfile(tmp_path / "adam" / f"recon_{k}.png") for k in ("trajectory", "curve"))
 
 
 def test_dual_recon_reports_inf_and_inf_plus_langevin(dual_ckpt, data, tmp_path, capsys):
@@ -380,7 +368,7 @@ def test_random_masks_are_unions_of_blocks_covering_the_fraction(size):
         assert len({tuple(m.flatten().tolist()) for m in keep}) == 20          # a new mask per image
 
 
-def test_masked_chains_never_touch_observed_pixels():
+def test_masked_x_chains_never_touch_observed_pixels_and_masked_z_chains_see_only_them():
     f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1))
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     keep, _ = ev.make_masks("R40", 2, 8, torch.Generator().manual_seed(0))
@@ -388,10 +376,7 @@ def test_masked_chains_never_touch_observed_pixels():
     out = ev.langevin_x_masked(run, torch.zeros_like(x), keep, x, 5)
     assert torch.equal(out * keep.expand_as(x), x * keep.expand_as(x))
     assert not torch.equal(out * (1 - keep), torch.zeros_like(out))
-
-
-def test_masked_z_langevin_is_dual_mcmcs_chain_on_the_observed_pixels():
-    torch.manual_seed(0)
+    torch.manual_seed(0)                              # z: dual_mcmc's chain on the observed pixels only
     g = torch.nn.Sequential(torch.nn.Linear(3, 12), torch.nn.Tanh())
     x, z = torch.randn(2, 12), torch.randn(2, 3)
     for posterior in ("paper", "authors"):
@@ -506,10 +491,7 @@ def test_recon_of_a_no_inference_checkpoint_starts_from_standard_normal(dual_ckp
     path = tmp_path / "noinf.pt"
     torch.save(ckpt, path)
     model = ev.load_model(str(path), "cpu")
-
-    def no_encoder(*a):
-        raise AssertionError("the untrained encoder must not start the chain")
-    monkeypatch.setattr(model.encoder, "forward", no_encoder)
+    monkeypatch.setattr(model.encoder, "forward", lambda *a: pytest.fail("the untrained encoder started it"))
     torch.manual_seed(7)
     z = ev.z_start(model, torch.zeros(4000, 3, 32, 32))
     torch.manual_seed(7)
