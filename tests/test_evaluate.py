@@ -579,11 +579,16 @@ def test_lsun_held_out_images_are_training_images_outside_the_runs_subset(sr_ckp
         ev.held_out(args, model, 10)
 
 
-def test_authors_released_format_is_routed_to_dual_mcmc_loader(dual_ckpt, tmp_path, capsys, monkeypatch):
+def test_load_model_reads_the_authors_format_via_dual_mcmc_and_raises_the_scripts_usage_error(
+        dual_ckpt, tmp_path, capsys, monkeypatch):
+    own = [k for k, v in vars(ev).items() if isinstance(v, type) and issubclass(v, Exception)
+           and v.__module__ == ev.__name__]
+    assert own == []                                           # no exception class of its own
+    with pytest.raises(sr.UsageError):
+        ev.load_model("/nonexistent/final.pt", "cpu")
     # a dict without "script" holding netG / netE / netI is the Dual-MCMC authors' format: dual_mcmc reads it
     torch.save({"epoch": 300, "netG": {}, "netE": {}, "netI": {}}, tmp_path / "authors.pth")
-    seen = []
-    real = ev.dm.load_checkpoint
+    seen, real = [], ev.dm.load_checkpoint
     monkeypatch.setattr(ev.dm, "load_checkpoint",
                         lambda path, device: seen.append(path) or real(dual_ckpt, device))
     model = ev.load_model(str(tmp_path / "authors.pth"), "cpu")
@@ -696,11 +701,3 @@ def test_bad_input_exits_2_with_one_line(argv, words, sr_ckpt, dual_ckpt, tmp_pa
     code, err = run_eval([cmd, *argv, "--out", tmp_path / "out", "--device", "cpu"] if cmd else argv, capsys)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert words.format(root=tmp_path) in err and not os.path.exists(tmp_path / "out"), err
-
-
-def test_evaluate_raises_the_training_scripts_usage_error():
-    own = [k for k, v in vars(ev).items() if isinstance(v, type) and issubclass(v, Exception)
-           and v.__module__ == ev.__name__]
-    assert own == []                                           # no exception class of its own
-    with pytest.raises(sr.UsageError):
-        ev.load_model("/nonexistent/final.pt", "cpu")
