@@ -99,9 +99,7 @@ def test_langevin_z_reaches_the_gaussian_posterior_mode_and_the_authors_double_t
         dm.langevin_z(g, x, z0, 1, step, 0.0, sigma, "other")
 
 
-class Quadratic(nn.Module):
-    """f(x) = -0.5 * ||x - m||^2 per example, so grad f = m - x."""
-
+class Quadratic(nn.Module):  # f(x) = -0.5 * ||x - m||^2 per example, so grad f = m - x
     def __init__(self, m):
         super().__init__()
         self.m = nn.Parameter(m)
@@ -132,8 +130,7 @@ def test_chains_leave_batchnorm_statistics_untouched():
     before = {k: v.clone() for k, v in G.state_dict().items()}
     x = torch.rand(8, 3, 32, 32) * 2 - 1
     dm.langevin_z(G, x, torch.randn(8, 8), K=5, step_size=0.005, noise=0.1, sigma=0.3)
-    after = G.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], G.state_dict()[k]) for k in before)
     f = nn.Sequential(nn.BatchNorm2d(3), E).train()  # an EBM with BatchNorm: the x-chain must not move it
     dm.langevin_x(f, x, K=3, step_size=0.01, noise=0.01)
     assert torch.equal(f[0].running_mean, torch.zeros(3)) and f[0].num_batches_tracked.item() == 0
@@ -260,9 +257,8 @@ def test_gen_loss_authors_drops_the_likelihood_scale_and_bn_init_authors_draws_n
 
 
 def _recon_mse_and_colour_gap(models, x, mode="eval"):
-    """Reconstruction MSE of g(mu(x)) and the largest per-channel gap between the mean colour of 256
-    generator samples and of the data, with the generator in eval (running BatchNorm statistics)
-    or train mode (batch statistics; run on a copy so its running statistics stay as they were)."""
+    """MSE of g(mu(x)) and the largest per-channel gap between the mean colours of 256 samples of g and of
+    the data; g in eval (running BatchNorm statistics) or train mode (batch statistics, on a copy)."""
     G, I = models["generator"], models["encoder"]
     for m in models.values():
         m.eval()
@@ -286,8 +282,7 @@ def test_short_run_improves_reconstruction_and_eval_mode_samples(images, tmp_pat
     mse1, gap1 = _recon_mse_and_colour_gap(models, x)
     _, gap_train = _recon_mse_and_colour_gap(models, x, "train")
     print(f"recon MSE {mse0:.4f} -> {mse1:.4f}, colour gap {gap0:.4f} -> {gap1:.4f} (train {gap_train:.4f})")
-    assert mse1 < 0.5 * mse0, (mse0, mse1)
-    assert gap1 < 0.5 * gap0, (gap0, gap1)
+    assert mse1 < 0.5 * mse0 and gap1 < 0.5 * gap0, (mse0, mse1, gap0, gap1)
     # the chains' forward passes did not bend the running statistics: eval mode as good as train mode
     assert gap1 < gap_train + 0.05, (gap1, gap_train)
     rows = read_jsonl(tmp_path, "log.jsonl")
