@@ -604,11 +604,10 @@ def test_load_model_reads_the_authors_format_via_dual_mcmc_and_raises_the_script
 def test_dual_celeba_crop_checkpoints_evaluate_on_the_authors_crop_box(dual_ckpt, tmp_path):
     # aligned 178x218 faces: white inside the authors' crop box, black outside
     folder = tmp_path / "faces"
-    os.makedirs(folder)
+    folder.mkdir()
+    im, (l, t, r, b) = np.zeros((218, 178, 3), np.uint8), dm.CELEBA_BOX
+    im[t:b, l:r] = 255
     for i in range(3):
-        im = np.zeros((218, 178, 3), np.uint8)
-        l, t, r, b = dm.CELEBA_BOX
-        im[t:b, l:r] = 255
         Image.fromarray(im).save(folder / f"{i}.png")
     name = f"folder:{folder}"
     x, info = ev.load_set(name, "./data", 32, 0, False, "test", 3, crop=True)
