@@ -66,7 +66,7 @@ import shortrun_ebm as sr
 PROG = "evaluate.py"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-GD_LR, ADAM_LR = 0.005, 0.05  # default steps on z, recon / bpd / inpaint (our choice; README: gd vs Adam)
+GD_LR, ADAM_LR = 0.005, 0.05  # default steps on z, recon / bpd / inpaint (our choice; the paper gives none)
 SUPERRES_NOISE = 0.05  # superres: std of the per-draw noise on the low-res init (see superres_init)
 MASKS = ("M20", "M30", "M40", "R20", "R30", "R40")
 
