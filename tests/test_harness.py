@@ -53,7 +53,7 @@ def test_every_shared_definition_is_shortrun_ebms_text_in_the_same_order(defs):
     order = sorted(ref, key=lambda n: ref[n][1])
     for script in SCRIPTS[1:]:
         shared = {n: v for n, v in defs[script].items() if v[2]}
-        assert set(shared) <= set(ref), f"{script}: not in shortrun_ebm.py's shared block: {set(shared) - set(ref)}"
+        assert set(shared) <= set(ref), f"{script}: not in shortrun_ebm.py's block: {set(shared) - set(ref)}"
         for name, (text, _, _) in shared.items():
             assert text == ref[name][0], f"{name} differs between shortrun_ebm.py and {script}"
         assert sorted(shared, key=lambda n: shared[n][1]) == [n for n in order if n in shared], script
