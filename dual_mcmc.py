@@ -1448,7 +1448,7 @@ def benchmark(args, device):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args, rank, world = build_parser().parse_args(argv), 0, 1
     try:
         validate(args)
         args.out = args.out or default_out("dual", args.dataset)
@@ -1465,58 +1465,49 @@ def main(argv=None):
             check_run_folder(args.out)
         if args.print_config:                          # reads no data, writes nothing
             return print_config(args)
+        rank, world = setup_distributed(device)
+        box = CELEBA_BOX if args.celeba_crop else None
+        data, args.n_available = load_data(args, rank, world, device, box)   # n_available: config.json
+        if len(data) < args.batch_size * world:
+            raise UsageError(f"an epoch of {len(data)} images holds no full batch of --batch-size "
+                             f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; "
+                             f"lower --batch-size")
+        args.n_c = int(data.shape[1])
+        seed_everything(args.seed)                     # the same initial weights on every rank
+        models = build_models(args, device)
+        opts, scheds = make_optimizers(args, models)
+        order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
+        seed_everything(args.seed + rank)              # each rank its own batches and chains
+        start_it, seconds0 = 0, 0.0
+        if ckpt is not None and "models" in ckpt:      # (a run killed before its first last.pt has none)
+            for k in models:
+                models[k].load_state_dict(ckpt["models"][k])
+                opts[k].load_state_dict(ckpt["optimizers"][k])
+                scheds[k].load_state_dict(ckpt["schedulers"][k])
+            order.load_state_dict(ckpt["data_order"])
+            start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]
+            restore_rng(ckpt, args.seed, rank, world, device)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            if start_it == 0:
+                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
+                                  os.path.join(args.out, "config.json"))
+                save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
+            if ckpt is not None:
+                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
+            print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
+                  f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; "
+                  f"{len(data)} images; {device}, world {world}; "
+                  f"{'resuming at ' + str(start_it) + ', ' if start_it else ''}writing {args.out}",
+                  file=sys.stderr)
+        data = place_data(data, device, 0.25)          # uint8 images: up to a quarter of free memory
+        return train(args, models, opts, scheds, data, order, device, start_it, seconds0, rank, world)
     except UsageError as e:
-        return usage_error(e)
-    rank, world = setup_distributed(device)
-    try:
-        try:
-            box = CELEBA_BOX if args.celeba_crop else None
-            data, args.n_available = load_data(args, rank, world, device, box)   # n_available: config.json
-            if len(data) < args.batch_size * world:
-                raise UsageError(f"an epoch of {len(data)} images holds no full batch of --batch-size "
-                                 f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; "
-                                 f"lower --batch-size")
-        except UsageError as e:
-            return usage_error(e, rank)
-        return run(args, ckpt, data, device, rank, world, argv)
+        return usage_error(e, rank)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
-
-
-def run(args, ckpt, data, device, rank, world, argv):
-    """Build the three models and their optimisers (or restore them), write config.json, train."""
-    args.n_c = int(data.shape[1])
-    seed_everything(args.seed)                         # the same initial weights on every rank
-    models = build_models(args, device)
-    opts, scheds = make_optimizers(args, models)
-    order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
-    seed_everything(args.seed + rank)                  # each rank its own batches and chains
-    start_it, seconds0 = 0, 0.0
-    if ckpt is not None and "models" in ckpt:          # (a run killed before its first last.pt has none)
-        for k in models:
-            models[k].load_state_dict(ckpt["models"][k])
-            opts[k].load_state_dict(ckpt["optimizers"][k])
-            scheds[k].load_state_dict(ckpt["schedulers"][k])
-        order.load_state_dict(ckpt["data_order"])
-        start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]
-        restore_rng(ckpt, args.seed, rank, world, device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        if start_it == 0:
-            atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
-                              os.path.join(args.out, "config.json"))
-            save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
-        if ckpt is not None:
-            truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
-        print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
-              f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; "
-              f"{len(data)} images; {device}, world {world}; "
-              f"{'resuming at ' + str(start_it) + ', ' if start_it else ''}writing {args.out}",
-              file=sys.stderr)
-    data = place_data(data, device, 0.25)              # uint8 images: up to a quarter of free memory
-    return train(args, models, opts, scheds, data, order, device, start_it, seconds0, rank, world)
 
 
 if __name__ == "__main__":
