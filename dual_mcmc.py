@@ -1446,6 +1446,9 @@ def benchmark(args, device):
     return 0
 
 
+# ---- main: flags, run folder, data, models, then train ----
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args, rank, world = build_parser().parse_args(argv), 0, 1
