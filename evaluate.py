@@ -492,9 +492,8 @@ def lsun_held_out(n_available, train_cfg, n, seed):
     free = torch.ones(n_available, dtype=torch.bool)
     if train_cfg:
         free[sr.subset_indices(n_available, train_cfg.get("n_data") or 0, train_cfg["data_seed"])] = False
-    perm = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))
-    perm = perm[free[perm]]                                                   # still in random order
-    return (perm[:n] if n and n < len(perm) else perm.sort().values).tolist(), len(perm)
+    free = free.nonzero().flatten()
+    return free[sr.subset_indices(len(free), n, seed)].tolist(), len(free)
 
 
 def cifar100(root, size, split, download):
@@ -515,22 +514,23 @@ def load_set(name, root, size, n, download, split, n_c, seed=0, crop=False, trai
     Dual-MCMC authors' CelebA crop box (dual_mcmc.CELEBA_BOX) before the resize (see celeba_crop).
     lsun_bedroom's test split: bedroom_val holds only 300 images, so its test images are bedroom_train
     images outside the training subset of train_cfg (the config of a checkpoint trained on it)."""
-    info = {}
-    if name == "cifar100" or (name == "lsun_bedroom" and split == "test"):
-        if name == "cifar100":
-            ds = cifar100(root, size, split, download)
-            idx, available = sr.subset_indices(len(ds), n, seed), len(ds)
-        else:
-            ds = sr.image_dataset(name, root, size, download, "train")
-            idx, available = lsun_held_out(len(ds), train_cfg, n, seed)
-            info["images"] = "bedroom_train minus the run's training images (bedroom_val holds only 300)"
-            if not idx:
-                raise sr.UsageError(f"lsun_bedroom: the run trained on all {len(ds)} bedroom_train images: "
-                                    "none is held out (pass --split train or --dataset folder:PATH)")
+    info, ds = {}, None
+    if name == "cifar100":
+        ds = cifar100(root, size, split, download)
+        idx, available = sr.subset_indices(len(ds), n, seed), len(ds)
+    elif name == "lsun_bedroom" and split == "test":
+        ds = sr.image_dataset(name, root, size, download, "train")
+        idx, available = lsun_held_out(len(ds), train_cfg, n, seed)
+        info["images"] = ("bedroom_train minus the run's training images" if train_cfg else
+                          "bedroom_train (not the run's training set)") + " (bedroom_val holds only 300)"
+        if not idx:
+            raise sr.UsageError(f"lsun_bedroom: the run trained on all {len(ds)} bedroom_train images: "
+                                "none is held out (pass --split train or --dataset folder:PATH)")
+    if ds is not None:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=500)
         try:
             u8 = torch.cat([b for b, _ in loader])
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise sr.UsageError(f"cannot read the images of {name} ({type(e).__name__}: {e})") from None
     elif name in sr.DATASETS or name.startswith("folder:"):
         u8, available = sr.load_images(name, root, size, n, download, split, seed,
@@ -996,7 +996,8 @@ def cmd_superres(args, model, chain):
                                    for i, b in batches(len(x), args.batch_size)]))
         per_seed = [quality(o, x) for o in outs]
         spread = torch.stack(outs).std(0).mean().item() if len(outs) > 1 else 0.0
-        res[f"{size}x{size}"] = {k: float(np.mean([q[k] for q in per_seed])) for k in ("mse", "psnr", "ssim")}
+        res[f"{size}x{size}"] = {key: float(np.mean([q[key] for q in per_seed]))
+                                 for key in ("mse", "psnr", "ssim")}
         res[f"{size}x{size}"].update(mse_seed_std=float(np.std([q["mse"] for q in per_seed])),
                                      pixel_std_across_seeds=spread, lowres_input=quality(x_low, x))
         rows += [x[:k], x_low[:k]] + [o[:k] for o in outs]
