@@ -11,7 +11,7 @@ q(z|x) = N(mu(x), diag exp(logvar(x))). Each iteration, on a data batch x and a 
   3. EBM:       ascend mean f(x) - mean f(x~)                        (scaled by 1/T, T the chain's)
   4. generator: ascend log p(x, z~) + log p(x~, z)   (data teaches g through z~, the EBM through x~)
   5. inference: ascend log q(z~|x) + log q(z|x~)     (q learns to start the z-chain where it ends)
---recipe authors switches the four places where the authors' code differs from the paper (README).
+--recipe authors switches four places where the authors' code differs from the paper (README).
 
 Run recipes
   python dual_mcmc.py --dataset cifar10                      # the paper's method, authors' CIFAR-10 nets
@@ -38,7 +38,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -273,12 +272,13 @@ def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, 
 
     update None (the paper): nothing is updated here; the three losses touch disjoint parameters (x~ and
     z~ are detached), so one backward of their sum serves all three. update(name, loss) (the authors'
-    code): called with "generator", then "encoder", then "ebm" as each loss is ready (it should step that
-    model), and f learns from x~ re-run from the just-updated generator on the same z (their fine_tune).
-    gen_loss: "paper" -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2); "authors" their plain ||x - g(z)||^2.
-    Defaults are the authors' CIFAR-10 setting. no_inference: the z-chain starts from N(0, I) and q is
-    not trained (loss_i = 0); gen_only_init: g learns only from x~ (cooperative learning). chain_x /
-    chain_z: samplers with langevin_x's / langevin_z's signatures; autocast: a context factory for
+    code): called with "generator", then "encoder" (not with no_inference), then "ebm" as each loss is
+    ready (it should step that model); f learns from x~ re-run from the updated g on the same z (their
+    fine_tune). gen_loss: "paper" -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2); "authors" their plain
+    ||x - g(z)||^2. Numeric defaults are the authors' CIFAR-10 values; posterior, gen_loss and update the
+    paper's. no_inference: the z-chain starts from N(0, I) and q is not trained (loss_i = 0);
+    gen_only_init: g learns only from x~ (cooperative learning). chain_x / chain_z: samplers with
+    langevin_x's / langevin_z's signatures; autocast: a context factory for
     mixed precision (chains and losses are computed in float32).
     """
     T = chain_temperature(x_step_size, x_noise)
@@ -312,7 +312,11 @@ def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, 
         # 3. EBM (computed last: the authors update it after g and q): maximum likelihood, data up and x~
         # down, divided by the chain temperature T; the authors' x~ is re-run from the updated g
         f_data = E(x).float().mean()
-        x_e = chain_x(E, G(z).float(), k_x, x_step_size, x_noise) if update else x_t
+        x_e = x_t
+        if update:                                  # the updated g's proposals: no graph, BN statistics kept
+            with torch.no_grad(), _bn_stats_frozen(G):
+                x0_e = G(z).float()
+            x_e = chain_x(E, x0_e, k_x, x_step_size, x_noise)
         f_samp = E(x_e).float().mean()
         loss_e = -(f_data - f_samp) / T
         if update:
@@ -1231,7 +1235,7 @@ def allreduce_grads(nets, world):
         grads = [p.grad for p in m.parameters() if p.grad is not None]
         if grads:
             flat = torch.cat([g.flatten() for g in grads])
-            dist.all_reduce(flat)
+            torch.distributed.all_reduce(flat)
             for g, v in zip(grads, (flat / world).split([g.numel() for g in grads])):
                 g.copy_(v.view_as(g))
 
@@ -1347,11 +1351,12 @@ def train_step(args, models, opts, x, amp, chains=(langevin_x, langevin_z), worl
     def step(names, loss):
         for k in names:
             opts[k].zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            allreduce_grads([models[k] for k in names], world)
-        for k in names:
-            opts[k].step()
+        with torch.autocast(x.device.type, enabled=False):     # dual_losses calls this under autocast
+            loss.backward()
+            if world > 1:
+                allreduce_grads([models[k] for k in names], world)
+            for k in names:
+                opts[k].step()
     joint = args.update_order == "joint"
     z = torch.randn(x.shape[0], args.nz, device=x.device)                  # (m, nz)
     loss_e, loss_g, loss_i, out = dual_losses(
@@ -1487,6 +1492,9 @@ def main(argv=None):
                 models[k].load_state_dict(ckpt["models"][k])
                 opts[k].load_state_dict(ckpt["optimizers"][k])
                 scheds[k].load_state_dict(ckpt["schedulers"][k])
+            if len(ckpt["data_order"]["perm"]) != len(data):
+                raise UsageError(f"the run trained on {len(ckpt['data_order']['perm'])} images, the data now "
+                                 f"holds {len(data)}: resume with the same data, or start a new --out")
             order.load_state_dict(ckpt["data_order"])
             start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]
             restore_rng(ckpt, args.seed, rank, world, device)

@@ -456,6 +456,18 @@ def test_data_order_epochs_visit_every_image_once_and_shard_ranks():
     assert all(torch.equal(a.next(), b.next()) for _ in range(5))
 
 
+def test_resume_refuses_a_data_folder_that_changed_size(images, tmp_path, capsys):
+    import shutil
+    data = tmp_path / "imgs"
+    shutil.copytree(images, data)
+    assert run(str(data), tmp_path / "run", "--iters", "1") == 0
+    shutil.copy(data / "000.png", data / "extra.png")
+    capsys.readouterr()
+    assert dm.main(["--out", str(tmp_path / "run"), "--resume", "--iters", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on 64 images" in err[0] and "holds 65" in err[0], err
+
+
 def test_resume_across_epochs_with_the_authors_recipe_is_bit_exact(images, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     extra = ("--n-data", "16", "--recipe", "authors")  # 2 iterations per epoch; g, q, f stepped in turn
