@@ -11,7 +11,7 @@ The model is p(x) ~ exp(f(x)) with f a ConvNet (f is the *negative* energy). Eve
     Adam step ascending  mean f(x_data) - mean f(x_q)
 The chain is short, non-convergent and non-persistent: the learned K-step sampler itself is
 the generator (x = M_theta(z), z ~ p_0), which interpolates, reconstructs and super-resolves.
-It samples exp(f / T) at the temperature T = noise^2 / (2 step_size) (5e-5 with the defaults).
+Its Langevin update targets exp(f / T), T = noise^2 / (2 step_size) (5e-5 with the defaults).
 
 Run recipes (README.md has more; --help lists every flag)
     python shortrun_ebm.py --dataset cifar10 --K 100                       # the paper's sec. 5.1 setting
@@ -200,7 +200,7 @@ def build_parser(suppress_defaults=False):
                    f"geometrically to {ANNEAL_FINAL:g}x at --iters; 0 = off (appendix); with only --iters "
                    f"given, the same share of the run; {per_dataset('anneal_start')}")
     m.add_argument("--preset", choices=tuple(PRESETS), default=None, help="appendix: the appendix code's "
-                   "setting (n_f 64, 100,000 iterations, all images, no decay); explicit flags win")
+                   "setting (n_f 64, 32 px, 100,000 iterations, all images, no decay); explicit flags win")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=1, help="seed of f's initial weights, batches and chains")
     r.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")

@@ -134,7 +134,7 @@ def build_parser():
     m.add_argument("--iters", type=int, default=None, help="iterations; default 6000, mog1d 3000")
     m.add_argument("--anneal-start", type=int, default=0,
                    help=f"iteration from which lr decays geometrically, reaching {ANNEAL_LR_FINAL:g} x lr at "
-                        "--iters (paper sec. 5.1: 'gradually decrease lr'); 0 = off")
+                        "--iters (as the paper's sec. 5.1 decays lr; sigma stays fixed here); 0 = off")
     e = p.add_argument_group("evaluation")
     e.add_argument("--n-samples", type=int, default=10000,
                    help="fresh K-step samples for samples.npy, the KDE and the metrics (>= 10,000)")
@@ -385,7 +385,7 @@ def make_density(name, bandwidth_rule="cv"):
         raise UsageError(f"--density {name}: need real numbers, got dtype {x.dtype}")
     x = x.astype(np.float64)
     if len(x) < 2 or np.any(x.max(0) == x.min(0)):
-        raise UsageError(f"--density {name}: need points that are not all equal on an axis (got {len(x)})")
+        raise UsageError(f"--density {name}: need points not all equal on an axis (got {len(x)} points)")
     if not np.all(np.isfinite(x)):
         raise UsageError(f"--density {name}: holds NaN or inf values")
     if np.abs(x).max() > 1:
