@@ -25,21 +25,23 @@ Run recipes (README.md has more; --help lists every flag)
 import argparse
 import contextlib
 import copy
+import functools
+import io
 import json
 import math
 import os
-import random
+import shutil
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-# ---- method: the paper's f, p_0, Langevin sampler and training step (runs alone with torch) ----
+# ---- method: the paper's f, p_0, Langevin sampler and training step ----
+# Runs alone, copied into a file that imports contextlib, torch, torch.nn as nn and torch.nn.functional as F.
 
 class EBM(nn.Module):
     """f(x): the paper's ConvNet (Tables 4-6). Returns the negative energy, shape (B,)."""
@@ -73,19 +75,16 @@ def lowres(x, size):
     return F.interpolate(F.interpolate(x, size=(size, size), mode="area"), size=x.shape[-2:], mode="nearest")
 
 
-def langevin(f, x, K, step_size=1.0, noise=1e-2, create_graph=False, stats=None):
+def langevin(f, x, K, step_size=1.0, noise=1e-2, create_graph=False):
     """K steps of x <- x + step_size * grad_x f(x) + noise * N(0, I); returns x_K. Only the grad w.r.t.
     x is taken (parameter .grad is untouched) and each step starts from a detached x, unless create_graph:
     then the chain stays differentiable w.r.t. x_0 and f's parameters (the generator view x_K = M_theta(x_0)
-    of reconstruction, interpolation, bits/dim). stats: a list to which each step appends the mean over
-    images of |grad_x f(x_k)|_2, a 0-dim tensor (no sync in the loop; the paper's Table 2 averages it)."""
+    of reconstruction, interpolation, bits/dim)."""
     if not create_graph or not x.requires_grad:
         x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         for _ in range(K):
             grad = torch.autograd.grad(f(x).sum(), x, create_graph=create_graph)[0]
-            if stats is not None:
-                stats.append(grad.detach().flatten(1).norm(dim=1).mean())
             x = x + step_size * grad
             if noise > 0:
                 x = x + noise * torch.randn_like(x)
@@ -107,17 +106,16 @@ def frozen(module):
 
 
 def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=None, *,
-               chain=langevin, f_loss=None, autocast=contextlib.nullcontext, stats=None):
+               chain=langevin, f_loss=None, autocast=contextlib.nullcontext):
     """One iteration of Algorithm 1 on a data batch x_data (m, C, S, S); returns (x_q, f_data, f_q).
     x_0: the chains' start (None: p_0 noise); chain: any sampler called like langevin; f_loss: the module
     the loss goes through (e.g. f's DistributedDataParallel wrapper); autocast: a context factory for
-    mixed precision; stats: handed to the chain (only when given: a chain may not take it)."""
+    mixed precision."""
     x_plus = x_data + sigma * torch.randn_like(x_data)                          # (m, C, S, S)
     if x_0 is None:
         x_0 = sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
     with frozen(f), autocast():
-        extra = {} if stats is None else {"stats": stats}
-        x_q = chain(f, x_0, K, step_size, noise, **extra)                       # (m, C, S, S)
+        x_q = chain(f, x_0, K, step_size, noise)                                # (m, C, S, S)
     with autocast():
         f_all = (f_loss or f)(torch.cat([x_plus, x_q])).float()                 # (2m,)
     m = x_data.shape[0]
@@ -129,7 +127,7 @@ def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=N
     return x_q, f_data.detach(), f_q.detach()
 
 
-# ---- harness: the parser (paper defaults), data, run folder, checkpoints, training loop, main ----
+# ---- hyperparameters: the parser (the papers' values in every help), per-data-set defaults, checks ----
 
 PROG = "shortrun_ebm.py"
 CKPT_FORMAT = 1  # in config.json and every checkpoint; read_checkpoint refuses any other in one line
@@ -261,9 +259,337 @@ def validate(args):
         raise UsageError(f"--lowres-size ({args.lowres_size}) must be <= --image-size ({args.image_size})")
 
 
-# ---- harness, shared: the same text in every script that needs it (tests/test_harness.py compares) ----
+# ---- the script's own glue: f and its Adam, the schedule, one training iteration, the chains ----
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+def build_model(args, n_c, device):
+    """f on device and its Adam (betas .9/.999, the paper's); channels_last on the CPU (faster in oneDNN)."""
+    f = EBM(n_c, args.n_f, args.image_size, args.act).to(device)
+    if torch.device(device).type == "cpu":
+        f = f.to(memory_format=torch.channels_last)
+    return f, torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
+
+
+def load_checkpoint(path, device="cpu"):
+    """(f in eval mode on device, config dict) from a checkpoint written by this script."""
+    ckpt = read_checkpoint(path, device)
+    f, _ = build_model(argparse.Namespace(**ckpt["config"]), ckpt["config"]["n_c"], device)
+    f.load_state_dict(ckpt["models"]["ebm"])
+    return f.eval(), ckpt["config"]
+
+
+def schedule(args, it):
+    """lr and sigma at iteration it: constant (appendix), then, from --anneal-start, a geometric decay
+    reaching ANNEAL_FINAL of each at --iters (the paper's 'gradually decrease lr and sigma')."""
+    if not args.anneal_start or it < args.anneal_start:
+        return args.lr, args.sigma
+    decay = ANNEAL_FINAL ** ((it - args.anneal_start) / (args.iters - args.anneal_start))
+    return args.lr * decay, args.sigma * decay
+
+
+def init_chain(x_data, args):
+    """x_0 for chains shaped like the batch x_data: p_0 noise, or with --init lowres its low-res version."""
+    if args.init == "lowres":
+        return lowres(x_data, args.lowres_size)
+    return sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
+
+
+def train_iteration(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None):
+    """Iteration it: scheduled lr and sigma, a data batch, K, x_0, then train_step; returns (x_q, x_data,
+    f_data, f_q). stats: a list that gets the chain's per-step mean |grad_x f| (log iterations only)."""
+    lr, sigma = schedule(args, it)
+    for group in optim.param_groups:
+        group["lr"] = lr
+    idx = torch.randint(0, data.shape[0], (args.batch_size,))
+    x_data = to_pixels(data[idx].to(device, non_blocking=True))                 # (m, C, S, S) in [-1, 1]
+    K = args.K if args.K_max is None else int(torch.randint(args.K, args.K_max + 1, ()))
+    x_0 = init_chain(x_data, args)
+    noting = chain if stats is None else functools.partial(chain, stats=stats)
+    x_q, f_data, f_q = train_step(f, optim, x_data, K, args.step_size, args.noise, sigma, x_0, chain=noting,
+                                  f_loss=f_ddp, autocast=amp)
+    return x_q, x_data, f_data, f_q
+
+
+class GradNorms(nn.Module):
+    """f, appending at each backward through it the mean over images of |grad_x f(x)|_2 (a 0-dim tensor: no
+    sync) to the list norms: around f in `langevin` it gives the chain's mean |grad_x f| (the paper's Table 2)
+    with no hook in the method's sampler."""
+
+    def __init__(self, f, norms):
+        super().__init__()
+        self.f, self.norms = f, norms
+
+    def forward(self, x):
+        x = x.view_as(x)                               # a non-leaf view: its hook receives grad_x f(x)
+        if x.requires_grad:
+            x.register_hook(lambda grad: self.norms.append(grad.detach().flatten(1).norm(dim=1).mean()))
+        return self.f(x)
+
+
+def eager_chain(f, x, K, step_size=1.0, noise=1e-2, stats=None):
+    """`langevin`, called like FastChain: with stats (a list), each step's mean |grad_x f| is appended."""
+    return langevin(f if stats is None else GradNorms(f, stats), x, K, step_size, noise)
+
+
+class FastChain:
+    """`langevin`'s chain (same update, same noise law) made fast for training, and called like it; the
+    steps update an fp32 buffer in place. bf16: f runs on a bf16 copy of its weights (channels_last),
+    refreshed from f at every call; x, the update and the noise stay fp32 (bf16 cannot accumulate
+    0.01-sized noise at |x| ~ 1). graph (CUDA only): one step is captured once per input shape and replayed
+    K times (~60 kernel launches and autograd's bookkeeping become one replay; Adam updates the weights in
+    place, so one capture serves the run). stats gets one tensor, the mean over the K steps of
+    `eager_chain`'s; only such calls (log iterations) pay for it, with their own buffers and graph."""
+
+    def __init__(self, f, bf16=False, graph=False):
+        self.f, self.bf16, self.graph, self.cache = f, bf16, graph, {}    # cache: see _buffers
+        self.net = copy.deepcopy(f).to(torch.bfloat16, memory_format=torch.channels_last) if bf16 else f
+
+    def _step(self, x, step_t, noise_t, norm_sum=None):
+        """One Langevin step updating the fp32 buffer x in place (capturable: no host sync)."""
+        x_in = x.to(torch.bfloat16, memory_format=torch.channels_last) if self.bf16 else x
+        x_in = x_in.detach().requires_grad_(True)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(self.net(x_in).sum(), x_in)[0].float()     # (m, C, S, S)
+        if norm_sum is not None:
+            norm_sum.add_(grad.flatten(1).norm(dim=1).mean())
+        x.add_(step_t * grad)                                  # x + step_size * grad_x f(x)
+        x.add_(noise_t * torch.randn_like(x))                  # + noise * N(0, I)
+
+    def _buffers(self, x, track):  # (shape, device, stats?) -> (one step, x buffer, step, noise, norm sum)
+        key = (tuple(x.shape), str(x.device), track)
+        if key not in self.cache:
+            buf = x.detach().clone(memory_format=torch.contiguous_format)
+            step_t, noise_t, norm_sum = (torch.zeros((), device=x.device) for _ in range(3))
+            norm_sum = norm_sum if track else None
+            step = lambda: self._step(buf, step_t, noise_t, norm_sum)
+            if self.graph and x.is_cuda:
+                step = cuda_graph_replay(step, x.device)
+            self.cache[key] = (step, buf, step_t, noise_t, norm_sum)
+        return self.cache[key]
+
+    def __call__(self, f, x, K, step_size=1.0, noise=1e-2, stats=None):
+        if f is not self.f:
+            raise ValueError("FastChain was built for another model")
+        if self.bf16:                                          # shadow weights <- f's, once per chain
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.net.parameters()), list(f.parameters()))
+        with frozen(self.net):                                 # autograd w.r.t. x only
+            step, buf, step_t, noise_t, norm_sum = self._buffers(x, stats is not None)
+            buf.copy_(x)
+            step_t.fill_(step_size)
+            noise_t.fill_(noise)
+            if norm_sum is not None:
+                norm_sum.zero_()
+            for _ in range(K):
+                step()
+        if norm_sum is not None:                               # mean over the K steps
+            stats.append(norm_sum / max(K, 1))
+        return buf.clone()
+
+
+def make_chain(args, f, device):
+    """The sampler of training, grids and --benchmark: `langevin` (as eager_chain), or a FastChain on CUDA or
+    with bf16."""
+    graph = args.cuda_graph and device.type == "cuda"
+    if not graph and args.amp != "bf16":
+        return eager_chain
+    return FastChain(f, bf16=args.amp == "bf16", graph=graph)
+
+
+# ---- training loop: divergence guard, log, sample grids, checkpoints ----
+
+def grad_norm(f, x):
+    """Diagnostic: the mean over images of |grad_x f(x)|_2, a 0-dim tensor."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        return torch.autograd.grad(f(x).sum(), x)[0].flatten(1).norm(dim=1).mean()
+
+
+def check_guard(signals, step_size, pixels, it):
+    """None if healthy, else a message saying what blew up and what to change. signals: measure's floats;
+    pixels: the number of values in one image."""
+    fix = "start a new run with a larger --sigma (e.g. 0.1), a lower --lr or a larger --K"
+    f_q, max_abs = signals["f_sample"], signals["sample_max_abs"]
+    step_rms = step_size * signals["grad_norm"] / math.sqrt(pixels)           # one drift step, RMS per pixel
+    gap = abs(signals["f_data"] - f_q)
+    if not all(map(math.isfinite, (gap, max_abs, step_rms))):
+        return f"iteration {it}: f or the samples became NaN/inf. {fix}"
+    if max_abs > GUARD_MAX_ABS:
+        return (f"iteration {it}: samples left [-{GUARD_MAX_ABS:g}, {GUARD_MAX_ABS:g}] "
+                f"(max |x_q| = {max_abs:.3g}, f(x_q) = {f_q:.3g}): the sampler is diverging. {fix}")
+    if step_rms > GUARD_MAX_STEP:
+        return (f"iteration {it}: one Langevin drift step moves pixels by RMS {step_rms:.3g} "
+                f"(> {GUARD_MAX_STEP:g}; |grad f| is exploding): the sampler is diverging. {fix}")
+    if gap > GUARD_MAX_GAP:
+        return (f"iteration {it}: |f(data) - f(x_q)| = {gap:.3g} > {GUARD_MAX_GAP:g} "
+                f"(f(x_q) = {f_q:.3g}): f no longer sees its own samples as data-like. {fix}")
+    return None
+
+
+def measure(f, x_q, x_data, f_data, f_q):
+    """The log's and the guard's signals as floats, in one device sync."""
+    names = ("f_data", "f_sample", "sample_max_abs", "sample_std", "data_std", "grad_norm")
+    values = torch.stack([f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std(), grad_norm(f, x_q)])
+    return dict(zip(names, values.tolist()))
+
+
+def checkpoint(args, f, optim, it, rng, seconds):
+    """The checkpoint dict (../DESIGN.md): config, iteration, f and Adam, every rank's RNG states."""
+    return {**versions(), "config": vars(args), "iteration": it, "models": {"ebm": f.state_dict()},
+            "optimizers": {"ebm": optim.state_dict()}, "rng": rng, "seconds": seconds}
+
+
+# curves.png: one panel per (title, (log key, label), ...)
+CURVE_PANELS = [("f", ("f_data", "f(data)"), ("f_sample", "f(samples)")),
+                ("|grad_x f| per image", ("grad_norm", "at x_q"), ("grad_norm_chain", "mean over the chain")),
+                ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"), ("data_std", "data")),
+                ("lr (log scale)", ("lr", "lr"))]
+
+
+def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0.0):
+    """Algorithm 1 with three gated side jobs: log, plot, checkpoint. Returns the exit code."""
+    writer = rank == 0
+    amp, chain = autocast_for(args, device), make_chain(args, f, device)
+    data_fixed = to_pixels(data[:64].to(device))                              # (64, C, S, S) in [-1, 1]
+    if writer and start_it == 0:
+        save_grid(data_fixed, os.path.join(args.out, "data.png"))
+    log_path, t_start = os.path.join(args.out, "log.jsonl"), time.time()
+    last_saved, has_matplotlib = start_it, True           # iteration of the newest last.pt
+    with StopFlag() as stop:
+        for it in range(start_it + 1, args.iters + 1):
+            is_last = it == args.iters
+            due = lambda every: (every and it % every == 0) or is_last
+            chain_grads = [] if due(args.log_every) else None     # per-step mean |grad_x f|, log steps only
+            x_q, x_data, f_data, f_q = train_iteration(f, f_ddp, optim, data, args, it - 1, chain, amp,
+                                                       device, chain_grads)
+            guard_due = args.guard and (it % GUARD_EVERY == 0 or due(args.log_every) or due(args.ckpt_every))
+            signals = measure(f, x_q, x_data, f_data, f_q) if guard_due else None
+            msg = check_guard(signals, args.step_size, x_q[0].numel(), it) if guard_due else None
+            flags = torch.tensor([msg is not None, stop.requested], device=device)
+            diverged, stopped = any_rank(flags, world)          # every rank stops on the same iteration
+            if (due(args.log_every) or diverged or stopped) and writer:   # a blow-up or a stop is logged too
+                signals = signals or measure(f, x_q, x_data, f_data, f_q)
+                elapsed = time.time() - t_start
+                rate = elapsed / (it - start_it)
+                chain_norm = float(torch.stack(chain_grads).mean()) if chain_grads else None
+                row = {"iteration": it, **signals, "f_gap": signals["f_data"] - signals["f_sample"],
+                       "grad_norm_chain": chain_norm, "lr": optim.param_groups[0]["lr"],
+                       "sigma": schedule(args, it - 1)[1], "seconds": seconds0 + elapsed, "s_per_iter": rate}
+                append_line(log_path, json.dumps(row))
+                print(f"it {it}/{args.iters} | f(x) {row['f_data']:+.4g} f(x_q) {row['f_sample']:+.4g} | "
+                      f"|grad f| {row['grad_norm']:.3g} | max|x_q| {row['sample_max_abs']:.2f} | "
+                      f"{rate:.3f} s/it | ETA {format_eta(rate * (args.iters - it))}",
+                      file=sys.stderr, flush=True)
+            if diverged:
+                if writer:
+                    print(f"{PROG}: diverged at {msg or f'iteration {it} on another rank'}; "
+                          f"{args.out}/last.pt keeps the last good state (iteration {last_saved})",
+                          file=sys.stderr)
+                return EXIT_DIVERGED
+            if due(args.plot_every) and writer:      # samples from a fixed p_0 draw; training's RNG untouched
+                cuda = [device] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda), frozen(f), amp():
+                    torch.manual_seed(args.seed)
+                    x_fixed = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
+                save_grid(x_fixed, os.path.join(args.out, f"samples_{it:06d}.png"))
+                curves_png = os.path.join(args.out, "curves.png")
+                has_matplotlib = has_matplotlib and plot_curves(log_path, curves_png, CURVE_PANELS)
+            if due(args.ckpt_every) or stopped:
+                rng = gather_rng(device, world)
+                if writer:
+                    ckpt = checkpoint(args, f, optim, it, rng, seconds0 + time.time() - t_start)
+                    atomic_save(ckpt, os.path.join(args.out, "last.pt"))
+                    if is_last:
+                        atomic_save(ckpt, os.path.join(args.out, "final.pt"))
+                last_saved = it
+            if stopped:
+                if writer:
+                    print(f"stopped at iteration {it} (last.pt saved); continue with: python {PROG} "
+                          f"--out {args.out} --resume", file=sys.stderr)
+                return EXIT_STOPPED
+    if writer:
+        print(f"done: {args.out}/ holds final.pt, samples_{args.iters:06d}.png and curves.png; next: python "
+              f"evaluate.py export --ckpt {args.out}/final.pt --n 64 --out eval/{os.path.basename(args.out)} "
+              f"(README: evaluate.py)", file=sys.stderr)
+    return 0
+
+
+def benchmark(args, device):
+    """--benchmark N: time N training iterations (same chain, same cuDNN autotuning) on random images of
+    the configured shape; prints s/iter and images*steps/s (K chain steps per image), writes nothing."""
+    seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"             # as training does
+    n_c, S = CHANNELS.get(args.dataset, 3), args.image_size
+    f, optim = build_model(args, n_c, device)
+    data = torch.randint(0, 256, (1000, n_c, S, S), dtype=torch.uint8, device=device)
+    amp, chain = autocast_for(args, device), make_chain(args, f, device)
+    per_iter = time_steps(lambda i: train_iteration(f, f, optim, data, args, i, chain, amp, device),
+                          args.benchmark, device)
+    k_mean = args.K if args.K_max is None else (args.K + args.K_max) / 2
+    print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * k_mean / per_iter:.0f} images*steps/s")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rank, world = build_parser().parse_args(argv), 0, 1
+    try:
+        validate(resolve_defaults(args))
+        args.out = args.out or default_out("shortrun", args.dataset)
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.benchmark and not args.print_config:
+            return benchmark(args, device)
+        ckpt = run_to_resume(args)                    # None: --out holds no run, a new one starts there
+        if ckpt is not None:                           # the run's own config, run-control flags from argv
+            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)),
+                                     args.out)
+            validate(args)
+        if args.print_config:                          # reads no data, writes nothing
+            return print_config(args)
+        rank, world = setup_distributed(device)
+        data, args.n_available = load_data(args, rank, world, device)       # n_available: for config.json
+        args.n_c = data.shape[1]
+        seed_everything(args.seed + rank)              # each rank its own chains
+        f, optim = build_model(args, args.n_c, device)
+        start_it, seconds0 = 0, 0.0
+        if ckpt is not None:
+            f.load_state_dict(ckpt["models"]["ebm"])
+            optim.load_state_dict(ckpt["optimizers"]["ebm"])
+            start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]      # log seconds run on
+            restore_rng(ckpt, args.seed, rank, world, device)
+        rng = gather_rng(device, world) if ckpt is None else None     # for last.pt at iteration 0
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
+        if rank == 0:
+            print(start_line(args, ckpt), file=sys.stderr)
+            if ckpt is None:                           # last.pt first: every run folder holds a checkpoint
+                os.makedirs(args.out, exist_ok=True)
+                atomic_save(checkpoint(args, f, optim, 0, rng, 0.0), os.path.join(args.out, "last.pt"))
+                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
+                                  os.path.join(args.out, "config.json"))
+            else:
+                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
+            print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
+                  f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}",
+                  file=sys.stderr)
+        data = place_data(data, device, 0.25)          # uint8 images: up to a quarter of free memory
+        return train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0)
+    except UsageError as e:
+        return usage_error(e, rank)
+    except WriteError as e:
+        return write_failed(e, rank)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+# ---- appendix: shared harness ----
+# The same text in every script of this collection (tests/test_harness.py compares); skip it on a first read.
+
+# Exit codes a job script can tell apart (README, "On a cluster"): 0 finished; EXIT_STOPPED (sysexits'
+# EX_TEMPFAIL) stopped by a signal after saving last.pt: rerun with --resume; anything else failed: 1 a bug
+# (traceback), EXIT_USAGE a usage error, EXIT_DIVERGED the divergence guard, EXIT_WRITE_FAILED (EX_IOERR) a
+# file could not be written (disk full, quota): last.pt is intact, free space and rerun with --resume.
+EXIT_USAGE, EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_STOPPED = 2, 3, 74, 75
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -276,6 +602,18 @@ def usage_error(error, rank=0):
     if rank == 0:
         print(f"{PROG}: error: {error}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class WriteError(Exception):
+    """A file of the run could not be written (disk full, quota, a folder removed underneath)."""
+
+
+def write_failed(error, rank=0):
+    """main()'s answer to a WriteError: one stderr line (rank 0 writes), exit code EXIT_WRITE_FAILED."""
+    if rank == 0:
+        print(f"{PROG}: error: {error}; the last checkpoint written stays valid: free space (or fix the "
+              f"folder), then rerun with --resume", file=sys.stderr)
+    return EXIT_WRITE_FAILED
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -323,19 +661,15 @@ def resolve_device(name, local_rank=0):
 
 
 def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    """The scripts draw only from torch's generators (CPU and CUDA); this seeds both."""
     torch.manual_seed(seed)
 
 
 def get_rng_state(device):
-    """Every random stream a run draws from, as types torch.load(weights_only=True) accepts. Only
-    this process's CUDA device: touching the others would open a context on every GPU per rank."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    """The random streams a run draws from (torch's CPU generator and this process's CUDA one: touching
+    the other GPUs would open a context on each per rank), as tensors torch.load(weights_only=True) reads."""
     return {"torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate()}
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
 
 
 def set_rng_state(state, device):
@@ -343,9 +677,6 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"][0], device)
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
 
 
 def gather_rng(device, world):
@@ -359,28 +690,62 @@ def gather_rng(device, world):
 def restore_rng(ckpt, seed, rank, world, device):
     """--resume's random streams: exact when the run had as many ranks (each continues its own
     streams), else fresh streams per rank (the run goes on, not bit-exactly)."""
-    if len(ckpt["rng_per_rank"]) == world:
-        set_rng_state(ckpt["rng_per_rank"][rank], device)
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
     else:
         seed_everything(seed + rank + 1000 * ckpt["iteration"])
 
 
-def atomic_write(path, write):
-    """write(tmp) to a hidden temp file beside path, then rename: a kill leaves the old file or the new."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def atomic_write(path, data):
+    """The bytes data to a hidden temp file beside path, flushed to disk, renamed over path, and the rename
+    flushed too: a kill or a power loss leaves the old file or the new, never a torn or empty one. Any
+    failure (disk full, quota, I/O error, a folder removed underneath) removes the temp file and raises
+    WriteError naming path and the reason."""
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, "." + os.path.basename(path) + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def atomic_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save(obj) through atomic_write: serialised in memory first, so a full disk is an OSError
+    with its reason, not torch's 'unexpected pos' RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def atomic_write_json(obj, path, **dump_kw):
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, **dump_kw)
-    atomic_write(path, write)
+    atomic_write(path, json.dumps(obj, indent=1, **dump_kw).encode())
+
+
+def append_line(path, line):
+    """Append line and a newline to path (the log); a failed write is cut off again, so the file ends with
+    a whole line, and raises WriteError."""
+    try:
+        with open(path, "ab", buffering=0) as fh:
+            end, data = fh.seek(0, os.SEEK_END), (line + "\n").encode()
+            try:
+                while data:
+                    data = data[fh.write(data):]
+            except OSError:
+                fh.truncate(end)
+                raise
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def versions():
@@ -428,19 +793,25 @@ def check_run_folder(out, force=False):
     return old
 
 
-def read_run(out):
-    """What --resume continues: last.pt, or, for a run stopped before its first checkpoint, the
-    folder's config.json (the run then starts again at iteration 0 with that config)."""
-    path, config_path = os.path.join(out, "last.pt"), os.path.join(out, "config.json")
-    if os.path.isfile(path) or not os.path.isfile(config_path):
+def run_to_resume(args):
+    """The checkpoint --resume continues: last.pt in --out (every run folder has one from iteration 0 on).
+    None where --out holds no run: a new run starts there from the flags given, so one command serves a
+    first start and every requeue. Without --resume a folder holding a run is refused (check_run_folder)."""
+    path = os.path.join(args.out, "last.pt")
+    if args.resume and os.path.exists(path):
         return read_checkpoint(path)
-    try:
-        with open(config_path) as fh:
-            config = dict(json.load(fh))               # a JSON list or number: unreadable too
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
-                         f"delete the folder or choose another --out") from None
-    return read_checkpoint(config_path, ckpt={**config, "config": config, "iteration": 0})  # script, format
+    check_run_folder(args.out)
+    return None
+
+
+def start_line(args, ckpt):
+    """A run's first line: what it continues, or where it starts (in full, so that a mistyped --out with
+    --resume shows at once)."""
+    if ckpt is not None:
+        return f"resuming the run in {args.out} at iteration {ckpt['iteration']} of {args.iters}"
+    where = f"starting a new run in {os.path.abspath(args.out)}"
+    return where + (" (--resume: no last.pt there; check --out if you meant to continue a run)"
+                    if args.resume else "")
 
 
 def merge_resume_args(ckpt, given, out):
@@ -473,8 +844,7 @@ def truncate_log(path, iteration):
     """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
     if os.path.exists(path):
         keep = [line for line, row in read_log(path) if row["iteration"] <= iteration]
-        with open(path, "w") as fh:
-            fh.writelines(keep)
+        atomic_write(path, "".join(keep).encode())
 
 
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
@@ -490,11 +860,20 @@ def folder_path(dataset):
     return os.path.expanduser(dataset[len("folder:"):])
 
 
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # folders of a data set's splits
+
+
 def folder_images(path):
-    """Every image under path (recursive, following links), sorted; one clear line if there is none."""
+    """Every image under path (recursive, following links), sorted; one clear line if there is none, or if
+    path holds two splits' folders (train/ and test/: reading both would mix the test images in)."""
     if not os.path.isdir(path):
         raise UsageError(f"--dataset folder: {path!r} does not exist or is not a directory; pass "
                          f"folder:PATH with a folder of images")
+    splits = sorted(n + "/" for n in os.listdir(path)
+                    if n.lower() in SPLIT_NAMES and os.path.isdir(os.path.join(path, n)))
+    if len(splits) > 1:
+        raise UsageError(f"--dataset folder: {path!r} holds the splits {', '.join(splits)}: pass the one to "
+                         f"use, e.g. folder:{os.path.join(path, splits[0])}")
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
                    for n in names if n.lower().endswith(IMAGE_EXTS))
     if not files:
@@ -544,6 +923,7 @@ def image_dataset(dataset, root, size, download=False, split="train", crop_box=N
     if dataset.startswith("folder:"):
         return ImageFiles(folder_images(folder_path(dataset)), tf)
     root, D, train = os.path.expanduser(root), torchvision.datasets, split == "train"
+    root_existed = os.path.exists(root)
     try:
         if dataset in ("cifar10", "mnist", "fashion_mnist"):
             cls = {"cifar10": D.CIFAR10, "mnist": D.MNIST, "fashion_mnist": D.FashionMNIST}[dataset]
@@ -555,10 +935,12 @@ def image_dataset(dataset, root, size, download=False, split="train", crop_box=N
         return D.LSUN(root, classes=["bedroom_" + ("train" if train else "val")], transform=tf)  # no download
     except Exception as e:  # RuntimeError / OSError: files missing or damaged; ImportError: LSUN's lmdb
         first = str(e).splitlines()[0] if str(e) else ""
+        if not root_existed and not any(files for _, _, files in os.walk(root)):
+            shutil.rmtree(root, ignore_errors=True)    # a failed download leaves no empty ./data behind
         where = os.path.join(root, WHERE[dataset].format(split=split))
         hint = "put the files there" if download else "put the files there or drop --no-download"
         raise UsageError(f"cannot load {dataset}: expected {where} ({type(e).__name__}: {first}); "
-                         f"{hint}") from None
+                         f"{hint}, or pass --dataset folder:PATH with a folder of images") from None
 
 
 def subset_indices(n_available, n_data, seed):
@@ -614,13 +996,17 @@ def place_data(data, device, share):
 
 
 def save_grid(x, path):
-    """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch)."""
-    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+    """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch), written atomically."""
+    buffer = io.BytesIO()
+    torchvision.utils.save_image(x.float(), buffer, format="png", nrow=8, normalize=True,
+                                 value_range=(-1, 1))
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_curves(log_path, png_path, panels):
-    """The log's signals against iteration, one panel per (title, (key, label), ...), written atomically.
-    matplotlib is optional (a copied script needs torch and torchvision only): without it, one line, False."""
+    """The log's signals against iteration, one panel per (title, (key, label), ...), written atomically; a
+    title with "log scale" in it gets a log y axis. matplotlib is optional (a copied script needs torch and
+    torchvision only): without it, one line, False."""
     try:
         from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
     except ImportError:
@@ -635,8 +1021,12 @@ def plot_curves(log_path, png_path, panels):
             ax.plot(its, get(key), label=label)
         ax.set_title(title)
         ax.set_xlabel("iteration")
+        if "log scale" in title:
+            ax.set_yscale("log")
         ax.legend(fontsize=8)                      # labels say more than titles (dual: each loss's terms)
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    atomic_write(png_path, buffer.getvalue())
     return True
 
 
@@ -647,26 +1037,31 @@ def format_eta(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# Ctrl-C; what SLURM, Kubernetes and torchrun send first before a kill; SLURM's --signal=USR1@T warning
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+
+
 class StopFlag:
-    """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
-    exact); a second Ctrl-C aborts at once."""
+    """The first of STOP_SIGNALS asks the loop to finish the iteration, save last.pt and exit EXIT_STOPPED
+    (resume is then exact); a second one aborts at once."""
 
     def __enter__(self):
-        self.requested, self.previous = False, None
-        with contextlib.suppress(ValueError):  # not the main thread: keep the default handler
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.requested, self.previous = False, {}
+        for signum in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: keep the default handlers
+                self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration "
-              f"(Ctrl-C again to abort)", file=sys.stderr)
+        print(f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
+              f"(send it again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def any_rank(flags, world):
@@ -724,289 +1119,6 @@ def time_steps(step, n, device):
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times[2:])[n // 2]
-
-
-# ---- model, training step, sampler plumbing ----
-
-def build_model(args, n_c, device):
-    """f on device and its Adam (betas .9/.999, the paper's); channels_last on the CPU (faster in oneDNN)."""
-    f = EBM(n_c, args.n_f, args.image_size, args.act).to(device)
-    if torch.device(device).type == "cpu":
-        f = f.to(memory_format=torch.channels_last)
-    return f, torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999))
-
-
-def load_checkpoint(path, device="cpu"):
-    """(f in eval mode on device, config dict) from a checkpoint written by this script."""
-    ckpt = read_checkpoint(path, device)
-    f, _ = build_model(argparse.Namespace(**ckpt["config"]), ckpt["config"]["n_c"], device)
-    f.load_state_dict(ckpt["models"]["ebm"])
-    return f.eval(), ckpt["config"]
-
-
-def schedule(args, it):
-    """lr and sigma at iteration it: constant (appendix), then, from --anneal-start, a geometric decay
-    reaching ANNEAL_FINAL of each at --iters (the paper's 'gradually decrease lr and sigma')."""
-    if not args.anneal_start or it < args.anneal_start:
-        return args.lr, args.sigma
-    decay = ANNEAL_FINAL ** ((it - args.anneal_start) / (args.iters - args.anneal_start))
-    return args.lr * decay, args.sigma * decay
-
-
-def init_chain(x_data, args):
-    """x_0 for chains shaped like the batch x_data: p_0 noise, or with --init lowres its low-res version."""
-    if args.init == "lowres":
-        return lowres(x_data, args.lowres_size)
-    return sample_p_0(x_data.shape[0], x_data.shape[1], x_data.shape[2], x_data.device)
-
-
-def harness_step(f, f_ddp, optim, data, args, it, chain, amp, device, stats=None):
-    """Iteration it: scheduled lr and sigma, a data batch, K, x_0, train_step: (x_q, x_data, f_data, f_q)."""
-    lr, sigma = schedule(args, it)
-    for group in optim.param_groups:
-        group["lr"] = lr
-    idx = torch.randint(0, data.shape[0], (args.batch_size,))
-    x_data = to_pixels(data[idx].to(device, non_blocking=True))                 # (m, C, S, S) in [-1, 1]
-    K = args.K if args.K_max is None else int(torch.randint(args.K, args.K_max + 1, ()))
-    x_0 = init_chain(x_data, args)
-    x_q, f_data, f_q = train_step(f, optim, x_data, K, args.step_size, args.noise, sigma, x_0, chain=chain,
-                                  f_loss=f_ddp, autocast=amp, stats=stats)
-    return x_q, x_data, f_data, f_q
-
-
-class FastChain:
-    """`langevin`'s chain (same update, same noise law) made fast for training, and called like it; the
-    steps update an fp32 buffer in place. bf16: f runs on a bf16 copy of its weights (channels_last),
-    refreshed from f at every call; x, the update and the noise stay fp32 (bf16 cannot accumulate
-    0.01-sized noise at |x| ~ 1). graph (CUDA only): one step is captured once per input shape and replayed
-    K times (~60 kernel launches and autograd's bookkeeping become one replay; Adam updates the weights in
-    place, so one capture serves the run). stats gets one tensor, the mean over the K steps of `langevin`'s;
-    only such calls (log iterations) pay for it, with their own buffers and graph."""
-
-    def __init__(self, f, bf16=False, graph=False):
-        self.f, self.bf16, self.graph, self.cache = f, bf16, graph, {}    # cache: see _buffers
-        self.net = copy.deepcopy(f).to(torch.bfloat16, memory_format=torch.channels_last) if bf16 else f
-
-    def _step(self, x, step_t, noise_t, norm_sum=None):
-        """One Langevin step updating the fp32 buffer x in place (capturable: no host sync)."""
-        x_in = x.to(torch.bfloat16, memory_format=torch.channels_last) if self.bf16 else x
-        x_in = x_in.detach().requires_grad_(True)
-        with torch.enable_grad():
-            grad = torch.autograd.grad(self.net(x_in).sum(), x_in)[0].float()     # (m, C, S, S)
-        if norm_sum is not None:
-            norm_sum.add_(grad.flatten(1).norm(dim=1).mean())
-        x.add_(step_t * grad)                                  # x + step_size * grad_x f(x)
-        x.add_(noise_t * torch.randn_like(x))                  # + noise * N(0, I)
-
-    def _buffers(self, x, track):  # (shape, device, stats?) -> (one step, x buffer, step, noise, norm sum)
-        key = (tuple(x.shape), str(x.device), track)
-        if key not in self.cache:
-            buf = x.detach().clone(memory_format=torch.contiguous_format)
-            step_t, noise_t, norm_sum = (torch.zeros((), device=x.device) for _ in range(3))
-            norm_sum = norm_sum if track else None
-            step = lambda: self._step(buf, step_t, noise_t, norm_sum)
-            if self.graph and x.is_cuda:
-                step = cuda_graph_replay(step, x.device)
-            self.cache[key] = (step, buf, step_t, noise_t, norm_sum)
-        return self.cache[key]
-
-    def __call__(self, f, x, K, step_size=1.0, noise=1e-2, stats=None):
-        if f is not self.f:
-            raise ValueError("FastChain was built for another model")
-        if self.bf16:                                          # shadow weights <- f's, once per chain
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.net.parameters()), list(f.parameters()))
-        with frozen(self.net):                                 # autograd w.r.t. x only
-            step, buf, step_t, noise_t, norm_sum = self._buffers(x, stats is not None)
-            buf.copy_(x)
-            step_t.fill_(step_size)
-            noise_t.fill_(noise)
-            if norm_sum is not None:
-                norm_sum.zero_()
-            for _ in range(K):
-                step()
-        if norm_sum is not None:                               # mean over the K steps
-            stats.append(norm_sum / max(K, 1))
-        return buf.clone()
-
-
-def make_chain(args, f, device):
-    """The sampler of training, grids and --benchmark: `langevin`, or a FastChain on CUDA or with bf16."""
-    graph = args.cuda_graph and device.type == "cuda"
-    if not graph and args.amp != "bf16":
-        return langevin
-    return FastChain(f, bf16=args.amp == "bf16", graph=graph)
-
-
-# ---- training loop: divergence guard, sample grids, log, checkpoints ----
-
-def grad_norm(f, x):
-    """Diagnostic: the mean over images of |grad_x f(x)|_2, a 0-dim tensor."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        return torch.autograd.grad(f(x).sum(), x)[0].flatten(1).norm(dim=1).mean()
-
-
-def check_guard(f_data, f_q, max_abs, step_rms, it):
-    """None if healthy, else a message saying what blew up and what to change."""
-    fix = "start a new run with a larger --sigma (e.g. 0.1), a lower --lr or a larger --K"
-    if not all(map(math.isfinite, (f_data, f_q, max_abs, step_rms))):
-        return f"iteration {it}: f or the samples became NaN/inf. {fix}"
-    if max_abs > GUARD_MAX_ABS:
-        return (f"iteration {it}: samples left [-{GUARD_MAX_ABS:g}, {GUARD_MAX_ABS:g}] "
-                f"(max |x_q| = {max_abs:.3g}, f(x_q) = {f_q:.3g}): the sampler is diverging. {fix}")
-    if step_rms > GUARD_MAX_STEP:
-        return (f"iteration {it}: one Langevin drift step moves pixels by RMS {step_rms:.3g} "
-                f"(> {GUARD_MAX_STEP:g}; |grad f| is exploding): the sampler is diverging. {fix}")
-    if abs(f_data - f_q) > GUARD_MAX_GAP:
-        return (f"iteration {it}: |f(data) - f(x_q)| = {abs(f_data - f_q):.3g} > {GUARD_MAX_GAP:g} "
-                f"(f(x_q) = {f_q:.3g}): f no longer sees its own samples as data-like. {fix}")
-    return None
-
-
-# curves.png: one panel per (title, (log key, label), ...)
-CURVE_PANELS = [("f", ("f_data", "f(data)"), ("f_sample", "f(samples)")),
-                ("|grad_x f| per image", ("grad_norm", "at x_q"), ("grad_norm_chain", "mean over the chain")),
-                ("samples", ("sample_max_abs", "max |x_q|"), ("sample_std", "std x_q"), ("data_std", "data")),
-                ("lr", ("lr", "lr"))]
-
-
-def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0.0):
-    """Algorithm 1 with three gated side jobs: log, plot, checkpoint. Returns the exit code."""
-    writer = rank == 0
-    amp, chain = autocast_for(args, device), make_chain(args, f, device)
-    data_fixed = to_pixels(data[:64].to(device))                              # (64, C, S, S) in [-1, 1]
-    if writer and start_it == 0:
-        save_grid(data_fixed, os.path.join(args.out, "data.png"))
-    log_path, t_start = os.path.join(args.out, "log.jsonl"), time.time()
-    last_saved, curves = start_it, True                   # iteration of the newest last.pt (0: none)
-    with StopFlag() as stop:
-        for it in range(start_it + 1, args.iters + 1):
-            is_last = it == args.iters
-            due = lambda every: (every and it % every == 0) or is_last
-            chain_grads = [] if due(args.log_every) else None     # per-step mean |grad_x f|, log steps only
-            x_q, x_data, f_data, f_q = harness_step(f, f_ddp, optim, data, args, it - 1, chain, amp, device,
-                                                    chain_grads)
-            guard_due = args.guard and (it % GUARD_EVERY == 0 or due(args.log_every) or due(args.ckpt_every))
-            if guard_due or due(args.log_every):               # every signal in one device sync
-                signals = [f_data, f_q, x_q.abs().amax(), x_q.std(), x_data.std(), grad_norm(f, x_q)]
-                f_data, f_q, max_abs, x_std, data_std, g_norm = torch.stack(signals).tolist()
-                step_rms = args.step_size * g_norm / math.sqrt(x_q[0].numel())   # one drift step, RMS/pixel
-            msg = check_guard(f_data, f_q, max_abs, step_rms, it) if guard_due else None
-            flags = torch.tensor([msg is not None, stop.requested], device=device)
-            diverged, interrupted = any_rank(flags, world)      # every rank stops on the same iteration
-            if (due(args.log_every) or diverged) and writer:     # the log shows the blow-up too
-                elapsed = time.time() - t_start
-                rate = elapsed / (it - start_it)
-                chain_norm = float(torch.stack(chain_grads).mean()) if chain_grads else None
-                row = {"iteration": it, "f_data": f_data, "f_sample": f_q, "f_gap": f_data - f_q,
-                       "grad_norm": g_norm, "grad_norm_chain": chain_norm, "sample_max_abs": max_abs,
-                       "sample_std": x_std, "data_std": data_std, "lr": optim.param_groups[0]["lr"],
-                       "sigma": schedule(args, it - 1)[1], "seconds": seconds0 + elapsed, "s_per_iter": rate}
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                eta = format_eta(rate * (args.iters - it))
-                print(f"it {it}/{args.iters} | f(x) {f_data:+.4g} f(x_q) {f_q:+.4g} | |grad f| {g_norm:.3g} "
-                      f"| max|x_q| {max_abs:.2f} | {rate:.3f} s/it | ETA {eta}", file=sys.stderr, flush=True)
-            if diverged:
-                if writer:
-                    kept = (f"{args.out}/last.pt keeps the last good state (iteration {last_saved})"
-                            if last_saved else "no checkpoint was written before it")
-                    print(f"{PROG}: diverged at {msg or f'iteration {it} on another rank'}; {kept}",
-                          file=sys.stderr)
-                return EXIT_DIVERGED
-            if due(args.plot_every) and writer:      # samples from a fixed p_0 draw; training's RNG untouched
-                cuda = [device] if device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda), frozen(f), amp():
-                    torch.manual_seed(args.seed)
-                    x_fixed = chain(f, init_chain(data_fixed, args), args.K, args.step_size, args.noise)
-                save_grid(x_fixed, os.path.join(args.out, f"samples_{it:06d}.png"))
-                curves = curves and plot_curves(log_path, os.path.join(args.out, "curves.png"), CURVE_PANELS)
-            if due(args.ckpt_every) or interrupted:
-                rng = gather_rng(device, world)
-                if writer:
-                    ckpt = {**versions(), "config": vars(args), "iteration": it,
-                            "models": {"ebm": f.state_dict()}, "optimizers": {"ebm": optim.state_dict()},
-                            "rng": rng[0], "rng_per_rank": rng, "seconds": seconds0 + time.time() - t_start}
-                    atomic_save(ckpt, os.path.join(args.out, "last.pt"))
-                    if is_last:
-                        atomic_save(ckpt, os.path.join(args.out, "final.pt"))
-                last_saved = it
-            if interrupted:
-                if writer:
-                    print(f"stopped at iteration {it}; continue with: python {PROG} "
-                          f"--out {args.out} --resume", file=sys.stderr)
-                return EXIT_INTERRUPTED
-    return 0
-
-
-# ---- benchmark and main ----
-
-def benchmark(args, device):
-    """--benchmark N: time N training iterations (same chain, same cuDNN autotuning) on random images of
-    the configured shape; prints s/iter and images*steps/s (K chain steps per image), writes nothing."""
-    seed_everything(args.seed)
-    torch.backends.cudnn.benchmark = device.type == "cuda"             # as training does
-    n_c, S = CHANNELS.get(args.dataset, 3), args.image_size
-    f, optim = build_model(args, n_c, device)
-    data = torch.randint(0, 256, (1000, n_c, S, S), dtype=torch.uint8, device=device)
-    amp, chain = autocast_for(args, device), make_chain(args, f, device)
-    per_iter = time_steps(lambda i: harness_step(f, f, optim, data, args, i, chain, amp, device),
-                          args.benchmark, device)
-    k_mean = args.K if args.K_max is None else (args.K + args.K_max) / 2
-    print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * k_mean / per_iter:.0f} images*steps/s")
-    return 0
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args, rank, world = build_parser().parse_args(argv), 0, 1
-    try:
-        validate(resolve_defaults(args))
-        args.out = args.out or default_out("shortrun", args.dataset)
-        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-        if args.benchmark and not args.print_config:
-            return benchmark(args, device)
-        ckpt = None
-        if args.resume:                                # the run's own config, run-control flags from argv
-            ckpt = read_run(args.out)
-            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)),
-                                     args.out)
-            validate(args)
-        else:
-            check_run_folder(args.out)
-        if args.print_config:                          # reads no data, writes nothing
-            return print_config(args)
-        rank, world = setup_distributed(device)
-        data, args.n_available = load_data(args, rank, world, device)       # n_available: for config.json
-        args.n_c = data.shape[1]
-        seed_everything(args.seed + rank)              # each rank its own chains
-        f, optim = build_model(args, args.n_c, device)
-        start_it, seconds0 = 0, 0.0
-        if ckpt is not None and "models" in ckpt:      # (a run killed before its first last.pt has none)
-            f.load_state_dict(ckpt["models"]["ebm"])
-            optim.load_state_dict(ckpt["optimizers"]["ebm"])
-            start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]      # log seconds run on
-            restore_rng(ckpt, args.seed, rank, world, device)
-        torch.backends.cudnn.benchmark = device.type == "cuda"
-        f_ddp = torch.nn.parallel.DistributedDataParallel(f) if world > 1 else f
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            if start_it == 0:
-                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
-                                  os.path.join(args.out, "config.json"))
-            if ckpt is not None:
-                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
-            print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
-                  f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}, "
-                  f"run folder {args.out}", file=sys.stderr)
-        data = place_data(data, device, 0.25)          # uint8 images: up to a quarter of free memory
-        return train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0)
-    except UsageError as e:
-        return usage_error(e, rank)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -74,13 +74,12 @@ def images(tmp_path_factory):
 
 
 def method_block(script):
-    """REPO/script's text from the line starting '# ---- method' to the one starting '# ---- harness';
-    above it only the docstring and imports, inside it no other section."""
+    """REPO/script's text from the line starting '# ---- method' to the next line starting '# ----';
+    above it only the docstring and imports."""
     with open(os.path.join(REPO, script)) as fh:
         lines = fh.read().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("# ---- method"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("# ---- harness"))
-    assert start < end and not any(line.startswith("# ----") for line in lines[start + 1:end])
+    end = next(i for i, line in enumerate(lines) if i > start and line.startswith("# ----"))
     above = [node for node in ast.parse("\n".join(lines)).body if node.lineno <= start]
     assert all(isinstance(node, (ast.Import, ast.ImportFrom)) for node in above[1:]), script
     return "\n".join(lines[start:end]) + "\n"

@@ -20,12 +20,13 @@ PER_SCRIPT = ("PROG", "REUSE_HINT", "RUN_FILES")
 
 def definitions(path):
     """name -> (source text, position, in the shared block?) of every top-level def, class and assignment.
-    The shared block runs from the line starting '# ---- harness, shared' to the next '# ---- ' line."""
+    The shared block is the appendix: from the line starting '# ---- appendix: shared harness' to the end
+    of the file (only `if __name__ == "__main__"` may follow it)."""
     with open(path) as fh:
         src = fh.read()
     lines = src.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# ---- harness, shared")) + 1
-    end = next(i for i, line in enumerate(lines) if i > start and line.startswith("# ---- ")) + 1
+    start = next(i for i, line in enumerate(lines) if line.startswith("# ---- appendix: shared harness")) + 1
+    end = len(lines) + 1
     found = {}
     for pos, node in enumerate(ast.parse(src).body):
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
