@@ -20,29 +20,32 @@ Run recipes
   python dual_mcmc.py --dataset folder:./my_images --arch simple --nef 16 --ngf 16 --nif 16 --nz 16 \
       --batch-size 16 --k-x 10 --k-z 5 --iters 300 --device cpu --out runs/tiny   # minutes on a CPU
   python dual_mcmc.py --out runs/tiny --resume --iters 600   # continues bit-exactly
-The method in your own code: copy the block between "# ---- method" and "# ---- harness" (torch only):
-  loss_e, loss_g, loss_i, out = dual_losses(f, g, q, x, torch.randn(len(x), nz))
-  (loss_e + loss_g + loss_i).backward()    # then step the three optimisers
+  python dual_mcmc.py --dataset cifar10 --out runs/c10 --resume   # a job's first start and every requeue
+(Ctrl-C, SIGTERM or SIGUSR1: finish the iteration, save last.pt, exit 75; the same command continues.)
+The method in your own code: copy the block from "# ---- method" to the next "# ----" (its banner names the
+imports it needs):
+  loss_f, loss_g, loss_q, info = dual_losses(f, g, q, x, torch.randn(len(x), nz))
+  (loss_f + loss_g + loss_q).backward()    # then step the three optimisers
   x0, x_tilde = sample({"ebm": f, "generator": g}, 64)
 """
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-# ---- method: f, g and q, the x- and z-Langevin chains, one Dual-MCMC iteration (runs alone with torch) ----
+# ---- method: f, g and q, the x- and z-Langevin chains, one Dual-MCMC iteration ----
+# Runs alone in a file that imports math, contextlib, torch, torch.nn as nn and torch.nn.functional as F.
 
 
 def _conv(n_in, n_out, k, s, p, sn=False, bias=True):
@@ -262,10 +265,10 @@ def chain_temperature(step_size, noise):
     return noise ** 2 / (2 * step_size) if noise > 0 and step_size > 0 else 1.0
 
 
-def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, z_step_size=0.005,
+def dual_losses(f, g, q, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, z_step_size=0.005,
                 z_noise=0.1, sigma_g=0.3, w_sample=50.0, w_inf_sample=0.1, posterior="paper",
-                gen_loss="paper", no_inference=False, gen_only_init=False, update=None, *,
-                chain_x=langevin_x, chain_z=langevin_z, autocast=contextlib.nullcontext):
+                gen_loss="paper", no_inference=False, gen_only_init=False, update=None,
+                autocast=contextlib.nullcontext):
     """One Dual-MCMC iteration (the paper's Algorithm 1) on a data batch x (m, C, S, S) and a prior draw
     z (m, nz): the losses of f, g and q to *descend*, and a dict of detached tensors for logs and guards
     (f_data, f_sample, loss_recon, loss_sample, mse_recon, x0, x_tilde, z_tilde).
@@ -273,81 +276,80 @@ def dual_losses(E, G, I, x, z, k_x=30, x_step_size=0.125, x_noise=1e-3, k_z=10, 
     update None (the paper): nothing is updated here; the three losses touch disjoint parameters (x~ and
     z~ are detached), so one backward of their sum serves all three. update(name, loss) (the authors'
     code): called with "generator", then "encoder" (not with no_inference), then "ebm" as each loss is
-    ready (it should step that model); f learns from x~ re-run from the updated g on the same z (their
-    fine_tune). gen_loss: "paper" -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2); "authors" their plain
-    ||x - g(z)||^2. Numeric defaults are the authors' CIFAR-10 values; posterior, gen_loss and update the
-    paper's. no_inference: the z-chain starts from N(0, I) and q is not trained (loss_i = 0);
-    gen_only_init: g learns only from x~ (cooperative learning). chain_x / chain_z: samplers with
-    langevin_x's / langevin_z's signatures; autocast: a context factory for
-    mixed precision (chains and losses are computed in float32).
+    ready (it should step that model); f learns last, from x~ re-run from the updated g on the same z
+    (their fine_tune). gen_loss: "paper" -log p(x|z) = ||x - g(z)||^2 / (2 sigma_g^2); "authors" their
+    plain ||x - g(z)||^2. Numeric defaults are the authors' CIFAR-10 values; posterior, gen_loss and update
+    the paper's. no_inference: the z-chain starts from N(0, I) and q is not trained (loss_q = 0);
+    gen_only_init: g learns only from x~ (cooperative learning). autocast: a context factory for mixed
+    precision (chains and losses are computed in float32).
     """
     T = chain_temperature(x_step_size, x_noise)
     scale = 1.0 if gen_loss == "authors" else 1 / (2 * sigma_g ** 2)
     with autocast():
-        # 1. MCMC sampling: generator proposes x0, k_x Langevin steps on f revise it to x~
-        x0 = G(z).float()                                                 # (m, C, S, S), graph kept for 4.
-        x_t = chain_x(E, x0, k_x, x_step_size, x_noise)                   # x~, detached
+        # 1. MCMC sampling: the generator proposes x0, k_x Langevin steps on f revise it to x~
+        x0 = g(z).float()                                                 # (m, C, S, S), graph kept for 4.
+        x_tilde = langevin_x(f, x0, k_x, x_step_size, x_noise)            # detached
         # 2. MCMC inference: q proposes z^, k_z Langevin steps on log p(z|x) revise it to z~
         if no_inference:
             z_hat = torch.randn_like(z)                                   # (m, nz) ~ p(z)
         else:
-            mu, logvar = (t.float() for t in I(x))                        # (m, nz) each
+            mu, logvar = (t.float() for t in q(x))                        # (m, nz) each
             z_hat = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)   # z^ ~ q(z|x)
-        z_t = chain_z(G, x, z_hat, k_z, z_step_size, z_noise, sigma_g, posterior)  # z~, detached
-        # 4. generator: -log p(x, z~) (data through inferred z~) - log p(x~, z) (EBM teaches x0 -> x~)
-        rec = G(z_t).float()                                              # (m, C, S, S)
-        loss_rec = (x - rec).flatten(1).pow(2).sum(1).mean() * scale
-        loss_samp = (x_t - x0).flatten(1).pow(2).sum(1).mean() * scale
-        loss_g = (0.0 if gen_only_init else loss_rec) + w_sample * loss_samp
+        z_tilde = langevin_z(g, x, z_hat, k_z, z_step_size, z_noise, sigma_g, posterior)   # detached
+        # 3. EBM: maximum likelihood, data up and x~ down, divided by the chain temperature T (with update,
+        # the authors' order, f learns after g and q: see the end)
+        if not update:
+            f_data, f_sample = f(x).float().mean(), f(x_tilde).float().mean()
+            loss_f = -(f_data - f_sample) / T
+        # 4. generator: -log p(x, z~) (data through the inferred z~) - log p(x~, z) (f teaches x0 -> x~)
+        x_rec = g(z_tilde).float()                                        # (m, C, S, S)
+        loss_recon = (x - x_rec).flatten(1).pow(2).sum(1).mean() * scale
+        loss_sample = (x_tilde - x0).flatten(1).pow(2).sum(1).mean() * scale
+        loss_g = (0.0 if gen_only_init else loss_recon) + w_sample * loss_sample
         if update:
             update("generator", loss_g)
         # 5. inference model: -log q(z~|x) - log q(z|x~) (q learns where both chains end)
         if no_inference:
-            loss_i = torch.zeros((), device=x.device)
+            loss_q = torch.zeros((), device=x.device)
         else:
-            mu_t, logvar_t = (t.float() for t in I(x_t))
-            loss_i = neg_log_q(z_t, mu, logvar).mean() + w_inf_sample * neg_log_q(z, mu_t, logvar_t).mean()
+            mu_s, logvar_s = (t.float() for t in q(x_tilde))
+            loss_q = (neg_log_q(z_tilde, mu, logvar).mean()                    # z~ under q(.|x)
+                      + w_inf_sample * neg_log_q(z, mu_s, logvar_s).mean())   # z under q(.|x~)
             if update:
-                update("encoder", loss_i)
-        # 3. EBM (computed last: the authors update it after g and q): maximum likelihood, data up and x~
-        # down, divided by the chain temperature T; the authors' x~ is re-run from the updated g
-        f_data = E(x).float().mean()
-        x_e = x_t
-        if update:                                  # the updated g's proposals: no graph, BN statistics kept
-            with torch.no_grad(), _bn_stats_frozen(G):
-                x0_e = G(z).float()
-            x_e = chain_x(E, x0_e, k_x, x_step_size, x_noise)
-        f_samp = E(x_e).float().mean()
-        loss_e = -(f_data - f_samp) / T
-        if update:
-            update("ebm", loss_e)
-    out = dict(f_data=f_data.detach(), f_sample=f_samp.detach(), loss_recon=loss_rec.detach(),
-               loss_sample=loss_samp.detach(), mse_recon=F.mse_loss(rec.detach(), x),
-               x0=x0.detach(), x_tilde=x_t, z_tilde=z_t)
-    return loss_e, loss_g, loss_i, out
+                update("encoder", loss_q)
+        if update:  # 3. in the authors' order: f last, on x~ re-run from the updated g (their fine_tune)
+            f_data = f(x).float().mean()
+            with torch.no_grad(), _bn_stats_frozen(g):                    # no graph, BN statistics kept
+                x0_new = g(z).float()
+            f_sample = f(langevin_x(f, x0_new, k_x, x_step_size, x_noise)).float().mean()
+            loss_f = -(f_data - f_sample) / T
+            update("ebm", loss_f)
+    info = dict(f_data=f_data.detach(), f_sample=f_sample.detach(), loss_recon=loss_recon.detach(),
+                loss_sample=loss_sample.detach(), mse_recon=F.mse_loss(x_rec.detach(), x),
+                x0=x0.detach(), x_tilde=x_tilde, z_tilde=z_tilde)
+    return loss_f, loss_g, loss_q, info
 
 
-def sample(models, n, k_x=70, step_size=0.08, noise=1e-3, batch_size=100, chain=langevin_x):
+def sample(models, n, k_x=70, step_size=0.08, noise=1e-3, batch_size=100):
     """Draw n images as a user would: x0 = g(z), z ~ N(0, I), then k_x x-Langevin steps on f.
 
     Returns (x0, x_tilde), each (n, n_c, S, S). The defaults are the authors' test-time preset: 70 steps
     with s = 0.4 (step 0.08), noise 1e-3; a load_checkpoint config holds a run's own values as sample_k_x,
-    sample_step_size, x_noise. Models keep their mode (load_checkpoint returns them in eval mode). chain:
-    a sampler with langevin_x's signature (e.g. the harness's FastChains(...).x on CUDA).
+    sample_step_size, x_noise. Models keep their mode (load_checkpoint returns them in eval mode).
     """
-    ebm, gen = models["ebm"], models["generator"]
-    device = next(gen.parameters()).device
-    x0s, xts = [], []
+    f, g = models["ebm"], models["generator"]
+    device = next(g.parameters()).device
+    x0s, x_tildes = [], []
     for i in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - i), gen.nz, device=device)  # (b, nz) ~ p(z)
+        z = torch.randn(min(batch_size, n - i), g.nz, device=device)    # (b, nz) ~ p(z)
         with torch.no_grad():
-            x0 = gen(z).float()                                          # (b, n_c, S, S)
+            x0 = g(z).float()                                            # (b, n_c, S, S)
         x0s.append(x0)
-        xts.append(chain(ebm, x0, k_x, step_size, noise))                # the chain takes its own grads
-    return torch.cat(x0s), torch.cat(xts)
+        x_tildes.append(langevin_x(f, x0, k_x, step_size, noise))        # the chain takes its own grads
+    return torch.cat(x0s), torch.cat(x_tildes)
 
 
-# ---- harness: flags (paper values in every help), data-set defaults, validation ----
+# ---- hyperparameters: the parser (the paper's values in every help), data-set defaults, checks ----
 
 PROG = "dual_mcmc.py"
 RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
@@ -442,10 +444,6 @@ def build_parser(suppress_defaults=False):
     a("--ckpt-every", type=int, default=1000, help="iterations between last.pt writes (0 = only at the end)")
     a("--amp", default="off", choices=("off", "bf16"),
       help="bf16 autocast for model passes (CUDA); chains and losses stay float32")
-    a("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-      help="CUDA: the x- and z-chains as captured one-step CUDA graphs (FastChains; equal to the eager "
-           "chains on the CPU, not yet run on a GPU, hence opt-in); ignored on the CPU; may change on "
-           "--resume")
     a("--benchmark", type=int, default=0, metavar="N",
       help="time N training steps on random data (median after 2 warm-ups), print s/iter and "
            "images*steps/s, write nothing")
@@ -459,8 +457,8 @@ def build_parser(suppress_defaults=False):
 
 # Flags a resumed run may change; everything else is taken from the checkpoint's config.
 RESUME_OVERRIDES = ("iters", "device", "out", "resume", "log_every", "plot_every", "ckpt_every",
-                    "data_root", "download", "print_config", "cuda_graph")
-CKPT_FORMAT = 2          # written into checkpoints; read_checkpoint refuses others in one line
+                    "data_root", "download", "print_config")
+CKPT_FORMAT = 3          # written into checkpoints; read_checkpoint refuses others in one line
 GAP_LIMIT = 1e4          # divergence guard: stop when |f(x) - f(x~)| exceeds it, or a loss is NaN (authors)
 BETAS, LR_DECAY = (0.0, 0.9), 0.998   # Adam betas, lr decay per epoch of all three models (authors)
 # Defaults that depend on the data set (authors' config.py: celeba64_config); None in the parser.
@@ -536,9 +534,367 @@ def validate(args):
     return args
 
 
-# ---- harness, shared: the same text in every script that needs it (tests/test_harness.py compares) ----
+# ---- the script's own glue: data order, the three nets, their Adams, checkpoints, one training step ----
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+CELEBA_BOX = (15, 40, 178 - 15, 218 - 30)  # authors' dataset.py: a 148x148 face box of the 178x218 images
+# (--celeba-crop: then resized; flips are drawn per image in get_batch)
+
+
+class DataOrder:
+    """Which images each batch takes: shuffled epochs without replacement, as the authors'
+    DataLoader(shuffle=True, drop_last=True). Epoch e's permutation comes from its own generator seeded by
+    (seed, e), the same on every rank (it draws nothing from the global streams), and rank r takes the r-th
+    of every `world` consecutive batches, so the ranks' shards of an epoch are disjoint. The state goes into
+    checkpoints: --resume is exact."""
+
+    def __init__(self, n, m, seed, rank=0, world=1):
+        self.n, self.m, self.seed, self.rank, self.world = n, m, seed, rank, world
+        self.per_epoch = max(1, n // (m * world))  # iterations per epoch; the last partial batch is dropped
+        self.epoch, self.position, self.perm = 0, 0, self._permutation(0)
+
+    def _permutation(self, epoch):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def next(self):
+        """Indices of this rank's next batch, (m,) int64 on the CPU."""
+        if self.position >= self.per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.perm = self._permutation(self.epoch)
+        start = (self.position * self.world + self.rank) * self.m
+        self.position += 1
+        return self.perm[start:start + self.m]
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "perm": self.perm}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"].clone()
+
+
+def get_batch(data, order, device, hflip=False):
+    """The next batch as float pixels (m, n_c, S, S); hflip: each image mirrored with probability 1/2
+    (the authors' RandomHorizontalFlip on CelebA, drawn here from the checkpointed CPU RNG)."""
+    idx = order.next()
+    x = to_pixels(data[idx.to(data.device)].to(device, non_blocking=True))  # (m, n_c, S, S)
+    if hflip:
+        flip = (torch.rand(len(idx)) < 0.5).to(device).view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(3), x)
+    return x
+
+
+def build_models(args, device):
+    """The three nets from the run's flags (args.n_c: image channels); --bn-init authors draws the
+    generator's BatchNorm scales from N(0, 1), as their weights_init."""
+    n_c, s = args.n_c, args.image_size
+    models = {"ebm": EBM(n_c, args.nef, s, args.arch),
+              "generator": Generator(args.nz, args.ngf, n_c, s, args.arch),
+              "encoder": Encoder(args.nz, args.nif, n_c, s, args.arch)}
+    if args.bn_init == "authors":
+        for m in models["generator"].modules():
+            if isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight)
+    return {k: m.to(device) for k, m in models.items()}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_optimizers(args, models):
+    """Adam per model (the authors' betas, weight decay on g and q) and an exponential lr decay per epoch."""
+    settings = {"ebm": (args.lr_e, 0.0), "generator": (args.lr_g, args.wd_g),
+                "encoder": (args.lr_i, args.wd_i)}
+    opts = {k: torch.optim.Adam(models[k].parameters(), lr, BETAS, weight_decay=wd)
+            for k, (lr, wd) in settings.items()}
+    scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, LR_DECAY) for k, o in opts.items()}
+    return opts, scheds
+
+
+def allreduce_grads(nets, world):
+    """Average gradients over ranks: one flat all-reduce per model. We do not wrap in DDP because the
+    chains run many forward passes whose backward never reaches the parameters, which DDP's reducer
+    would wait for; a plain all-reduce after each backward is simpler and exact."""
+    for m in nets:
+        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            torch.distributed.all_reduce(flat)
+            for g, v in zip(grads, (flat / world).split([g.numel() for g in grads])):
+                g.copy_(v.view_as(g))
+
+
+def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, data_order):
+    """The run as one dict (config: the flags as a plain dict; rng: every rank's streams), written
+    atomically."""
+    atomic_save({**versions(), "config": dict(vars(args)), "iteration": it, "seconds": seconds,
+                 "data_order": data_order, "models": {k: m.state_dict() for k, m in models.items()},
+                 "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                 "schedulers": {k: s.state_dict() for k, s in scheds.items()}, "rng": rng_states}, path)
+
+
+def restore_training(ckpt, models, opts, scheds, order, n_images):
+    """--resume: the nets, optimisers, lr schedules and data order from ckpt (the same images, or one
+    line); returns (iteration, seconds trained)."""
+    n_trained = len(ckpt["data_order"]["perm"])
+    if n_trained != n_images:
+        raise UsageError(f"the run trained on {n_trained} images, the data now holds {n_images}: "
+                         f"resume with the same data, or start a new --out")
+    for k in models:
+        models[k].load_state_dict(ckpt["models"][k])
+        opts[k].load_state_dict(ckpt["optimizers"][k])
+        scheds[k].load_state_dict(ckpt["schedulers"][k])
+    order.load_state_dict(ckpt["data_order"])
+    return ckpt["iteration"], ckpt["seconds"]
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> ({"ebm", "generator", "encoder"} -> model in eval mode, config dict) of this script's checkpoint.
+    The run's sampling preset: sample(models, n, config["sample_k_x"], config["sample_step_size"],
+    config["x_noise"])."""
+    device = torch.device(device)
+    ckpt = read_checkpoint(path, device)
+    models = build_models(argparse.Namespace(**ckpt["config"]), device)
+    for k, m in models.items():
+        m.load_state_dict(ckpt["models"][k])
+        m.eval()
+    return models, ckpt["config"]
+
+
+def train_step(args, models, opts, x, amp, world=1):
+    """One iteration on the batch x: dual_losses with the run's flags and a fresh prior draw z (m, nz), and
+    the updates. --update-order joint: one backward of the summed losses (they touch disjoint parameters);
+    authors: dual_losses steps g, q, then f as each loss is ready. Gradients are averaged over ranks.
+    Returns ((loss_f, loss_g, loss_q), info)."""
+    def step(names, loss):
+        for k in names:
+            opts[k].zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, enabled=False):     # dual_losses calls this under autocast
+            loss.backward()
+            if world > 1:
+                allreduce_grads([models[k] for k in names], world)
+            for k in names:
+                opts[k].step()
+    joint = args.update_order == "joint"
+    z = torch.randn(x.shape[0], args.nz, device=x.device)                  # (m, nz)
+    loss_f, loss_g, loss_q, info = dual_losses(
+        models["ebm"], models["generator"], models["encoder"], x, z,
+        k_x=args.k_x, x_step_size=args.x_step_size, x_noise=args.x_noise,
+        k_z=args.k_z, z_step_size=args.z_step_size, z_noise=args.z_noise, sigma_g=args.sigma_g,
+        w_sample=args.w_sample, w_inf_sample=args.w_inf_sample, posterior=args.posterior,
+        gen_loss=args.gen_loss, no_inference=args.no_inference, gen_only_init=args.gen_only_init,
+        update=None if joint else lambda name, loss: step([name], loss), autocast=amp)
+    if joint:
+        step(list(models), loss_f + loss_g + loss_q)
+    return (loss_f, loss_g, loss_q), info
+
+
+# ---- training loop: Algorithm 1, then its side jobs (grids, curves, log rows), the benchmark, main ----
+
+def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=0.0, rank=0, world=1):
+    """Algorithm 1 of the paper, then three gated side jobs (log, grids + curves, checkpoint); order: the
+    DataOrder, whose epoch length also paces the lr decay. Returns the exit code: 0 finished, EXIT_STOPPED
+    stopped by a signal (last.pt and a log row written), EXIT_DIVERGED; a failed write raises WriteError."""
+    amp, writer, have_matplotlib = autocast_for(args, device), rank == 0, True
+    if writer:  # fixed grid inputs: first 64 images, z from its own generator
+        fixed_x = to_pixels(data[:64].to(device))
+        fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    t_start = time.time()
+    with StopFlag() as stop:
+        for it in range(start_it, args.iters):
+            x = get_batch(data, order, device, args.hflip)                     # (m, n_c, S, S)
+            losses, info = train_step(args, models, opts, x, amp, world)       # the five steps, the updates
+            # the guard: nothing of a diverged iteration is saved; every rank stops on the same iteration
+            gap = info["f_data"] - info["f_sample"]
+            bad = ~torch.isfinite(torch.stack(losses).detach()).all() | (gap.abs() > GAP_LIMIT)
+            bad, stopping = any_rank(torch.stack([bad, torch.tensor(stop.requested, device=device)]), world)
+            if bad:
+                if rank == 0:
+                    report_divergence(args, it, gap, losses)
+                return EXIT_DIVERGED
+            if (it + 1) % order.per_epoch == 0:
+                for s in scheds.values():
+                    s.step()
+            done = it + 1
+            last = done == args.iters
+            # side jobs: log, plot, checkpoint (plots use their own RNG: the trajectory never depends on them)
+            if writer and (done % args.log_every == 0 or last or stopping):
+                loss_f, loss_g, loss_q = losses
+                row = dict(loss_ebm=loss_f, loss_gen=loss_g, loss_inf=loss_q, loss_recon=info["loss_recon"],
+                           loss_sample=info["loss_sample"], f_data=info["f_data"], f_sample=info["f_sample"],
+                           mse_recon=info["mse_recon"])
+                elapsed = time.time() - t_start
+                log_row(args, done, row, opts, seconds0 + elapsed, elapsed / (done - start_it))
+            if writer and ((args.plot_every and done % args.plot_every == 0) or last):
+                save_grids(models, fixed_x, fixed_z, args, done)
+                have_matplotlib = have_matplotlib and plot_curves(
+                    os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"), CURVE_PANELS)
+            if (args.ckpt_every and done % args.ckpt_every == 0) or last or stopping:
+                states = gather_rng(device, world)  # collective: every rank takes part
+                if writer:
+                    for name in ("last.pt", "final.pt") if last else ("last.pt",):
+                        save_checkpoint(os.path.join(args.out, name), args, done, models, opts, scheds,
+                                        seconds0 + time.time() - t_start, states, order.state_dict())
+            if stopping and not last:
+                if writer:
+                    print(f"stopped at iteration {done} (last.pt saved); continue with: python {PROG} "
+                          f"--out {args.out} --resume", file=sys.stderr)
+                return EXIT_STOPPED
+    if writer:
+        report_finished(args)
+    return 0
+
+
+@contextlib.contextmanager
+def eval_mode(models):
+    modes = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        yield
+    finally:
+        for k, m in models.items():
+            m.train(modes[k])
+
+
+def save_grids(models, fixed_x, fixed_z, args, it):
+    """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
+    f, g, q = models["ebm"], models["generator"], models["encoder"]
+    devices = [fixed_x.device] if fixed_x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), eval_mode(models), torch.no_grad():
+        torch.manual_seed(args.seed + 1)
+        mu, _ = q(fixed_x)
+        z_tilde = langevin_z(g, fixed_x, mu, args.k_z, args.z_step_size, args.z_noise, args.sigma_g,
+                             args.posterior)
+        x0 = g(fixed_z)
+        grids = {"recon": g(mu), "posterior": g(z_tilde), "gen": x0,
+                 "ebm": langevin_x(f, x0, args.k_x, args.x_step_size, args.x_noise)}
+    for name, img in grids.items():
+        save_grid(img, os.path.join(args.out, f"{name}_{it:06d}.png"))
+
+
+# curves.png: one panel per (title, (log key, label), ...)
+CURVE_PANELS = [("loss f (EBM)", ("loss_ebm", "-(f(x) - f(x~)) / T")),
+                ("loss g", ("loss_gen", "weighted sum"), ("loss_recon", "data term"),
+                 ("loss_sample", "x~ term (unweighted)")),
+                ("loss q", ("loss_inf", "-log q(z~|x) - w log q(z|x~)")),
+                ("f", ("f_data", "f(data)"), ("f_sample", "f(x~)")),
+                ("reconstruction", ("mse_recon", "MSE x vs g(z~)")),
+                ("lr (log scale)", ("lr", "lr of f (g, q decay alike)"))]
+
+
+def log_row(args, done, losses, opts, seconds, rate):
+    """One log.jsonl row and one progress line (.item() only here and in the divergence guard)."""
+    row = {"iteration": done, **{k: v.item() for k, v in losses.items()},
+           "lr": opts["ebm"].param_groups[0]["lr"], "seconds": seconds}
+    append_line(os.path.join(args.out, "log.jsonl"), json.dumps(row))
+    print(f"it {done}/{args.iters} | f {row['loss_ebm']:.3g} g {row['loss_gen']:.4g} "
+          f"q {row['loss_inf']:.4g} | f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | "
+          f"mse {row['mse_recon']:.4f} | {rate:.3g} s/it | ETA {format_eta(rate * (args.iters - done))}",
+          file=sys.stderr)
+
+
+def report_divergence(args, it, gap, losses):
+    """The divergence guard's one line (authors' guard: |f(x) - f(x~)| > 1e4 or a NaN loss)."""
+    loss_f, loss_g, loss_q = (v.item() for v in losses)
+    print(f"{PROG}: diverged at iteration {it + 1}: f(x) - f(x~) = {gap.item():.3g}, losses f {loss_f:.3g} "
+          f"g {loss_g:.3g} q {loss_q:.3g}; last good checkpoint kept in {args.out}; "
+          f"lower --lr-e or --x-step-size", file=sys.stderr)
+
+
+def report_finished(args):
+    """A finished run's last line: where its results are, and what to run next."""
+    print(f"done: {args.out}/ holds final.pt, ebm_{args.iters:06d}.png (samples x~) and curves.png; next: "
+          f"python evaluate.py export --ckpt {args.out}/final.pt --n 64 "
+          f"--out eval/{os.path.basename(args.out)} (README: evaluate.py)", file=sys.stderr)
+
+
+def benchmark(args, device):
+    """--benchmark N: time N training iterations (batch, the five steps, the updates) on random images of
+    the configured shape; prints s/iter and images*steps/s (k_x + k_z chain steps per image), writes
+    nothing."""
+    seed_everything(args.seed)
+    torch.backends.cudnn.benchmark = device.type == "cuda"             # as training does
+    args.n_c, S = CHANNELS.get(args.dataset, 3), args.image_size
+    models = build_models(args, device)
+    opts, _ = make_optimizers(args, models)
+    data = torch.randint(0, 256, (2 * args.batch_size, args.n_c, S, S), dtype=torch.uint8, device=device)
+    order, amp = DataOrder(len(data), args.batch_size, args.seed), autocast_for(args, device)
+    per_iter = time_steps(lambda i: train_step(args, models, opts, get_batch(data, order, device, args.hflip),
+                                               amp), args.benchmark, device)
+    print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * (args.k_x + args.k_z) / per_iter:.0f} "
+          f"images*steps/s")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, rank, world = build_parser().parse_args(argv), 0, 1
+    try:
+        validate(args)
+        args.out = args.out or default_out("dual", args.dataset)
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+        if args.benchmark and not args.print_config:
+            return benchmark(args, device)
+        ckpt = run_to_resume(args)                     # None: a new run (without --resume, in a folder free)
+        if ckpt is not None:                           # the run's own config, run-control flags from argv
+            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)),
+                                     args.out)
+            validate(args)
+        if args.print_config:                          # reads no data, writes nothing
+            return print_config(args)
+        rank, world = setup_distributed(device)
+        crop_box = CELEBA_BOX if args.celeba_crop else None
+        data, args.n_available = load_data(args, rank, world, device, crop_box)   # n_available: config.json
+        if len(data) < args.batch_size * world:
+            raise UsageError(f"an epoch of {len(data)} images holds no full batch of --batch-size "
+                             f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; "
+                             f"lower --batch-size")
+        args.n_c = int(data.shape[1])
+        seed_everything(args.seed)                     # the same initial weights on every rank
+        models = build_models(args, device)
+        opts, scheds = make_optimizers(args, models)
+        order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
+        seed_everything(args.seed + rank)              # each rank its own batches and chains
+        start_it, seconds0 = 0, 0.0
+        if ckpt is not None:
+            start_it, seconds0 = restore_training(ckpt, models, opts, scheds, order, len(data))
+            restore_rng(ckpt, args.seed, rank, world, device)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        rng = gather_rng(device, world) if ckpt is None else None     # collective: every rank takes part
+        if rank == 0:
+            print(start_line(args, ckpt), file=sys.stderr)
+            print(f"{PROG}: {args.arch} nets, params f {n_params(models['ebm']):,} / g "
+                  f"{n_params(models['generator']):,} / q {n_params(models['encoder']):,}; "
+                  f"{len(data)} images; {device}, world {world}", file=sys.stderr)
+            if ckpt is None:                           # last.pt first: every run folder holds a checkpoint
+                os.makedirs(args.out, exist_ok=True)
+                save_checkpoint(os.path.join(args.out, "last.pt"), args, 0, models, opts, scheds, 0.0, rng,
+                                order.state_dict())
+                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
+                                  os.path.join(args.out, "config.json"))
+                save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
+            else:
+                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)   # rows no checkpoint covers
+        data = place_data(data, device, 0.25)          # uint8 images: up to a quarter of free memory
+        return train(args, models, opts, scheds, data, order, device,
+                     start_it=start_it, seconds0=seconds0, rank=rank, world=world)
+    except UsageError as e:
+        return usage_error(e, rank)
+    except WriteError as e:
+        return write_failed(e, rank)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+# ---- appendix: shared harness ----
+# The same text in every script of this collection (tests/test_harness.py compares); skip it on a first read.
+
+# Exit codes a job script can tell apart (README, "On a cluster"): 0 finished; EXIT_STOPPED (sysexits'
+# EX_TEMPFAIL) stopped by a signal after saving last.pt: rerun with --resume; anything else failed: 1 a bug
+# (traceback), EXIT_USAGE a usage error, EXIT_DIVERGED the divergence guard, EXIT_WRITE_FAILED (EX_IOERR) a
+# file could not be written (disk full, quota): last.pt is intact, free space and rerun with --resume.
+EXIT_USAGE, EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_STOPPED = 2, 3, 74, 75
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
@@ -551,6 +907,18 @@ def usage_error(error, rank=0):
     if rank == 0:
         print(f"{PROG}: error: {error}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class WriteError(Exception):
+    """A file of the run could not be written (disk full, quota, a folder removed underneath)."""
+
+
+def write_failed(error, rank=0):
+    """main()'s answer to a WriteError: one stderr line (rank 0 writes), exit code EXIT_WRITE_FAILED."""
+    if rank == 0:
+        print(f"{PROG}: error: {error}; the last checkpoint written stays valid: free space (or fix the "
+              f"folder), then rerun with --resume", file=sys.stderr)
+    return EXIT_WRITE_FAILED
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -598,19 +966,15 @@ def resolve_device(name, local_rank=0):
 
 
 def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    """The scripts draw only from torch's generators (CPU and CUDA); this seeds both."""
     torch.manual_seed(seed)
 
 
 def get_rng_state(device):
-    """Every random stream a run draws from, as types torch.load(weights_only=True) accepts. Only
-    this process's CUDA device: touching the others would open a context on every GPU per rank."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    """The random streams a run draws from (torch's CPU generator and this process's CUDA one: touching
+    the other GPUs would open a context on each per rank), as tensors torch.load(weights_only=True) reads."""
     return {"torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate()}
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
 
 
 def set_rng_state(state, device):
@@ -618,9 +982,6 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"][0], device)
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
 
 
 def gather_rng(device, world):
@@ -634,28 +995,62 @@ def gather_rng(device, world):
 def restore_rng(ckpt, seed, rank, world, device):
     """--resume's random streams: exact when the run had as many ranks (each continues its own
     streams), else fresh streams per rank (the run goes on, not bit-exactly)."""
-    if len(ckpt["rng_per_rank"]) == world:
-        set_rng_state(ckpt["rng_per_rank"][rank], device)
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
     else:
         seed_everything(seed + rank + 1000 * ckpt["iteration"])
 
 
-def atomic_write(path, write):
-    """write(tmp) to a hidden temp file beside path, then rename: a kill leaves the old file or the new."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def atomic_write(path, data):
+    """The bytes data to a hidden temp file beside path, flushed to disk, renamed over path, and the rename
+    flushed too: a kill or a power loss leaves the old file or the new, never a torn or empty one. Any
+    failure (disk full, quota, I/O error, a folder removed underneath) removes the temp file and raises
+    WriteError naming path and the reason."""
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, "." + os.path.basename(path) + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def atomic_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save(obj) through atomic_write: serialised in memory first, so a full disk is an OSError
+    with its reason, not torch's 'unexpected pos' RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def atomic_write_json(obj, path, **dump_kw):
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1, **dump_kw)
-    atomic_write(path, write)
+    atomic_write(path, json.dumps(obj, indent=1, **dump_kw).encode())
+
+
+def append_line(path, line):
+    """Append line and a newline to path (the log); a failed write is cut off again, so the file ends with
+    a whole line, and raises WriteError."""
+    try:
+        with open(path, "ab", buffering=0) as fh:
+            end, data = fh.seek(0, os.SEEK_END), (line + "\n").encode()
+            try:
+                while data:
+                    data = data[fh.write(data):]
+            except OSError:
+                fh.truncate(end)
+                raise
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def versions():
@@ -703,19 +1098,26 @@ def check_run_folder(out, force=False):
     return old
 
 
-def read_run(out):
-    """What --resume continues: last.pt, or, for a run stopped before its first checkpoint, the
-    folder's config.json (the run then starts again at iteration 0 with that config)."""
-    path, config_path = os.path.join(out, "last.pt"), os.path.join(out, "config.json")
-    if os.path.isfile(path) or not os.path.isfile(config_path):
+def run_to_resume(args):
+    """The checkpoint --resume continues: last.pt in --out (every run folder has one from iteration 0 on).
+    None where --out holds no run: a new run starts there from the flags given, so one command serves a
+    first start and every requeue. Without --resume a folder holding a run is refused (check_run_folder)."""
+    path = os.path.join(args.out, "last.pt")
+    if args.resume and os.path.exists(path):
         return read_checkpoint(path)
-    try:
-        with open(config_path) as fh:
-            config = dict(json.load(fh))               # a JSON list or number: unreadable too
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"{config_path} is unreadable ({type(e).__name__}) and there is no last.pt: "
-                         f"delete the folder or choose another --out") from None
-    return read_checkpoint(config_path, ckpt={**config, "config": config, "iteration": 0})  # script, format
+    if check_run_folder(args.out, force=args.resume):    # with --resume: the run files present
+        raise UsageError(f"{args.out} holds a run's files but no last.pt to resume from; choose another --out")
+    return None
+
+
+def start_line(args, ckpt):
+    """A run's first line: what it continues, or where it starts (in full, so that a mistyped --out with
+    --resume shows at once)."""
+    if ckpt is not None:
+        return f"resuming the run in {args.out} at iteration {ckpt['iteration']} of {args.iters}"
+    where = f"starting a new run in {os.path.abspath(args.out)}"
+    return where + (" (--resume: no last.pt there; check --out if you meant to continue a run)"
+                    if args.resume else "")
 
 
 def merge_resume_args(ckpt, given, out):
@@ -748,8 +1150,7 @@ def truncate_log(path, iteration):
     """Drop log lines written after the checkpoint we resume from, so the log reads as one run."""
     if os.path.exists(path):
         keep = [line for line, row in read_log(path) if row["iteration"] <= iteration]
-        with open(path, "w") as fh:
-            fh.writelines(keep)
+        atomic_write(path, "".join(keep).encode())
 
 
 DATASETS = ("cifar10", "celeba", "lsun_bedroom", "mnist", "fashion_mnist", "svhn")
@@ -765,11 +1166,20 @@ def folder_path(dataset):
     return os.path.expanduser(dataset[len("folder:"):])
 
 
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")  # folders of a data set's splits
+
+
 def folder_images(path):
-    """Every image under path (recursive, following links), sorted; one clear line if there is none."""
+    """Every image under path (recursive, following links), sorted; one clear line if there is none, or if
+    path holds two splits' folders (train/ and test/: reading both would mix the test images in)."""
     if not os.path.isdir(path):
         raise UsageError(f"--dataset folder: {path!r} does not exist or is not a directory; pass "
                          f"folder:PATH with a folder of images")
+    splits = sorted(n + "/" for n in os.listdir(path)
+                    if n.lower() in SPLIT_NAMES and os.path.isdir(os.path.join(path, n)))
+    if len(splits) > 1:
+        raise UsageError(f"--dataset folder: {path!r} holds the splits {', '.join(splits)}: pass the one to "
+                         f"use, e.g. folder:{os.path.join(path, splits[0])}")
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
                    for n in names if n.lower().endswith(IMAGE_EXTS))
     if not files:
@@ -819,6 +1229,7 @@ def image_dataset(dataset, root, size, download=False, split="train", crop_box=N
     if dataset.startswith("folder:"):
         return ImageFiles(folder_images(folder_path(dataset)), tf)
     root, D, train = os.path.expanduser(root), torchvision.datasets, split == "train"
+    root_existed = os.path.exists(root)
     try:
         if dataset in ("cifar10", "mnist", "fashion_mnist"):
             cls = {"cifar10": D.CIFAR10, "mnist": D.MNIST, "fashion_mnist": D.FashionMNIST}[dataset]
@@ -830,10 +1241,12 @@ def image_dataset(dataset, root, size, download=False, split="train", crop_box=N
         return D.LSUN(root, classes=["bedroom_" + ("train" if train else "val")], transform=tf)  # no download
     except Exception as e:  # RuntimeError / OSError: files missing or damaged; ImportError: LSUN's lmdb
         first = str(e).splitlines()[0] if str(e) else ""
+        if not root_existed and not any(files for _, _, files in os.walk(root)):
+            shutil.rmtree(root, ignore_errors=True)    # a failed download leaves no empty ./data behind
         where = os.path.join(root, WHERE[dataset].format(split=split))
         hint = "put the files there" if download else "put the files there or drop --no-download"
         raise UsageError(f"cannot load {dataset}: expected {where} ({type(e).__name__}: {first}); "
-                         f"{hint}") from None
+                         f"{hint}, or pass --dataset folder:PATH with a folder of images") from None
 
 
 def subset_indices(n_available, n_data, seed):
@@ -889,13 +1302,17 @@ def place_data(data, device, share):
 
 
 def save_grid(x, path):
-    """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch)."""
-    torchvision.utils.save_image(x.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+    """An 8-wide PNG grid of images in [-1, 1] (value_range: no contrast stretch), written atomically."""
+    buffer = io.BytesIO()
+    torchvision.utils.save_image(x.float(), buffer, format="png", nrow=8, normalize=True,
+                                 value_range=(-1, 1))
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_curves(log_path, png_path, panels):
-    """The log's signals against iteration, one panel per (title, (key, label), ...), written atomically.
-    matplotlib is optional (a copied script needs torch and torchvision only): without it, one line, False."""
+    """The log's signals against iteration, one panel per (title, (key, label), ...), written atomically; a
+    title with "log scale" in it gets a log y axis. matplotlib is optional (a copied script needs torch and
+    torchvision only): without it, one line, False."""
     try:
         from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
     except ImportError:
@@ -910,8 +1327,12 @@ def plot_curves(log_path, png_path, panels):
             ax.plot(its, get(key), label=label)
         ax.set_title(title)
         ax.set_xlabel("iteration")
+        if "log scale" in title:
+            ax.set_yscale("log")
         ax.legend(fontsize=8)                      # labels say more than titles (dual: each loss's terms)
-    atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    atomic_write(png_path, buffer.getvalue())
     return True
 
 
@@ -922,26 +1343,31 @@ def format_eta(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# Ctrl-C; what SLURM, Kubernetes and torchrun send first before a kill; SLURM's --signal=USR1@T warning
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+
+
 class StopFlag:
-    """First Ctrl-C asks the loop to finish the iteration, save last.pt and stop (resume is then
-    exact); a second Ctrl-C aborts at once."""
+    """The first of STOP_SIGNALS asks the loop to finish the iteration, save last.pt and exit EXIT_STOPPED
+    (resume is then exact); a second one aborts at once."""
 
     def __enter__(self):
-        self.requested, self.previous = False, None
-        with contextlib.suppress(ValueError):  # not the main thread: keep the default handler
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.requested, self.previous = False, {}
+        for signum in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: keep the default handlers
+                self.previous[signum] = signal.signal(signum, self.handle)
         return self
 
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{PROG}: interrupt: saving a checkpoint at the end of this iteration "
-              f"(Ctrl-C again to abort)", file=sys.stderr)
+        print(f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
+              f"(send it again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def any_rank(flags, world):
@@ -999,526 +1425,6 @@ def time_steps(step, n, device):
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times[2:])[n // 2]
-
-
-# ---- data ----
-
-
-CELEBA_BOX = (15, 40, 178 - 15, 218 - 30)  # authors' dataset.py: a 148x148 face box of the 178x218 images
-# (--celeba-crop: then resized; flips are drawn per batch in get_batch)
-
-
-class DataOrder:
-    """Which images each batch takes: shuffled epochs without replacement, as the authors'
-    DataLoader(shuffle=True, drop_last=True). Epoch e's permutation comes from its own generator seeded by
-    (seed, e), the same on every rank, and rank r takes the r-th of every `world` consecutive batches, so
-    the ranks' shards of an epoch are disjoint. The state goes into checkpoints: --resume is exact."""
-
-    def __init__(self, n, m, seed, rank=0, world=1):
-        self.n, self.m, self.seed, self.rank, self.world = n, m, seed, rank, world
-        self.per_epoch = max(1, n // (m * world))  # iterations per epoch; the last partial batch is dropped
-        self.epoch, self.position, self.perm = 0, 0, self._permutation(0)
-
-    def _permutation(self, epoch):
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-
-    def next(self):
-        """Indices of this rank's next batch, (m,) int64 on the CPU."""
-        if self.position >= self.per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-            self.perm = self._permutation(self.epoch)
-        start = (self.position * self.world + self.rank) * self.m
-        self.position += 1
-        return self.perm[start:start + self.m]
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "perm": self.perm}
-
-    def load_state_dict(self, state):
-        self.epoch, self.position, self.perm = state["epoch"], state["position"], state["perm"].clone()
-
-
-def get_batch(data, order, device, hflip=False):
-    """The next batch as float pixels (m, n_c, S, S); hflip: each image mirrored with probability 1/2
-    (the authors' RandomHorizontalFlip on CelebA, drawn here from the checkpointed CPU RNG)."""
-    idx = order.next()
-    x = to_pixels(data[idx.to(data.device)].to(device, non_blocking=True))  # (m, n_c, S, S)
-    if hflip:
-        flip = (torch.rand(len(idx)) < 0.5).to(device).view(-1, 1, 1, 1)
-        x = torch.where(flip, x.flip(3), x)
-    return x
-
-
-# ---- checkpoints and resume ----
-
-
-def save_checkpoint(path, args, it, models, opts, scheds, seconds, rng_states, data_order):
-    """The run as one dict (config: the flags as a plain dict), written atomically."""
-    atomic_save({**versions(), "config": dict(vars(args)), "iteration": it, "seconds": seconds,
-                 "data_order": data_order, "models": {k: m.state_dict() for k, m in models.items()},
-                 "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                 "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-                 "rng": rng_states[0], "rng_per_rank": rng_states}, path)
-
-
-def is_authors_checkpoint(ckpt):
-    """The authors' released format (their train.py): netG / netE / netI state dicts, no "script" key."""
-    nets = ("netE", "netG", "netI")
-    return isinstance(ckpt, dict) and "script" not in ckpt and all(k in ckpt for k in nets)
-
-
-def _authors_key(net, key, n_blocks):
-    """One key of the authors' nets.py state dicts -> ours. EBM: conv_1, block2.. -> body.0..; lin_5 / lin_6
-    -> head (spectral-norm keys as theirs: weight_orig / weight_u / weight_v). Generator:
-    lin_1 -> lin, block2.. -> body.0.. (bn_1 / bn_2 -> bn1 / bn2), bn_5 / bn_6 and conv5 / conv6 -> the
-    tail of body. Encoder: main -> body, conv51 / conv52 -> mu / logvar."""
-    head, _, rest = key.partition(".")
-    if net == "ebm":
-        if head.startswith("lin_"):
-            head = "head"
-        else:
-            head = "body.0" if head == "conv_1" else f"body.{int(head[5:]) - 1}"
-    elif net == "generator":
-        if head == "lin_1":
-            head = "lin"
-        elif head.startswith("block"):
-            head, rest = f"body.{int(head[5:]) - 2}", rest.replace("bn_1.", "bn1.").replace("bn_2.", "bn2.")
-        else:  # bn_5 / bn_6, conv5 / conv6 after the blocks: BatchNorm, ReLU, conv, Tanh
-            head = f"body.{n_blocks}" if head.startswith("bn_") else f"body.{n_blocks + 2}"
-    else:
-        head = {"main": "body", "conv51": "mu", "conv52": "logvar"}[head]
-    return f"{head}.{rest}"
-
-
-def load_authors_checkpoint(ckpt, device, path="checkpoint"):
-    """Map the authors' netE / netG / netI state dicts onto our resnet nets; size and widths from the shapes:
-    32 px (_Cifar10_*) or 64 px (_CelebA64_*). Their netE is an energy (their chains descend it), our f its
-    negative: the head's weight and its spectral-norm vector u are negated (W / sigma flips, sigma = u^T W v
-    stays; negating W alone would change nothing), so f = -netE. The config is the matching data set's
-    defaults with --recipe authors (how their nets were trained)."""
-    sds = {net: {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt[key].items()}
-           for net, key in (("ebm", "netE"), ("generator", "netG"), ("encoder", "netI"))}
-    try:
-        size = 64 if any(k.startswith("block5.") for k in sds["ebm"]) else 32
-        lin_g, conv_i = sds["generator"]["lin_1.weight"], sds["encoder"]["main.0.weight"]
-        head = next(v for k, v in sds["ebm"].items() if k.startswith("lin_") and k.endswith("weight_orig"))
-        nz, ngf, nef = lin_g.shape[1], lin_g.shape[0] // 16, head.shape[1]
-        nif, n_c = conv_i.shape[0], conv_i.shape[1]
-    except (KeyError, StopIteration, IndexError):
-        raise UsageError(f"{path}: netE / netG / netI are not the authors' Cifar10 / CelebA64 nets") from None
-    flags = ["--dataset", "celeba" if size == 64 else "cifar10", "--nz", str(nz), "--nef", str(nef),
-             "--ngf", str(ngf), "--nif", str(nif), "--recipe", "authors"]
-    cfg = {**vars(validate(build_parser().parse_args(flags))), "n_c": int(n_c),
-           "source": "authors", "epoch": ckpt.get("epoch")}
-    models = build_models(argparse.Namespace(**cfg), device)
-    n_blocks = {"ebm": 5 if size == 64 else 4, "generator": 4 if size == 64 else 3, "encoder": 0}
-    for net, model in models.items():
-        try:
-            sd = {_authors_key(net, k, n_blocks[net]): v for k, v in sds[net].items()}
-            if net == "ebm":                                     # f = -netE
-                for k in ("head.weight_orig", "head.weight_u"):
-                    sd[k] = -sd[k]
-            model.load_state_dict(sd)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UsageError(f"{path}: cannot map the authors' {net} onto ours ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]})") from None
-    return models, cfg
-
-
-def load_checkpoint(path, device="cpu"):
-    """-> ({"ebm", "generator", "encoder"} -> model in eval mode, config dict). Reads our checkpoints and
-    the authors' released ones (a dict with netG / netE / netI and no "script" key). The run's sampling
-    preset: sample(models, n, config["sample_k_x"], config["sample_step_size"], config["x_noise"])."""
-    device = torch.device(device)
-    raw = load_file(path, device)
-    if is_authors_checkpoint(raw):
-        models, cfg = load_authors_checkpoint(raw, device, path)
-    else:
-        cfg = read_checkpoint(path, device, raw)["config"]
-        models = build_models(argparse.Namespace(**cfg), device)
-        for k, m in models.items():
-            m.load_state_dict(raw["models"][k])
-    for m in models.values():
-        m.eval()
-    return models, cfg
-
-
-# ---- models, optimisers, grids, curves, log lines ----
-
-
-def build_models(args, device):
-    """The three nets from the run's flags (args.n_c: image channels); --bn-init authors draws the
-    generator's BatchNorm scales from N(0, 1), as their weights_init."""
-    n_c, s = args.n_c, args.image_size
-    models = {"ebm": EBM(n_c, args.nef, s, args.arch),
-              "generator": Generator(args.nz, args.ngf, n_c, s, args.arch),
-              "encoder": Encoder(args.nz, args.nif, n_c, s, args.arch)}
-    if args.bn_init == "authors":
-        for m in models["generator"].modules():
-            if isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight)
-    return {k: m.to(device) for k, m in models.items()}
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def make_optimizers(args, models):
-    """Adam per model (the authors' betas, weight decay on g and q) and an exponential lr decay per epoch."""
-    settings = {"ebm": (args.lr_e, 0.0), "generator": (args.lr_g, args.wd_g),
-                "encoder": (args.lr_i, args.wd_i)}
-    opts = {k: torch.optim.Adam(models[k].parameters(), lr, BETAS, weight_decay=wd)
-            for k, (lr, wd) in settings.items()}
-    scheds = {k: torch.optim.lr_scheduler.ExponentialLR(o, LR_DECAY) for k, o in opts.items()}
-    return opts, scheds
-
-
-@contextlib.contextmanager
-def eval_mode(models):
-    modes = {k: m.training for k, m in models.items()}
-    for m in models.values():
-        m.eval()
-    try:
-        yield
-    finally:
-        for k, m in models.items():
-            m.train(modes[k])
-
-
-def save_grids(models, fixed_x, fixed_z, args, it):
-    """Eval-mode grids from a fixed batch / fixed z; fork_rng keeps the training trajectory intact."""
-    E, G, I = models["ebm"], models["generator"], models["encoder"]
-    devices = [fixed_x.device] if fixed_x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), eval_mode(models), torch.no_grad():
-        torch.manual_seed(args.seed + 1)
-        mu, _ = I(fixed_x)
-        z_t = langevin_z(G, fixed_x, mu, args.k_z, args.z_step_size, args.z_noise, args.sigma_g,
-                         args.posterior)
-        x0 = G(fixed_z)
-        grids = {"recon": G(mu), "posterior": G(z_t), "gen": x0,
-                 "ebm": langevin_x(E, x0, args.k_x, args.x_step_size, args.x_noise)}
-    for name, img in grids.items():
-        save_grid(img, os.path.join(args.out, f"{name}_{it:06d}.png"))
-
-
-# curves.png: one panel per (title, (log key, label), ...)
-CURVE_PANELS = [("loss f (EBM)", ("loss_ebm", "-(f(x) - f(x~)) / T")),
-                ("loss g", ("loss_gen", "weighted sum"), ("loss_recon", "data term"),
-                 ("loss_sample", "x~ term (unweighted)")),
-                ("loss q", ("loss_inf", "-log q(z~|x) - w log q(z|x~)")),
-                ("f", ("f_data", "f(data)"), ("f_sample", "f(x~)")),
-                ("reconstruction", ("mse_recon", "MSE x vs g(z~)")),
-                ("lr", ("lr", "lr of f (g, q decay alike)"))]
-
-
-def write_log(log_file, args, done, losses, opts, seconds, rate):
-    """One log.jsonl line and one progress line (.item() only here and in the divergence guard)."""
-    row = {"iteration": done, **{k: v.item() for k, v in losses.items()},
-           "lr": opts["ebm"].param_groups[0]["lr"], "seconds": seconds}
-    log_file.write(json.dumps(row) + "\n")
-    log_file.flush()
-    print(f"it {done}/{args.iters} | E {row['loss_ebm']:.3g} G {row['loss_gen']:.4g} "
-          f"I {row['loss_inf']:.4g} | f(x) {row['f_data']:.3g} f(x~) {row['f_sample']:.3g} | "
-          f"mse {row['mse_recon']:.4f} | {rate:.3g} s/it | ETA {format_eta(rate * (args.iters - done))}",
-          file=sys.stderr)
-
-
-# ---- multi-process gradients ----
-
-
-def allreduce_grads(nets, world):
-    """Average gradients over ranks: one flat all-reduce per model. We do not wrap in DDP because the
-    chains run many forward passes whose backward never reaches the parameters, which DDP's reducer
-    would wait for; a plain all-reduce after each backward is simpler and exact."""
-    for m in nets:
-        grads = [p.grad for p in m.parameters() if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.flatten() for g in grads])
-            torch.distributed.all_reduce(flat)
-            for g, v in zip(grads, (flat / world).split([g.numel() for g in grads])):
-                g.copy_(v.view_as(g))
-
-
-# ---- fast chains on CUDA (speed only: the same chains as langevin_x / langevin_z) ----
-
-
-class FastChains:
-    """langevin_x and langevin_z (same updates, noise law and spectral-norm power iterations) with each step
-    updating a buffer in place; on CUDA (graph=True) one step is captured as a CUDA graph, once per (chain,
-    net, input shapes, mode, sigma_g, posterior), and replayed K times. Use as dual_losses(...,
-    chain_x=chains.x, chain_z=chains.z) or sample(..., chain=chains.x). A capture stays right because Adam
-    updates parameters in place, BatchNorm momentum is 0 inside chains, the u, v updates of spectral norm
-    are part of the graph and the CUDA generator is graph-safe; with amp_dtype the bf16 casts run inside
-    the graph (autocast cache off). The warm-up before a capture runs under fork_rng and the nets'
-    buffers are restored after it. On the CPU the in-place steps equal langevin_x / langevin_z exactly
-    (tests replace _graphable / _record to run the recording logic there).
-    """
-
-    def __init__(self, graph=True, amp_dtype=None):
-        self.graph, self.amp_dtype, self.graphs = graph, amp_dtype, {}
-
-    def x(self, f, x, K, step_size, noise):
-        """langevin_x(f, x, K, step_size, noise)."""
-        def step(x_b, step_t, noise_t):
-            x_in = x_b.detach().requires_grad_(True)
-            grad = torch.autograd.grad(f(x_in).float().sum(), x_in)[0]        # (m, C, S, S)
-            x_b.add_(step_t * grad)                                          # x + step_size * grad_x f(x)
-            x_b.add_(noise_t * torch.randn_like(x_b))                        # + noise * N(0, I)
-        return self._chain(("x", id(f)), f, step, (x,), K, step_size, noise)
-
-    def z(self, g, x, z, K, step_size, noise, sigma, posterior="paper"):
-        """langevin_z(g, x, z, K, step_size, noise, sigma, posterior)."""
-        check_posterior(posterior)
-
-        def step(x_b, z_b, step_t, noise_t):
-            z_in = z_b.detach().requires_grad_(True)
-            grad = torch.autograd.grad(log_posterior(g, x_b, z_in, sigma, posterior).sum(), z_in)[0]
-            z_b.add_(step_t * grad)                                          # z + step_size * grad_z log p
-            z_b.add_(noise_t * torch.randn_like(z_b))                        # + noise * N(0, I)
-        return self._chain(("z", id(g), sigma, posterior), g, step, (x, z), K, step_size, noise)
-
-    def _chain(self, key, net, step, inputs, K, step_size, noise):
-        """K in-place steps on float32 copies of inputs; returns a copy of the last input after them."""
-        device = inputs[0].device
-        with _bn_stats_frozen(net), torch.enable_grad():
-            if self.graph and self._graphable(device):
-                key += (tuple(tuple(v.shape) for v in inputs), str(device), net.training)
-                if key not in self.graphs or self.graphs[key][0] is not net:   # id() of a freed net reused
-                    self.graphs[key] = (net,) + self._capture(net, step, inputs, device)
-                _, replay, bufs, step_t, noise_t = self.graphs[key]
-            else:
-                bufs, step_t, noise_t = self._buffers(inputs, device)
-                replay = lambda: step(*bufs, step_t, noise_t)
-            with torch.no_grad():                              # x0 = g(z) and z^ carry autograd graphs
-                for b, v in zip(bufs, inputs):
-                    b.copy_(v)
-                step_t.fill_(step_size)
-                noise_t.fill_(noise)
-            for _ in range(K):
-                replay()
-            return bufs[-1].clone()                            # no autograd history, as langevin_x / _z
-
-    @staticmethod
-    def _buffers(inputs, device):
-        """Static float32 buffers for the inputs, the step size and the noise."""
-        return [torch.zeros_like(v, dtype=torch.float32) for v in inputs], *torch.zeros(2, device=device)
-
-    def _capture(self, net, step, inputs, device):
-        """The step on static buffers, recorded: (replay, buffers, step-size tensor, noise tensor)."""
-        bufs, step_t, noise_t = self._buffers(inputs, device)
-        for b, v in zip(bufs, inputs):                         # the warm-up runs on real values
-            b.copy_(v.detach())
-        amp = (torch.autocast(device.type, self.amp_dtype, cache_enabled=False) if self.amp_dtype
-               else contextlib.nullcontext())
-
-        def run():
-            with amp:
-                step(*bufs, step_t, noise_t)
-        saved = [b.clone() for b in net.buffers()]
-
-        def reset():          # undo the warm-up's power iterations (and BatchNorm's batch counts)
-            with torch.no_grad():
-                for b, v in zip(net.buffers(), saved):
-                    b.data.copy_(v)   # .data: no version bump on BatchNorm statistics saved for the
-                                      # backward of x0 = g(z), which runs after the chains
-        return (self._record(run, device, reset), bufs, step_t, noise_t)
-
-    @staticmethod
-    def _graphable(device):
-        return device.type == "cuda"
-
-    _record = staticmethod(cuda_graph_replay)   # tests replace it (and _graphable) to run on the CPU
-
-
-def make_chains(args, device):
-    """(chain_x, chain_z) for dual_losses: FastChains on CUDA with --cuda-graph (opt-in), else the
-    method block's eager langevin_x / langevin_z."""
-    if args.cuda_graph and device.type == "cuda":
-        chains = FastChains(True, torch.bfloat16 if args.amp == "bf16" else None)
-        return chains.x, chains.z
-    return langevin_x, langevin_z
-
-
-# ---- training: one step, the loop, the benchmark ----
-
-
-def train_step(args, models, opts, x, amp, chains=(langevin_x, langevin_z), world=1):
-    """One iteration on the batch x: dual_losses with the run's flags and a fresh prior draw z (m, nz), and
-    the updates. --update-order joint: one backward of the summed losses (they touch disjoint parameters);
-    authors: dual_losses steps g, q, then f as each loss is ready. Gradients are averaged over ranks.
-    chains: (chain_x, chain_z), see make_chains. Returns ((loss_e, loss_g, loss_i), out)."""
-    def step(names, loss):
-        for k in names:
-            opts[k].zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, enabled=False):     # dual_losses calls this under autocast
-            loss.backward()
-            if world > 1:
-                allreduce_grads([models[k] for k in names], world)
-            for k in names:
-                opts[k].step()
-    joint = args.update_order == "joint"
-    z = torch.randn(x.shape[0], args.nz, device=x.device)                  # (m, nz)
-    loss_e, loss_g, loss_i, out = dual_losses(
-        models["ebm"], models["generator"], models["encoder"], x, z, args.k_x, args.x_step_size, args.x_noise,
-        args.k_z, args.z_step_size, args.z_noise, args.sigma_g, args.w_sample, args.w_inf_sample,
-        args.posterior, args.gen_loss, args.no_inference, args.gen_only_init,
-        None if joint else lambda name, loss: step([name], loss), chain_x=chains[0], chain_z=chains[1],
-        autocast=amp)
-    if joint:
-        step(list(models), loss_e + loss_g + loss_i)
-    return (loss_e, loss_g, loss_i), out
-
-
-def report_divergence(args, it, gap, losses):
-    """The divergence guard's one line (authors' guard: |f(x) - f(x~)| > 1e4 or a NaN loss)."""
-    loss_e, loss_g, loss_i = (v.item() for v in losses)
-    print(f"{PROG}: diverged at iteration {it + 1}: f(x) - f(x~) = {gap.item():.3g}, losses E {loss_e:.3g} "
-          f"G {loss_g:.3g} I {loss_i:.3g}; last good checkpoint kept in {args.out}; "
-          f"lower --lr-e or --x-step-size", file=sys.stderr)
-
-
-def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=0.0, rank=0, world=1):
-    """Algorithm 1 of the paper, then three gated side jobs (log, grids + curves, checkpoint); order: the
-    DataOrder, whose epoch length also paces the lr decay.
-    Returns the exit code: 0 done, 130 stopped by Ctrl-C (last.pt written), 3 diverged."""
-    amp, writer, curves = autocast_for(args, device), rank == 0, True
-    chains = make_chains(args, device)
-    if writer:  # fixed grid inputs: first 64 images, z from its own generator
-        fixed_x = to_pixels(data[:64].to(device))
-        fixed_z = torch.randn(64, args.nz, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    t_start = time.time()
-    with StopFlag() as stop, contextlib.ExitStack() as files:
-        log_file = files.enter_context(open(os.path.join(args.out, "log.jsonl"), "a")) if writer else None
-        for it in range(start_it, args.iters):
-            x = get_batch(data, order, device, args.hflip)                     # (m, n_c, S, S)
-            losses, out = train_step(args, models, opts, x, amp, chains, world)   # the five steps, updates
-            # the guard: nothing of a diverged iteration is saved; every rank stops on the same iteration
-            gap = out["f_data"] - out["f_sample"]
-            bad = ~torch.isfinite(torch.stack(losses).detach()).all() | (gap.abs() > GAP_LIMIT)
-            bad, stopping = any_rank(torch.stack([bad, torch.tensor(stop.requested, device=device)]), world)
-            if bad:
-                if rank == 0:
-                    report_divergence(args, it, gap, losses)
-                return EXIT_DIVERGED
-            loss_e, loss_g, loss_i = losses
-            if (it + 1) % order.per_epoch == 0:
-                for s in scheds.values():
-                    s.step()
-            done = it + 1
-            # side jobs: log, plot, checkpoint (plots use their own RNG: the trajectory never depends on them)
-            if writer and (done % args.log_every == 0 or done == args.iters):
-                row = dict(loss_ebm=loss_e, loss_gen=loss_g, loss_inf=loss_i, loss_recon=out["loss_recon"],
-                           loss_sample=out["loss_sample"], f_data=out["f_data"], f_sample=out["f_sample"],
-                           mse_recon=out["mse_recon"])
-                elapsed = time.time() - t_start
-                write_log(log_file, args, done, row, opts, seconds0 + elapsed, elapsed / (done - start_it))
-            if writer and ((args.plot_every and done % args.plot_every == 0) or done == args.iters):
-                save_grids(models, fixed_x, fixed_z, args, done)
-                curves = curves and plot_curves(log_file.name, os.path.join(args.out, "curves.png"),
-                                                CURVE_PANELS)
-            last = done == args.iters
-            if (args.ckpt_every and done % args.ckpt_every == 0) or last or stopping:
-                states = gather_rng(device, world)  # collective: every rank takes part
-                if writer:
-                    for name in ("last.pt", "final.pt") if last else ("last.pt",):
-                        save_checkpoint(os.path.join(args.out, name), args, done, models, opts, scheds,
-                                        seconds0 + time.time() - t_start, states, order.state_dict())
-            if stopping and not last:
-                if writer:
-                    print(f"{PROG}: stopped at iteration {done}; continue with: "
-                          f"python {PROG} --out {args.out} --resume", file=sys.stderr)
-                return EXIT_INTERRUPTED
-    return 0
-
-
-def benchmark(args, device):
-    """--benchmark N: time N training iterations (batch, the five steps, the updates) on random images of
-    the configured shape; prints s/iter and images*steps/s (k_x + k_z chain steps per image), writes
-    nothing."""
-    seed_everything(args.seed)
-    torch.backends.cudnn.benchmark = device.type == "cuda"             # as training does
-    args.n_c, S = CHANNELS.get(args.dataset, 3), args.image_size
-    models = build_models(args, device)
-    opts, _ = make_optimizers(args, models)
-    data = torch.randint(0, 256, (2 * args.batch_size, args.n_c, S, S), dtype=torch.uint8, device=device)
-    order, amp, chains = DataOrder(len(data), args.batch_size, args.seed), autocast_for(args, device), \
-        make_chains(args, device)
-    per_iter = time_steps(lambda i: train_step(args, models, opts, get_batch(data, order, device, args.hflip),
-                                               amp, chains), args.benchmark, device)
-    print(f"benchmark: {per_iter:.4f} s/iter, {args.batch_size * (args.k_x + args.k_z) / per_iter:.0f} "
-          f"images*steps/s")
-    return 0
-
-
-# ---- main: flags, run folder, data, models, then train ----
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args, rank, world = build_parser().parse_args(argv), 0, 1
-    try:
-        validate(args)
-        args.out = args.out or default_out("dual", args.dataset)
-        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-        if args.benchmark and not args.print_config:
-            return benchmark(args, device)
-        ckpt = None
-        if args.resume:                                # the run's own config, run-control flags from argv
-            ckpt = read_run(args.out)
-            args = merge_resume_args(ckpt, vars(build_parser(suppress_defaults=True).parse_args(argv)),
-                                     args.out)
-            validate(args)
-        else:
-            check_run_folder(args.out)
-        if args.print_config:                          # reads no data, writes nothing
-            return print_config(args)
-        rank, world = setup_distributed(device)
-        box = CELEBA_BOX if args.celeba_crop else None
-        data, args.n_available = load_data(args, rank, world, device, box)   # n_available: config.json
-        if len(data) < args.batch_size * world:
-            raise UsageError(f"an epoch of {len(data)} images holds no full batch of --batch-size "
-                             f"{args.batch_size}{f' on each of {world} ranks' if world > 1 else ''}; "
-                             f"lower --batch-size")
-        args.n_c = int(data.shape[1])
-        seed_everything(args.seed)                     # the same initial weights on every rank
-        models = build_models(args, device)
-        opts, scheds = make_optimizers(args, models)
-        order = DataOrder(len(data), args.batch_size, args.seed, rank, world)
-        seed_everything(args.seed + rank)              # each rank its own batches and chains
-        start_it, seconds0 = 0, 0.0
-        if ckpt is not None and "models" in ckpt:      # (a run killed before its first last.pt has none)
-            for k in models:
-                models[k].load_state_dict(ckpt["models"][k])
-                opts[k].load_state_dict(ckpt["optimizers"][k])
-                scheds[k].load_state_dict(ckpt["schedulers"][k])
-            if len(ckpt["data_order"]["perm"]) != len(data):
-                raise UsageError(f"the run trained on {len(ckpt['data_order']['perm'])} images, the data now "
-                                 f"holds {len(data)}: resume with the same data, or start a new --out")
-            order.load_state_dict(ckpt["data_order"])
-            start_it, seconds0 = ckpt["iteration"], ckpt["seconds"]
-            restore_rng(ckpt, args.seed, rank, world, device)
-        torch.backends.cudnn.benchmark = device.type == "cuda"
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            if start_it == 0:
-                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
-                                  os.path.join(args.out, "config.json"))
-                save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
-            if ckpt is not None:
-                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
-            print(f"{PROG}: {args.arch} nets, params EBM {n_params(models['ebm']):,} / generator "
-                  f"{n_params(models['generator']):,} / encoder {n_params(models['encoder']):,}; "
-                  f"{len(data)} images; {device}, world {world}; "
-                  f"{'resuming at ' + str(start_it) + ', ' if start_it else ''}writing {args.out}",
-                  file=sys.stderr)
-        data = place_data(data, device, 0.25)          # uint8 images: up to a quarter of free memory
-        return train(args, models, opts, scheds, data, order, device, start_it, seconds0, rank, world)
-    except UsageError as e:
-        return usage_error(e, rank)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
