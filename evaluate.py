@@ -28,7 +28,7 @@ number of images, reference set, feature extractor, checkpoint, seed) and PNG fi
 Images taken from a data set are a seeded random subset (--data-seed), recorded in metrics.json;
 held-out lsun_bedroom images are training images outside the run's training subset (bedroom_val holds
 300). Dual-MCMC nets run with train-mode BatchNorm in every subcommand by default (--bn-mode, the
-authors' protocol); their captured CUDA-graph chains are opt-in (--cuda-graph).
+authors' protocol).
 
 Recipes
     # FID of a short-run CIFAR-10 model, 50,000 samples, offline Inception weights
@@ -44,11 +44,13 @@ Recipes
     python evaluate.py inpaint --ckpt runs/dual_celeba/final.pt --n 1000 --out eval/inpaint
 
 An --out folder that already holds a metrics.json is never overwritten: pass --overwrite to replace
-its results. Bad input (missing checkpoint, unknown data set, absent weights) exits 2 with one line.
+its results. Bad input (missing checkpoint, unknown data set, absent weights) exits 2 with one line; a
+failed write (disk full, quota) exits 74 (shortrun_ebm's EXIT_WRITE_FAILED) with one line naming the file.
 """
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -170,11 +172,11 @@ def build_parser():
     q = add("export", "write --n samples as PNGs and one uint8 NHWC .npz per kind for external FID tools "
             "(short-run: x; dual: x0 and x_tilde)", 50000, "samples")
     for q in (sub.choices["fid"], q):
-        q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default="auto",
-                       help="samples on CUDA: one captured Langevin step replayed K times, the same chains "
-                       "as the eager ones; auto: on for short-run checkpoints (shortrun_ebm.FastChain), off "
-                       "for dual_mcmc ones (dual_mcmc.FastChains has not yet run on a GPU: opt in with "
-                       "--cuda-graph); ignored on the CPU; metrics.json's cuda_graph says whether it ran")
+        q.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                       help="short-run checkpoints on CUDA: one captured Langevin step replayed K times "
+                       "(shortrun_ebm.FastChain), the same chains as the eager ones; dual_mcmc checkpoints "
+                       "always sample eagerly; ignored on the CPU; metrics.json's cuda_graph says whether "
+                       "it ran")
     q = add("ood", "AUROC of f(x): test split of the training data vs other sets (dual-MCMC Table 8)", 10000,
             "images per set")
     q.add_argument("--ood", nargs="+", default=["svhn"], help="svhn | cifar10 | cifar100 | celeba | mnist | "
@@ -333,26 +335,19 @@ def quality(x_hat, x):
 
 def load_model(path, device):
     """Detect the script from the checkpoint's "script" key and load with that script's loader; a dict
-    without that key holding netG / netE / netI is the Dual-MCMC authors' released format, read by
-    dual_mcmc.load_checkpoint. Returns a namespace: script, cfg, iteration, f (EBM) and, for
+    without that key holding netG / netE / netI is the Dual-MCMC authors' released format
+    (load_authors_checkpoint). Returns a namespace: script, cfg, iteration, f (EBM) and, for
     dual_mcmc, g, encoder and models."""
-    if not os.path.isfile(path):
-        raise sr.UsageError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # a cheap peek at "script"
-    except Exception as e:
-        raise sr.UsageError(f"cannot read checkpoint {path} ({type(e).__name__}): truncated or not a "
-                            f"checkpoint") from None
+    ckpt = sr.load_file(path)                                         # one line if missing or unreadable
     script = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if dm.is_authors_checkpoint(ckpt):
-        script = "dual_mcmc"                                         # the authors' released checkpoints
     try:
         if script == "shortrun_ebm":
             f, cfg = sr.load_checkpoint(path, device)
             model = argparse.Namespace(script=script, cfg=cfg, f=f, g=None, encoder=None)
-        elif script == "dual_mcmc":
-            models, cfg = dm.load_checkpoint(path, device)
-            model = argparse.Namespace(script=script, cfg=cfg, f=models["ebm"], g=models["generator"],
+        elif script == "dual_mcmc" or is_authors_checkpoint(ckpt):
+            models, cfg = (dm.load_checkpoint(path, device) if script == "dual_mcmc"
+                           else load_authors_checkpoint(ckpt, device, path))
+            model = argparse.Namespace(script="dual_mcmc", cfg=cfg, f=models["ebm"], g=models["generator"],
                                        encoder=models["encoder"], models=models)
         else:
             raise sr.UsageError(f"{path} was not written by shortrun_ebm.py or dual_mcmc.py (script key "
@@ -366,6 +361,73 @@ def load_model(path, device):
     model.iteration, model.device = ckpt.get("iteration"), torch.device(device)
     model.n_c, model.size = int(model.cfg["n_c"]), int(model.cfg["image_size"])
     return model
+
+
+def is_authors_checkpoint(ckpt):
+    """The Dual-MCMC authors' released format (their train.py): netG / netE / netI state dicts, no "script"
+    key."""
+    nets = ("netE", "netG", "netI")
+    return isinstance(ckpt, dict) and "script" not in ckpt and all(k in ckpt for k in nets)
+
+
+def _authors_key(net, key, n_blocks):
+    """One key of the authors' nets.py state dicts -> dual_mcmc's. EBM: conv_1, block2.. -> body.0..; lin_5 /
+    lin_6 -> head (spectral-norm keys as theirs: weight_orig / weight_u / weight_v). Generator:
+    lin_1 -> lin, block2.. -> body.0.. (bn_1 / bn_2 -> bn1 / bn2), bn_5 / bn_6 and conv5 / conv6 -> the
+    tail of body. Encoder: main -> body, conv51 / conv52 -> mu / logvar."""
+    head, _, rest = key.partition(".")
+    if net == "ebm":
+        if head.startswith("lin_"):
+            head = "head"
+        else:
+            head = "body.0" if head == "conv_1" else f"body.{int(head[5:]) - 1}"
+    elif net == "generator":
+        if head == "lin_1":
+            head = "lin"
+        elif head.startswith("block"):
+            head, rest = f"body.{int(head[5:]) - 2}", rest.replace("bn_1.", "bn1.").replace("bn_2.", "bn2.")
+        else:  # bn_5 / bn_6, conv5 / conv6 after the blocks: BatchNorm, ReLU, conv, Tanh
+            head = f"body.{n_blocks}" if head.startswith("bn_") else f"body.{n_blocks + 2}"
+    else:
+        head = {"main": "body", "conv51": "mu", "conv52": "logvar"}[head]
+    return f"{head}.{rest}"
+
+
+def load_authors_checkpoint(ckpt, device, path="checkpoint"):
+    """Map the authors' netE / netG / netI state dicts onto dual_mcmc's resnet nets; size and widths from the
+    shapes: 32 px (_Cifar10_*) or 64 px (_CelebA64_*). Their netE is an energy (their chains descend it),
+    our f its negative: the head's weight and its spectral-norm vector u are negated (W / sigma flips,
+    sigma = u^T W v stays; negating W alone would change nothing), so f = -netE. The config is the matching
+    data set's defaults with --recipe authors (how their nets were trained). Returns (models in eval mode,
+    config)."""
+    sds = {net: {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt[key].items()}
+           for net, key in (("ebm", "netE"), ("generator", "netG"), ("encoder", "netI"))}
+    try:
+        size = 64 if any(k.startswith("block5.") for k in sds["ebm"]) else 32
+        lin_g, conv_i = sds["generator"]["lin_1.weight"], sds["encoder"]["main.0.weight"]
+        head = next(v for k, v in sds["ebm"].items() if k.startswith("lin_") and k.endswith("weight_orig"))
+        nz, ngf, nef = lin_g.shape[1], lin_g.shape[0] // 16, head.shape[1]
+        nif, n_c = conv_i.shape[0], conv_i.shape[1]
+    except (KeyError, StopIteration, IndexError):
+        raise sr.UsageError(f"{path}: netE / netG / netI are not the authors' Cifar10 / CelebA64 "
+                            "nets") from None
+    flags = ["--dataset", "celeba" if size == 64 else "cifar10", "--nz", str(nz), "--nef", str(nef),
+             "--ngf", str(ngf), "--nif", str(nif), "--recipe", "authors"]
+    cfg = {**vars(dm.validate(dm.build_parser().parse_args(flags))), "n_c": int(n_c),
+           "source": "authors", "epoch": ckpt.get("epoch")}
+    models = dm.build_models(argparse.Namespace(**cfg), device)
+    n_blocks = {"ebm": 5 if size == 64 else 4, "generator": 4 if size == 64 else 3, "encoder": 0}
+    for net, model in models.items():
+        try:
+            sd = {_authors_key(net, k, n_blocks[net]): v for k, v in sds[net].items()}
+            if net == "ebm":                                     # f = -netE
+                for k in ("head.weight_orig", "head.weight_u"):
+                    sd[k] = -sd[k]
+            model.load_state_dict(sd)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise sr.UsageError(f"{path}: cannot map the authors' {net} onto ours ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]})") from None
+    return {k: m.eval() for k, m in models.items()}, cfg
 
 
 def sampler_settings(args, model, for_sampling=False):
@@ -383,9 +445,9 @@ def sampler_settings(args, model, for_sampling=False):
             "sigma_g": c["sigma_g"], "posterior": c.get("posterior", "paper")}
 
 
-def M_theta(model, chain, z, noise=0.0, create_graph=False):
+def M_theta(model, settings, z, noise=0.0, create_graph=False):
     """Short-run generator x = M_theta(z): K Langevin steps from z (noise off by default)."""
-    return sr.langevin(model.f, z, chain["K"], chain["step_size"], noise, create_graph=create_graph)
+    return sr.langevin(model.f, z, settings["K"], settings["step_size"], noise, create_graph=create_graph)
 
 
 def draw_p0(model, n, gen=None):
@@ -395,11 +457,13 @@ def draw_p0(model, n, gen=None):
     return torch.randn(n, model.g.nz, generator=gen).to(model.device)
 
 
-def x_chain(model, chain):
+def x_chain(model, settings):
     """The checkpoint's x-chain, noise on: (run(x, k) -> x after k steps on f, the trained K)."""
     if model.script == "shortrun_ebm":
-        return (lambda v, k: sr.langevin(model.f, v, k, chain["step_size"], chain["noise"])), chain["K"]
-    return (lambda v, k: dm.langevin_x(model.f, v, k, chain["x_step_size"], chain["x_noise"])), chain["k_x"]
+        run = lambda v, k: sr.langevin(model.f, v, k, settings["step_size"], settings["noise"])
+        return run, settings["K"]
+    run = lambda v, k: dm.langevin_x(model.f, v, k, settings["x_step_size"], settings["x_noise"])
+    return run, settings["k_x"]
 
 
 def langevin_x_masked(run, x, keep, x_obs, K):
@@ -425,7 +489,8 @@ def langevin_z_masked(g, x, keep, z, K, step_size, noise, sigma, posterior="pape
     return z
 
 
-def reconstruct_z(model, chain, x, steps, lr, optimizer="gd", clamp=False, keep=None, z0=None, snapshots=0):
+def reconstruct_z(model, settings, x, steps, lr, optimizer="gd", clamp=False, keep=None, z0=None,
+                  snapshots=0):
     """argmin_z ||keep * (x - M_theta(z))||^2 through the K-step sampler (noise off), from z0 ~ p_0.
 
     gd (the paper's reconstruction, sec. 3.4 / Figure 4): plain gradient descent on its loss
@@ -433,15 +498,16 @@ def reconstruct_z(model, chain, x, steps, lr, optimizer="gd", clamp=False, keep=
     is exact when M_theta is the identity). adam: Adam(lr) on the per-pixel mean error. clamp:
     project z onto [-1, 1], the support of p_0, after every step (the paper does not).
     Returns a namespace: z, x_init = M(z0), x_final = M(z), curve = per-pixel mse per step (mean over
-    the batch), frames = list of (t, M(z_t)) at `snapshots` evenly spaced steps."""
+    the batch), frames = list of (t, M(z_t)) at `snapshots` evenly spaced steps. A progress bar counts
+    the steps (each one K sampler steps and their backward: seconds per step on a CPU)."""
     z = (draw_p0(model, len(x)) if z0 is None else z0).clone().requires_grad_(True)
     keep = torch.ones_like(x) if keep is None else keep.expand_as(x)
     n_obs = keep.flatten(1).sum(1)                                                    # observed pixels (B,)
     opt = torch.optim.Adam([z], lr=lr) if optimizer == "adam" else None
     frame_at = set(np.linspace(0, steps, snapshots + 1).round().astype(int).tolist()) if snapshots else set()
     curve, frames = [], []
-    for t in range(steps + 1):
-        x_hat = M_theta(model, chain, z, create_graph=t < steps)                     # (B, C, S, S)
+    for t in progress(range(steps + 1), "steps on z"):
+        x_hat = M_theta(model, settings, z, create_graph=t < steps)                     # (B, C, S, S)
         sq = (keep * (x_hat - x)).flatten(1).pow(2).sum(1)                            # (B,)
         err = sq / n_obs                                                              # per-pixel mse (B,)
         curve.append(err.mean().item())
@@ -661,7 +727,6 @@ def reference_stats(args, model, net, weights, device):
     mu, sigma = feats.mean(0).numpy(), np.cov(feats.numpy(), rowvar=False)
     keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:args.kid_ref]
     feats_kid = feats[keep].float()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     savez_atomic(path, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=picked["n"], weights_sha=tag,
                  image_size=model.size, dataset=name, n_available=picked["n_available"],
                  data_seed=args.data_seed)
@@ -669,11 +734,10 @@ def reference_stats(args, model, net, weights, device):
 
 
 def savez_atomic(path, **arrays):
-    """np.savez written like shortrun_ebm.atomic_write: a kill leaves the old file or the new."""
-    def write(tmp):
-        with open(tmp, "wb") as fh:                    # a file object: np.savez adds no ".npz" to it
-            np.savez(fh, **arrays)
-    sr.atomic_write(path, write)
+    """np.savez through write_file: a kill leaves the old file or the new."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_file(path, buf.getvalue())
 
 
 @contextlib.contextmanager
@@ -700,15 +764,13 @@ def bn_mode(args, model):
 
 
 def uses_cuda_graph(args, model):
-    """--cuda-graph (fid / export) resolved: samples on CUDA through the training harness's captured chains;
-    auto: on for short-run checkpoints (FastChain, measured on GPUs), off for dual_mcmc ones (FastChains,
-    not yet run on a GPU)."""
-    flag = getattr(args, "cuda_graph", False)
-    on = model.script == "shortrun_ebm" if flag == "auto" else flag
+    """--cuda-graph (fid / export) resolved: short-run samples on CUDA through the training harness's captured
+    chain (FastChain, measured on GPUs); dual_mcmc checkpoints sample eagerly."""
+    on = getattr(args, "cuda_graph", False) and model.script == "shortrun_ebm"
     return bool(on) and model.device.type == "cuda"
 
 
-def sample_batches(args, model, chain, n):
+def sample_batches(args, model, settings, n):
     """Yield (i, {kind: images}) for n samples in batches of --batch-size, as a user samples each model.
     short-run: {"x": M_theta(z) with the trained noise}, z ~ p_0 (--init lowres checkpoints: low-res versions
     of a seeded subset (--data-seed) of n training images, in order, cycled if the set holds fewer);
@@ -717,22 +779,22 @@ def sample_batches(args, model, chain, n):
     if model.script == "shortrun_ebm" and model.cfg.get("init") == "lowres":  # chains start from low-res data
         name, root = resolve_data(args, model)
         init_data = load_set(name, root, model.size, n, args.download, "train", model.n_c, args.data_seed)[0]
-    run = sr.langevin if model.script == "shortrun_ebm" else dm.langevin_x
+    run = sr.langevin
     if uses_cuda_graph(args, model):  # on CUDA the training harness's captured chain: the same K-step sampler
-        run = sr.FastChain(model.f, graph=True) if model.script == "shortrun_ebm" else dm.FastChains().x
+        run = sr.FastChain(model.f, graph=True)
     torch.manual_seed(args.seed)
     for i, b in progress(batches(n, args.batch_size), "samples"):
         if model.script == "shortrun_ebm":
             z = draw_p0(model, b) if init_data is None else sr.lowres(
                 init_data[torch.arange(i, i + b) % len(init_data)].to(model.device), model.cfg["lowres_size"])
-            yield i, {"x": run(model.f, z, chain["K"], chain["step_size"], chain["noise"])}  # as trained
+            yield i, {"x": run(model.f, z, settings["K"], settings["step_size"], settings["noise"])}
         else:
-            x0, xt = dm.sample(model.models, b, chain["k_x"], chain["x_step_size"], chain["x_noise"],
-                               batch_size=b, chain=run)
+            x0, xt = dm.sample(model.models, b, settings["k_x"], settings["x_step_size"], settings["x_noise"],
+                               batch_size=b)
             yield i, {"x0": x0, "x_tilde": xt}
 
 
-def cmd_fid(args, model, chain):
+def cmd_fid(args, model, settings):
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     device = model.device
@@ -751,7 +813,7 @@ def cmd_fid(args, model, chain):
                 "kid_subset_size": kid_size}
 
     feats, grids = {}, {}
-    for i, xs in sample_batches(args, model, chain, args.n):                # dual: x0 and x~ of the same z
+    for i, xs in sample_batches(args, model, settings, args.n):                # dual: x0 and x~ of the same z
         for key, x in xs.items():
             if i == 0:
                 grids[key] = x[:64].cpu()
@@ -773,44 +835,43 @@ def cmd_fid(args, model, chain):
                               "TF-style)"}
 
 
-def cmd_export(args, model, chain):
+def cmd_export(args, model, settings):
     """--n samples as PNG files (OUT/<kind>/000000.png, the model's channels) and one OUT/<kind>.npz per
-    kind (key arr_0, uint8, NHWC, 3 channels: grey images repeated) for external FID tools."""
+    kind (key x, uint8, NHWC, 3 channels: grey images repeated) for external FID tools."""
     from PIL import Image
     arrays, written = {}, {}
-    for i, xs in sample_batches(args, model, chain, args.n):
+    for i, xs in sample_batches(args, model, settings, args.n):
         for key, x in xs.items():
-            folder = os.path.join(args.out, key)
-            os.makedirs(folder, exist_ok=True)
             u8 = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()                 # (b, S, S, 3), grey repeated
             for j, arr in enumerate(u8):
-                png = os.path.join(folder, f"{i + j:06d}.png")
-                Image.fromarray(arr[..., 0] if model.n_c == 1 else arr).save(png)
+                buf = io.BytesIO()
+                Image.fromarray(arr[..., 0] if model.n_c == 1 else arr).save(buf, format="png")
+                write_file(os.path.join(args.out, key, f"{i + j:06d}.png"), buf.getvalue())
             arrays.setdefault(key, []).append(u8)
     for key, parts in arrays.items():
         path = os.path.join(args.out, f"{key}.npz")
-        savez_atomic(path, arr_0=np.concatenate(parts))
+        savez_atomic(path, x=np.concatenate(parts))
         written[key] = {"png_folder": os.path.join(args.out, key), "npz": path,
                         "n": sum(len(a) for a in parts)}
     return {"n": args.n, "samples": written,
             "notes": "PNG: uint8 round((x + 1) * 127.5) of the clamped samples, the model's channels; npz: "
-                     "key arr_0, uint8 (N, H, W, 3), grey images repeated to RGB (what FID tools expect). "
+                     "key x, uint8 (N, H, W, 3), grey images repeated to RGB (what FID tools expect). "
                      + ("short-run: x = M_theta(z), the K-step sampler with its trained noise"
                         if model.script == "shortrun_ebm" else "dual_mcmc: x0 = g(z), z ~ N(0, I), and "
                         "x_tilde after k_x x-Langevin steps from x0 (the same chain)")}
 
 
-def cmd_recon(args, model, chain):
+def cmd_recon(args, model, settings):
     x_all, info = held_out(args, model, args.n)
     torch.manual_seed(args.seed)
     if model.script == "dual_mcmc":
-        return recon_dual(args, model, chain, x_all, info)
+        return recon_dual(args, model, settings, x_all, info)
     opt = descent_settings(args)
     curve_sum, rows, finals, mse_init, mse_z0 = None, None, [], [], []
     for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
         x = x_all[i:i + b].to(model.device)
         z0 = draw_p0(model, b)
-        r = reconstruct_z(model, chain, x, **opt, z0=z0, snapshots=args.snapshots if i == 0 else 0)
+        r = reconstruct_z(model, settings, x, **opt, z0=z0, snapshots=args.snapshots if i == 0 else 0)
         finals.append(r.x_final.cpu())
         mse_init.append(mse_per_image(r.x_init, x).cpu())
         mse_z0.append(mse_per_image(z0, x).cpu())
@@ -823,7 +884,8 @@ def cmd_recon(args, model, chain):
     curve = (curve_sum / len(x_all)).tolist()
     # figure: one row per image: the target, then M_theta(z_t) for t = 0 .. T (paper Figure 4)
     grid = torch.stack(rows, 1).flatten(0, 1)                                         # (k*(1+F), C, S, S)
-    save_grid(grid, os.path.join(args.out, "recon_trajectory.png"), nrow=len(rows))
+    save_labelled_grid(grid, os.path.join(args.out, "recon_trajectory.png"),
+                       ["x"] + [f"t={t}" for t in frame_steps], [f"image {j}" for j in range(len(rows[0]))])
     plot(os.path.join(args.out, "recon_curve.png"), lambda ax: ax.plot(curve), "gradient step t on z",
          "per-pixel MSE ([-1, 1] scale)")
     return {**q, "mse_init": mse_init.mean().item(), "mse_z0": mse_z0.mean().item(), "n": len(x_all),
@@ -849,10 +911,10 @@ def describe_descent(opt):
             + ("z projected onto [-1, 1] after each step" if opt["clamp"] else "no projection"))
 
 
-def z_chain(model, chain, x, z):
+def z_chain(model, settings, x, z):
     """k_z z-Langevin steps on log p(z|x) from z, with the checkpoint's posterior (paper / authors)."""
-    return dm.langevin_z(model.g, x, z, chain["k_z"], chain["z_step_size"], chain["z_noise"],
-                         chain["sigma_g"], posterior=chain["posterior"])
+    return dm.langevin_z(model.g, x, z, settings["k_z"], settings["z_step_size"], settings["z_noise"],
+                         settings["sigma_g"], posterior=settings["posterior"])
 
 
 def z_start(model, x):
@@ -864,13 +926,13 @@ def z_start(model, x):
         return model.encoder(x)[0]
 
 
-def recon_dual(args, model, chain, x_all, info):
+def recon_dual(args, model, settings, x_all, info):
     outs = {"inf": [], "inf+l": []}
     fig = None
     for i, b in progress(batches(len(x_all), args.batch_size), "recon"):
         x = x_all[i:i + b].to(model.device)
         z0 = z_start(model, x)                                                    # Inf
-        z_l = z_chain(model, chain, x, z0)                                        # Inf+L
+        z_l = z_chain(model, settings, x, z0)                                        # Inf+L
         with torch.no_grad():
             x_inf, x_infl = model.g(z0).float(), model.g(z_l).float()
         outs["inf"].append(x_inf.cpu())
@@ -879,33 +941,35 @@ def recon_dual(args, model, chain, x_all, info):
             k = min(8, b)
             fig = torch.cat([x[:k].cpu(), x_inf[:k].cpu(), x_infl[:k].cpu()])
     res = {k: quality(torch.cat(v), x_all) for k, v in outs.items()}
-    save_grid(fig, os.path.join(args.out, "recon.png"), nrow=len(fig) // 3)
+    save_labelled_grid(fig, os.path.join(args.out, "recon.png"), [str(j) for j in range(len(fig) // 3)],
+                       ["x", "Inf", "Inf+L"])
     start = "z ~ N(0, I) (--no-inference checkpoint)" if model.cfg.get("no_inference") else "mu(x)"
     return {"mse": res["inf+l"]["mse"], "mse_init": res["inf"]["mse"], "n": len(x_all),
             "pixel_scale": "[-1, 1]", "methods": res, "test_set": info, "z0": start,
-            "posterior": chain["posterior"],
+            "posterior": settings["posterior"],
             "notes": f"inf: g(z0), z0 = {start}; inf+l: g(z~) after k_z z-Langevin steps from z0 on the "
-                     f"{chain['posterior']} posterior; mse on [-1, 1] pixels, mse_01 = mse / 4 on [0, 1]; "
-                     "psnr / ssim on [0, 1]; figure rows: data, Inf, Inf+L"}
+                     f"{settings['posterior']} posterior; mse on [-1, 1] pixels, mse_01 = mse / 4 on [0, 1]; "
+                     "psnr / ssim on [0, 1]; figure rows: x (data), Inf, Inf+L"}
 
 
-def interpolate(model, chain, z1, z2, rho, batch_size=100):
+def interpolate(model, settings, z1, z2, rho, batch_size=100):
     """x_rho = M_theta(z_rho), z_rho = rho z1 + sqrt(1 - rho^2) z2 (noise off): (n, len(rho), C, S, S).
     The sqrt keeps the variance of z_rho that of p_0 (paper Figure 3)."""
     r = rho.to(z1.device, z1.dtype).view(1, -1, 1, 1, 1)
     z = (r * z1[:, None] + (1 - r ** 2).clamp_min(0).sqrt() * z2[:, None]).flatten(0, 1)   # (n*R, C, S, S)
-    x = torch.cat([M_theta(model, chain, z[i:i + b])
+    x = torch.cat([M_theta(model, settings, z[i:i + b])
                    for i, b in progress(batches(len(z), batch_size), "interp")])
     return x.view(len(z1), len(rho), *x.shape[1:])
 
 
-def cmd_interp(args, model, chain):
+def cmd_interp(args, model, settings):
     gen = torch.Generator().manual_seed(args.seed)
     rho = torch.linspace(1, 0, args.n_rho)                                          # rho = 1: z1, rho = 0: z2
     if model.script == "shortrun_ebm":
         z1, z2 = draw_p0(model, args.n, gen), draw_p0(model, args.n, gen)                      # (n, C, S, S)
-        x = interpolate(model, chain, z1, z2, rho, args.batch_size)                          # (n, R, C, S, S)
-        save_grid(x.flatten(0, 1), os.path.join(args.out, "interp.png"), nrow=args.n_rho)
+        x = interpolate(model, settings, z1, z2, rho, args.batch_size)                      # (n, R, C, S, S)
+        save_labelled_grid(x.flatten(0, 1), os.path.join(args.out, "interp.png"),
+                           [f"rho={r:.2f}" for r in rho.tolist()], [f"pair {j}" for j in range(args.n)])
         return {"rho": rho.tolist(), "n_pairs": args.n,
                 "formula": "z_rho = rho z1 + sqrt(1 - rho^2) z2, x_rho = M_theta(z_rho), noise off",
                 "notes": "rows: pairs; columns: rho from 1 (M(z1)) to 0 (M(z2))"}
@@ -915,29 +979,30 @@ def cmd_interp(args, model, chain):
     z1, z2 = draw_p0(model, args.n, gen), draw_p0(model, args.n, gen)
     with torch.no_grad():
         x_gen = model.g(lerp(z1, z2)).float()
-    x_ebm = dm.langevin_x(model.f, x_gen, chain["k_x"], chain["x_step_size"], 0.0)
+    x_ebm = dm.langevin_x(model.f, x_gen, settings["k_x"], settings["x_step_size"], 0.0)
     x_test, info = held_out(args, model, 2 * args.n)
     if len(x_test) < 2:
         raise sr.UsageError("interp needs at least two held-out images")
     n_pairs = len(x_test) // 2
     xa, xb = x_test[:n_pairs].to(model.device), x_test[n_pairs:2 * n_pairs].to(model.device)
-    za, zb = (z_chain(model, chain, v, z_start(model, v)) for v in (xa, xb))      # Inf+L
+    za, zb = (z_chain(model, settings, v, z_start(model, v)) for v in (xa, xb))      # Inf+L
     with torch.no_grad():
         x_rec = model.g(lerp(za, zb)).float().view(n_pairs, args.n_rho, model.n_c, model.size, model.size)
     rec_rows = torch.cat([xa[:, None].cpu(), x_rec.cpu(), xb[:, None].cpu()], 1).flatten(0, 1)
-    save_grid(x_gen, os.path.join(args.out, "interp_generator.png"), nrow=args.n_rho)
-    save_grid(x_ebm, os.path.join(args.out, "interp_ebm.png"), nrow=args.n_rho)
-    save_grid(rec_rows, os.path.join(args.out, "interp_recon.png"), nrow=args.n_rho + 2)
+    ts, pairs = [f"t={v:.2f}" for v in t.flatten().tolist()], [f"pair {j}" for j in range(args.n)]
+    save_labelled_grid(x_gen, os.path.join(args.out, "interp_generator.png"), ts, pairs)
+    save_labelled_grid(x_ebm, os.path.join(args.out, "interp_ebm.png"), ts, pairs)
+    save_labelled_grid(rec_rows, os.path.join(args.out, "interp_recon.png"), ["a", *ts, "b"], pairs[:n_pairs])
     return {"t": t.flatten().tolist(), "n_pairs": args.n, "n_recon_pairs": n_pairs, "test_set": info,
             "formula": "z_t = (1 - t) z1 + t z2; synthesis g(z_t) and g(z_t) + k_x noise-free x-steps; "
                        "reconstruction: z1, z2 inferred (Inf+L) from two test images",
             "notes": "interp_recon.png rows: test image a, g(z_t) for t = 0..1, test image b"}
 
 
-def cmd_transition(args, model, chain):
+def cmd_transition(args, model, settings):
     gen = torch.Generator().manual_seed(args.seed)
     k2s = list(range(0, args.k2_max + 1, args.k2_every))
-    step, trained = x_chain(model, chain)
+    step, trained = x_chain(model, settings)
     if model.script == "shortrun_ebm":
         x = draw_p0(model, args.n, gen)
     else:
@@ -974,7 +1039,7 @@ def superres_init(x_low, size, noise, gen):
     return x_low + eps - sr.lowres(eps, size)                                     # block means of eps removed
 
 
-def cmd_superres(args, model, chain):
+def cmd_superres(args, model, settings):
     lowres_init = model.cfg.get("init") == "lowres"   # trained from one low-res size: by default at it
     trained = int(model.cfg["lowres_size"]) if lowres_init else None
     sizes = args.sizes if args.sizes is not None else [trained] if lowres_init else [4, 8, 16]
@@ -986,7 +1051,7 @@ def cmd_superres(args, model, chain):
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     res, rows = {}, []
-    k, (run, k_chain) = min(8, len(x)), x_chain(model, chain)
+    k, (run, k_chain) = min(8, len(x)), x_chain(model, settings)
     for size in progress(sizes, "superres"):
         x_low = sr.lowres(x, size)                                                    # (n, C, S, S), blocky
         outs = []
@@ -1058,7 +1123,7 @@ def dequantize(x, gen):
     return x + torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device) * BIN
 
 
-def cmd_bpd(args, model, chain):
+def cmd_bpd(args, model, settings):
     if model.script != "shortrun_ebm":
         raise sr.UsageError("bpd needs a shortrun_ebm.py checkpoint (x = M_theta(z) is the invertible "
                             "generator)")
@@ -1078,11 +1143,11 @@ def cmd_bpd(args, model, chain):
     z_all, mse_all = [], []
     for i, b in progress(batches(len(targets), args.batch_size), "bpd: recon z"):
         x = targets[i:i + b].to(model.device)
-        r = reconstruct_z(model, chain, x, **opt, z0=draw_p0(model, b).to(dtype))
+        r = reconstruct_z(model, settings, x, **opt, z0=draw_p0(model, b).to(dtype))
         z_all.append(r.z)
         mse_all.append(mse_per_image(r.x_final, x).cpu())               # x_final = M(z) at the returned z
     z_all, mse_all = torch.cat(z_all), torch.cat(mse_all)
-    fn = lambda v: M_theta(model, chain, v, create_graph=True)
+    fn = lambda v: M_theta(model, settings, v, create_graph=True)
     per_target = []
     for j in progress(range(len(targets)), "bpd: Jacobians"):
         log_px, logdet, log_p0 = log_density(fn, z_all[j:j + 1], args.jac_batch)
@@ -1144,12 +1209,12 @@ def make_masks(name, n, size, gen):
                   "missing_fraction_max": missing.max().item()}
 
 
-def cmd_inpaint(args, model, chain):
+def cmd_inpaint(args, model, settings):
     x_all, info = held_out(args, model, args.n)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     table, mask_info, kept_exact = {"psnr": {}, "ssim": {}, "psnr_full": {}, "ssim_full": {}}, {}, True
-    run, K = x_chain(model, chain)                                   # T_x: the checkpoint's own x-chain
+    run, K = x_chain(model, settings)                                   # T_x: the checkpoint's own x-chain
     opt = descent_settings(args)                                                  # short-run "Rec"
     for name in progress(args.masks, "inpaint"):
         keep_all, mask_info[name] = make_masks(name, len(x_all), model.size, gen)
@@ -1162,15 +1227,15 @@ def cmd_inpaint(args, model, chain):
                 mu = z_start(model, x_occ)                                            # N(0, I) without q
                 with torch.no_grad():
                     results["Inf+Gen"] = model.g(mu).float()
-                z = langevin_z_masked(model.g, x_occ, keep, mu, chain["k_z"], chain["z_step_size"],
-                                      chain["z_noise"], chain["sigma_g"], chain["posterior"])
+                z = langevin_z_masked(model.g, x_occ, keep, mu, settings["k_z"], settings["z_step_size"],
+                                      settings["z_noise"], settings["sigma_g"], settings["posterior"])
                 with torch.no_grad():
                     results["Inf+T_z+Gen"] = model.g(z).float()
                 start = keep * x + (1 - keep) * results["Inf+T_z+Gen"]
                 results["Inf+T_z+Gen+T_x"] = langevin_x_masked(run, start, keep, x, K)
             else:
                 z0 = keep * x + (1 - keep) * draw_p0(model, b)
-                results["Rec"] = reconstruct_z(model, chain, x, **opt, keep=keep, z0=z0).x_final
+                results["Rec"] = reconstruct_z(model, settings, x, **opt, keep=keep, z0=z0).x_final
                 start = keep * x + (1 - keep) * draw_p0(model, b)
                 results["T_x"] = langevin_x_masked(run, start, keep, x, K)
             for key, v in results.items():
@@ -1199,7 +1264,7 @@ def cmd_inpaint(args, model, chain):
                      "truth, then one row per method in the order of 'methods'"}
 
 
-def cmd_ood(args, model, chain):
+def cmd_ood(args, model, settings):
     x_in, info = held_out(args, model, args.n)
     _, root = resolve_data(args, model)
 
@@ -1231,31 +1296,66 @@ def cmd_ood(args, model, chain):
 
 # ---- figures and output ----
 
+def write_file(path, data):
+    """bytes to path through the harness's atomic write (temp file, fsync, rename), its folder made first;
+    a failure raises shortrun_ebm.WriteError ("cannot write PATH: reason"): main's one line, exit 74."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as e:
+        raise sr.WriteError(f"cannot write {path}: {e.strerror or e}") from None
+    sr.atomic_write(path, data)
+
+
 def save_grid(x, path, nrow=8):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torchvision.utils.save_image(x.detach().float().cpu(), path, nrow=nrow, normalize=True,
+    """A PNG grid of images in [-1, 1], nrow per row (value_range: no contrast stretch)."""
+    buf = io.BytesIO()
+    torchvision.utils.save_image(x.detach().float().cpu(), buf, format="png", nrow=nrow, normalize=True,
                                  value_range=(-1, 1))
+    write_file(path, buf.getvalue())
+
+
+def new_figure(**kw):
+    try:
+        from matplotlib.figure import Figure           # no pyplot: no global state, no GUI backend
+    except ImportError:
+        raise sr.UsageError("figures need matplotlib: pip install matplotlib") from None
+    return Figure(**kw)
+
+
+def save_figure(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", pad_inches=0.05)
+    write_file(path, buf.getvalue())
+
+
+def save_labelled_grid(x, path, columns, rows):
+    """A grid of images in [-1, 1], one row per label in rows, one column per label in columns (above)."""
+    grid = torchvision.utils.make_grid(x.detach().float().cpu(), nrow=len(columns), normalize=True,
+                                       value_range=(-1, 1), pad_value=1)               # (3, H, W), padding 2
+    size, (h, w) = x.shape[-1], grid.shape[1:]
+    fig = new_figure(figsize=(w / 60 + 0.8, h / 60 + 0.3))                  # 2 figure px per image px
+    ax = fig.add_subplot()
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    centre = lambda j: 2 + j * (size + 2) + (size - 1) / 2
+    ax.set_xticks([centre(j) for j in range(len(columns))], columns, fontsize=7)
+    ax.set_yticks([centre(i) for i in range(len(rows))], rows, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_frame_on(False)
+    save_figure(fig, path)
 
 
 def plot(path, draw, xlabel, ylabel=None):
     """One matplotlib figure: draw(ax), axis labels, saved as path."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise sr.UsageError("figures need matplotlib: pip install matplotlib") from None
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = new_figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
     draw(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or "")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def write_metrics(args, model, chain, res, seconds, argv):
+def write_metrics(args, model, settings, res, seconds, argv):
     """metrics.json: the subcommand's results and every setting behind them (dual_mcmc: the BatchNorm mode
     and the batch its statistics come from)."""
     bn = {"bn_mode": args.bn_mode, "batch_size": args.batch_size} if model.script == "dual_mcmc" else {}
@@ -1263,10 +1363,10 @@ def write_metrics(args, model, chain, res, seconds, argv):
            "checkpoint": {"path": os.path.abspath(args.ckpt), "script": model.script,
                           "iteration": model.iteration, "dataset": model.cfg.get("dataset"),
                           "image_size": model.size, "n_c": model.n_c},
-           "sampler": chain, "seed": args.seed, "device": str(model.device), "seconds": seconds, "argv": argv,
+           "sampler": settings, "seed": args.seed, "device": str(model.device), "seconds": seconds,
+           "argv": argv,
            "cuda_graph": uses_cuda_graph(args, model), "versions": sr.versions()}
-    os.makedirs(args.out, exist_ok=True)
-    sr.atomic_write_json(out, os.path.join(args.out, "metrics.json"), default=float)
+    write_file(os.path.join(args.out, "metrics.json"), json.dumps(out, indent=1, default=float).encode())
     return out
 
 
@@ -1283,25 +1383,28 @@ def main(argv=None):
         validate(args)
         device = sr.resolve_device(args.device)
         model = load_model(args.ckpt, device)
-        chain = sampler_settings(args, model, for_sampling=args.cmd in ("fid", "export"))
+        settings = sampler_settings(args, model, for_sampling=args.cmd in ("fid", "export"))
         torch.manual_seed(args.seed)
         with bn_mode(args, model):
-            res = COMMANDS[args.cmd](args, model, chain)
+            res = COMMANDS[args.cmd](args, model, settings)
+        out = write_metrics(args, model, settings, res, time.time() - t0, argv)
     except (sr.UsageError, dm.UsageError) as e:  # bad input, from here or from a training script's loader
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return sr.EXIT_USAGE
     except torch.cuda.OutOfMemoryError:
         print(f"{PROG}: error: out of GPU memory: lower --batch-size (recon / bpd keep the graph of all K "
               f"steps; --jac-batch for bpd)", file=sys.stderr)
-        return 2
-    out = write_metrics(args, model, chain, res, time.time() - t0, argv)
+        return sr.EXIT_USAGE
+    except sr.WriteError as e:                                               # disk full, no permission, ...
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return sr.EXIT_WRITE_FAILED
     keys = [k for k in ("fid", "inception_score", "kid", "mse", "mse_init", "bits_per_dim",
                         "bits_per_dim_dequantized", "auroc") if k in out]
-    print(json.dumps({k: out[k] for k in keys}) if keys else f"wrote {args.out}", file=sys.stderr)
+    if keys:
+        print(json.dumps({k: out[k] for k in keys}), file=sys.stderr)
     results = os.path.join(args.out, "metrics.json")
     print(f"{PROG}: {args.cmd} done in {time.time() - t0:.1f}s; results in {results}", file=sys.stderr)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
