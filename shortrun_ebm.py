@@ -800,7 +800,8 @@ def run_to_resume(args):
     path = os.path.join(args.out, "last.pt")
     if args.resume and os.path.exists(path):
         return read_checkpoint(path)
-    check_run_folder(args.out)
+    if check_run_folder(args.out, force=args.resume):    # with --resume: the run files present
+        raise UsageError(f"{args.out} holds a run's files but no last.pt to resume from; choose another --out")
     return None
 
 
@@ -872,8 +873,9 @@ def folder_images(path):
     splits = sorted(n + "/" for n in os.listdir(path)
                     if n.lower() in SPLIT_NAMES and os.path.isdir(os.path.join(path, n)))
     if len(splits) > 1:
+        train = next((n for n in splits if n.lower() == "train/"), splits[0])
         raise UsageError(f"--dataset folder: {path!r} holds the splits {', '.join(splits)}: pass the one to "
-                         f"use, e.g. folder:{os.path.join(path, splits[0])}")
+                         f"use, e.g. folder:{os.path.join(path, train)}")
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
                    for n in names if n.lower().endswith(IMAGE_EXTS))
     if not files:

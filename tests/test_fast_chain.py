@@ -19,7 +19,7 @@ def test_in_place_chain_and_its_grad_norm_equal_eager_langevin_with_noise_off(st
     x0 = S.sample_p_0(4, 3, 32, "cpu")
     stats, eager = [], []
     with S.frozen(f):
-        ref = S.langevin(f, x0, 6, step_size, 0.0, stats=eager)   # per step mean |grad_x f| (checked by hand)
+        ref = S.eager_chain(f, x0, 6, step_size, 0.0, stats=eager)   # per step mean |grad_x f| (by hand)
     out = S.FastChain(f)(f, x0, 6, step_size, 0.0, stats=stats)
     assert (ref - x0).abs().max() > 1e-4          # the chain moved, so equality means something
     assert torch.equal(out, ref)
@@ -69,7 +69,7 @@ def test_fast_chain_refuses_another_model():
 def test_make_chain_on_the_cpu():
     f = tiny_f()
     args = argparse.Namespace(cuda_graph=True, amp="off")
-    assert S.make_chain(args, f, torch.device("cpu")) is S.langevin   # graphs are CUDA only
+    assert S.make_chain(args, f, torch.device("cpu")) is S.eager_chain   # graphs are CUDA only
     args.amp = "bf16"
     chain = S.make_chain(args, f, torch.device("cpu"))
     assert isinstance(chain, S.FastChain) and chain.bf16 and not (chain.graph and torch.cuda.is_available())

@@ -2,6 +2,7 @@
 CPU only, no network: the data sets are tiny image folders drawn here (conftest.draw_squares)."""
 import functools
 import importlib.util
+import io
 import json
 import os
 import re
@@ -109,14 +110,14 @@ def test_langevin_create_graph_differentiates_the_chain():
     torch.testing.assert_close(g, torch.full_like(g, (1 - s * a) ** K))   # dM/dz = (1 - s a)^K I
 
 
-def test_grad_norm_chain_equals_a_hand_computation():
+def test_eager_chains_grad_norms_equal_a_hand_computation():
     """Table 2's last row, the K-step average of |grad_x f|: with noise off, grad = -a (x_k - mu) and
     x_k - mu = (1 - s a)^k (x_0 - mu)."""
     a, s, K = 0.3, 0.5, 3
     mu = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
     x0 = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[0.0, 2.0], [0.0, 2.0]]]], dtype=torch.float64)
     stats = []
-    sr.langevin(Quadratic(a, mu), x0, K, step_size=s, noise=0.0, stats=stats)
+    sr.eager_chain(Quadratic(a, mu), x0, K, step_size=s, noise=0.0, stats=stats)
     norms0 = [1.0, 8 ** 0.5]                                    # ||x_0 - mu|| per image
     hand = [a * (1 - s * a) ** k * (norms0[0] + norms0[1]) / 2 for k in range(K)]
     torch.testing.assert_close(torch.stack(stats), torch.tensor(hand, dtype=torch.float64))
@@ -290,56 +291,182 @@ def test_optional_modes_run_log_and_plot_at_plot_steps(flags, squares, tmp_path,
 
 # ---- resume ----
 
-def test_resume_from_a_checkpoint_or_from_before_the_first_is_bit_exact(squares, tmp_path, capsys):
-    common = ["--dataset", f"folder:{squares}", *TINY, "--K-max", "5", "--log-every", "1",
-              "--ckpt-every", "2", "--plot-every", "0", "--sigma", "0.05"]
-    for name, iters in (("whole", 6), ("split", 3), ("killed", 1)):
-        assert run([*common, "--iters", iters, "--out", tmp_path / name], capsys)[0] == 0
-    for name in ("last.pt", "final.pt"):                        # as if killed before its first last.pt
-        (tmp_path / "killed" / name).unlink()
-    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "killed"], capsys)
-    assert code == 2 and "already holds a run" in err         # a plain rerun is still refused
-    a = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
+RESUME_FLAGS = ["--K-max", "5", "--log-every", "1", "--ckpt-every", "2", "--plot-every", "0",
+                "--sigma", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def whole6(squares, tmp_path_factory):
+    """A 6-iteration run never stopped: what every resumed run must equal."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert run(["--dataset", f"folder:{squares}", *TINY, *RESUME_FLAGS, "--iters", "6", "--out", out])[0] == 0
+    return out
+
+
+def assert_same_run(a_dir, b_dir):
+    """Bit-equal final weights and Adam moments, the same log rows (but times), a clock that runs on."""
+    a = torch.load(a_dir / "final.pt", weights_only=True)
+    b = torch.load(b_dir / "final.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"]
+    for k, v in a["models"]["ebm"].items():
+        assert torch.equal(v, b["models"]["ebm"][k]), k
+    for k, v in a["optimizers"]["ebm"]["state"].items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(v[moment], b["optimizers"]["ebm"]["state"][k][moment])
     drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "s_per_iter")} for r in rows]
-    for name in ("split", "killed"):                  # killed: from iteration 0, --sigma from its folder
-        code, err = run(["--out", tmp_path / name, "--resume", "--iters", "6"], capsys)
-        assert code == 0, err
-        b = torch.load(tmp_path / name / "final.pt", weights_only=True)
-        assert a["iteration"] == b["iteration"] == 6
-        for k, v in a["models"]["ebm"].items():
-            assert torch.equal(v, b["models"]["ebm"][k]), k
-        for k, v in a["optimizers"]["ebm"]["state"].items():
-            for moment in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(v[moment], b["optimizers"]["ebm"]["state"][k][moment])
-        rows = read_jsonl(tmp_path / name, "log.jsonl")
-        assert drop(read_jsonl(tmp_path / "whole", "log.jsonl")) == drop(rows)    # no duplicate rows
-        seconds = [r["seconds"] for r in rows]
-        assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1]   # the clock runs on
-    config = read_json(tmp_path / "killed", "config.json")
-    assert config["sigma"] == 0.05 and config["iters"] == 6 and config["resume"] is True
-    assert not [n for n in os.listdir(tmp_path / "killed") if ".tmp" in n]   # config.json: temp + rename
+    rows = read_jsonl(b_dir, "log.jsonl")
+    assert drop(read_jsonl(a_dir, "log.jsonl")) == drop(rows)                  # no duplicate rows
+    seconds = [r["seconds"] for r in rows]
+    assert seconds == sorted(seconds) and b["seconds"] >= seconds[-1]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(squares, tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(REPO, "shortrun_ebm.py"), "--dataset", f"folder:{squares}", *TINY,
-           "--iters", "100000", "--log-every", "1", "--ckpt-every", "0", "--plot-every", "0",
-           "--out", str(out)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+def test_resume_from_a_checkpoint_is_bit_exact(whole6, squares, tmp_path, capsys):
+    out = tmp_path / "split"
+    argv = ["--dataset", f"folder:{squares}", *TINY, *RESUME_FLAGS, "--iters", "3", "--out", out]
+    assert run(argv, capsys)[0] == 0
+    code, err = run(["--out", out, "--resume", "--iters", "6"], capsys)
+    assert code == 0, err
+    assert err.splitlines()[0] == f"resuming the run in {out} at iteration 3 of 6"
+    assert_same_run(whole6, out)
+
+
+def test_a_run_folder_holds_last_pt_from_iteration_0(whole6, squares, tmp_path, capsys, monkeypatch):
+    """A run killed right after its start (train never ran) resumes from last.pt at iteration 0."""
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(sr, "train", lambda *args, **kwargs: 0)
+        argv = ["--dataset", f"folder:{squares}", *TINY, *RESUME_FLAGS, "--iters", "6", "--out", out]
+        assert run(argv)[0] == 0
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == 0
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    code, err = run(["--out", out, "--resume"], capsys)
+    assert code == 0, err
+    assert_same_run(whole6, out)
+
+
+def test_resume_on_a_folder_without_a_run_starts_one(squares, tmp_path, capsys):
+    """One command for the first start and every requeue: --resume where there is no run yet."""
+    out = tmp_path / "new"
+    code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", out, "--resume"],
+                    capsys)
+    assert code == 0, err
+    assert err.splitlines()[0] == (f"starting a new run in {out} (--resume: no last.pt there; check --out if "
+                                   f"you meant to continue a run)")
+    assert torch.load(out / "final.pt", weights_only=True)["iteration"] == 2
+
+
+def test_a_finished_run_says_where_its_files_are_and_what_to_run_next(run2, tmp_path, capsys):
+    out = shutil.copytree(run2, tmp_path / "run")
+    code, err = run(["--out", out, "--resume", "--iters", "3"], capsys)
+    assert code == 0
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"done: {out}/ holds final.pt, samples_000003.png and curves.png")
+    assert f"python evaluate.py export --ckpt {out}/final.pt" in last
+
+
+def run_until_logged(cmd, out, cwd, rows=3):
+    """cmd started in cwd; returns the process once its log.jsonl holds `rows` rows."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=cwd)
     deadline = time.time() + 120
-    while not (out / "log.jsonl").exists() or len(read_jsonl(out, "log.jsonl")) < 3:
+    while not (out / "log.jsonl").exists() or len(read_jsonl(out, "log.jsonl")) < rows:
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_stop_signal_saves_the_iteration_and_the_same_command_resumes(signum, squares, tmp_path):
+    """SIGINT (Ctrl-C), SIGTERM (schedulers) and SIGUSR1 (SLURM's warning) finish the iteration, log it, save
+    last.pt and exit EXIT_STOPPED; rerunning the very same command (with --resume) continues the run."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(REPO, "shortrun_ebm.py"), "--dataset", f"folder:{squares}", *TINY,
+           "--iters", "40", "--log-every", "1", "--ckpt-every", "0", "--plot-every", "0",
+           "--out", str(out), "--resume"]
+    proc = run_until_logged(cmd, out, tmp_path)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == sr.EXIT_STOPPED == 75, err
     assert "--resume" in err and "Traceback" not in err
     it = torch.load(out / "last.pt", weights_only=True)["iteration"]
-    assert it >= 3
-    code = subprocess.run(cmd[:2] + ["--out", str(out), "--resume", "--iters", str(it + 2)], cwd=tmp_path,
-                          capture_output=True, text=True).returncode
-    assert code == 0
-    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == list(range(1, it + 3))
+    assert it >= 3 and read_jsonl(out, "log.jsonl")[-1]["iteration"] == it
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith(f"resuming the run in {out} at iteration {it} of 40")
+    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == list(range(1, 41))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_agent_stops_every_rank_and_resumes(squares, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "shortrun_ebm.py"), "--dataset", f"folder:{squares}", *TINY, "--iters", "60",
+           "--log-every", "1", "--ckpt-every", "0", "--plot-every", "0", "--out", str(out), "--resume"]
+    proc = run_until_logged(cmd, out, tmp_path)
+    proc.send_signal(signal.SIGTERM)                   # torchrun forwards it to both workers
+    _, err = proc.communicate(timeout=120)
+    assert "stopped at iteration" in err, err[-3000:]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == read_jsonl(out, "log.jsonl")[-1]["iteration"] and len(ckpt["rng"]) == 2
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == list(range(1, 61))
+
+
+# ---- a failed write: one line, the last checkpoint intact ----
+
+class FullDisk(io.FileIO):
+    """A file that opens but takes no byte: write fails as on a full disk."""
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+def fail_writes_to(monkeypatch, name):
+    """Every write to a file named `name` (directly or through its temp file) fails as on a full disk."""
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if os.path.basename(str(path)) in (name, f".{name}.tmp") and ("w" in mode or "a" in mode):
+            return FullDisk(path, mode)
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", full_disk_open)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "log.jsonl"])
+def test_a_full_disk_stops_in_one_line_and_resume_finishes_after(name, run2, tmp_path, capsys, monkeypatch):
+    out = shutil.copytree(run2, tmp_path / "run")
+    before = (out / "last.pt").read_bytes()
+    with monkeypatch.context() as m:
+        fail_writes_to(m, name)
+        code, err = run(["--out", out, "--resume", "--iters", "4", "--log-every", "1"], capsys)
+    assert code == sr.EXIT_WRITE_FAILED == 74
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"shortrun_ebm.py: error: cannot write {out / name}: No space left on device")
+    assert "--resume" in lines[-1] and "Traceback" not in err
+    assert (out / "last.pt").read_bytes() == before and not [n for n in os.listdir(out) if ".tmp" in n]
+    assert sr.load_checkpoint(out / "last.pt")[1]["iters"] == 2
+    code, err = run(["--out", out, "--resume", "--iters", "4"], capsys)
+    assert code == 0, err
+    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == [2, 4]
+
+
+def test_a_torn_last_log_line_is_cut_off_by_a_failed_append(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"iteration": 1}\n')
+
+    class HalfWrite(io.FileIO):                       # the disk fills up half way through the row
+        calls = 0
+
+        def write(self, data):
+            self.calls += 1
+            if self.calls > 1:
+                raise OSError(28, "No space left on device")
+            return super().write(data[:5])
+    monkeypatch.setattr("builtins.open", lambda path, mode, buffering=-1: HalfWrite(path, mode))
+    with pytest.raises(sr.WriteError, match="No space left on device"):
+        sr.append_line(str(log), '{"iteration": 2}')
+    monkeypatch.undo()
+    assert log.read_text() == '{"iteration": 1}\n'
 
 
 # ---- refusals: exit 2, one line, no traceback, nothing written ----
@@ -389,6 +516,25 @@ def test_an_out_that_is_a_file_an_empty_folder_or_a_broken_image_is_one_line(squ
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_holding_train_and_test_splits_is_refused(squares, tmp_path, capsys):
+    for split in ("train", "test"):
+        shutil.copytree(squares, tmp_path / "set" / split)
+    code, err = run(["--dataset", f"folder:{tmp_path / 'set'}", *TINY, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "holds the splits test/, train/" in err
+    assert f"folder:{tmp_path / 'set' / 'train'}/" in err and not (tmp_path / "run").exists()
+
+
+def test_a_failed_download_names_folder_and_leaves_no_empty_data_root(tmp_path, capsys, monkeypatch):
+    def offline(root, **kwargs):                       # torchvision makes its folders, then fails to fetch
+        os.makedirs(os.path.join(root, "cifar-10-batches-py"))
+        raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(sr.torchvision.datasets, "CIFAR10", offline)
+    code, err = run(["--dataset", "cifar10", *TINY, "--data-root", tmp_path / "data", "--out",
+                     tmp_path / "run"], capsys)
+    assert code == 2 and "cifar-10-batches-py" in err and "--dataset folder:PATH" in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_run_is_never_overwritten_nor_its_model_changed_on_resume(run2, squares, tmp_path, capsys,
                                                                     monkeypatch):
     before = files_of(run2)
@@ -406,9 +552,7 @@ def test_a_run_is_never_overwritten_nor_its_model_changed_on_resume(run2, square
     assert files_of(run2) == before
 
 
-def test_resume_from_a_missing_or_corrupt_checkpoint(run2, tmp_path, capsys):
-    code, err = run(["--out", tmp_path / "nothing", "--resume"], capsys)
-    assert code == 2 and "no checkpoint" in err and not (tmp_path / "nothing").exists()
+def test_resume_from_a_corrupt_checkpoint_is_one_line(run2, tmp_path, capsys):
     out = shutil.copytree(run2, tmp_path / "run")
     good = (out / "last.pt").read_bytes()
     (out / "last.pt").write_bytes(good[: len(good) // 2])      # a crash mid-copy, a full disk
@@ -421,28 +565,28 @@ def test_resume_from_a_missing_or_corrupt_checkpoint(run2, tmp_path, capsys):
 def test_a_checkpoint_or_config_of_another_format_is_refused_in_one_line(run2, tmp_path, capsys):
     out = shutil.copytree(run2, tmp_path / "run")
     good = torch.load(out / "last.pt", weights_only=True)
-    assert (good["script"], good["format"], sr.CKPT_FORMAT) == ("shortrun_ebm", 1, 1)
-    assert read_json(out, "config.json")["format"] == 1
-    words = ("older shortrun_ebm.py", "reads format 1", "train a new run")
+    words = ("older shortrun_ebm.py", f"reads format {sr.CKPT_FORMAT}", "train a new run")
     for fmt in (None, 0):
         ckpt = {k: v for k, v in good.items() if k != "format"}
         torch.save(ckpt if fmt is None else {**ckpt, "format": fmt}, out / "last.pt")
         code, err = run(["--out", out, "--resume", "--iters", "3"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and f"error: {out / 'last.pt'} " in err
         assert all(w in err for w in words), err
-        with pytest.raises(sr.UsageError, match="older shortrun_ebm.py.*reads format 1"):
+        with pytest.raises(sr.UsageError, match="older shortrun_ebm.py.*reads format"):
             sr.load_checkpoint(out / "last.pt")
     torch.save(good, out / "last.pt")
     code, err = run(["--out", out, "--resume", "--iters", "3", "--no-cuda-graph"], capsys)
     assert code == 0, err                                       # --cuda-graph may change on --resume
     assert torch.load(out / "final.pt", weights_only=True)["config"]["cuda_graph"] is False
-    for name in ("last.pt", "final.pt"):                        # a folder holding only an older config.json
+
+
+def test_resume_refuses_a_folder_with_run_files_but_no_last_pt(run2, tmp_path, capsys):
+    out = shutil.copytree(run2, tmp_path / "run")
+    for name in ("last.pt", "final.pt"):
         (out / name).unlink()
-    config = read_json(out, "config.json")
-    del config["format"]
-    (out / "config.json").write_text(json.dumps(config))
+    before = files_of(out)
     code, err = run(["--out", out, "--resume", "--iters", "4"], capsys)
-    assert code == 2 and f"{out / 'config.json'} " in err and all(w in err for w in words), err
+    assert code == 2 and "no last.pt to resume from" in err and files_of(out) == before
 
 
 # ---- divergence guard ----
@@ -472,8 +616,8 @@ def test_two_process_gloo_ddp_run(squares, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "final.pt", weights_only=True)
-    assert ckpt["iteration"] == 4 and len(ckpt["rng_per_rank"]) == 2
-    assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])
+    assert ckpt["iteration"] == 4 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     assert read_json(out, "config.json")["world_size"] == 2
     assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == [2, 4]   # one writer: no duplicates
 
