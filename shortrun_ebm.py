@@ -801,7 +801,8 @@ def run_to_resume(args):
     if args.resume and os.path.exists(path):
         return read_checkpoint(path)
     if check_run_folder(args.out, force=args.resume):    # with --resume: the run files present
-        raise UsageError(f"{args.out} holds a run's files but no last.pt to resume from; choose another --out")
+        raise UsageError(f"{args.out} holds a run's files but no last.pt to resume from; choose another "
+                         f"--out")
     return None
 
 
