@@ -969,7 +969,7 @@ def cmd_interp(args, model, settings):
         z1, z2 = draw_p0(model, args.n, gen), draw_p0(model, args.n, gen)                      # (n, C, S, S)
         x = interpolate(model, settings, z1, z2, rho, args.batch_size)                      # (n, R, C, S, S)
         save_labelled_grid(x.flatten(0, 1), os.path.join(args.out, "interp.png"),
-                           [f"rho={r:.2f}" for r in rho.tolist()], [f"pair {j}" for j in range(args.n)])
+                           [f"rho={r:.2g}" for r in rho.tolist()], [f"pair {j}" for j in range(args.n)])
         return {"rho": rho.tolist(), "n_pairs": args.n,
                 "formula": "z_rho = rho z1 + sqrt(1 - rho^2) z2, x_rho = M_theta(z_rho), noise off",
                 "notes": "rows: pairs; columns: rho from 1 (M(z1)) to 0 (M(z2))"}
@@ -989,7 +989,7 @@ def cmd_interp(args, model, settings):
     with torch.no_grad():
         x_rec = model.g(lerp(za, zb)).float().view(n_pairs, args.n_rho, model.n_c, model.size, model.size)
     rec_rows = torch.cat([xa[:, None].cpu(), x_rec.cpu(), xb[:, None].cpu()], 1).flatten(0, 1)
-    ts, pairs = [f"t={v:.2f}" for v in t.flatten().tolist()], [f"pair {j}" for j in range(args.n)]
+    ts, pairs = [f"t={v:.2g}" for v in t.flatten().tolist()], [f"pair {j}" for j in range(args.n)]
     save_labelled_grid(x_gen, os.path.join(args.out, "interp_generator.png"), ts, pairs)
     save_labelled_grid(x_ebm, os.path.join(args.out, "interp_ebm.png"), ts, pairs)
     save_labelled_grid(rec_rows, os.path.join(args.out, "interp_recon.png"), ["a", *ts, "b"], pairs[:n_pairs])
