@@ -4,8 +4,9 @@ Nijkamp, Hill, Zhu, Wu. "Learning Non-Convergent Non-Persistent Short-Run MCMC T
 Energy-Based Model." NeurIPS 2019.  https://arxiv.org/abs/1904.09770  (appendix 7.7, Figure 8)
 
 The paper's toy finding, which this script lets you see and measure: the kernel density estimate
-(KDE) of the K-step short-run samples matches the true density, while the learned EBM exp(f) has
-the right modes but a much lower temperature (lower entropy). The short-run chain is the model.
+(KDE) of the K-step short-run samples matches the true density, while the learned f peaks at the
+true modes but "is of a much bigger scale": its peaks lie many nats apart, so exp(f) is far colder
+than the truth and holds its mass near the top one. The short-run chain is the model.
 
 Learning is exactly shortrun_ebm.py's, with an MLP f(x) on x in [-1, 1]^d, d in {1, 2}:
     x_data ~ data, smoothed by + sigma * N(0, I)
@@ -14,8 +15,7 @@ Learning is exactly shortrun_ebm.py's, with an MLP f(x) on x in [-1, 1]^d, d in 
     Adam step ascending  mean f(x_data) - mean f(x_q)
 Run to convergence the chain would sample exp(f / T), T = noise^2 / (2 step_size) (our reading of
 the paper's code; README derives it); metrics.json reports the EBM both as exp(f) and exp(f/T).
-The block under "# ---- method" runs copied alone into a file that imports math, contextlib,
-torch, torch.nn and torch.nn.functional.
+The block under "# ---- method" runs copied alone into a file that imports torch and torch.nn.
 
     python toy_1d_2d.py --density mog1d               # 1D Gaussian mixture (like Figure 8)
     python toy_1d_2d.py --density mog2d               # 2D Gaussian mixture
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -38,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ---- method: f, p_0, the short-run sampler and one training step (torch only: copy this block) ----
+# ---- method: f, p_0, the short-run sampler and one training step ----
+# Runs alone, copied into a file that imports torch and torch.nn as nn.
 
 class EBM(nn.Module):
     """f(x): an MLP d -> hidden -> hidden -> hidden -> 1. Returns the negative energy, shape (B,)."""
@@ -94,7 +96,7 @@ def train_step(f, optim, x_data, K, step_size, noise, sigma, x_0=None, grad_fn=N
     return x_q, f_data.detach(), f_q.detach()
 
 
-# ---- harness: settings and their checks ----
+# ---- hyperparameters: the parser (the paper's values in every help), per-density defaults, checks ----
 
 PROG = "toy_1d_2d.py"
 REUSE_HINT = "pass --force to replace it"
@@ -104,6 +106,7 @@ GRID_CELLS = {1: 480, 2: 192}  # grid cells per axis over [-1, 1]^d for the metr
 HIST_BINS = 24                 # bins per axis of the sample-histogram TV
 ANNEAL_LR_FINAL = 0.1          # --anneal-start decays lr geometrically to this fraction at --iters
 THREADS = 1                    # torch CPU threads: a small MLP gains nothing from more on a shared CPU
+MODE_LINES, RING_RAYS = 8, 16  # segments across each true mode: lines through a 2D mean, rays across a ring
 
 
 def build_parser():
@@ -192,89 +195,6 @@ def validate(args):
     density_file(args.density)  # a known name or an existing file; main reads it (make_density)
 
 
-# ---- harness, shared: the same text in every script that needs it (tests/test_harness.py compares) ----
-
-EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
-
-
-class UsageError(Exception):
-    """A mistake in the user's input: main() prints it as one line and exits 2."""
-
-
-def usage_error(error, rank=0):
-    """main()'s answer to a UsageError: one stderr line (from rank 0 only), exit code 2."""
-    if rank == 0:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-    return EXIT_USAGE
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's 20-line usage block
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def default_out(prefix, dataset):
-    """--out's default: runs/<prefix>_<dataset>; a folder:PATH or file:PATH is named by its last part."""
-    if ":" in dataset:
-        path = os.path.abspath(os.path.expanduser(dataset.split(":", 1)[1]))
-        dataset = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join("runs", f"{prefix}_{dataset}")
-
-
-def print_config(args):
-    """--print-config: the resolved configuration (argparse dests) as one JSON object on stdout; exit 0."""
-    print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
-    return 0
-
-
-def resolve_device(name, local_rank=0):
-    """auto -> cuda if present, else cpu; cuda without an index -> this process's local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)                       # rejects "cudafoo", "cuda:abc", "cuda:-1"
-    except RuntimeError:
-        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type != "cuda":
-        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    index = local_rank if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return torch.device("cuda", index)
-
-
-def check_run_folder(out, force=False):
-    """Refuse to clobber a run (any of RUN_FILES) unless force, and fail early on a folder we could
-    not write. Returns the old run's files that are present (what force replaces)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} is a file; choose a folder")
-    old = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
-    if old and not force:
-        raise UsageError(f"{out} already holds a run; {REUSE_HINT} or choose another --out")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):              # the nearest folder that exists must be writable
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-        raise UsageError(f"--out {out}: {parent} is not a writable folder; choose another --out")
-    return old
-
-
-def format_eta(seconds):
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 # ---- densities ----
 
 def logsumexp(a, axis):
@@ -301,6 +221,13 @@ class Mixture:
         k = rng.choice(len(self.weights), size=n, p=self.weights)
         return self.means[k] + self.stds[k, None] * rng.standard_normal((n, self.d))
 
+    def mode_segments(self):
+        """The true modes for count_modes: per component, (centres (L, d), unit directions (L, d), std):
+        L = MODE_LINES lines through its mean (one in 1D), each reaching one std either side."""
+        a = math.pi * np.arange(MODE_LINES if self.d == 2 else 1) / MODE_LINES
+        u = np.stack([np.cos(a), np.sin(a)], 1)[:, :self.d]                       # (L, d)
+        return [(np.tile(mean, (len(u), 1)), u, std) for mean, std in zip(self.means, self.stds)]
+
 
 class Rings:
     """Concentric rings: radius ~ N(r_k, width^2), angle uniform; restricted to [-1, 1]^2.
@@ -322,6 +249,12 @@ class Rings:
         r = np.abs(self.radii[k] + self.width * rng.standard_normal(n))  # r_k >= 6 widths: |.| never bites
         theta = rng.uniform(0, 2 * math.pi, n)
         return np.stack([r * np.cos(theta), r * np.sin(theta)], 1)
+
+    def mode_segments(self):
+        """Each ring as Mixture.mode_segments' mode: RING_RAYS radial segments across it, +- one width."""
+        a = 2 * math.pi * np.arange(RING_RAYS) / RING_RAYS
+        u = np.stack([np.cos(a), np.sin(a)], 1)                                   # (L, 2)
+        return [(r * u, u, self.width) for r in self.radii]
 
 
 def sample_truth(density, n, rng):
@@ -421,6 +354,52 @@ def hand_gradient(f):
     return grad_fn
 
 
+# ---- training loop: Algorithm 1 and its log ----
+
+def save_model(f, args, d):
+    torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
+               os.path.join(args.out, "model.pt"))
+
+
+def schedule(args, it):
+    """lr at iteration it (0-based): constant, then from --anneal-start a geometric decay reaching
+    ANNEAL_LR_FINAL * lr at --iters. Off (constant) when --anneal-start is 0 or >= --iters."""
+    if not args.anneal_start or it < args.anneal_start or args.anneal_start >= args.iters:
+        return args.lr
+    return args.lr * ANNEAL_LR_FINAL ** ((it - args.anneal_start) / (args.iters - args.anneal_start))
+
+
+def train(f, optim, data, args, device):
+    """Algorithm 1: lr of this iteration, a batch, train_step (sigma noise, p_0, K Langevin steps, Adam
+    step), a log row on log steps. Returns False if f or the samples became NaN/inf."""
+    log_path, t_start = os.path.join(args.out, "log.jsonl"), time.time()
+    grad_fn = hand_gradient(f)                 # the speed path; Adam updates f's weights in place
+    for it in range(1, args.iters + 1):
+        lr = schedule(args, it - 1)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        x_data = data[torch.randint(0, len(data), (args.batch_size,), device=device)]   # (m, d)
+        x_q, f_data, f_q = train_step(f, optim, x_data, args.K, args.step_size, args.noise, args.sigma,
+                                      grad_fn=grad_fn)                          # (m, d), (), ()
+        if it % args.log_every == 0 or it == args.iters:
+            elapsed = time.time() - t_start
+            row = {"iteration": it, "f_data": f_data.item(), "f_sample": f_q.item(),
+                   "f_gap": f_data.item() - f_q.item(), "grad_norm": grad_fn(x_q).norm(dim=1).mean().item(),
+                   "sample_max_abs": x_q.abs().max().item(), "sample_std": x_q.std(0).mean().item(),
+                   "data_std": x_data.std(0).mean().item(),            # the batch, as sample_std
+                   "lr": lr, "sigma": args.sigma,
+                   "seconds": elapsed, "s_per_iter": elapsed / it}
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            eta = format_eta(row["s_per_iter"] * (args.iters - it))
+            print(f"it {it}/{args.iters} | f(x) {row['f_data']:+.4g} f(x_q) {row['f_sample']:+.4g} | "
+                  f"|grad f| {row['grad_norm']:.3g} | max|x_q| {row['sample_max_abs']:.2f} | "
+                  f"{row['s_per_iter'] * 1e3:.1f} ms/it | ETA {eta}", file=sys.stderr, flush=True)
+            if not all(map(math.isfinite, (row["f_data"], row["f_sample"], row["sample_max_abs"]))):
+                return False
+    return True
+
+
 # ---- evaluation: fresh samples, grid, KDE, metrics ----
 
 def short_run_samples(f, n, d, args, device, chunk=20000):
@@ -476,6 +455,22 @@ def bandwidth(x, rule):
         return float(np.mean(logsumexp(-0.5 * z2 / c ** 2, axis=1))) - d * math.log(c)
     best = max(np.geomspace(0.05, 1.5, 20), key=held_out_loglik)
     return best * scott * (n_fit / n) ** (1.0 / (d + 4))
+
+
+def count_modes(log_density, segments, points=41):
+    """How many true modes (a density's mode_segments()) log_density (x (n, d) -> (n,)) has a local
+    maximum at. Near enough = within the mode's std (a ring's width): along every segment across the
+    mode, the values rise to a peak strictly inside it (a saddle, a slope or a peak further away fails).
+    Returns (count, each mode's highest value on its segments)."""
+    t = np.linspace(-1, 1, points)
+    count, heights = 0, []
+    for centres, u, near in segments:
+        x = centres[:, None] + near * t[None, :, None] * u[:, None]                 # (L, points, d)
+        v = log_density(x.reshape(-1, x.shape[-1])).reshape(len(u), points)         # (L, points)
+        peak = (v[:, 1:-1] > v[:, :-2]) & (v[:, 1:-1] >= v[:, 2:])                  # (L, points - 2)
+        count += bool(np.all(np.any(peak, axis=1)))
+        heights.append(float(v.max()))
+    return count, heights
 
 
 def normalise_log(log_q):
@@ -535,9 +530,12 @@ def evaluate(f, density, samples, args, device, exact=None):
     """Everything metrics.json reports, plus the grids the figures draw."""
     d, cells = density.d, GRID_CELLS[density.d]
     axis, pts, vol = make_grid(d, cells)
-    with torch.no_grad():
-        f_grid = f(torch.as_tensor(pts, dtype=torch.float32, device=device)).double().cpu().numpy()
-    p_truth, p_ebm = normalise_log(density.log_prob(pts)), normalise_log(f_grid)
+
+    def f_of(x):            # f at points x (n, d), as float64 numpy (n,)
+        with torch.no_grad():
+            return f(torch.as_tensor(x, dtype=torch.float32, device=device)).double().cpu().numpy()
+    f_grid, log_truth = f_of(pts), density.log_prob(pts)
+    p_truth, p_ebm = normalise_log(log_truth), normalise_log(f_grid)
     truth_bins = truth_bin_masses(density)
 
     def kde_scores(x):      # the KDE of points x (n, d) on the grid (cell masses) against the truth
@@ -558,12 +556,21 @@ def evaluate(f, density, samples, args, device, exact=None):
          "kde_bandwidth": h.tolist(), "kde_bandwidth_rule": args.bandwidth,
          "frac_outside_box": float(np.mean(np.any(np.abs(samples) > 1, 1))),
          "n_samples": len(samples), "grid_cells_per_axis": cells, "hist_bins_per_axis": HIST_BINS,
-         "langevin_temperature": T,
+         "langevin_temperature": T,      # the mode keys below stay null for a file: no known modes
+         **dict.fromkeys(("modes_true", "modes_in_f", "f_at_modes", "log_truth_at_modes")),
          "truth": ("exact density" if exact is not None else
                    f"KDE of the {len(density.points)} points in {density.path} (no true density for a file)")}
+    grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
     if exact is not None:   # the floor: the same numbers for exact samples of the truth
         m.update({key + "_exact": v for key, v in kde_scores(exact)[2].items()})
-    grids = {"axis": axis, "truth": p_truth / vol, "ebm": p_ebm / vol, "kde": p_kde / vol, "cells": cells}
+        # the paper: f "captures the modes of the true density, but is of a much bigger scale". Does f
+        # peak at each true mode (the truth itself is checked the same way), and how far below its top?
+        segments = density.mode_segments()
+        m["modes_true"], truth_tops = count_modes(density.log_prob, segments)
+        m["modes_in_f"], f_tops = count_modes(f_of, segments)
+        m.update(f_at_modes=[v - f_grid.max() for v in f_tops],
+                 log_truth_at_modes=[v - log_truth.max() for v in truth_tops])
+        grids["modes"] = np.concatenate([centres for centres, _, _ in segments])   # to mark in the figure
     if T > 0:               # exp(f/T): the KL-best temperature against it is t / T exactly, no second fit
         p_ebm_T = normalise_log(f_grid / T)
         m.update(entropy_ebm_T=entropy(p_ebm_T, vol), temperature_T=t / T, ebm_temperature_T=T / t,
@@ -581,7 +588,19 @@ def headline(m):
                                                    f"temperature_T {m['temperature_T']:.3g}")
     return (f"TV(truth, KDE) {m['tv']:.3f}, KL {m['kl']:.3f}, hist TV {m['tv_hist']:.3f} | entropy truth "
             f"{m['entropy_truth']:.3f}, EBM {m['entropy_ebm']:.3f}, KDE {m['entropy_kde']:.3f} | "
-            f"temperature {m['temperature']:.3g}{at_T}")
+            f"temperature {m['temperature']:.3g}{at_T}"
+            + ("" if m["modes_true"] is None else f" | f peaks at {m['modes_in_f']}/{m['modes_true']} modes"))
+
+
+def finding(m):
+    """What the density figure shows, in words from metrics.json: the first line of its title."""
+    if m["modes_true"] is None:      # a file's points: no known modes
+        return f"the truth is a KDE of the file's points; the samples' KDE is TV {m['tv']:.3f} from it"
+    below = lambda tops: " / ".join(f"{max(0.0, -v):.1f}" for v in sorted(tops, reverse=True))
+    return (f"f peaks at {m['modes_in_f']} of the {m['modes_true']} true modes (marked), "
+            f"{below(m['f_at_modes'])} nats below its top (truth: {below(m['log_truth_at_modes'])}), "
+            f"so exp(f) is {'colder' if m['temperature'] > 1 else 'hotter'} than the truth; the KDE of the "
+            f"K-step samples is TV {m['tv']:.3f} from the truth (exact samples: {m['tv_exact']:.3f})")
 
 
 def plot_figures(grids, samples, metrics, args):
@@ -600,6 +619,7 @@ def plot_figures(grids, samples, metrics, args):
     if "ebm_T" in grids:                     # the chain's target exp(f / T), T = noise^2 / (2 step_size)
         names.append(("ebm_T", f"EBM exp(f/T)/Z, T={metrics['langevin_temperature']:.3g}", "tab:orange"))
     names.append(("kde", "KDE of K-step samples", "tab:blue"))
+    deepest = 2 - min(metrics["f_at_modes"] or [0])    # the log panels reach f's lowest peak at a true mode
     if d == 1:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for key, label, color in names:
@@ -607,21 +627,27 @@ def plot_figures(grids, samples, metrics, args):
             axes[1].plot(grids["axis"], log(grids[key]), color=color, label=label, lw=1.6)
         top = np.log(max(grids[k].max() for k, _, _ in names))
         axes[0].set_title("density")
-        axes[1].set(title="log-density", ylim=(top - 15, top + 1))
+        axes[1].set(title="log-density", ylim=(top - max(15, deepest), top + 1))
         for ax in axes:
+            for mode in np.unique(grids.get("modes", [])):
+                ax.axvline(mode, color="0.6", ls=":", lw=1)
             ax.set_xlim(-1, 1)
             ax.legend(fontsize=8)
     else:
         fig, axes = plt.subplots(2, len(names), figsize=(4 * len(names), 8.2))
+        depth = max(12, deepest)
         for j, (key, label, _) in enumerate(names):
             img = grids[key].reshape(grids["cells"], grids["cells"])           # rows = y
-            floor = log(img).max() - 12
+            log_img = np.maximum(log(img), log(img).max() - depth)
             for ax, shown, what in ((axes[0, j], img, "density"),
-                                    (axes[1, j], np.maximum(log(img), floor), "log-density (top 12 nats)")):
+                                    (axes[1, j], log_img, f"log-density (top {depth:.0f} nats)")):
                 ax.imshow(shown, origin="lower", extent=(-1, 1, -1, 1), cmap="viridis")
+                if "modes" in grids:
+                    ax.plot(*grids["modes"].T, "+", color="w", ms=5)
                 ax.set_title(f"{label}: {what}", fontsize=9)
-    fig.suptitle(f"{args.density}: K={args.K}, step {args.step_size:g}, noise {args.noise:g}, "
-                 f"{args.iters} its\n{headline(metrics)}", fontsize=8)
+    title = [f"{args.density}: {finding(metrics)}", f"K={args.K}, step {args.step_size:g}, noise "
+             f"{args.noise:g}, {args.iters} its | {headline(metrics)}"]
+    fig.suptitle("\n".join(textwrap.fill(line, 150) for line in title), fontsize=8)
     fig_s, ax = plt.subplots(figsize=(6, 3.5) if d == 1 else (5, 5))
     if d == 1:
         ax.hist(samples[:, 0], bins=120, range=(-1, 1), density=True, color="tab:blue", alpha=0.6,
@@ -640,51 +666,7 @@ def plot_figures(grids, samples, metrics, args):
         plt.close(figure)
 
 
-# ---- training loop, logging, main ----
-
-def save_model(f, args, d):
-    torch.save({"script": "toy_1d_2d", "config": vars(args), "d": d, "model": f.state_dict()},
-               os.path.join(args.out, "model.pt"))
-
-
-def schedule(args, it):
-    """lr at iteration it (0-based): constant, then from --anneal-start a geometric decay reaching
-    ANNEAL_LR_FINAL * lr at --iters. Off (constant) when --anneal-start is 0 or >= --iters."""
-    if not args.anneal_start or it < args.anneal_start or args.anneal_start >= args.iters:
-        return args.lr
-    return args.lr * ANNEAL_LR_FINAL ** ((it - args.anneal_start) / (args.iters - args.anneal_start))
-
-
-def train(f, optim, data, args, device):
-    """Algorithm 1: lr of this iteration, a batch, train_step (sigma noise, p_0, K Langevin steps, Adam
-    step), a log row on log steps. Returns False if f or the samples became NaN/inf."""
-    log_path, t_start = os.path.join(args.out, "log.jsonl"), time.time()
-    grad_fn = hand_gradient(f)                 # the speed path; Adam updates f's weights in place
-    for it in range(1, args.iters + 1):
-        lr = schedule(args, it - 1)
-        for group in optim.param_groups:
-            group["lr"] = lr
-        x_data = data[torch.randint(0, len(data), (args.batch_size,), device=device)]   # (m, d)
-        x_q, f_data, f_q = train_step(f, optim, x_data, args.K, args.step_size, args.noise, args.sigma,
-                                      grad_fn=grad_fn)                          # (m, d), (), ()
-        if it % args.log_every == 0 or it == args.iters:
-            elapsed = time.time() - t_start
-            row = {"iteration": it, "f_data": f_data.item(), "f_sample": f_q.item(),
-                   "f_gap": f_data.item() - f_q.item(), "grad_norm": grad_fn(x_q).norm(dim=1).mean().item(),
-                   "sample_max_abs": x_q.abs().max().item(), "sample_std": x_q.std(0).mean().item(),
-                   "data_std": x_data.std(0).mean().item(),            # the batch, as sample_std
-                   "lr": lr, "sigma": args.sigma,
-                   "seconds": elapsed, "s_per_iter": elapsed / it}
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            eta = format_eta(row["s_per_iter"] * (args.iters - it))
-            print(f"it {it}/{args.iters} | f(x) {row['f_data']:+.4g} f(x_q) {row['f_sample']:+.4g} | "
-                  f"|grad f| {row['grad_norm']:.3g} | max|x_q| {row['sample_max_abs']:.2f} | "
-                  f"{row['s_per_iter'] * 1e3:.1f} ms/it | ETA {eta}", file=sys.stderr, flush=True)
-            if not all(map(math.isfinite, (row["f_data"], row["f_sample"], row["sample_max_abs"]))):
-                return False
-    return True
-
+# ---- main ----
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -727,9 +709,9 @@ def main(argv=None):
         metrics, grids = evaluate(f, density, samples, args, device, exact)
     except KeyboardInterrupt:
         save_model(f, args, d)
-        print(f"{PROG}: interrupted; f saved to {os.path.join(args.out, 'model.pt')}, no samples or "
-              f"metrics written (rerun with --force to start again)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"{PROG}: stopped by Ctrl-C; f saved to {os.path.join(args.out, 'model.pt')}, no samples or "
+              f"metrics written (no --resume here: rerun with --force to start again)", file=sys.stderr)
+        return EXIT_STOPPED
     metrics.update(train_seconds=train_seconds, eval_seconds=time.time() - t0 - train_seconds, d=d,
                    config=dict(vars(args), argv=argv, torch=torch.__version__, numpy=np.__version__,
                                python=sys.version.split()[0], device_used=str(device)))
@@ -742,6 +724,94 @@ def main(argv=None):
     print(f"{args.density}: {headline(metrics)} | trained in {train_seconds:.0f} s | {args.out}",
           file=sys.stderr)
     return 0
+
+
+# ---- appendix: shared harness ----
+# The same text in every script of this collection (tests/test_harness.py compares); skip it on a first read.
+
+# Exit codes a job script can tell apart (README, "On a cluster"): 0 finished; EXIT_STOPPED (sysexits'
+# EX_TEMPFAIL) stopped by a signal after saving last.pt: rerun with --resume; anything else failed: 1 a bug
+# (traceback), EXIT_USAGE a usage error, EXIT_DIVERGED the divergence guard, EXIT_WRITE_FAILED (EX_IOERR) a
+# file could not be written (disk full, quota): last.pt is intact, free space and rerun with --resume.
+EXIT_USAGE, EXIT_DIVERGED, EXIT_WRITE_FAILED, EXIT_STOPPED = 2, 3, 74, 75
+
+
+class UsageError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits 2."""
+
+
+def usage_error(error, rank=0):
+    """main()'s answer to a UsageError: one stderr line (from rank 0 only), exit code 2."""
+    if rank == 0:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's 20-line usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" where the help says what None means
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def default_out(prefix, dataset):
+    """--out's default: runs/<prefix>_<dataset>; a folder:PATH or file:PATH is named by its last part."""
+    if ":" in dataset:
+        path = os.path.abspath(os.path.expanduser(dataset.split(":", 1)[1]))
+        dataset = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{prefix}_{dataset}")
+
+
+def print_config(args):
+    """--print-config: the resolved configuration (argparse dests) as one JSON object on stdout; exit 0."""
+    print(json.dumps({k: v for k, v in vars(args).items() if k != "print_config"}, indent=1))
+    return 0
+
+
+def resolve_device(name, local_rank=0):
+    """auto -> cuda if present, else cpu; cuda without an index -> this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)                       # rejects "cudafoo", "cuda:abc", "cuda:-1"
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise UsageError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    index = local_rank if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device("cuda", index)
+
+
+def check_run_folder(out, force=False):
+    """Refuse to clobber a run (any of RUN_FILES) unless force, and fail early on a folder we could
+    not write. Returns the old run's files that are present (what force replaces)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    old = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+    if old and not force:
+        raise UsageError(f"{out} already holds a run; {REUSE_HINT} or choose another --out")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):              # the nearest folder that exists must be writable
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UsageError(f"--out {out}: {parent} is not a writable folder; choose another --out")
+    return old
+
+
+def format_eta(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 if __name__ == "__main__":

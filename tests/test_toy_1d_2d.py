@@ -1,10 +1,13 @@
 """toy_1d_2d.py: densities, KDE and metrics against hand computations, short runs, bad input.
 
-CPU only, no network. The full-length check (default flags: histogram TV <= 0.15 and an EBM colder
-than the truth, for mog1d, mog2d and rings) is marked slow: `pytest -m slow tests/test_toy_1d_2d.py`.
+CPU only, no network. The full-length checks (default flags, for mog1d, mog2d and rings: histogram
+TV <= 0.15, an EBM colder than the truth, f peaking at every true mode) are marked slow:
+`pytest -m slow tests/test_toy_1d_2d.py`.
 """
+import contextlib
 import functools
 import importlib.util
+import io
 import json
 import math
 import os
@@ -18,7 +21,7 @@ import pytest
 import torch
 
 import toy_1d_2d as toy
-from conftest import exec_method_block, read_json, read_jsonl, run_main
+from conftest import exec_method_block, method_block, read_json, read_jsonl, run_main
 
 # short runs: bigger Langevin steps learn faster; Scott's bandwidth skips the cross-validation
 SHORT = ["--iters", "150", "--log-every", "50", "--device", "cpu", "--no-plots", "--step-size", "1e-3",
@@ -30,22 +33,33 @@ run = functools.partial(run_main, toy.main)
 # ---- densities and metrics against hand computations ----
 
 @pytest.mark.parametrize("name", ["mog1d", "mog2d", "rings"])
-def test_density_integrates_to_one_and_histogram_tv_separates_exact_samples_from_noise(name):
-    density = toy.make_density(name)
-    # log_prob is the unrestricted density: it integrates to ~1 on a box wide enough to hold it
+def test_density_integrates_to_one_on_a_box_wide_enough_to_hold_it(name):
+    density = toy.make_density(name)             # log_prob is the unrestricted density
     _, pts, vol = toy.make_grid(density.d, 3000 if density.d == 1 else 600)
     assert np.exp(density.log_prob(pts * 1.5)).sum() * vol * 1.5 ** density.d == pytest.approx(1.0, abs=0.01)
-    truth_bins = toy.truth_bin_masses(density)
-    assert truth_bins.shape == (24 ** density.d,) and truth_bins.sum() == pytest.approx(1.0)
-    rng = np.random.default_rng(0)
-    exact = toy.sample_truth(density, 5000, rng)
-    uniform = rng.uniform(-1, 1, (5000, density.d))
-    tv_exact, tv_uniform = toy.hist_tv(exact, truth_bins), toy.hist_tv(uniform, truth_bins)
-    assert tv_exact < 0.1            # ~0.07 for 5,000 exact points
-    assert tv_uniform > 0.4          # ~0.75 for uniform noise on the 2D mixture
+
+
+@pytest.mark.parametrize("name", ["mog1d", "mog2d", "rings"])
+def test_truth_bin_masses_are_one_mass_per_histogram_cell(name):
+    truth_bins = toy.truth_bin_masses(toy.make_density(name))
+    assert truth_bins.shape == (24 ** (1 if name == "mog1d" else 2),)
+    assert truth_bins.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["mog1d", "mog2d", "rings"])
+def test_histogram_tv_separates_exact_samples_from_uniform_noise(name):
+    density = toy.make_density(name)
+    truth_bins, rng = toy.truth_bin_masses(density), np.random.default_rng(0)
+    tv_exact = toy.hist_tv(toy.sample_truth(density, 5000, rng), truth_bins)
+    tv_uniform = toy.hist_tv(rng.uniform(-1, 1, (5000, density.d)), truth_bins)
+    assert tv_exact < 0.1 and tv_uniform > 0.4   # ~0.07 for 5,000 exact points, ~0.75 uniform on mog2d
     assert tv_exact < tv_uniform / 4
-    # samples outside the box are mass the truth does not have
-    assert toy.hist_tv(exact + 3, truth_bins) == pytest.approx(1.0)
+
+
+def test_histogram_tv_counts_samples_outside_the_box_as_mass_the_truth_lacks():
+    density = toy.make_density("mog2d")
+    exact = toy.sample_truth(density, 5000, np.random.default_rng(0))
+    assert toy.hist_tv(exact + 3, toy.truth_bin_masses(density)) == pytest.approx(1.0)
 
 
 def test_histogram_cells_are_in_y_x_order_like_the_grid():
@@ -73,28 +87,42 @@ def test_entropy_of_a_gaussian_on_the_grid_matches_the_closed_form():
     assert toy.entropy(p2, vol2) == pytest.approx(math.log(2 * math.pi * math.e * s ** 2), abs=1e-2)
 
 
-def test_tv_and_kl_by_hand():
+def test_tv_and_kl_match_a_hand_computation():
     p, q = np.array([0.5, 0.5, 0.0]), np.array([0.25, 0.25, 0.5])
     assert toy.tv(p, q) == pytest.approx(0.5)
     assert toy.kl(p, q) == pytest.approx(math.log(2))
     assert toy.kl(p, p) == 0.0
 
 
+def gaussian_points(d):
+    """10,000 draws of N(0, 0.1^2 I) in d dimensions and their Scott bandwidth."""
+    x = np.random.default_rng(0).normal(0, 0.1, (10000, d))
+    return x, toy.bandwidth(x, "scott")
+
+
 @pytest.mark.parametrize("d", [1, 2])
-def test_kde_integrates_to_one_and_matches_one_gaussian(d):
-    rng = np.random.default_rng(0)
-    x = rng.normal(0, 0.1, (10000, d))
-    h = toy.bandwidth(x, "scott")
-    assert h == pytest.approx(np.full(d, 0.1 * 10000 ** (-1 / (d + 4))), rel=0.05)
+def test_scott_bandwidth_is_std_times_n_to_the_minus_one_over_d_plus_4(d):
+    assert gaussian_points(d)[1] == pytest.approx(np.full(d, 0.1 * 10000 ** (-1 / (d + 4))), rel=0.05)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_kde_integrates_to_one_on_the_grid(d):
+    x, h = gaussian_points(d)
     _, pts, vol = toy.make_grid(d, 1000 if d == 1 else 200)
-    q = toy.kde(x, pts, h)
-    assert q.sum() * vol == pytest.approx(1.0, abs=1e-3)
-    # the KDE of N(0, s^2) with bandwidth h is close to N(0, s^2 + h^2) at the centre
+    assert toy.kde(x, pts, h).sum() * vol == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_kde_of_a_gaussian_peaks_at_the_gaussian_widened_by_the_bandwidth(d):
+    x, h = gaussian_points(d)               # KDE of N(0, s^2) with bandwidth h ~ N(0, s^2 + h^2)
     peak = (2 * math.pi * (0.01 + h[0] ** 2)) ** (-d / 2)
     assert toy.kde(x, np.zeros((1, d)), h)[0] == pytest.approx(peak, rel=0.05)
-    # the full-grid matrix product and the scattered-point sum agree
-    some = pts[::97]
-    assert toy.kde(x, some, h) == pytest.approx(q[::97], rel=1e-9)
+
+
+def test_kde_on_scattered_points_equals_the_full_grid_matrix_product():
+    x, h = gaussian_points(2)
+    _, pts, _ = toy.make_grid(2, 200)
+    assert toy.kde(x, pts[::97], h) == pytest.approx(toy.kde(x, pts, h)[::97], rel=1e-9)
 
 
 def test_cross_validated_bandwidth_beats_scott_on_narrow_modes():
@@ -117,6 +145,45 @@ def test_fit_temperature_recovers_a_known_temperature():
     p = toy.normalise_log(log_p)
     for T0 in (0.25, 1.0, 3.0):
         assert 1 / toy.fit_temperature(p, log_p / T0 + 7.0) == pytest.approx(T0, rel=1e-4)
+
+
+def line(x):
+    """1D points as (n, 1) numpy."""
+    return np.asarray(x, float)[:, None]
+
+
+def test_count_modes_finds_every_mode_of_each_builtin_truth():
+    for name, k in (("mog1d", 3), ("mog2d", 5), ("rings", 2)):
+        density = toy.make_density(name)
+        assert toy.count_modes(density.log_prob, density.mode_segments())[0] == k, name
+
+
+def test_count_modes_finds_one_mode_in_a_function_with_one_peak():
+    """mog1d's modes at -0.6, 0 and 0.55 (stds .08, .06, .12): -(x - 0.55)^2 rises across the first two
+    and peaks at the third. Highest values on each mode's segment: at -0.52, 0.06 and 0.55."""
+    segments = toy.make_density("mog1d").mode_segments()
+    count, heights = toy.count_modes(lambda x: -(x[:, 0] - 0.55) ** 2, segments)
+    assert count == 1
+    assert heights == pytest.approx([-1.07 ** 2, -0.49 ** 2, 0.0])
+
+
+def test_a_peak_more_than_one_std_from_the_mode_does_not_count():
+    one = toy.Mixture(means=[[0.0]], stds=[0.1], weights=[1.0])           # near = one std = 0.1
+    assert toy.count_modes(lambda x: -(x[:, 0] - 0.05) ** 2, one.mode_segments())[0] == 1
+    assert toy.count_modes(lambda x: -(x[:, 0] - 0.15) ** 2, one.mode_segments())[0] == 0
+
+
+def test_a_saddle_at_a_2d_mode_does_not_count():
+    one = toy.Mixture(means=[[0.0, 0.0]], stds=[0.1], weights=[1.0])
+    assert toy.count_modes(lambda x: -(x ** 2).sum(1), one.mode_segments())[0] == 1
+    assert toy.count_modes(lambda x: x[:, 0] ** 2 - x[:, 1] ** 2, one.mode_segments())[0] == 0
+
+
+def test_a_ring_counts_only_where_f_peaks_across_it():
+    rings = toy.make_density("rings")                                    # radii 0.3 and 0.7, width 0.05
+    r = lambda x: np.linalg.norm(x, axis=1)
+    assert toy.count_modes(lambda x: -(r(x) - 0.7) ** 2, rings.mode_segments())[0] == 1
+    assert toy.count_modes(lambda x: -r(x), rings.mode_segments())[0] == 0      # a slope, no ridge
 
 
 class ScaledLogDensity(torch.nn.Module):
@@ -155,6 +222,17 @@ def test_metrics_against_exp_f_over_T_match_a_known_gaussian(T0):
     assert grids["ebm_T"].max() == pytest.approx((2 * math.pi * T0 * s ** 2) ** -0.5, rel=1e-3)
 
 
+def test_metrics_count_the_one_mode_of_a_gaussian_f_peaks_at_and_mark_it():
+    args = toy.build_parser().parse_args(["--bandwidth", "scott"])
+    toy.apply_presets(args)
+    density = toy.Mixture(means=[[0.0]], stds=[0.1], weights=[1.0])
+    exact = toy.sample_truth(density, 10000, np.random.default_rng(0))
+    m, grids = toy.evaluate(ScaledLogDensity(1.0, 0.1), density, exact, args, "cpu", exact)
+    assert (m["modes_true"], m["modes_in_f"]) == (1, 1)
+    assert m["f_at_modes"] == pytest.approx([0.0], abs=1e-3)       # f's top is at the mode
+    assert np.all(grids["modes"] == 0.0)                            # the figure marks the mean
+
+
 def test_without_noise_the_chain_has_no_temperature_and_the_T_metrics_are_null():
     args = toy.build_parser().parse_args(["--noise", "0", "--bandwidth", "scott"])
     toy.apply_presets(args)
@@ -165,36 +243,52 @@ def test_without_noise_the_chain_has_no_temperature_and_the_T_metrics_are_null()
     assert m["temperature"] == pytest.approx(1.0, rel=1e-6)
 
 
-def test_annealing_is_geometric_from_anneal_start_and_off_when_it_is_zero():
+def test_lr_decays_geometrically_from_anneal_start_to_the_final_fraction():
     args = toy.build_parser().parse_args(["--iters", "300", "--anneal-start", "100", "--lr", "1e-3"])
-    assert toy.ANNEAL_LR_FINAL == 0.1
+    final = 1e-3 * toy.ANNEAL_LR_FINAL
     assert toy.schedule(args, 99) == 1e-3
-    assert toy.schedule(args, 200) == pytest.approx(1e-3 * 0.1 ** 0.5)   # halfway through the decay
-    assert toy.schedule(args, 300) == pytest.approx(1e-4)
-    args.anneal_start = 0
+    assert toy.schedule(args, 200) == pytest.approx(math.sqrt(1e-3 * final))   # halfway: the geometric mean
+    assert toy.schedule(args, 300) == pytest.approx(final)
+
+
+def test_lr_stays_constant_when_anneal_start_is_zero():
+    args = toy.build_parser().parse_args(["--iters", "300", "--anneal-start", "0", "--lr", "1e-3"])
     assert toy.schedule(args, 299) == 1e-3
 
 
-def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def print_config(tmp_path, capsys, monkeypatch):
+    """argv -> (exit code, the JSON object printed), run with --print-config in an empty tmp_path."""
     monkeypatch.chdir(tmp_path)
 
-    def print_config(argv):
+    def call(argv):
         code, _ = run(argv + ["--print-config"])
-        return (code, *capsys.readouterr())
-    code, out, err = print_config(["--density", "rings"])
-    assert code == 0, err
-    config = json.loads(out)                                            # one JSON object, nothing else
-    assert set(config) == set(vars(toy.build_parser().parse_args([]))) - {"print_config"}  # argparse dests
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)                                          # one JSON object, nothing else
+    return call
+
+
+def test_print_config_prints_every_argparse_dest_but_its_own(print_config):
+    config = print_config(["--density", "rings"])
+    assert set(config) == set(vars(toy.build_parser().parse_args([]))) - {"print_config"}
+
+
+def test_print_config_shows_the_densitys_defaults_and_default_run_folder(print_config):
+    config = print_config(["--density", "rings"])
     assert (config["step_size"], config["noise"], config["iters"], config["K"]) == (1e-3, 3e-2, 6000, 50)
-    assert config["out"] == os.path.join("runs", "toy_rings") and "print_config" not in config
-    code, out, err = print_config(["--density", "mog1d", "--step-size", "2e-4", "--out", tmp_path / "x"])
-    config = json.loads(out)                                            # the density fills only the rest
-    assert code == 0 and (config["step_size"], config["noise"], config["iters"]) == (2e-4, 2e-2, 3000)
-    # a file: density is checked to exist but not read: junk in it is a run's problem, not print-config's
-    (tmp_path / "junk.npy").write_text("not an array")
-    code, out, err = print_config(["--density", f"file:{tmp_path / 'junk.npy'}"])
-    assert code == 0 and json.loads(out)["iters"] == 6000
-    assert sorted(os.listdir(tmp_path)) == ["junk.npy"]                 # no run folder, no default runs/
+    assert config["out"] == os.path.join("runs", "toy_rings")
+
+
+def test_print_config_keeps_a_given_flag_and_fills_only_the_rest(print_config, tmp_path):
+    config = print_config(["--density", "mog1d", "--step-size", "2e-4", "--out", tmp_path / "x"])
+    assert (config["step_size"], config["noise"], config["iters"]) == (2e-4, 2e-2, 3000)
+
+
+def test_print_config_neither_reads_a_file_density_nor_writes_anything(print_config, tmp_path):
+    (tmp_path / "junk.npy").write_text("not an array")     # junk is a run's problem, not print-config's
+    assert print_config(["--density", f"file:{tmp_path / 'junk.npy'}"])["iters"] == 6000
+    assert sorted(os.listdir(tmp_path)) == ["junk.npy"]    # no run folder, no default runs/
 
 
 def test_langevin_without_noise_is_gradient_ascent_in_closed_form():
@@ -208,27 +302,44 @@ def test_langevin_without_noise_is_gradient_ascent_in_closed_form():
     assert not x.requires_grad
 
 
+def small_ebm(d, act):
+    """A float64 EBM of width 16 and 64 points in [-1, 1]^d."""
+    torch.manual_seed(0)
+    return toy.EBM(d, 16, act).double(), torch.rand(64, d, dtype=torch.float64) * 2 - 1
+
+
+def test_ebm_returns_one_number_per_point_at_batch_size_one():
+    f, x = small_ebm(2, "silu")
+    assert f(x[:1]).shape == (1,)
+
+
 @pytest.mark.parametrize("act", ["silu", "lrelu"])
 @pytest.mark.parametrize("d", [1, 2])
 def test_hand_written_gradient_equals_autograd(act, d):
-    torch.manual_seed(0)
-    f = toy.EBM(d, 16, act).double()
-    x = (torch.rand(64, d, dtype=torch.float64) * 2 - 1).requires_grad_(True)
-    assert f(x[:1]).shape == (1,)                                       # one number per point, at B = 1
+    f, x = small_ebm(d, act)
+    x.requires_grad_(True)
     auto = torch.autograd.grad(f(x).sum(), x)[0]
     assert torch.allclose(toy.hand_gradient(f)(x.detach()), auto, rtol=1e-10, atol=1e-12)
-    # the chain on the speed path is the chain on langevin's autograd path: same draws, same steps
-    x0 = x.detach()
+
+
+@pytest.mark.parametrize("act", ["silu", "lrelu"])
+def test_langevin_on_the_hand_gradient_equals_langevin_on_autograd(act):
+    f, x0 = small_ebm(2, act)                               # same draws, same steps
     torch.manual_seed(1)
     by_hand = toy.langevin(f, x0, 5, 0.01, 0.02, grad_fn=toy.hand_gradient(f))
     torch.manual_seed(1)
     assert torch.allclose(toy.langevin(f, x0, 5, 0.01, 0.02), by_hand, rtol=1e-10, atol=1e-12)
+
+
+def test_langevin_leaves_the_parameter_gradients_untouched():
+    f, x0 = small_ebm(2, "silu")
+    toy.langevin(f, x0, 5, 0.01, 0.02)
     assert all(p.grad is None for p in f.parameters())
 
 
 def test_method_block_runs_alone_and_learns(tmp_path):
-    """Copied alone under the five imports, the block trains: the gap f(data) - f(p_0 noise), on fixed
-    draws, before and after 60 steps of its own train_step on a 1D Gaussian."""
+    """Copied alone, the block trains: the gap f(data) - f(p_0 noise), on fixed draws, before and after
+    60 steps of its own train_step on a 1D Gaussian."""
     ns = exec_method_block("toy_1d_2d.py", tmp_path / "method_only.py")
     assert {"EBM", "sample_p_0", "langevin", "train_step"} <= set(ns) and "toy" not in ns
     torch.manual_seed(0)
@@ -246,7 +357,19 @@ def test_method_block_runs_alone_and_learns(tmp_path):
                                             step_size=1e-3, noise=1e-2, sigma=3e-2)
     assert x_q.shape == (64, 1) and f_data.shape == () and f_q.shape == () and not f_data.requires_grad
     assert gap() > before + 10.0                                            # f learned where the data is
-    # the block's sampler is the importable one: same numbers from the same draws
+
+
+def test_method_block_needs_only_the_imports_its_banner_names(tmp_path):
+    ns = {}
+    exec(compile("import torch\nimport torch.nn as nn\n" + method_block("toy_1d_2d.py"), "block", "exec"), ns)
+    f = ns["EBM"](2, 8)
+    x_q, _, _ = ns["train_step"](f, torch.optim.Adam(f.parameters()), torch.zeros(4, 2), 2, 1e-3, 1e-2, 3e-2)
+    assert x_q.shape == (4, 2)
+
+
+def test_method_block_sampler_gives_the_importable_samplers_numbers(tmp_path):
+    ns = exec_method_block("toy_1d_2d.py", tmp_path / "method_only.py")
+    f = toy.EBM(1, 8)
     torch.manual_seed(3)
     a = ns["langevin"](f, torch.zeros(4, 1), 3, 1e-3, 1e-2)
     torch.manual_seed(3)
@@ -255,76 +378,152 @@ def test_method_block_runs_alone_and_learns(tmp_path):
 
 # ---- short runs ----
 
-@pytest.mark.parametrize("name", ["mog1d", "mog2d"])
-def test_short_run_writes_every_output_and_beats_uniform_noise(name, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    plots = importlib.util.find_spec("matplotlib") is not None         # figures, or one line saying why not
-    grad_fns, step = [], toy.train_step                                 # the method block's, counted
-    monkeypatch.setattr(toy, "train_step", lambda *a, **k: grad_fns.append(k.get("grad_fn")) or step(*a, **k))
-    code, err = run(["--density", name, "--out", out] + [a for a in SHORT if a != "--no-plots"], capsys)
-    assert code == 0, err
-    assert len(grad_fns) == 150 and all(callable(g) for g in grad_fns)  # with the hand-written gradient
-    assert "ETA" in err and "it 150/150" in err and ("matplotlib is missing" in err) != plots
+@pytest.fixture(scope="module", params=["mog1d", "mog2d"])
+def short_run(request, tmp_path_factory):
+    """One 150-iteration run per density, with plots when matplotlib is there, train_step counted:
+    (density name, run folder, stderr, the grad_fn of each train_step call)."""
+    name, out = request.param, tmp_path_factory.mktemp("short") / "run"
+    grad_fns, step, err = [], toy.train_step, io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.setattr(toy, "train_step", lambda *a, **k: grad_fns.append(k.get("grad_fn")) or step(*a, **k))
+        code, _ = run(["--density", name, "--out", out] + [a for a in SHORT if a != "--no-plots"])
+    assert code == 0, err.getvalue()
+    return name, out, err.getvalue(), grad_fns
+
+
+PLOTS = importlib.util.find_spec("matplotlib") is not None
+
+
+def test_short_run_trains_every_iteration_on_the_hand_written_gradient(short_run):
+    grad_fns = short_run[3]
+    assert len(grad_fns) == 150 and all(callable(g) for g in grad_fns)
+
+
+def test_short_run_prints_progress_with_an_eta(short_run):
+    assert "ETA" in short_run[2] and "it 150/150" in short_run[2]
+
+
+def test_short_run_writes_the_figures_or_one_line_saying_why_not(short_run):
+    _, out, err, _ = short_run
+    assert ("matplotlib is missing" in err) != PLOTS
     for png in ("density.png", "samples.png"):
-        assert (out / png).exists() == plots and (not plots or (out / png).stat().st_size > 10000)
+        assert (out / png).exists() == PLOTS and (not PLOTS or (out / png).stat().st_size > 10000)
+
+
+def test_short_run_writes_10000_finite_samples_of_the_densitys_dimension(short_run):
+    name, out, _, _ = short_run
     samples = np.load(out / "samples.npy")
-    d = 1 if name == "mog1d" else 2
-    assert samples.shape == (10000, d) and np.all(np.isfinite(samples))
-    m = read_json(out, "metrics.json")
+    assert samples.shape == (10000, 1 if name == "mog1d" else 2) and np.all(np.isfinite(samples))
+
+
+def test_short_run_metrics_are_finite_numbers(short_run):
+    m = read_json(short_run[1], "metrics.json")
     for key in ("tv", "kl", "tv_hist", "entropy_truth", "entropy_ebm", "entropy_kde", "temperature",
                 "entropy_ebm_T", "temperature_T"):
         assert math.isfinite(m[key]), key
-    # the fitted temperature is invariant to rescaling f, so against exp(f/T) it is divided by T
+
+
+def test_short_run_temperature_against_exp_f_over_T_is_divided_by_T(short_run):
+    m = read_json(short_run[1], "metrics.json")        # the fitted temperature is invariant to rescaling f
     assert m["temperature_T"] == pytest.approx(m["temperature"] / m["langevin_temperature"], rel=1e-6)
-    assert m["config"]["K"] == 50 and m["config"]["iters"] == 150 and m["config"]["density"] == name
-    # measured, not assumed: 150 iterations already pull the chains away from uniform noise
+
+
+def test_short_run_records_its_settings_in_metrics(short_run):
+    name, out, _, _ = short_run
+    config = read_json(out, "metrics.json")["config"]
+    assert (config["K"], config["iters"], config["density"]) == (50, 150, name)
+
+
+def test_short_run_reports_the_mode_counts_of_its_density(short_run):
+    name, out, _, _ = short_run
+    m = read_json(out, "metrics.json")
+    assert m["modes_true"] == (3 if name == "mog1d" else 5) and 0 <= m["modes_in_f"] <= m["modes_true"]
+    assert len(m["f_at_modes"]) == m["modes_true"] and max(m["f_at_modes"]) <= 1e-3   # below f's top
+
+
+def test_short_run_histogram_tv_is_the_samples_and_beats_uniform_noise(short_run):
+    """Measured, not assumed: 150 iterations already pull the chains away from uniform noise."""
+    name, out, _, _ = short_run
+    m, samples = read_json(out, "metrics.json"), np.load(out / "samples.npy")
     truth_bins = toy.truth_bin_masses(toy.make_density(name))
-    uniform = np.random.default_rng(0).uniform(-1, 1, (10000, d))
+    uniform = np.random.default_rng(0).uniform(-1, 1, (10000, samples.shape[1]))
     assert m["tv_hist"] == pytest.approx(toy.hist_tv(samples.astype(np.float64), truth_bins), abs=1e-6)
     assert m["tv_hist"] < toy.hist_tv(uniform, truth_bins) - 0.03
+
+
+def test_short_run_exact_samples_set_the_floor_of_the_metrics(short_run):
+    m = read_json(short_run[1], "metrics.json")
     assert m["tv_hist_exact"] < 0.1 and m["tv_exact"] < m["tv"] and m["kde_bandwidth_rule"] == "scott"
-    rows = read_jsonl(out, "log.jsonl")
+
+
+def test_short_run_logs_a_row_every_log_every_iterations(short_run):
+    rows = read_jsonl(short_run[1], "log.jsonl")
     assert [r["iteration"] for r in rows] == [50, 100, 150]
     assert {"f_data", "f_sample", "grad_norm", "seconds"} <= set(rows[0])
 
 
-def test_a_file_density_round_trips(tmp_path, capsys):
-    """Exact mog2d samples saved to a file: the file's KDE truth is close to the exact density,
-    and a run on the file learns 2D points and says its truth is a KDE."""
-    density = toy.make_density("mog2d")
-    pts = toy.sample_truth(density, 10000, np.random.default_rng(3))
-    path = tmp_path / "points.npy"
-    np.save(path, pts.astype(np.float32))
-    fd = toy.make_density(f"file:{path}", "cv")                        # the KDE truth's bandwidth rule
-    assert fd.d == 2 and np.allclose(fd.points, pts.astype(np.float32))
+@pytest.fixture(scope="module")
+def points_file(tmp_path_factory):
+    """10,000 exact mog2d samples saved to points.npy."""
+    path = tmp_path_factory.mktemp("file") / "points.npy"
+    points = toy.sample_truth(toy.make_density("mog2d"), 10000, np.random.default_rng(3))
+    np.save(path, points.astype(np.float32))
+    return path
+
+
+def test_a_file_densitys_kde_truth_is_close_to_the_exact_density(points_file):
+    fd = toy.make_density(f"file:{points_file}", "cv")                  # the KDE truth's bandwidth rule
+    assert fd.d == 2 and np.array_equal(fd.points, np.load(points_file).astype(np.float64))
     assert np.array_equal(fd.bandwidth, toy.bandwidth(fd.points, "cv"))
     _, grid, vol = toy.make_grid(2, 96)
-    p_exact, p_file = toy.normalise_log(density.log_prob(grid)), toy.normalise_log(fd.log_prob(grid))
+    p_exact = toy.normalise_log(toy.make_density("mog2d").log_prob(grid))
+    p_file = toy.normalise_log(fd.log_prob(grid))
     assert toy.tv(p_exact, p_file) < 0.1
     assert toy.entropy(p_file, vol) == pytest.approx(toy.entropy(p_exact, vol), abs=0.1)
+
+
+def test_a_run_on_a_file_says_its_truth_is_a_kde_and_knows_no_modes(points_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code, err = run(["--density", f"file:{path}", "--out", out] + SHORT + ["--bandwidth", "cv"], capsys)
+    flags = ["--density", f"file:{points_file}", "--out", out, *SHORT, "--bandwidth", "cv"]
+    code, err = run(flags, capsys)
     assert code == 0, err
     m = read_json(out, "metrics.json")
     assert m["d"] == 2 and "KDE" in m["truth"] and "tv_exact" not in m
-    assert m["entropy_truth"] == pytest.approx(toy.entropy(p_exact, vol), abs=0.1)
-    np.save(tmp_path / "line.npy", np.linspace(-0.9, 0.9, 500))        # (N,) = N points in 1D
+    assert m["modes_true"] is None and m["modes_in_f"] is None
+    _, grid, vol = toy.make_grid(2, 96)                 # the truth's entropy is the points' KDE's
+    exact_entropy = toy.entropy(toy.normalise_log(toy.make_density("mog2d").log_prob(grid)), vol)
+    assert m["entropy_truth"] == pytest.approx(exact_entropy, abs=0.1)
+
+
+def test_a_file_of_n_numbers_is_n_points_in_1d(tmp_path):
+    np.save(tmp_path / "line.npy", np.linspace(-0.9, 0.9, 500))
     assert toy.make_density(f"file:{tmp_path / 'line.npy'}").d == 1
 
 
-def test_ctrl_c_keeps_the_model_and_exits_130(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A long mog1d run in a subprocess, sent SIGINT after 3 log rows: (exit code, stderr, run folder)."""
+    out = tmp_path_factory.mktemp("stop") / "run"
     cmd = [sys.executable, os.path.abspath(toy.__file__), "--density", "mog1d", "--iters", "1000000",
            "--log-every", "1", "--device", "cpu", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=out.parent)
     deadline = time.time() + 120
     while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 3:
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    return proc.returncode, err, out
+
+
+def test_ctrl_c_exits_with_exit_stopped_and_one_line(stopped_run):
+    code, err, _ = stopped_run
+    assert code == toy.EXIT_STOPPED, err
+    assert "stopped by Ctrl-C" in err and "Traceback" not in err
+
+
+def test_ctrl_c_saves_a_usable_model_and_no_metrics(stopped_run):
+    out = stopped_run[2]
     saved = torch.load(out / "model.pt", weights_only=True)
     f = toy.EBM(1, saved["config"]["hidden"], saved["config"]["act"])
     f.load_state_dict(saved["model"])                       # a usable f, not an empty file
@@ -364,30 +563,52 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(flags, message, tmp_
     assert sorted(os.listdir(tmp_path)) == files
 
 
-def test_an_existing_run_is_refused_and_force_replaces_it(tmp_path, capsys):
+@pytest.fixture
+def old_run(tmp_path):
+    """A folder holding a run's metrics.json beside a file of the user's."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "metrics.json").write_text("{}")
-    code, err = run(["--density", "mog1d", "--out", out] + TINY, capsys)
-    assert code == 2 and "--force" in err and (out / "metrics.json").read_text() == "{}"
-    code, err = run(["--density", "mog1d", "--out", out, "--force"] + TINY, capsys)
+    return out
+
+
+def test_an_existing_run_is_refused_in_one_line_naming_force(old_run, capsys):
+    code, err = run(["--density", "mog1d", "--out", old_run] + TINY, capsys)
+    assert code == 2 and "--force" in err and (old_run / "metrics.json").read_text() == "{}"
+
+
+def test_force_replaces_the_old_runs_files_and_only_those(old_run, capsys):
+    code, err = run(["--density", "mog1d", "--out", old_run, "--force"] + TINY, capsys)
     assert code == 0, err
-    assert read_json(out, "metrics.json")["config"]["density"] == "mog1d"
-    assert (out / "notes.txt").read_text() == "mine"              # only the old run's files go
-    assert len(open(out / "log.jsonl").readlines()) == 2
+    assert read_json(old_run, "metrics.json")["config"]["density"] == "mog1d"
+    assert (old_run / "notes.txt").read_text() == "mine"
+    assert len(open(old_run / "log.jsonl").readlines()) == 2
 
 
 # ---- the paper's finding at default flags (minutes) ----
 
+@pytest.fixture(scope="module", params=["mog1d", "mog2d", "rings"])
+def default_run(request, tmp_path_factory):
+    """metrics.json of a run at default flags (train time is not asserted: on a shared machine it
+    measures the neighbours; README has it)."""
+    out = tmp_path_factory.mktemp("default") / request.param
+    code, _ = run(["--density", request.param, "--out", out, "--device", "cpu", "--no-plots"])
+    assert code == 0
+    return read_json(out, "metrics.json")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mog1d", "mog2d", "rings"])
-def test_default_flags_samples_match_truth_while_the_ebm_is_colder(name, tmp_path, capsys):
-    out = tmp_path / name
-    code, err = run(["--density", name, "--out", out, "--device", "cpu", "--no-plots"], capsys)
-    assert code == 0, err
-    m = read_json(out, "metrics.json")
-    assert m["tv_hist"] <= 0.15                         # the KDE/histogram of the samples matches the truth
-    assert m["entropy_ebm"] < m["entropy_truth"]        # exp(f) itself is colder than the truth
-    assert m["temperature"] > 1                         # exp(f/T) fits the truth only when heated
-    # (train time is not asserted: on a shared machine it measures the neighbours; README has it)
+def test_default_flags_samples_match_the_truth(default_run):
+    assert default_run["tv_hist"] <= 0.15               # the histogram of the samples matches the truth
+
+
+@pytest.mark.slow
+def test_default_flags_ebm_density_is_colder_than_the_truth(default_run):
+    assert default_run["entropy_ebm"] < default_run["entropy_truth"]
+    assert default_run["temperature"] > 1               # exp(f) fits the truth only when heated
+
+
+@pytest.mark.slow
+def test_default_flags_f_peaks_at_every_true_mode(default_run):
+    assert default_run["modes_in_f"] == default_run["modes_true"]        # sec. 7.7: f captures the modes
