@@ -238,27 +238,41 @@ def sample_stats(f, n, seed=0):
     return x.mean().item(), dark
 
 
-def test_a_few_hundred_iterations_move_samples_toward_the_data(squares, tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def learned(squares, tmp_path_factory):
+    """A 200-iteration run on the squares (log every 50): the folder the learning tests read."""
+    out = tmp_path_factory.mktemp("learned") / "run"
     code, err = run(["--dataset", f"folder:{squares}", "--n_f", "8", "--K", "20", "--sigma", "0.1",
                      "--batch-size", "32", "--iters", "200", "--log-every", "50", "--plot-every", "200",
-                     "--ckpt-every", "200", "--device", "cpu", "--seed", "3", "--out", out], capsys)
+                     "--ckpt-every", "200", "--device", "cpu", "--seed", "3", "--out", out])
     assert code == 0, err
+    return out
+
+
+def test_a_few_hundred_iterations_move_samples_toward_the_data(learned, squares):
     data = sr.to_pixels(sr.load_images(f"folder:{squares}", None, 32)[0])
     data_mean, data_dark = data.mean().item(), (data < -0.5).float().mean().item()
-    f, config = sr.load_checkpoint(str(out / "final.pt"))
+    f, _ = sr.load_checkpoint(str(learned / "final.pt"))
     mean_0, dark_0 = sample_stats(sr.EBM(3, 8, 32).eval(), 64)
     mean_1, dark_1 = sample_stats(f, 64)
     # uniform noise: mean ~0, a quarter of the pixels below -0.5; the data: ~85% background
     assert abs(mean_1 - data_mean) < 0.5 * abs(mean_0 - data_mean)
     assert abs(dark_1 - data_dark) < 0.5 * abs(dark_0 - data_dark)
-    rows = read_jsonl(out, "log.jsonl")
+
+
+def test_the_log_has_a_finite_row_per_log_step(learned):
+    rows = read_jsonl(learned, "log.jsonl")
     assert [r["iteration"] for r in rows] == [50, 100, 150, 200]
     for key in ("f_data", "f_sample", "f_gap", "grad_norm", "sample_max_abs", "sample_std", "data_std", "lr",
                 "sigma", "seconds", "s_per_iter", "grad_norm_chain"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert all(r["grad_norm_chain"] > 0 for r in rows)
-    assert {"config.json", "data.png", "samples_000200.png", "last.pt", "final.pt"} <= set(os.listdir(out))
+
+
+def test_the_run_folder_holds_config_grids_and_checkpoints(learned):
+    files = {"config.json", "data.png", "samples_000200.png", "last.pt", "final.pt"}
+    assert files <= set(os.listdir(learned))
+    f, config = sr.load_checkpoint(str(learned / "final.pt"))
     assert config["n_f"] == 8 and config["n_c"] == 3 and not f.training
 
 
@@ -499,18 +513,25 @@ def test_bad_input_exits_2_and_writes_nothing(flags, message, squares, tmp_path,
     assert os.listdir(tmp_path) == []
 
 
-def test_an_out_that_is_a_file_an_empty_folder_or_a_broken_image_is_one_line(squares, tmp_path, capsys):
+def test_an_out_that_is_a_file_is_refused_and_kept(squares, tmp_path, capsys):
     (tmp_path / "notes").write_text("mine")
     code, err = run(["--dataset", f"folder:{squares}", *TINY, "--out", tmp_path / "notes"], capsys)
     assert code == 2 and "is a file" in err and "Traceback" not in err
     assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_a_folder_without_images_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    argv = ["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"]
-    code, err = run(argv, capsys)
+    code, err = run(["--dataset", f"folder:{tmp_path / 'empty'}", *TINY, "--out", tmp_path / "run"], capsys)
     assert code == 2 and "holds no images" in err and not (tmp_path / "run").exists()
-    (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
-    code, err = run(argv, capsys)
+
+
+def test_a_broken_image_is_one_line_naming_it(tmp_path, capsys):
+    draw = tmp_path / "imgs"
+    draw.mkdir()
+    (draw / "broken.png").write_bytes(b"not a png")
+    code, err = run(["--dataset", f"folder:{draw}", *TINY, "--out", tmp_path / "run"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "cannot read the images of folder:" in err and "broken.png" in err
     assert not (tmp_path / "run").exists()
@@ -535,18 +556,30 @@ def test_a_failed_download_names_folder_and_leaves_no_empty_data_root(tmp_path, 
     assert os.listdir(tmp_path) == []
 
 
-def test_a_run_is_never_overwritten_nor_its_model_changed_on_resume(run2, squares, tmp_path, capsys,
-                                                                    monkeypatch):
-    before = files_of(run2)
+def test_print_config_on_resume_shows_the_runs_own_config(run2, squares, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _ = run(["--out", run2, "--resume", "--iters", "5", "--print-config"])   # the run's own config
+    code, _ = run(["--out", run2, "--resume", "--iters", "5", "--print-config"])
     c = json.loads(capsys.readouterr().out)
     assert code == 0 and (c["n_f"], c["K"], c["iters"], c["batch_size"]) == (4, 3, 5, 8)
     assert c["dataset"] == f"folder:{squares}" and c["resume"] is True and os.listdir(tmp_path) == []
+
+
+def test_a_run_is_never_overwritten_without_resume(run2, squares, capsys):
+    before = files_of(run2)
     code, err = run(["--dataset", f"folder:{squares}", *TINY, "--iters", "2", "--out", run2], capsys)
     assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert files_of(run2) == before
+
+
+def test_resume_refuses_a_changed_model_flag(run2, capsys):
+    before = files_of(run2)
     code, err = run(["--out", run2, "--resume", "--iters", "4", "--n_f", "8"], capsys)
     assert code == 2 and "--n-f cannot change on --resume" in err.replace("--n_f", "--n-f")
+    assert files_of(run2) == before
+
+
+def test_resume_of_a_finished_run_asks_for_more_iters(run2, capsys):
+    before = files_of(run2)
     code, err = run(["--out", run2, "--resume", "--iters", "2"], capsys)
     assert code == 2 and "already reached iteration 2" in err
     assert files_of(run2) == before
@@ -562,7 +595,7 @@ def test_resume_from_a_corrupt_checkpoint_is_one_line(run2, tmp_path, capsys):
     assert files_of(out) == before
 
 
-def test_a_checkpoint_or_config_of_another_format_is_refused_in_one_line(run2, tmp_path, capsys):
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(run2, tmp_path, capsys):
     out = shutil.copytree(run2, tmp_path / "run")
     good = torch.load(out / "last.pt", weights_only=True)
     words = ("older shortrun_ebm.py", f"reads format {sr.CKPT_FORMAT}", "train a new run")
@@ -574,9 +607,12 @@ def test_a_checkpoint_or_config_of_another_format_is_refused_in_one_line(run2, t
         assert all(w in err for w in words), err
         with pytest.raises(sr.UsageError, match="older shortrun_ebm.py.*reads format"):
             sr.load_checkpoint(out / "last.pt")
-    torch.save(good, out / "last.pt")
+
+
+def test_cuda_graph_may_change_on_resume(run2, tmp_path, capsys):
+    out = shutil.copytree(run2, tmp_path / "run")
     code, err = run(["--out", out, "--resume", "--iters", "3", "--no-cuda-graph"], capsys)
-    assert code == 0, err                                       # --cuda-graph may change on --resume
+    assert code == 0, err
     assert torch.load(out / "final.pt", weights_only=True)["config"]["cuda_graph"] is False
 
 
