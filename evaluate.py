@@ -843,10 +843,13 @@ def cmd_export(args, model, settings):
     for i, xs in sample_batches(args, model, settings, args.n):
         for key, x in xs.items():
             u8 = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()                 # (b, S, S, 3), grey repeated
-            for j, arr in enumerate(u8):
-                buf = io.BytesIO()
-                Image.fromarray(arr[..., 0] if model.n_c == 1 else arr).save(buf, format="png")
-                write_file(os.path.join(args.out, key, f"{i + j:06d}.png"), buf.getvalue())
+            for j, arr in enumerate(u8):   # plain writes: an fsync each (atomic_write) costs 8 ms of 8.4 here
+                path = os.path.join(args.out, key, f"{i + j:06d}.png")
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    Image.fromarray(arr[..., 0] if model.n_c == 1 else arr).save(path)
+                except OSError as e:
+                    raise sr.WriteError(f"cannot write {path}: {e.strerror or e}") from None
             arrays.setdefault(key, []).append(u8)
     for key, parts in arrays.items():
         path = os.path.join(args.out, f"{key}.npz")
