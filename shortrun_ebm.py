@@ -1042,14 +1042,16 @@ def format_eta(seconds):
 
 # Ctrl-C; what SLURM, Kubernetes and torchrun send first before a kill; SLURM's --signal=USR1@T warning
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+REPEAT_S = 1.0  # a signal within this many seconds of the first is the same stop reaching us twice (below)
 
 
 class StopFlag:
     """The first of STOP_SIGNALS asks the loop to finish the iteration, save last.pt and exit EXIT_STOPPED
-    (resume is then exact); a second one aborts at once."""
+    (resume is then exact); a second one aborts at once. One that follows the first within REPEAT_S counts
+    as the same: a scheduler signalling every process of a job also reaches torchrun, which forwards it."""
 
     def __enter__(self):
-        self.requested, self.previous = False, {}
+        self.requested, self.since, self.previous = False, 0.0, {}
         for signum in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: keep the default handlers
                 self.previous[signum] = signal.signal(signum, self.handle)
@@ -1057,8 +1059,10 @@ class StopFlag:
 
     def handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if time.monotonic() - self.since > REPEAT_S:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.since = True, time.monotonic()
         print(f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
               f"(send it again to abort)", file=sys.stderr)
 

@@ -115,3 +115,19 @@ def test_resume_log_truncation_survives_a_line_cut_off_by_a_kill(module, tmp_pat
     assert [row["iteration"] for _, row in script.read_log(log)] == [10, 20, 30]
     script.truncate_log(log, 20)
     assert log.read_text() == '{"iteration": 10, "f": 1.0}\n{"iteration": 20, "f": 2.0}\n'
+
+
+def test_a_repeated_stop_signal_counts_once_and_a_later_one_aborts(monkeypatch, capsys):
+    """torchrun forwards the SIGTERM a scheduler also sends its workers: a repeat within REPEAT_S is the same
+    stop; a signal after that is a user's second Ctrl-C and aborts."""
+    clock = [100.0]
+    monkeypatch.setattr(sr.time, "monotonic", lambda: clock[0])
+    with sr.StopFlag() as stop:
+        stop.handle(sr.signal.SIGTERM, None)
+        clock[0] += sr.REPEAT_S / 2
+        stop.handle(sr.signal.SIGTERM, None)
+        assert stop.requested
+        clock[0] += sr.REPEAT_S
+        with pytest.raises(KeyboardInterrupt):
+            stop.handle(sr.signal.SIGINT, None)
+    assert capsys.readouterr().err.count("saving a checkpoint") == 1
