@@ -1106,7 +1106,8 @@ def run_to_resume(args):
     if args.resume and os.path.exists(path):
         return read_checkpoint(path)
     if check_run_folder(args.out, force=args.resume):    # with --resume: the run files present
-        raise UsageError(f"{args.out} holds a run's files but no last.pt to resume from; choose another --out")
+        raise UsageError(f"{args.out} holds a run's files but no last.pt to resume from; choose another "
+                         f"--out")
     return None
 
 
@@ -1178,8 +1179,9 @@ def folder_images(path):
     splits = sorted(n + "/" for n in os.listdir(path)
                     if n.lower() in SPLIT_NAMES and os.path.isdir(os.path.join(path, n)))
     if len(splits) > 1:
+        train = next((n for n in splits if n.lower() == "train/"), splits[0])
         raise UsageError(f"--dataset folder: {path!r} holds the splits {', '.join(splits)}: pass the one to "
-                         f"use, e.g. folder:{os.path.join(path, splits[0])}")
+                         f"use, e.g. folder:{os.path.join(path, train)}")
     files = sorted(os.path.join(d, n) for d, _, names in os.walk(path, followlinks=True)
                    for n in names if n.lower().endswith(IMAGE_EXTS))
     if not files:
@@ -1345,14 +1347,16 @@ def format_eta(seconds):
 
 # Ctrl-C; what SLURM, Kubernetes and torchrun send first before a kill; SLURM's --signal=USR1@T warning
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+REPEAT_S = 1.0  # a signal within this many seconds of the first is the same stop reaching us twice (below)
 
 
 class StopFlag:
     """The first of STOP_SIGNALS asks the loop to finish the iteration, save last.pt and exit EXIT_STOPPED
-    (resume is then exact); a second one aborts at once."""
+    (resume is then exact); a second one aborts at once. One that follows the first within REPEAT_S counts
+    as the same: a scheduler signalling every process of a job also reaches torchrun, which forwards it."""
 
     def __enter__(self):
-        self.requested, self.previous = False, {}
+        self.requested, self.since, self.previous = False, 0.0, {}
         for signum in STOP_SIGNALS:
             with contextlib.suppress(ValueError):  # not the main thread: keep the default handlers
                 self.previous[signum] = signal.signal(signum, self.handle)
@@ -1360,8 +1364,10 @@ class StopFlag:
 
     def handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if time.monotonic() - self.since > REPEAT_S:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.since = True, time.monotonic()
         print(f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
               f"(send it again to abort)", file=sys.stderr)
 
