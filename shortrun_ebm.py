@@ -17,10 +17,12 @@ Run recipes (README.md has more; --help lists every flag)
     python shortrun_ebm.py --dataset cifar10 --K 100                       # the paper's sec. 5.1 setting
     python shortrun_ebm.py --dataset cifar10 --K 100 --preset appendix     # the appendix code's setting
     torchrun --nproc_per_node=4 shortrun_ebm.py --dataset cifar10 --K 100  # several GPUs
-    # a tiny CPU run on any folder of images (minutes); after Ctrl-C, --resume continues it exactly
+    # a tiny CPU run on any folder of images (minutes), a grid and a checkpoint every 100 iterations
     python shortrun_ebm.py --dataset folder:PATH --n_f 16 --K 20 --sigma 0.1 --batch-size 32 \
-        --iters 300 --device cpu --out runs/tiny
-    python shortrun_ebm.py --out runs/tiny --resume
+        --iters 300 --log-every 20 --plot-every 100 --ckpt-every 100 --device cpu --out runs/tiny
+    python shortrun_ebm.py --out runs/tiny --resume   # after Ctrl-C: continues it exactly
+(Ctrl-C, SIGTERM or SIGUSR1: finish the iteration, save last.pt, exit 75; --resume on a folder with no
+run yet starts one, so one command serves a job's first start and every requeue.)
 """
 import argparse
 import contextlib
