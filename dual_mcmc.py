@@ -18,7 +18,8 @@ Run recipes
   python dual_mcmc.py --dataset cifar10 --recipe authors     # the code behind the published numbers
   python dual_mcmc.py --dataset celeba --recipe authors      # CelebA 64 px, authors' celeba64 config
   python dual_mcmc.py --dataset folder:./my_images --arch simple --nef 16 --ngf 16 --nif 16 --nz 16 \
-      --batch-size 16 --k-x 10 --k-z 5 --iters 300 --device cpu --out runs/tiny   # minutes on a CPU
+      --batch-size 16 --k-x 10 --k-z 5 --iters 300 --log-every 20 --plot-every 100 --ckpt-every 100 \
+      --device cpu --out runs/tiny   # about a minute on a CPU
   python dual_mcmc.py --out runs/tiny --resume --iters 600   # continues bit-exactly
   python dual_mcmc.py --dataset cifar10 --out runs/c10 --resume   # a job's first start and every requeue
 (Ctrl-C, SIGTERM or SIGUSR1: finish the iteration, save last.pt, exit 75; the same command continues.)
