@@ -767,10 +767,10 @@ def load_file(path, device="cpu"):
                          f"truncated; delete it or resume from another copy") from None
 
 
-def read_checkpoint(path, device="cpu", ckpt=None):
-    """This script's checkpoint at path (ckpt: its dict, if already loaded), or one clear line
-    (UsageError) for a file another script wrote or one of another CKPT_FORMAT."""
-    ckpt = load_file(path, device) if ckpt is None else ckpt
+def read_checkpoint(path, device="cpu"):
+    """This script's checkpoint at path, or one clear line (UsageError) for a file another script wrote or
+    one of another CKPT_FORMAT."""
+    ckpt = load_file(path, device)
     if not isinstance(ckpt, dict) or ckpt.get("script") != PROG.removesuffix(".py"):
         raise UsageError(f"{path} was not written by {PROG}")
     if ckpt.get("format") != CKPT_FORMAT:
