@@ -731,8 +731,8 @@ def train(args, models, opts, scheds, data, order, device, start_it=0, seconds0=
                     os.path.join(args.out, "log.jsonl"), os.path.join(args.out, "curves.png"), CURVE_PANELS)
             if (args.ckpt_every and done % args.ckpt_every == 0) or last or stopping:
                 states = gather_rng(device, world)  # collective: every rank takes part
-                if writer:
-                    for name in ("last.pt", "final.pt") if last else ("last.pt",):
+                if writer:                     # final.pt first: a last.pt at --iters means the run is done
+                    for name in ("final.pt", "last.pt") if last else ("last.pt",):
                         save_checkpoint(os.path.join(args.out, name), args, done, models, opts, scheds,
                                         seconds0 + time.time() - t_start, states, order.state_dict())
             if stopping and not last:
@@ -806,7 +806,7 @@ def report_finished(args):
     """A finished run's last line: where its results are, and what to run next."""
     print(f"done: {args.out}/ holds final.pt, ebm_{args.iters:06d}.png (samples x~) and curves.png; next: "
           f"python evaluate.py export --ckpt {args.out}/final.pt --n 64 "
-          f"--out eval/{os.path.basename(args.out)} (README: evaluate.py)", file=sys.stderr)
+          f"--out eval/{os.path.basename(os.path.normpath(args.out))} (README: evaluate.py)", file=sys.stderr)
 
 
 def benchmark(args, device):
@@ -843,6 +843,8 @@ def main(argv=None):
             validate(args)
         if args.print_config:                          # reads no data, writes nothing
             return print_config(args)
+        if ckpt is not None and ckpt["iteration"] == args.iters:
+            return finish_done_run(args, ckpt)
         rank, world = setup_distributed(device)
         crop_box = CELEBA_BOX if args.celeba_crop else None
         data, args.n_available = load_data(args, rank, world, device, crop_box)   # n_available: config.json
@@ -868,14 +870,14 @@ def main(argv=None):
                   f"{n_params(models['generator']):,} / q {n_params(models['encoder']):,}; "
                   f"{len(data)} images; {device}, world {world}", file=sys.stderr)
             if ckpt is None:                           # last.pt first: every run folder holds a checkpoint
-                os.makedirs(args.out, exist_ok=True)
                 save_checkpoint(os.path.join(args.out, "last.pt"), args, 0, models, opts, scheds, 0.0, rng,
                                 order.state_dict())
+            else:
+                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)   # rows no checkpoint covers
+            if not os.path.exists(os.path.join(args.out, "config.json")):     # (or its first write failed)
                 atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
                                   os.path.join(args.out, "config.json"))
                 save_grid(to_pixels(data[:64]), os.path.join(args.out, "data.png"))
-            else:
-                truncate_log(os.path.join(args.out, "log.jsonl"), start_it)   # rows no checkpoint covers
         data = place_data(data, device, 0.25)          # uint8 images: up to a quarter of free memory
         return train(args, models, opts, scheds, data, order, device,
                      start_it=start_it, seconds0=seconds0, rank=rank, world=world)
@@ -1003,27 +1005,29 @@ def restore_rng(ckpt, seed, rank, world, device):
 
 
 def atomic_write(path, data):
-    """The bytes data to a hidden temp file beside path, flushed to disk, renamed over path, and the rename
-    flushed too: a kill or a power loss leaves the old file or the new, never a torn or empty one. Any
-    failure (disk full, quota, I/O error, a folder removed underneath) removes the temp file and raises
-    WriteError naming path and the reason."""
+    """The bytes data to a hidden temp file beside path (its folder made if missing), flushed to disk,
+    renamed over path, and the rename flushed too: a kill or a power loss leaves the old file or the new,
+    never a torn or empty one. Any failure (disk full, quota, I/O error, a folder removed underneath)
+    removes the temp file and raises WriteError naming path and the reason."""
     folder = os.path.dirname(path) or "."
     tmp = os.path.join(folder, "." + os.path.basename(path) + ".tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+    with contextlib.suppress(OSError):                 # some network file systems cannot fsync a folder
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def atomic_save(obj, path):
@@ -1131,10 +1135,19 @@ def merge_resume_args(ckpt, given, out):
             raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
                              f"{saved.get(key)!r}); drop it, or start a new run in another --out")
     args = argparse.Namespace(**{**saved, **given, "out": out, "resume": True})
-    if args.iters <= ckpt["iteration"]:
+    if args.iters < ckpt["iteration"]:
         raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}: pass a larger "
                          f"--iters to train further")
     return args
+
+
+def finish_done_run(args, ckpt):
+    """--resume on a run that reached --iters (a requeued job that had finished; its final.pt was written
+    before last.pt): one line, exit 0."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"the run in {args.out} is finished (iteration {ckpt['iteration']}, final.pt); pass a larger "
+              f"--iters to train further", file=sys.stderr)
+    return 0
 
 
 def read_log(path):
@@ -1369,8 +1382,9 @@ class StopFlag:
                 raise KeyboardInterrupt
             return
         self.requested, self.since = True, time.monotonic()
-        print(f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
-              f"(send it again to abort)", file=sys.stderr)
+        note = (f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
+                f"(send it again to abort)\n")
+        os.write(2, note.encode())                  # not print: the interrupted loop may be inside a print
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
@@ -1399,26 +1413,6 @@ def setup_distributed(device):
 def autocast_for(args, device):
     """A context factory: bf16 autocast with --amp bf16, else a no-op."""
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
-
-
-def cuda_graph_replay(run, device, reset=None):
-    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay. Three
-    warm-up runs first, on the capture's stream (cuDNN autotuning and workspaces must not happen mid-capture)
-    under fork_rng (the run's RNG is left alone), then reset() (undo their change to the nets' buffers)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    if reset is not None:
-        reset()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        run()
-    torch.cuda.synchronize(device)
-    return graph.replay
 
 
 def time_steps(step, n, device):

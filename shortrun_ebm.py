@@ -132,7 +132,7 @@ def train_step(f, optim, x_data, K, step_size=1.0, noise=1e-2, sigma=3e-2, x_0=N
 # ---- hyperparameters: the parser (the papers' values in every help), per-data-set defaults, checks ----
 
 PROG = "shortrun_ebm.py"
-CKPT_FORMAT = 1  # in config.json and every checkpoint; read_checkpoint refuses any other in one line
+CKPT_FORMAT = 2  # in config.json and every checkpoint; read_checkpoint refuses any other in one line
 RUN_FILES = ("config.json", "last.pt", "final.pt", "log.jsonl")  # a folder holding one of these holds a run
 REUSE_HINT = "pass --resume to continue it"
 # Defaults that depend on --dataset (the parser holds None; resolve_defaults fills them in). CIFAR-10,
@@ -332,6 +332,24 @@ def eager_chain(f, x, K, step_size=1.0, noise=1e-2, stats=None):
     return langevin(f if stats is None else GradNorms(f, stats), x, K, step_size, noise)
 
 
+def cuda_graph_replay(run, device):
+    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay. Three
+    warm-up runs first, on the capture's stream (cuDNN autotuning and workspaces must not happen mid-capture)
+    under fork_rng (the run's RNG is left alone)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        run()
+    torch.cuda.synchronize(device)
+    return graph.replay
+
+
 class FastChain:
     """`langevin`'s chain (same update, same noise law) made fast for training, and called like it; the
     steps update an fp32 buffer in place. bf16: f runs on a bf16 copy of its weights (channels_last),
@@ -497,21 +515,21 @@ def train(args, f, f_ddp, optim, data, start_it, rank, world, device, seconds0=0
                 has_matplotlib = has_matplotlib and plot_curves(log_path, curves_png, CURVE_PANELS)
             if due(args.ckpt_every) or stopped:
                 rng = gather_rng(device, world)
-                if writer:
+                if writer:                     # final.pt first: a last.pt at --iters means the run is done
                     ckpt = checkpoint(args, f, optim, it, rng, seconds0 + time.time() - t_start)
-                    atomic_save(ckpt, os.path.join(args.out, "last.pt"))
-                    if is_last:
-                        atomic_save(ckpt, os.path.join(args.out, "final.pt"))
+                    for name in ("final.pt", "last.pt") if is_last else ("last.pt",):
+                        atomic_save(ckpt, os.path.join(args.out, name))
                 last_saved = it
-            if stopped:
+            if stopped and not is_last:
                 if writer:
                     print(f"stopped at iteration {it} (last.pt saved); continue with: python {PROG} "
                           f"--out {args.out} --resume", file=sys.stderr)
                 return EXIT_STOPPED
     if writer:
+        name = os.path.basename(os.path.normpath(args.out))
         print(f"done: {args.out}/ holds final.pt, samples_{args.iters:06d}.png and curves.png; next: python "
-              f"evaluate.py export --ckpt {args.out}/final.pt --n 64 --out eval/{os.path.basename(args.out)} "
-              f"(README: evaluate.py)", file=sys.stderr)
+              f"evaluate.py export --ckpt {args.out}/final.pt --n 64 --out eval/{name} (README: evaluate.py)",
+              file=sys.stderr)
     return 0
 
 
@@ -547,6 +565,8 @@ def main(argv=None):
             validate(args)
         if args.print_config:                          # reads no data, writes nothing
             return print_config(args)
+        if ckpt is not None and ckpt["iteration"] == args.iters:
+            return finish_done_run(args, ckpt)
         rank, world = setup_distributed(device)
         data, args.n_available = load_data(args, rank, world, device)       # n_available: for config.json
         args.n_c = data.shape[1]
@@ -564,12 +584,12 @@ def main(argv=None):
         if rank == 0:
             print(start_line(args, ckpt), file=sys.stderr)
             if ckpt is None:                           # last.pt first: every run folder holds a checkpoint
-                os.makedirs(args.out, exist_ok=True)
                 atomic_save(checkpoint(args, f, optim, 0, rng, 0.0), os.path.join(args.out, "last.pt"))
-                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
-                                  os.path.join(args.out, "config.json"))
             else:
                 truncate_log(os.path.join(args.out, "log.jsonl"), start_it)
+            if not os.path.exists(os.path.join(args.out, "config.json")):     # (or its first write failed)
+                atomic_write_json(dict(vars(args), argv=argv, world_size=world, **versions()),
+                                  os.path.join(args.out, "config.json"))
             print(f"{args.dataset}: {len(data)} images {tuple(data.shape[1:])}, f has "
                   f"{sum(p.numel() for p in f.parameters()):,} parameters, {device}, world {world}",
                   file=sys.stderr)
@@ -699,27 +719,29 @@ def restore_rng(ckpt, seed, rank, world, device):
 
 
 def atomic_write(path, data):
-    """The bytes data to a hidden temp file beside path, flushed to disk, renamed over path, and the rename
-    flushed too: a kill or a power loss leaves the old file or the new, never a torn or empty one. Any
-    failure (disk full, quota, I/O error, a folder removed underneath) removes the temp file and raises
-    WriteError naming path and the reason."""
+    """The bytes data to a hidden temp file beside path (its folder made if missing), flushed to disk,
+    renamed over path, and the rename flushed too: a kill or a power loss leaves the old file or the new,
+    never a torn or empty one. Any failure (disk full, quota, I/O error, a folder removed underneath)
+    removes the temp file and raises WriteError naming path and the reason."""
     folder = os.path.dirname(path) or "."
     tmp = os.path.join(folder, "." + os.path.basename(path) + ".tmp")
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+    with contextlib.suppress(OSError):                 # some network file systems cannot fsync a folder
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def atomic_save(obj, path):
@@ -827,10 +849,19 @@ def merge_resume_args(ckpt, given, out):
             raise UsageError(f"--{key.replace('_', '-')} cannot change on --resume (the run has "
                              f"{saved.get(key)!r}); drop it, or start a new run in another --out")
     args = argparse.Namespace(**{**saved, **given, "out": out, "resume": True})
-    if args.iters <= ckpt["iteration"]:
+    if args.iters < ckpt["iteration"]:
         raise UsageError(f"the run in {out} already reached iteration {ckpt['iteration']}: pass a larger "
                          f"--iters to train further")
     return args
+
+
+def finish_done_run(args, ckpt):
+    """--resume on a run that reached --iters (a requeued job that had finished; its final.pt was written
+    before last.pt): one line, exit 0."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"the run in {args.out} is finished (iteration {ckpt['iteration']}, final.pt); pass a larger "
+              f"--iters to train further", file=sys.stderr)
+    return 0
 
 
 def read_log(path):
@@ -1065,8 +1096,9 @@ class StopFlag:
                 raise KeyboardInterrupt
             return
         self.requested, self.since = True, time.monotonic()
-        print(f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
-              f"(send it again to abort)", file=sys.stderr)
+        note = (f"\n{PROG}: {signal.Signals(signum).name}: saving a checkpoint at the end of this iteration "
+                f"(send it again to abort)\n")
+        os.write(2, note.encode())                  # not print: the interrupted loop may be inside a print
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
@@ -1095,26 +1127,6 @@ def setup_distributed(device):
 def autocast_for(args, device):
     """A context factory: bf16 autocast with --amp bf16, else a no-op."""
     return lambda: torch.autocast(device.type, torch.bfloat16, enabled=args.amp == "bf16")
-
-
-def cuda_graph_replay(run, device, reset=None):
-    """run() (a chain step on static buffers) captured as a CUDA graph on device; returns its replay. Three
-    warm-up runs first, on the capture's stream (cuDNN autotuning and workspaces must not happen mid-capture)
-    under fork_rng (the run's RNG is left alone), then reset() (undo their change to the nets' buffers)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.random.fork_rng(devices=[device]), torch.cuda.stream(stream):
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    if reset is not None:
-        reset()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        run()
-    torch.cuda.synchronize(device)
-    return graph.replay
 
 
 def time_steps(step, n, device):

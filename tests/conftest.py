@@ -3,6 +3,7 @@ tiny image folders drawn here, a script's method block run alone, the JSON files
 import ast
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -85,10 +86,21 @@ def method_block(script):
     return "\n".join(lines[start:end]) + "\n"
 
 
+def banner_imports(block):
+    """The import lines a method block's banner names ("# Runs alone ... imports contextlib, torch and
+    torch.nn as nn."), each one of METHOD_IMPORTS'."""
+    line = next(line for line in block.splitlines()[1:3] if "imports " in line)
+    names = re.split(r", | and ", line.split("imports ", 1)[1].strip().rstrip("."))
+    imports = "".join(f"import {name}\n" for name in names)
+    assert set(imports.splitlines()) <= set(METHOD_IMPORTS.splitlines()), imports
+    return imports
+
+
 def exec_method_block(script, path):
-    """script's method block run alone under METHOD_IMPORTS, written to path (tracebacks name it): its
-    namespace, into which nothing but torch came along."""
-    source = METHOD_IMPORTS + "\n" + method_block(script)
+    """script's method block run alone under the imports its banner names, written to path (tracebacks
+    name it): its namespace, into which nothing but those came along."""
+    block = method_block(script)
+    source = banner_imports(block) + "\n" + block
     path.write_text(source)
     ns = {"__name__": path.stem}
     exec(compile(source, str(path), "exec"), ns)

@@ -117,7 +117,7 @@ def test_resume_log_truncation_survives_a_line_cut_off_by_a_kill(module, tmp_pat
     assert log.read_text() == '{"iteration": 10, "f": 1.0}\n{"iteration": 20, "f": 2.0}\n'
 
 
-def test_a_repeated_stop_signal_counts_once_and_a_later_one_aborts(monkeypatch, capsys):
+def test_a_repeated_stop_signal_counts_once_and_a_later_one_aborts(monkeypatch, capfd):
     """torchrun forwards the SIGTERM a scheduler also sends its workers: a repeat within REPEAT_S is the same
     stop; a signal after that is a user's second Ctrl-C and aborts."""
     clock = [100.0]
@@ -130,4 +130,4 @@ def test_a_repeated_stop_signal_counts_once_and_a_later_one_aborts(monkeypatch, 
         clock[0] += sr.REPEAT_S
         with pytest.raises(KeyboardInterrupt):
             stop.handle(sr.signal.SIGINT, None)
-    assert capsys.readouterr().err.count("saving a checkpoint") == 1
+    assert capfd.readouterr().err.count("saving a checkpoint") == 1       # written to fd 2, not print

@@ -435,33 +435,40 @@ class FullDisk(io.FileIO):
         raise OSError(28, "No space left on device")
 
 
-def fail_writes_to(monkeypatch, name):
-    """Every write to a file named `name` (directly or through its temp file) fails as on a full disk."""
+def fail_writes_to(monkeypatch, name, mode):
+    """Every open of a file named `name` (directly or through its temp file) for `mode` ("w": a rewrite,
+    "a": an append) gives a file that takes no byte, as on a full disk."""
     real_open = open
 
-    def full_disk_open(path, mode="r", *args, **kwargs):
-        if os.path.basename(str(path)) in (name, f".{name}.tmp") and ("w" in mode or "a" in mode):
-            return FullDisk(path, mode)
-        return real_open(path, mode, *args, **kwargs)
+    def full_disk_open(path, how="r", *args, **kwargs):
+        if os.path.basename(str(path)) in (name, f".{name}.tmp") and mode in how:
+            return FullDisk(path, how)
+        return real_open(path, how, *args, **kwargs)
     monkeypatch.setattr("builtins.open", full_disk_open)
 
 
-@pytest.mark.parametrize("name", ["last.pt", "log.jsonl"])
-def test_a_full_disk_stops_in_one_line_and_resume_finishes_after(name, run2, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name,mode", [("last.pt", "w"), ("log.jsonl", "a"), ("final.pt", "w")])
+def test_a_full_disk_is_one_line_and_the_same_command_finishes(name, mode, run2, tmp_path, capsys, monkeypatch):
+    """A full disk at the checkpoint, a log row (mid-run) or final.pt: one line, exit 74, the last
+    checkpoint and the log intact; once space is back the very same command finishes the run."""
     out = shutil.copytree(run2, tmp_path / "run")
     before = (out / "last.pt").read_bytes()
+    argv = ["--out", out, "--resume", "--iters", "4", "--log-every", "1"]
     with monkeypatch.context() as m:
-        fail_writes_to(m, name)
-        code, err = run(["--out", out, "--resume", "--iters", "4", "--log-every", "1"], capsys)
+        fail_writes_to(m, name, mode)
+        code, err = run(argv, capsys)
     assert code == sr.EXIT_WRITE_FAILED == 74
     lines = err.strip().splitlines()
     assert lines[-1].startswith(f"shortrun_ebm.py: error: cannot write {out / name}: No space left on device")
     assert "--resume" in lines[-1] and "Traceback" not in err
-    assert (out / "last.pt").read_bytes() == before and not [n for n in os.listdir(out) if ".tmp" in n]
-    assert sr.load_checkpoint(out / "last.pt")[1]["iters"] == 2
-    code, err = run(["--out", out, "--resume", "--iters", "4"], capsys)
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    assert (out / "log.jsonl").read_text().endswith("}\n")                  # whole rows only
+    if name != "final.pt":                                                  # then last.pt is at 4
+        assert (out / "last.pt").read_bytes() == before
+    code, err = run(argv, capsys)
     assert code == 0, err
-    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == [2, 4]
+    assert torch.load(out / "final.pt", weights_only=True)["iteration"] == 4
+    assert [r["iteration"] for r in read_jsonl(out, "log.jsonl")] == [2, 3, 4]
 
 
 def test_a_torn_last_log_line_is_cut_off_by_a_failed_append(tmp_path, monkeypatch):
@@ -578,9 +585,18 @@ def test_resume_refuses_a_changed_model_flag(run2, capsys):
     assert files_of(run2) == before
 
 
-def test_resume_of_a_finished_run_asks_for_more_iters(run2, capsys):
+def test_the_same_command_on_a_finished_run_exits_0_and_changes_nothing(run2, capsys):
+    """A requeued job whose run had finished: one line, exit 0 (a job script stops)."""
     before = files_of(run2)
-    code, err = run(["--out", run2, "--resume", "--iters", "2"], capsys)
+    code, err = run(["--out", run2, "--resume"], capsys)
+    assert code == 0 and err.strip() == f"the run in {run2} is finished (iteration 2, final.pt); pass a larger " \
+                                         f"--iters to train further"
+    assert files_of(run2) == before
+
+
+def test_resume_with_fewer_iters_than_the_run_reached_is_refused(run2, capsys):
+    before = files_of(run2)
+    code, err = run(["--out", run2, "--resume", "--iters", "1"], capsys)
     assert code == 2 and "already reached iteration 2" in err
     assert files_of(run2) == before
 
@@ -599,7 +615,7 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line(run2, tmp_path, c
     out = shutil.copytree(run2, tmp_path / "run")
     good = torch.load(out / "last.pt", weights_only=True)
     words = ("older shortrun_ebm.py", f"reads format {sr.CKPT_FORMAT}", "train a new run")
-    for fmt in (None, 0):
+    for fmt in (None, sr.CKPT_FORMAT - 1):
         ckpt = {k: v for k, v in good.items() if k != "format"}
         torch.save(ckpt if fmt is None else {**ckpt, "format": fmt}, out / "last.pt")
         code, err = run(["--out", out, "--resume", "--iters", "3"], capsys)
