@@ -448,7 +448,8 @@ def fail_writes_to(monkeypatch, name, mode):
 
 
 @pytest.mark.parametrize("name,mode", [("last.pt", "w"), ("log.jsonl", "a"), ("final.pt", "w")])
-def test_a_full_disk_is_one_line_and_the_same_command_finishes(name, mode, run2, tmp_path, capsys, monkeypatch):
+def test_a_full_disk_is_one_line_and_the_same_command_finishes(name, mode, run2, tmp_path, capsys,
+                                                               monkeypatch):
     """A full disk at the checkpoint, a log row (mid-run) or final.pt: one line, exit 74, the last
     checkpoint and the log intact; once space is back the very same command finishes the run."""
     out = shutil.copytree(run2, tmp_path / "run")
@@ -589,8 +590,8 @@ def test_the_same_command_on_a_finished_run_exits_0_and_changes_nothing(run2, ca
     """A requeued job whose run had finished: one line, exit 0 (a job script stops)."""
     before = files_of(run2)
     code, err = run(["--out", run2, "--resume"], capsys)
-    assert code == 0 and err.strip() == f"the run in {run2} is finished (iteration 2, final.pt); pass a larger " \
-                                         f"--iters to train further"
+    assert code == 0 and err.strip() == (f"the run in {run2} is finished (iteration 2, final.pt); pass a larger "
+                                         f"--iters to train further")
     assert files_of(run2) == before
 
 
