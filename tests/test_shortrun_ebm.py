@@ -591,8 +591,8 @@ def test_the_same_command_on_a_finished_run_exits_0_and_changes_nothing(run2, ca
     before = files_of(run2)
     code, err = run(["--out", run2, "--resume"], capsys)
     assert code == 0
-    expected = f"the run in {run2} is finished (iteration 2, final.pt); pass a larger --iters to train further"
-    assert err.strip() == expected
+    assert err.strip() == (f"the run in {run2} is finished (iteration 2, final.pt); pass a larger --iters "
+                           f"to train further")
     assert files_of(run2) == before
 
 
