@@ -727,9 +727,14 @@ def reference_stats(args, model, net, weights, device):
     mu, sigma = feats.mean(0).numpy(), np.cov(feats.numpy(), rowvar=False)
     keep = torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:args.kid_ref]
     feats_kid = feats[keep].float()
-    savez_atomic(path, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=picked["n"], weights_sha=tag,
-                 image_size=model.size, dataset=name, n_available=picked["n_available"],
-                 data_seed=args.data_seed)
+    try:                                    # only a cache: a read-only data root must not end the command
+        savez_atomic(path, mu=mu, sigma=sigma, feats_kid=feats_kid.numpy(), n=picked["n"], weights_sha=tag,
+                     image_size=model.size, dataset=name, n_available=picked["n_available"],
+                     data_seed=args.data_seed)
+    except sr.WriteError as e:
+        print(f"{PROG}: warning: {e}; the reference statistics are not cached (pass --stats PATH to a "
+              f"writable file)", file=sys.stderr)
+        path = None
     return mu, sigma, feats_kid, {**picked, "stats": path, "celeba_crop": crop}
 
 

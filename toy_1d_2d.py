@@ -459,18 +459,38 @@ def bandwidth(x, rule):
 
 def count_modes(log_density, segments, points=41):
     """How many true modes (a density's mode_segments()) log_density (x (n, d) -> (n,)) has a local
-    maximum at. Near enough = within the mode's std (a ring's width): along every segment across the
-    mode, the values rise to a peak strictly inside it (a saddle, a slope or a peak further away fails).
-    Returns (count, each mode's highest value on its segments)."""
+    maximum at. Near enough = within the mode's std (a ring's width): in 1D and across a ring, along every
+    segment across the mode the values rise to a peak strictly inside it (a slope or a peak further away
+    fails); at a 2D mixture's mode, peak_in_disc. Returns (count, each mode's highest value on its
+    segments)."""
     t = np.linspace(-1, 1, points)
     count, heights = 0, []
     for centres, u, near in segments:
         x = centres[:, None] + near * t[None, :, None] * u[:, None]                 # (L, points, d)
         v = log_density(x.reshape(-1, x.shape[-1])).reshape(len(u), points)         # (L, points)
-        peak = (v[:, 1:-1] > v[:, :-2]) & (v[:, 1:-1] >= v[:, 2:])                  # (L, points - 2)
-        count += bool(np.all(np.any(peak, axis=1)))
+        if u.shape[1] == 2 and np.all(centres == centres[0]):                     # lines through one mean
+            count += peak_in_disc(log_density, centres[0], near, points)
+        else:
+            peak = (v[:, 1:-1] > v[:, :-2]) & (v[:, 1:-1] >= v[:, 2:])              # (L, points - 2)
+            count += bool(np.all(np.any(peak, axis=1)))
         heights.append(float(v.max()))
     return count, heights
+
+
+def peak_in_disc(log_density, centre, radius, points=41):
+    """Whether log_density (x (n, 2) -> (n,)) has a local maximum within radius of centre: a point of a
+    points x points grid, inside the disc and off its rim, at least as high as its 8 neighbours (lines
+    through the centre cannot tell a peak from a ridge that climbs between them)."""
+    t = np.linspace(-radius, radius, points)
+    dx, dy = np.meshgrid(t, t, indexing="ij")
+    v = log_density(np.stack([dx.ravel(), dy.ravel()], 1) + centre).reshape(points, points)
+    core, is_max = v[1:-1, 1:-1], np.ones((points - 2, points - 2), bool)
+    for i in range(3):
+        for j in range(3):
+            if (i, j) != (1, 1):
+                is_max &= core >= v[i:i + points - 2, j:j + points - 2]
+    inside = np.hypot(dx, dy)[1:-1, 1:-1] < radius - 1.5 * (t[1] - t[0])
+    return bool(np.any(is_max & inside))
 
 
 def normalise_log(log_q):

@@ -222,6 +222,17 @@ def test_reference_statistics_are_read_back_from_their_cache(crop_stats):
     assert np.array_equal(mu2, mu) and info2 == info
 
 
+def test_an_unwritable_statistics_cache_warns_and_the_statistics_are_used(crop_stats, capsys, monkeypatch):
+    def read_only(path, **arrays):
+        raise sr.WriteError(f"cannot write {path}: Read-only file system")
+    monkeypatch.setattr(ev, "savez_atomic", read_only)
+    c = crop_stats
+    mu, _, _, info = ev.reference_stats(c.args, c.model, c.net, c.weights, "cpu")
+    assert mu.shape == (16,) and info["stats"] is None
+    err = capsys.readouterr().err
+    assert "warning: cannot write" in err and "Read-only file system" in err and "--stats PATH" in err
+
+
 @pytest.mark.parametrize("junk", [b"not an npz", None])                 # garbage; an npz without our keys
 def test_a_stats_file_that_is_no_cache_of_ours_is_refused(crop_stats, tmp_path, junk):
     stats = tmp_path / "s.npz"

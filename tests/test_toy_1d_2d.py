@@ -179,6 +179,15 @@ def test_a_saddle_at_a_2d_mode_does_not_count():
     assert toy.count_modes(lambda x: x[:, 0] ** 2 - x[:, 1] ** 2, one.mode_segments())[0] == 0
 
 
+def test_a_tilted_ridge_through_a_2d_mode_does_not_count():
+    """f = -200 x'^2 + y' (axes turned 11.25 degrees, between two of the lines through the mean) has a
+    peak on every line through the mode, but no local maximum anywhere."""
+    one = toy.Mixture(means=[[0.0, 0.0]], stds=[0.1], weights=[1.0])
+    c, s = math.cos(math.pi / 16), math.sin(math.pi / 16)
+    ridge = lambda x: -200 * (c * x[:, 0] + s * x[:, 1]) ** 2 + (-s * x[:, 0] + c * x[:, 1])
+    assert toy.count_modes(ridge, one.mode_segments())[0] == 0
+
+
 def test_a_ring_counts_only_where_f_peaks_across_it():
     rings = toy.make_density("rings")                                    # radii 0.3 and 0.7, width 0.05
     r = lambda x: np.linalg.norm(x, axis=1)
