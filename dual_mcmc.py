@@ -36,6 +36,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time

@@ -1,9 +1,12 @@
 """Helpers the test files share (imported from conftest): one CPU thread, main(argv) -> (exit code, stderr),
-tiny image folders drawn here, a script's method block run alone, the JSON files a run writes."""
+tiny image folders drawn here, a script's method block run alone, the JSON files a run writes, a training
+subprocess that has logged a few rows (for the stop-signal tests)."""
 import ast
 import json
 import os
 import re
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -118,3 +121,13 @@ def read_jsonl(*path):
     """The rows of a JSON-lines file, e.g. read_jsonl(out, "log.jsonl")."""
     with open(os.path.join(*path)) as fh:
         return [json.loads(line) for line in fh]
+
+
+def run_until_logged(cmd, out, cwd, rows=3):
+    """cmd started in cwd; returns the process once its log.jsonl holds `rows` rows."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() or len(read_jsonl(out, "log.jsonl")) < rows:
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    return proc

@@ -21,7 +21,7 @@ import torch.nn as nn
 from PIL import Image
 
 import dual_mcmc as dm
-from conftest import REPO, exec_method_block, read_json, read_jsonl, run_main
+from conftest import REPO, exec_method_block, read_json, read_jsonl, run_main, run_until_logged
 
 TINY = ["--arch", "simple", "--nef", "8", "--ngf", "8", "--nif", "8", "--nz", "8", "--batch-size", "8",
         "--k-x", "4", "--k-z", "4", "--device", "cpu", "--log-every", "1", "--plot-every", "0",
@@ -590,16 +590,6 @@ def test_resume_on_a_folder_without_a_run_starts_one_from_the_flags_given(images
     assert err.splitlines()[0] == (f"starting a new run in {out} (--resume: no last.pt there; check --out if "
                                    f"you meant to continue a run)")
     assert final(out)["iteration"] == 2 and final(out)["config"]["k_x"] == 3
-
-
-def run_until_logged(cmd, out, cwd, rows=3):
-    """cmd started in cwd; returns the process once its log.jsonl holds `rows` rows."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=cwd)
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").exists() or len(read_jsonl(out, "log.jsonl")) < rows:
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.2)
-    return proc
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)

@@ -131,3 +131,25 @@ def test_a_repeated_stop_signal_counts_once_and_a_later_one_aborts(monkeypatch, 
         with pytest.raises(KeyboardInterrupt):
             stop.handle(sr.signal.SIGINT, None)
     assert capfd.readouterr().err.count("saving a checkpoint") == 1       # written to fd 2, not print
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_name_the_shared_block_reads_exists_in_the_script(script):
+    """A copied definition may read a module (shutil, io, ...) its new script never imported: every global
+    name read inside the shared block resolves in that script (a NameError would surface only on the rare
+    path that reads it, e.g. a failed download)."""
+    import builtins
+    import importlib
+    module = importlib.import_module(script.removesuffix(".py"))
+    src = open(os.path.join(REPO, script)).read()
+    start = src.index("\n# ---- appendix: shared harness")
+    block = ast.parse(src[start:])
+    local = {n.id for n in ast.walk(block) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    local |= {a.arg for n in ast.walk(block) if isinstance(n, ast.arguments)
+              for a in n.args + n.kwonlyargs + [x for x in (n.vararg, n.kwarg) if x]}
+    local |= {n.name for n in ast.walk(block) if isinstance(n, ast.ExceptHandler) and n.name}
+    local |= {(a.asname or a.name).split(".")[0] for n in ast.walk(block)
+              if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}     # imports inside functions
+    read = {n.id for n in ast.walk(block) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    missing = {name for name in read - local if not hasattr(module, name) and not hasattr(builtins, name)}
+    assert not missing, f"{script}: the shared block reads undefined names {sorted(missing)}"

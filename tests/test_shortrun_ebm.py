@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import torch
 from PIL import Image
 
 import shortrun_ebm as sr
-from conftest import REPO, exec_method_block, read_json, read_jsonl, run_main
+from conftest import REPO, exec_method_block, read_json, read_jsonl, run_main, run_until_logged
 
 TINY = ["--n_f", "4", "--K", "3", "--batch-size", "8", "--device", "cpu"]
 run = functools.partial(run_main, sr.main)
@@ -376,16 +375,6 @@ def test_a_finished_run_says_where_its_files_are_and_what_to_run_next(run2, tmp_
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"done: {out}/ holds final.pt, samples_000003.png and curves.png")
     assert f"python evaluate.py export --ckpt {out}/final.pt" in last
-
-
-def run_until_logged(cmd, out, cwd, rows=3):
-    """cmd started in cwd; returns the process once its log.jsonl holds `rows` rows."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=cwd)
-    deadline = time.time() + 120
-    while not (out / "log.jsonl").exists() or len(read_jsonl(out, "log.jsonl")) < rows:
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.2)
-    return proc
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=lambda s: s.name)
