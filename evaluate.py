@@ -739,10 +739,10 @@ def reference_stats(args, model, net, weights, device):
 
 
 def savez_atomic(path, **arrays):
-    """np.savez through write_file: a kill leaves the old file or the new."""
+    """np.savez through shortrun_ebm.atomic_write: a kill leaves the old file or the new."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_file(path, buf.getvalue())
+    sr.atomic_write(path, buf.getvalue())
 
 
 @contextlib.contextmanager
@@ -1304,22 +1304,12 @@ def cmd_ood(args, model, settings):
 
 # ---- figures and output ----
 
-def write_file(path, data):
-    """bytes to path through the harness's atomic write (temp file, fsync, rename), its folder made first;
-    a failure raises shortrun_ebm.WriteError ("cannot write PATH: reason"): main's one line, exit 74."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    except OSError as e:
-        raise sr.WriteError(f"cannot write {path}: {e.strerror or e}") from None
-    sr.atomic_write(path, data)
-
-
 def save_grid(x, path, nrow=8):
     """A PNG grid of images in [-1, 1], nrow per row (value_range: no contrast stretch)."""
     buf = io.BytesIO()
     torchvision.utils.save_image(x.detach().float().cpu(), buf, format="png", nrow=nrow, normalize=True,
                                  value_range=(-1, 1))
-    write_file(path, buf.getvalue())
+    sr.atomic_write(path, buf.getvalue())
 
 
 def new_figure(**kw):
@@ -1333,7 +1323,7 @@ def new_figure(**kw):
 def save_figure(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", pad_inches=0.05)
-    write_file(path, buf.getvalue())
+    sr.atomic_write(path, buf.getvalue())
 
 
 def save_labelled_grid(x, path, columns, rows):
@@ -1374,7 +1364,7 @@ def write_metrics(args, model, settings, res, seconds, argv):
            "sampler": settings, "seed": args.seed, "device": str(model.device), "seconds": seconds,
            "argv": argv,
            "cuda_graph": uses_cuda_graph(args, model), "versions": sr.versions()}
-    write_file(os.path.join(args.out, "metrics.json"), json.dumps(out, indent=1, default=float).encode())
+    sr.atomic_write(os.path.join(args.out, "metrics.json"), json.dumps(out, indent=1, default=float).encode())
     return out
 
 
